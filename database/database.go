@@ -1,0 +1,33 @@
+// Package database holds the project's own tables and their queries, on Postgres (the production
+// database, through lib/pq) and SQLite. Each component has its own version table inside the
+// bridge's database, so it upgrades independently of bridgev2's tables.
+package database
+
+import (
+	"context"
+	"fmt"
+
+	"go.mau.fi/util/dbutil"
+
+	"github.com/unwedge/unwedge/database/upgrades"
+)
+
+// WebhookDB holds the reference bridge's webhook network tables.
+type WebhookDB struct {
+	*dbutil.Database
+	Outbox *OutboxQuery
+}
+
+// NewWebhookDB wraps the bridge's database; call Upgrade before use.
+func NewWebhookDB(bridgeID string, parent *dbutil.Database, log dbutil.DatabaseLogger) *WebhookDB {
+	db := parent.Child("webhook_version", upgrades.Webhook, log)
+	return &WebhookDB{Database: db, Outbox: &OutboxQuery{BridgeID: bridgeID, db: db}}
+}
+
+// Upgrade creates or upgrades the webhook tables.
+func (db *WebhookDB) Upgrade(ctx context.Context) error {
+	if err := db.Database.Upgrade(ctx); err != nil {
+		return fmt.Errorf("failed to upgrade webhook tables: %w", err)
+	}
+	return nil
+}

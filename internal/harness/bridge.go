@@ -1,0 +1,355 @@
+package harness
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"gopkg.in/yaml.v3"
+	"maunium.net/go/mautrix/bridgev2"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/webhook"
+)
+
+// BridgeOptions configures one reference bridge process.
+type BridgeOptions struct {
+	Binary        string // path of the built unwedge-bridge
+	Dir           string // working directory: config.yaml, bridge.log, SQLite files
+	HomeserverURL string
+	Domain        string
+	Slot          *Slot
+	// DatabaseType is "postgres" (DatabaseURI is a postgres:// URI) or "sqlite3-fk-wal" (a file in Dir).
+	DatabaseType string
+	DatabaseURI  string
+	// AppserviceEncryption receives to-device events through appservice transactions
+	// (MSC2409/MSC3202, device via MSC4190) instead of the bot device's /sync.
+	AppserviceEncryption bool
+	// Admins get admin permission on the bridge; everyone on Domain gets user permission.
+	Admins []id.UserID
+}
+
+// Bridge is a running reference bridge process.
+type Bridge struct {
+	Opts         BridgeOptions
+	URL          string // the appservice listener: webhook API and provisioning API
+	BotMXID      id.UserID
+	ConfigPath   string
+	LogPath      string
+	sharedSecret string
+	pickleKey    string
+
+	cmd    *exec.Cmd
+	exited chan struct{}
+	err    error
+}
+
+// StartBridge writes the bridge's config and starts it, returning once it is ready.
+func StartBridge(ctx context.Context, opts BridgeOptions) (*Bridge, error) {
+	b := &Bridge{
+		Opts:         opts,
+		URL:          fmt.Sprintf("http://127.0.0.1:%d", opts.Slot.Port),
+		BotMXID:      id.NewUserID(opts.Slot.BotLocalpart, opts.Domain),
+		ConfigPath:   filepath.Join(opts.Dir, "config.yaml"),
+		LogPath:      filepath.Join(opts.Dir, "bridge.log"),
+		sharedSecret: randomHex(24),
+		pickleKey:    randomHex(16),
+	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := b.writeConfig(); err != nil {
+		return nil, err
+	}
+	return b, b.Start(ctx)
+}
+
+// Start (re)starts the process with the config written by StartBridge.
+func (b *Bridge) Start(ctx context.Context) error {
+	logFile, err := os.OpenFile(b.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(b.Opts.Binary, "-c", b.ConfigPath, "--no-update")
+	cmd.Dir = b.Opts.Dir
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err = cmd.Start(); err != nil {
+		_ = logFile.Close()
+		return fmt.Errorf("failed to start bridge: %w", err)
+	}
+	b.cmd, b.exited, b.err = cmd, make(chan struct{}), nil
+	go func() {
+		b.err = cmd.Wait()
+		_ = logFile.Close()
+		close(b.exited)
+	}()
+	if err = b.waitReady(ctx); err != nil {
+		_ = b.Kill()
+		return fmt.Errorf("%w\n--- bridge log tail ---\n%s", err, b.LogTail(40))
+	}
+	return nil
+}
+
+func (b *Bridge) waitReady(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	for {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, b.URL+"/_matrix/mau/ready", nil)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			_ = resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		select {
+		case <-b.exited:
+			return fmt.Errorf("bridge exited before it was ready: %v", b.err)
+		case <-ctx.Done():
+			return fmt.Errorf("bridge not ready: %w", ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// Stop stops the bridge with SIGTERM and waits for it to exit.
+func (b *Bridge) Stop() error {
+	return b.signal(syscall.SIGTERM, 30*time.Second)
+}
+
+// Kill stops the bridge with SIGKILL, as a crash would.
+func (b *Bridge) Kill() error {
+	return b.signal(syscall.SIGKILL, 10*time.Second)
+}
+
+func (b *Bridge) signal(sig syscall.Signal, wait time.Duration) error {
+	if b.cmd == nil {
+		return nil
+	}
+	select {
+	case <-b.exited:
+		return nil
+	default:
+	}
+	_ = b.cmd.Process.Signal(sig)
+	select {
+	case <-b.exited:
+		return nil
+	case <-time.After(wait):
+		_ = b.cmd.Process.Kill()
+		<-b.exited
+		return fmt.Errorf("bridge did not stop within %s after %s", wait, sig)
+	}
+}
+
+// LogTail returns the last n lines of the bridge's log.
+func (b *Bridge) LogTail(n int) string {
+	data, _ := os.ReadFile(b.LogPath)
+	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// Login logs userID in to the webhook network through the provisioning API and returns an API
+// client with the login's token. webhookURL may be empty (outbox only).
+func (b *Bridge) Login(ctx context.Context, userID id.UserID, account, webhookURL string) (*webhook.RemoteClient, error) {
+	var start struct {
+		LoginID string `json:"login_id"`
+		bridgev2.LoginStep
+	}
+	query := "?user_id=" + url.QueryEscape(userID.String())
+	if err := b.provision(ctx, "/v3/login/start/webhook"+query, nil, &start); err != nil {
+		return nil, fmt.Errorf("failed to start login: %w", err)
+	}
+	var done struct {
+		bridgev2.LoginStep
+	}
+	path := fmt.Sprintf("/v3/login/step/%s/%s/user_input%s", url.PathEscape(start.LoginID), url.PathEscape(start.StepID), query)
+	input := map[string]string{"account": account, "webhook_url": webhookURL}
+	if err := b.provision(ctx, path, input, &done); err != nil {
+		return nil, fmt.Errorf("failed to submit login: %w", err)
+	}
+	token, ok := webhook.TokenFromInstructions(done.Instructions)
+	if done.Type != bridgev2.LoginStepTypeComplete || !ok {
+		return nil, fmt.Errorf("login did not complete: %s %q", done.Type, done.Instructions)
+	}
+	return webhook.NewRemoteClient(b.URL, token), nil
+}
+
+func (b *Bridge) provision(ctx context.Context, path string, body, into any) error {
+	data, err := json.Marshal(body)
+	if err != nil {
+		return err
+	}
+	if body == nil {
+		data = []byte("{}")
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.URL+"/_matrix/provision"+path, bytes.NewReader(data))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+b.sharedSecret)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	respData, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("provisioning API answered %s: %s", resp.Status, respData)
+	}
+	return json.Unmarshal(respData, into)
+}
+
+func (b *Bridge) writeConfig() error {
+	root, err := loadExampleConfig()
+	if err != nil {
+		return err
+	}
+	o, slot := &b.Opts, b.Opts.Slot
+	dbURI := o.DatabaseURI
+	if o.DatabaseType == "sqlite3-fk-wal" && dbURI == "" {
+		dbURI = "file:" + filepath.Join(o.Dir, "bridge.db") + "?_txlock=immediate"
+	}
+	perms := map[string]string{"*": "relay", o.Domain: "user"}
+	for _, admin := range o.Admins {
+		perms[admin.String()] = "admin"
+	}
+	set := []struct {
+		value any
+		path  string
+	}{
+		{o.HomeserverURL, "homeserver.address"},
+		{o.Domain, "homeserver.domain"},
+		{slot.ID, "appservice.id"},
+		{b.URL, "appservice.address"},
+		{b.URL, "appservice.public_address"},
+		{"127.0.0.1", "appservice.hostname"},
+		{slot.Port, "appservice.port"},
+		{slot.BotLocalpart, "appservice.bot.username"},
+		{slot.UsernameTemplate, "appservice.username_template"},
+		{slot.ASToken, "appservice.as_token"},
+		{slot.HSToken, "appservice.hs_token"},
+		{o.DatabaseType, "database.type"},
+		{dbURI, "database.uri"},
+		{perms, "bridge.permissions"},
+		{b.sharedSecret, "provisioning.shared_secret"},
+		{b.pickleKey, "encryption.pickle_key"},
+		{o.AppserviceEncryption, "encryption.appservice"},
+		{o.AppserviceEncryption, "encryption.msc4190"},
+		{map[string]any{
+			"min_level": "debug",
+			"writers":   []map[string]any{{"type": "stdout", "format": "json"}},
+		}, "logging"},
+	}
+	for _, s := range set {
+		if err = setYAML(root, s.value, strings.Split(s.path, ".")...); err != nil {
+			return fmt.Errorf("failed to set %s: %w", s.path, err)
+		}
+	}
+	data, err := yaml.Marshal(root)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(b.ConfigPath, data, 0o600)
+}
+
+func loadExampleConfig() (*yaml.Node, error) {
+	root, err := ModuleRoot()
+	if err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile(filepath.Join(root, "example-config.yaml"))
+	if err != nil {
+		return nil, err
+	}
+	var doc yaml.Node
+	if err = yaml.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("failed to parse example-config.yaml: %w", err)
+	}
+	return &doc, nil
+}
+
+// setYAML replaces (or adds) the value at path in a YAML document, keeping the rest as it is.
+func setYAML(doc *yaml.Node, value any, path ...string) error {
+	node := doc
+	if node.Kind == yaml.DocumentNode {
+		node = node.Content[0]
+	}
+	var encoded yaml.Node
+	if err := encoded.Encode(value); err != nil {
+		return err
+	}
+	for i, key := range path {
+		if node.Kind != yaml.MappingNode {
+			return fmt.Errorf("%s is not a mapping", strings.Join(path[:i], "."))
+		}
+		var child *yaml.Node
+		for j := 0; j+1 < len(node.Content); j += 2 {
+			if node.Content[j].Value == key {
+				child = node.Content[j+1]
+				break
+			}
+		}
+		if child == nil {
+			child = &yaml.Node{Kind: yaml.MappingNode}
+			node.Content = append(node.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: key}, child)
+		}
+		if i == len(path)-1 {
+			*child = encoded
+		}
+		node = child
+	}
+	return nil
+}
+
+// ModuleRoot finds the directory of this module's go.mod, from the working directory up.
+func ModuleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err = os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("go.mod not found above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// BuildBridge builds the reference bridge binary into dir with -tags goolm.
+func BuildBridge(ctx context.Context, dir string) (string, error) {
+	root, err := ModuleRoot()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, "unwedge-bridge")
+	cmd := exec.CommandContext(ctx, "go", "build", "-tags", "goolm", "-o", out, "./cmd/bridge")
+	cmd.Dir = root
+	if output, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("failed to build bridge: %w\n%s", err, output)
+	}
+	return out, nil
+}
+
+func randomHex(n int) string {
+	buf := make([]byte, n)
+	_, _ = rand.Read(buf)
+	return hex.EncodeToString(buf)
+}

@@ -1,0 +1,66 @@
+// Package harness runs the reference bridge as a real process against the local stack started by
+// scripts/stack.sh, for the end-to-end tests, the demo and the wedge lab.
+package harness
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// Slot is one appservice registration that scripts/synapse.sh registered with the homeserver.
+// A bridge process takes a slot's tokens, port and namespaces.
+type Slot struct {
+	Dir              string
+	ID               string
+	Port             int
+	BotLocalpart     string
+	UsernameTemplate string
+	ASToken, HSToken string
+}
+
+// LoadSlot reads the slot.env that scripts/synapse.sh wrote in dir.
+func LoadSlot(dir string) (*Slot, error) {
+	vals, err := ReadEnvFile(filepath.Join(dir, "slot.env"))
+	if err != nil {
+		return nil, err
+	}
+	port, err := strconv.Atoi(vals["SLOT_PORT"])
+	if err != nil {
+		return nil, fmt.Errorf("invalid SLOT_PORT in %s: %w", dir, err)
+	}
+	slot := &Slot{
+		Dir: dir, ID: vals["SLOT_ID"], Port: port, BotLocalpart: vals["SLOT_BOT_LOCALPART"],
+		UsernameTemplate: vals["SLOT_USERNAME_TEMPLATE"], ASToken: vals["SLOT_AS_TOKEN"], HSToken: vals["SLOT_HS_TOKEN"],
+	}
+	if slot.ID == "" || slot.BotLocalpart == "" || slot.UsernameTemplate == "" || slot.ASToken == "" || slot.HSToken == "" {
+		return nil, fmt.Errorf("incomplete slot.env in %s", dir)
+	}
+	return slot, nil
+}
+
+// ReadEnvFile parses KEY=VALUE lines (no quoting); blank lines and # comments are skipped.
+func ReadEnvFile(path string) (map[string]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	vals := make(map[string]string)
+	scanner := bufio.NewScanner(f)
+	for scanner.Scan() {
+		line := strings.TrimSpace(scanner.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		key, val, ok := strings.Cut(line, "=")
+		if !ok {
+			return nil, fmt.Errorf("invalid line in %s: %q", path, line)
+		}
+		vals[strings.TrimSpace(key)] = strings.TrimSpace(val)
+	}
+	return vals, scanner.Err()
+}

@@ -1,0 +1,62 @@
+package webhook
+
+import (
+	_ "embed"
+	"errors"
+	"time"
+
+	up "go.mau.fi/util/configupgrade"
+)
+
+//go:embed example-config.yaml
+var ExampleConfig string
+
+// Config is the `network:` section of the bridge config.
+type Config struct {
+	MaxBodyBytes int64          `yaml:"max_body_bytes"`
+	MaxTextBytes int            `yaml:"max_text_bytes"`
+	Delivery     DeliveryConfig `yaml:"delivery"`
+}
+
+// DeliveryConfig controls delivery of Matrix messages to outgoing webhooks.
+type DeliveryConfig struct {
+	Timeout     time.Duration `yaml:"timeout"`
+	MaxAttempts int           `yaml:"max_attempts"`
+	MinBackoff  time.Duration `yaml:"min_backoff"`
+	MaxBackoff  time.Duration `yaml:"max_backoff"`
+}
+
+func upgradeConfig(helper up.Helper) {
+	helper.Copy(up.Int, "max_body_bytes")
+	helper.Copy(up.Int, "max_text_bytes")
+	helper.Copy(up.Str, "delivery", "timeout")
+	helper.Copy(up.Int, "delivery", "max_attempts")
+	helper.Copy(up.Str, "delivery", "min_backoff")
+	helper.Copy(up.Str, "delivery", "max_backoff")
+}
+
+// Validate reports the first invalid option.
+func (c *Config) Validate() error {
+	switch {
+	case c.MaxBodyBytes < 1024:
+		return errors.New("network.max_body_bytes must be at least 1024")
+	case c.MaxTextBytes < 1 || int64(c.MaxTextBytes) > c.MaxBodyBytes:
+		return errors.New("network.max_text_bytes must be between 1 and max_body_bytes")
+	case c.Delivery.Timeout <= 0:
+		return errors.New("network.delivery.timeout must be positive")
+	case c.Delivery.MaxAttempts < 1:
+		return errors.New("network.delivery.max_attempts must be at least 1")
+	case c.Delivery.MinBackoff <= 0 || c.Delivery.MaxBackoff < c.Delivery.MinBackoff:
+		return errors.New("network.delivery.min_backoff must be positive and not above max_backoff")
+	}
+	return nil
+}
+
+// backoff is the wait after the given number of failed attempts.
+func (d *DeliveryConfig) backoff(attempts int) time.Duration {
+	wait := d.MinBackoff
+	for i := 1; i < attempts && wait < d.MaxBackoff; i++ {
+		wait *= 2
+	}
+	return min(wait, d.MaxBackoff)
+}
