@@ -58,7 +58,7 @@ type PostMessageResponse struct {
 // OutboxResponse answers GET /_webhook/v1/outbox.
 type OutboxResponse struct {
 	Messages  []*database.OutboxMessage `json:"messages"`
-	NextAfter int64          `json:"next_after"`
+	NextAfter int64                     `json:"next_after"`
 }
 
 // WhoamiResponse answers GET /_webhook/v1/whoami.
