@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # settings used by the scripts that source this file
 # Shared settings for the local stack scripts. Sourced, not run.
 # Everything that lives outside the clone (the Synapse chroot, Postgres cluster, state of a running
 # stack) is kept under UNWEDGE_HOME so that a fresh clone reuses what an earlier run built.
@@ -35,7 +36,8 @@ apt_install() {
 	done
 	[ ${#missing[@]} -eq 0 ] && return 0
 	log "installing ${missing[*]}"
-	if [ ! -f /var/lib/apt/periodic/unwedge-updated ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ]; then
+	if [ ! -f /var/lib/apt/periodic/unwedge-updated ] ||
+		! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
 		apt-get update -q >/dev/null
 		mkdir -p /var/lib/apt/periodic && touch /var/lib/apt/periodic/unwedge-updated
 	fi
@@ -49,4 +51,42 @@ debian_mirror() {
 	[ -n "$m" ] || m=$(grep -hoE '^deb +[^ ]+/debian ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}' | head -1 || true)
 	[ -n "$m" ] || m=http://deb.debian.org/debian
 	echo "$m"
+}
+
+# The local test stack (scripts/stack.sh): Synapse's bridge slots and the env file that tests read.
+SLOT_COUNT=${SLOT_COUNT:-8}
+SLOT_BASE_PORT=${SLOT_BASE_PORT:-29400}
+SLOTS_DIR=$STACK_DIR/slots
+STACK_ENV=$STACK_DIR/env
+SYNAPSE_LOG=$STACK_DIR/synapse.log
+PG_VERSION=${PG_VERSION:-15}
+
+stack_lock() {
+	# Serialises the scripts that change the stack (several agents and test runs share it). The
+	# lock is fd 9, inherited by the scripts run from the one holding it; daemons must be started
+	# with 9>&- so they do not keep it.
+	[ -n "${UNWEDGE_STACK_LOCKED:-}" ] && return 0
+	mkdir -p "$STACK_DIR"
+	exec 9>>"$STACK_DIR/.lock"
+	flock 9
+	export UNWEDGE_STACK_LOCKED=1
+}
+
+random_hex() {
+	# random_hex BYTES: that many random bytes as lowercase hex.
+	od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'
+}
+
+write_if_changed() {
+	# write_if_changed FILE: writes stdin to FILE unless FILE already has exactly that content.
+	# Returns 0 when it wrote, 1 when FILE was already up to date.
+	local file=$1 tmp
+	tmp=$(mktemp "$file.XXXXXX")
+	cat >"$tmp"
+	if [ -f "$file" ] && cmp -s "$tmp" "$file"; then
+		rm -f "$tmp"
+		return 1
+	fi
+	chmod 0644 "$tmp"
+	mv -f "$tmp" "$file"
 }

@@ -59,6 +59,16 @@ type Bridge struct {
 
 // StartBridge writes the bridge's config and starts it, returning once it is ready.
 func StartBridge(ctx context.Context, opts BridgeOptions) (*Bridge, error) {
+	b, err := NewBridge(opts)
+	if err != nil {
+		return nil, err
+	}
+	return b, b.Start(ctx)
+}
+
+// NewBridge writes the bridge's config.yaml in opts.Dir without starting it. When the slot has no
+// tokens, the config keeps the example's placeholders for GenerateRegistration to fill.
+func NewBridge(opts BridgeOptions) (*Bridge, error) {
 	b := &Bridge{
 		Opts:         opts,
 		URL:          fmt.Sprintf("http://127.0.0.1:%d", opts.Slot.Port),
@@ -74,7 +84,18 @@ func StartBridge(ctx context.Context, opts BridgeOptions) (*Bridge, error) {
 	if err := b.writeConfig(); err != nil {
 		return nil, err
 	}
-	return b, b.Start(ctx)
+	return b, nil
+}
+
+// GenerateRegistration runs `unwedge-bridge -g`, as an admin would: it writes the appservice
+// registration to path and the generated tokens into the config.
+func (b *Bridge) GenerateRegistration(ctx context.Context, path string) error {
+	cmd := exec.CommandContext(ctx, b.Opts.Binary, "-g", "-c", b.ConfigPath, "-r", path)
+	cmd.Dir = b.Opts.Dir
+	if output, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("failed to generate registration: %w\n%s", err, output)
+	}
+	return nil
 }
 
 // Start (re)starts the process with the config written by StartBridge.
@@ -227,10 +248,11 @@ func (b *Bridge) writeConfig() error {
 	for _, admin := range o.Admins {
 		perms[admin.String()] = "admin"
 	}
-	set := []struct {
+	type setting struct {
 		value any
 		path  string
-	}{
+	}
+	set := []setting{
 		{o.HomeserverURL, "homeserver.address"},
 		{o.Domain, "homeserver.domain"},
 		{slot.ID, "appservice.id"},
@@ -240,19 +262,22 @@ func (b *Bridge) writeConfig() error {
 		{slot.Port, "appservice.port"},
 		{slot.BotLocalpart, "appservice.bot.username"},
 		{slot.UsernameTemplate, "appservice.username_template"},
-		{slot.ASToken, "appservice.as_token"},
-		{slot.HSToken, "appservice.hs_token"},
 		{o.DatabaseType, "database.type"},
 		{dbURI, "database.uri"},
 		{perms, "bridge.permissions"},
 		{b.sharedSecret, "provisioning.shared_secret"},
 		{b.pickleKey, "encryption.pickle_key"},
 		{o.AppserviceEncryption, "encryption.appservice"},
-		{o.AppserviceEncryption, "encryption.msc4190"},
+		{true, "encryption.msc4190"},
 		{map[string]any{
 			"min_level": "debug",
 			"writers":   []map[string]any{{"type": "stdout", "format": "json"}},
 		}, "logging"},
+	}
+	if slot.ASToken != "" {
+		set = append(set,
+			setting{slot.ASToken, "appservice.as_token"},
+			setting{slot.HSToken, "appservice.hs_token"})
 	}
 	for _, s := range set {
 		if err = setYAML(root, s.value, strings.Split(s.path, ".")...); err != nil {

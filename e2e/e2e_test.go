@@ -1,0 +1,197 @@
+// Package e2e runs the reference bridge as a process against the local Synapse and Postgres
+// (scripts/stack.sh) with a real end-to-end-encrypted client.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/harness"
+	"github.com/unwedge/unwedge/internal/testclient"
+	"github.com/unwedge/unwedge/internal/testenv"
+	"github.com/unwedge/unwedge/webhook"
+)
+
+var (
+	buildOnce   sync.Once
+	bridgeBin   string
+	buildErr    error
+	buildTmpDir string
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildTmpDir != "" {
+		_ = os.RemoveAll(buildTmpDir)
+	}
+	os.Exit(code)
+}
+
+// binary builds the bridge once per test process.
+func binary(t *testing.T) string {
+	buildOnce.Do(func() {
+		buildTmpDir, buildErr = os.MkdirTemp("", "unwedge-e2e-")
+		if buildErr == nil {
+			bridgeBin, buildErr = harness.BuildBridge(context.Background(), buildTmpDir)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return bridgeBin
+}
+
+type setup struct {
+	env    *testenv.Env
+	bridge *harness.Bridge
+	user   *testclient.Client
+	remote *webhook.RemoteClient
+}
+
+// start runs a bridge on the given slot and logs a fresh E2EE user in to it.
+func start(t *testing.T, ctx context.Context, slot int, appservice bool, dbType, webhookURL string) *setup {
+	t.Helper()
+	env := testenv.Require(t)
+	s, err := harness.LoadSlot(filepath.Join(env.SlotsDir, fmt.Sprint(slot)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := harness.BridgeOptions{
+		Binary: binary(t), Dir: t.TempDir(), HomeserverURL: env.HomeserverURL, Domain: env.Domain,
+		Slot: s, DatabaseType: dbType, AppserviceEncryption: appservice,
+	}
+	if dbType == "postgres" {
+		opts.DatabaseURI = env.NewDatabase(t)
+	}
+	br, err := harness.StartBridge(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := br.Stop(); err != nil {
+			t.Error(err)
+		}
+		if t.Failed() {
+			t.Logf("bridge log tail:\n%s", br.LogTail(60))
+		}
+	})
+	user, err := testclient.New(ctx, testclient.Options{
+		HomeserverURL: env.HomeserverURL,
+		Username:      testenv.UniqueName("alice"),
+		Password:      "correct horse battery",
+		DataDir:       t.TempDir(),
+		Log:           zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = user.Close() })
+	remote, err := br.Login(ctx, user.UserID(), testenv.UniqueName("acct"), webhookURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &setup{env: env, bridge: br, user: user, remote: remote}
+}
+
+// openPortal creates a chat on the remote side and waits until the user has joined its room.
+func (s *setup) openPortal(t *testing.T, ctx context.Context, chatID string) id.RoomID {
+	t.Helper()
+	chat, err := s.remote.CreateChat(ctx, chatID, "Chat "+chatID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !chat.Created || chat.RoomID == "" {
+		t.Fatalf("chat not created: %+v", chat)
+	}
+	if err = s.user.WaitForJoin(ctx, chat.RoomID); err != nil {
+		t.Fatal(err)
+	}
+	return chat.RoomID
+}
+
+// waitOutbox polls the outbox until a message with the text is there.
+func (s *setup) waitOutbox(t *testing.T, ctx context.Context, text string, done func(*database.OutboxMessage) bool) *database.OutboxMessage {
+	t.Helper()
+	for {
+		resp, err := s.remote.Outbox(ctx, 0, 500)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, msg := range resp.Messages {
+			if msg.Body == text && (done == nil || done(msg)) {
+				return msg
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("message %q not in outbox: %+v", text, resp.Messages)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func TestEncryptedRoundTrip(t *testing.T) {
+	cases := []struct {
+		name       string
+		slot       int
+		appservice bool
+		db         string
+	}{
+		{"sync/postgres", 1, false, "postgres"},
+		{"appservice/postgres", 2, true, "postgres"},
+		{"sync/sqlite", 3, false, "sqlite3-fk-wal"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			s := start(t, ctx, tc.slot, tc.appservice, tc.db, "")
+			room := s.openPortal(t, ctx, "general")
+
+			// webhook -> Matrix: the ghost's message arrives encrypted and decrypts at the client.
+			const inbound = "hello from the webhook side"
+			if _, err := s.remote.PostMessage(ctx, &webhook.PostMessageRequest{
+				ChatID: "general", Sender: "bob", SenderName: "Bob", Text: inbound,
+			}); err != nil {
+				t.Fatal(err)
+			}
+			evt, err := s.user.WaitForMessage(ctx, room, bodyIs(inbound))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !evt.Mautrix.WasEncrypted {
+				t.Error("webhook message reached the client unencrypted")
+			}
+			if want := id.NewUserID(fmt.Sprintf("webhook%d_bob", tc.slot), s.env.Domain); evt.Sender != want {
+				t.Errorf("sender = %s, want ghost %s", evt.Sender, want)
+			}
+
+			// Matrix -> webhook: the client's encrypted message is decrypted by the bridge and lands in the outbox.
+			const outbound = "hello from matrix"
+			evtID, err := s.user.SendText(ctx, room, outbound)
+			if err != nil {
+				t.Fatal(err)
+			}
+			msg := s.waitOutbox(t, ctx, outbound, nil)
+			if msg.EventID != evtID.String() || msg.SenderMXID != s.user.UserID().String() || msg.Status != database.OutboxStored {
+				t.Errorf("outbox message = %+v, want event %s from %s, stored", msg, evtID, s.user.UserID())
+			}
+		})
+	}
+}
+
+func bodyIs(text string) func(*event.Event) bool {
+	return func(evt *event.Event) bool {
+		return evt.Content.AsMessage().Body == text
+	}
+}

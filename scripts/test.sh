@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The project's test command: brings up the local stack (Postgres + Synapse) and runs every Go test
+# against it. Stack-backed tests fail, rather than skip, when the stack is missing.
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+bash scripts/stack.sh up
+export UNWEDGE_REQUIRE_STACK=1
+export UNWEDGE_STACK_ENV="$STACK_DIR/env"
+go vet -tags goolm ./...
+go test -tags goolm -count=1 -timeout 30m "$@" ./...
