@@ -3,8 +3,9 @@
 # way an admin would (./unwedge-bridge -g), starts it with end-to-bridge encryption, and shows an
 # encrypted message going Matrix -> webhook network -> Matrix. Extra arguments go to cmd/demo
 # (e.g. --keep-running).
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
-cd "$REPO_ROOT"
+cd "$REPO_ROOT" || exit 1
 bash scripts/stack.sh up
 ./build.sh
 export UNWEDGE_STACK_ENV="$STACK_DIR/env"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command: brings up the local stack (Postgres + Synapse) and runs every Go test
 # against it. Stack-backed tests fail, rather than skip, when the stack is missing.
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
-cd "$REPO_ROOT"
+cd "$REPO_ROOT" || exit 1
 bash scripts/stack.sh up
 export UNWEDGE_REQUIRE_STACK=1
 export UNWEDGE_STACK_ENV="$STACK_DIR/env"
