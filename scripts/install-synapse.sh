@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds a Debian sid chroot with matrix-synapse in it (bookworm does not package Synapse).
 # Idempotent: an existing chroot with a working Synapse is reused.
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 need_root
 
