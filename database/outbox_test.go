@@ -7,9 +7,9 @@ import (
 	"time"
 
 	_ "github.com/lib/pq"
-	_ "github.com/mattn/go-sqlite3"
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
+	_ "go.mau.fi/util/dbutil/litestream"
 
 	"github.com/unwedge/unwedge/database"
 	"github.com/unwedge/unwedge/internal/testenv"

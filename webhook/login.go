@@ -103,7 +103,10 @@ func TokenFromInstructions(instructions string) (string, bool) {
 		return "", false
 	}
 	token, _, ok := strings.Cut(rest, "`")
-	return token, ok && token != ""
+	if !ok || token == "" {
+		return "", false
+	}
+	return token, true
 }
 
 func parseWebhookURL(raw string) (string, error) {
