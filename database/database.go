@@ -31,3 +31,23 @@ func (db *WebhookDB) Upgrade(ctx context.Context) error {
 	}
 	return nil
 }
+
+// UnwedgeDB holds unwedge's tables: the heal ledger.
+type UnwedgeDB struct {
+	*dbutil.Database
+	Ledger *LedgerQuery
+}
+
+// NewUnwedgeDB wraps the bridge's database; call Upgrade before use.
+func NewUnwedgeDB(bridgeID string, parent *dbutil.Database, log dbutil.DatabaseLogger) *UnwedgeDB {
+	db := parent.Child("unwedge_version", upgrades.Unwedge, log)
+	return &UnwedgeDB{Database: db, Ledger: &LedgerQuery{BridgeID: bridgeID, db: db}}
+}
+
+// Upgrade creates or upgrades unwedge's tables.
+func (db *UnwedgeDB) Upgrade(ctx context.Context) error {
+	if err := db.Database.Upgrade(ctx); err != nil {
+		return fmt.Errorf("failed to upgrade unwedge tables: %w", err)
+	}
+	return nil
+}

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"maunium.net/go/mautrix/event"
+
 	"github.com/unwedge/unwedge/database"
 	"github.com/unwedge/unwedge/webhook"
 )
@@ -131,5 +133,35 @@ func TestWebhookAPIRejectsBadInput(t *testing.T) {
 	}
 	if _, err := s.remote.CreateChat(ctx, "Bad Chat", ""); !errors.As(err, &notFound) || notFound.StatusCode != 400 {
 		t.Errorf("create chat with bad id: %v", err)
+	}
+}
+
+func TestWebhookDeliveryGivesUpWithNotice(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// A 4xx other than 408/429 is permanent: no retries, the sender is told.
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusForbidden)
+	}))
+	defer srv.Close()
+	s := start(t, ctx, 6, false, "postgres", srv.URL)
+	room := s.openPortal(t, ctx, "ops")
+
+	const text = "this one bounces"
+	if _, err := s.user.SendText(ctx, room, text); err != nil {
+		t.Fatal(err)
+	}
+	msg := s.waitOutbox(t, ctx, text, func(m *database.OutboxMessage) bool { return m.Status == database.OutboxFailed })
+	if msg.Attempts != 1 || !strings.Contains(msg.LastError, "403") {
+		t.Errorf("failed message = %+v, want one attempt with the 403", msg)
+	}
+	notice, err := s.user.WaitForMessage(ctx, room, func(evt *event.Event) bool {
+		return evt.Sender == s.bridge.BotMXID && strings.Contains(evt.Content.AsMessage().Body, "not delivered")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if notice.Content.AsMessage().MsgType != event.MsgNotice {
+		t.Errorf("failure report is %s, want m.notice", notice.Content.AsMessage().MsgType)
 	}
 }

@@ -1,27 +1,44 @@
-// Package testenv tells tests where the local stack (scripts/stack.sh) runs.
+// Package testenv tells tests where the local Synapse and PostgreSQL stack (scripts/stack.sh) is.
+//
+// The stack writes its addresses to an env file (KEY=VALUE lines, no quoting); the same keys can
+// also be set in the process environment, which takes precedence over the file.
 package testenv
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"database/sql"
-	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/url"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/lib/pq"
-
-	"github.com/unwedge/unwedge/internal/harness"
 )
 
-// DefaultEnvFile is where scripts/stack.sh writes the stack's settings.
-const DefaultEnvFile = "/var/cache/unwedge/stack/env"
+// Environment variables read by Load.
+const (
+	VarHomeserverURL = "UNWEDGE_HS_URL"
+	VarDomain        = "UNWEDGE_HS_DOMAIN"
+	VarPostgresURI   = "UNWEDGE_PG_URI"
+	VarSlotsDir      = "UNWEDGE_SLOTS_DIR"
+	VarSynapseLog    = "UNWEDGE_SYNAPSE_LOG"
 
-// Env is the local stack.
+	// VarStackEnv overrides the path of the env file written by scripts/stack.sh.
+	VarStackEnv = "UNWEDGE_STACK_ENV"
+	// VarRequireStack makes Require fail instead of skip when the stack is missing ("1").
+	VarRequireStack = "UNWEDGE_REQUIRE_STACK"
+
+	// DefaultEnvFile is where scripts/stack.sh writes the env file.
+	DefaultEnvFile = "/var/cache/unwedge/stack/env"
+)
+
+// Env is the local stack as seen by tests.
 type Env struct {
 	HomeserverURL string
 	Domain        string
@@ -30,82 +47,219 @@ type Env struct {
 	SynapseLog    string
 }
 
-// Load reads the UNWEDGE_* variables from the environment, falling back to the env file at
-// $UNWEDGE_STACK_ENV (default DefaultEnvFile).
+// StackEnvPath returns the path of the stack's env file: $UNWEDGE_STACK_ENV or DefaultEnvFile.
+func StackEnvPath() string {
+	if path := os.Getenv(VarStackEnv); path != "" {
+		return path
+	}
+	return DefaultEnvFile
+}
+
+// Load reads the UNWEDGE_* variables from the process environment, falling back to the env file
+// at $UNWEDGE_STACK_ENV (default /var/cache/unwedge/stack/env) for the ones that are not set.
+// It fails if the homeserver URL or the Postgres URI is missing.
 func Load() (*Env, error) {
-	get := func(key string) string { return os.Getenv(key) }
-	if os.Getenv("UNWEDGE_HS_URL") == "" {
-		path := os.Getenv("UNWEDGE_STACK_ENV")
-		if path == "" {
-			path = DefaultEnvFile
+	path := StackEnvPath()
+	fileVals, fileErr := readEnvFile(path)
+	get := func(key string) string {
+		if val := os.Getenv(key); val != "" {
+			return val
 		}
-		vals, err := harness.ReadEnvFile(path)
-		if err != nil {
-			return nil, fmt.Errorf("failed to read stack env (run scripts/stack.sh up): %w", err)
-		}
-		get = func(key string) string { return vals[key] }
+		return fileVals[key]
 	}
 	env := &Env{
-		HomeserverURL: get("UNWEDGE_HS_URL"),
-		Domain:        get("UNWEDGE_HS_DOMAIN"),
-		PostgresURI:   get("UNWEDGE_PG_URI"),
-		SlotsDir:      get("UNWEDGE_SLOTS_DIR"),
-		SynapseLog:    get("UNWEDGE_SYNAPSE_LOG"),
+		HomeserverURL: strings.TrimRight(get(VarHomeserverURL), "/"),
+		Domain:        get(VarDomain),
+		PostgresURI:   get(VarPostgresURI),
+		SlotsDir:      get(VarSlotsDir),
+		SynapseLog:    get(VarSynapseLog),
 	}
-	if env.HomeserverURL == "" || env.PostgresURI == "" || env.Domain == "" {
-		return nil, errors.New("stack env lacks UNWEDGE_HS_URL, UNWEDGE_HS_DOMAIN or UNWEDGE_PG_URI")
+	var missing []string
+	if env.HomeserverURL == "" {
+		missing = append(missing, VarHomeserverURL)
+	}
+	if env.PostgresURI == "" {
+		missing = append(missing, VarPostgresURI)
+	}
+	if len(missing) > 0 {
+		err := fmt.Errorf("%s not set in the environment or in %s", strings.Join(missing, " and "), path)
+		if fileErr != nil && !errors.Is(fileErr, os.ErrNotExist) {
+			err = fmt.Errorf("%w (reading the env file failed: %w)", err, fileErr)
+		} else if fileErr != nil {
+			err = fmt.Errorf("%w (the env file does not exist; start the stack with scripts/stack.sh up)", err)
+		}
+		return nil, err
+	}
+	if env.Domain == "" {
+		if u, err := url.Parse(env.HomeserverURL); err == nil && u.Hostname() != "" {
+			env.Domain = u.Hostname()
+		}
 	}
 	return env, nil
 }
 
-// Require returns the stack or skips the test; with UNWEDGE_REQUIRE_STACK=1 (the README's test
-// command sets it) a missing stack fails the test instead, so CI never skips silently.
+// readEnvFile parses KEY=VALUE lines. Blank lines and lines starting with # are skipped.
+func readEnvFile(path string) (map[string]string, error) {
+	vals := make(map[string]string)
+	f, err := os.Open(path)
+	if err != nil {
+		return vals, err
+	}
+	defer f.Close()
+	scanner := bufio.NewScanner(f)
+	for lineNo := 1; scanner.Scan(); lineNo++ {
+		line := strings.TrimSpace(scanner.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		key, val, ok := strings.Cut(line, "=")
+		if !ok {
+			return vals, fmt.Errorf("%s:%d: expected KEY=VALUE", path, lineNo)
+		}
+		vals[strings.TrimSpace(key)] = strings.TrimSpace(val)
+	}
+	if err = scanner.Err(); err != nil {
+		return vals, fmt.Errorf("failed to read %s: %w", path, err)
+	}
+	return vals, nil
+}
+
+// stackWait is how long Require waits for a configured but not yet answering stack.
+const stackWait = 15 * time.Second
+
+// Require returns the stack's Env, or skips the test with a clear message when the stack is not
+// configured or not answering. With UNWEDGE_REQUIRE_STACK=1 it fails the test instead of
+// skipping, so that CI can never skip silently.
 func Require(t testing.TB) *Env {
 	t.Helper()
+	fail := t.Skipf
+	if os.Getenv(VarRequireStack) == "1" {
+		fail = t.Fatalf
+	}
 	env, err := Load()
-	if err == nil {
-		return env
+	if err != nil {
+		fail("local Synapse/Postgres stack not available: %v", err)
+		return nil
 	}
-	if os.Getenv("UNWEDGE_REQUIRE_STACK") == "1" {
-		t.Fatalf("local stack required: %v", err)
+	ctx, cancel := context.WithTimeout(context.Background(), stackWait)
+	defer cancel()
+	if err = env.Ping(ctx); err != nil {
+		fail("local Synapse/Postgres stack configured in %s but not answering: %v", StackEnvPath(), err)
+		return nil
 	}
-	t.Skipf("local stack not available (run scripts/test.sh): %v", err)
+	return env
+}
+
+// Ping checks that the homeserver and Postgres answer, retrying until ctx is done.
+func (e *Env) Ping(ctx context.Context) error {
+	for {
+		err := e.pingOnce(ctx)
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+func (e *Env) pingOnce(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, e.HomeserverURL+"/_matrix/client/versions", nil)
+	if err != nil {
+		return fmt.Errorf("failed to build homeserver request: %w", err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("homeserver %s not answering: %w", e.HomeserverURL, err)
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("homeserver %s answered /versions with HTTP %d", e.HomeserverURL, resp.StatusCode)
+	}
+	db, err := sql.Open("postgres", e.PostgresURI)
+	if err != nil {
+		return fmt.Errorf("failed to open postgres: %w", err)
+	}
+	defer db.Close()
+	if err = db.PingContext(ctx); err != nil {
+		return fmt.Errorf("postgres not answering: %w", err)
+	}
 	return nil
 }
 
-// NewDatabase creates an empty Postgres database for one test, dropped when the test ends.
+// NewDatabase creates a fresh, uniquely named Postgres database for one test and returns its URI.
+// The database is dropped (WITH (FORCE)) when the test and its cleanups registered earlier finish.
 func (e *Env) NewDatabase(t testing.TB) string {
 	t.Helper()
-	name := UniqueName("test_")
-	admin, err := sql.Open("postgres", e.PostgresURI)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if _, err = admin.ExecContext(ctx, "CREATE DATABASE "+pq.QuoteIdentifier(name)); err != nil {
-		_ = admin.Close()
+	name := UniqueName("unwedge_test")
+	uri, err := e.createDatabase(ctx, name)
+	if err != nil {
 		t.Fatalf("failed to create test database: %v", err)
 	}
 	t.Cleanup(func() {
-		defer admin.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if _, err := admin.ExecContext(ctx, "DROP DATABASE IF EXISTS "+pq.QuoteIdentifier(name)+" WITH (FORCE)"); err != nil {
+		if err := e.dropDatabase(ctx, name); err != nil {
 			t.Errorf("failed to drop test database %s: %v", name, err)
 		}
 	})
-	u, err := url.Parse(e.PostgresURI)
-	if err != nil {
-		t.Fatal(err)
-	}
-	u.Path = "/" + name
-	return u.String()
+	return uri
 }
 
-// UniqueName returns prefix followed by random lowercase hex, for users, accounts and databases.
+func (e *Env) createDatabase(ctx context.Context, name string) (string, error) {
+	u, err := url.Parse(e.PostgresURI)
+	if err != nil {
+		return "", fmt.Errorf("failed to parse %s: %w", VarPostgresURI, err)
+	}
+	db, err := sql.Open("postgres", e.PostgresURI)
+	if err != nil {
+		return "", fmt.Errorf("failed to open postgres: %w", err)
+	}
+	defer db.Close()
+	if _, err = db.ExecContext(ctx, "CREATE DATABASE "+pq.QuoteIdentifier(name)); err != nil {
+		return "", fmt.Errorf("failed to create database %s: %w", name, err)
+	}
+	u.Path = "/" + name
+	return u.String(), nil
+}
+
+func (e *Env) dropDatabase(ctx context.Context, name string) error {
+	db, err := sql.Open("postgres", e.PostgresURI)
+	if err != nil {
+		return fmt.Errorf("failed to open postgres: %w", err)
+	}
+	defer db.Close()
+	if _, err = db.ExecContext(ctx, "DROP DATABASE IF EXISTS "+pq.QuoteIdentifier(name)+" WITH (FORCE)"); err != nil {
+		return fmt.Errorf("failed to drop database %s: %w", name, err)
+	}
+	return nil
+}
+
+const nameAlphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+// UniqueName returns a short random lowercase name starting with the prefix, such as
+// "alice_k3x9q2m7d1" (no "_" is added when the prefix already ends with one), usable as a Matrix
+// localpart and as an unquoted Postgres identifier.
 func UniqueName(prefix string) string {
-	buf := make([]byte, 5)
+	buf := make([]byte, 10)
+	// crypto/rand.Read never returns an error.
 	_, _ = rand.Read(buf)
-	return prefix + hex.EncodeToString(buf)
+	for i, b := range buf {
+		buf[i] = nameAlphabet[int(b)%len(nameAlphabet)]
+	}
+	prefix = strings.ToLower(prefix)
+	switch {
+	case prefix == "":
+		return "n" + string(buf)
+	case strings.HasSuffix(prefix, "_"):
+		return prefix + string(buf)
+	default:
+		return prefix + "_" + string(buf)
+	}
 }

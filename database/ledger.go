@@ -1,0 +1,242 @@
+package database
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+)
+
+// LedgerDevice identifies a peer device: a user's device with the identity key it had when
+// unwedge acted on it (a re-created device with the same ID is another row).
+type LedgerDevice struct {
+	UserID      id.UserID
+	DeviceID    id.DeviceID
+	IdentityKey id.IdentityKey
+}
+
+// AcquireParams is what a heal asks the ledger for.
+type AcquireParams struct {
+	Now time.Time
+	// MinInterval is the MSC1719 limit: no new session if unwedge created one (or failed for
+	// good) within it. Force skips it (an admin's explicit heal), never the lease.
+	MinInterval time.Duration
+	Force       bool
+	// Owner holds the device for Lease; another owner cannot heal it meanwhile.
+	Owner string
+	Lease time.Duration
+	// Class and ForcedBy are recorded with the heal.
+	Class    string
+	ForcedBy id.UserID
+}
+
+// Grant is the ledger's answer. When Granted is false, LastCreatedAt, LastFailedAt and LeaseOwner
+// say why (read after the decision, for reporting only).
+type Grant struct {
+	Granted       bool
+	HealID        int64
+	LastCreatedAt time.Time
+	LastFailedAt  time.Time
+	LeaseOwner    string
+	LeaseUntil    time.Time
+}
+
+// HealOutcome is how a heal ended.
+type HealOutcome string
+
+const (
+	HealInProgress      HealOutcome = "in_progress"
+	HealHealed          HealOutcome = "healed"
+	HealFailedTransient HealOutcome = "failed_transient"
+	HealFailedPermanent HealOutcome = "failed_permanent"
+)
+
+// Heal is one row of the heal history.
+type Heal struct {
+	ID         int64
+	Device     LedgerDevice
+	Class      string
+	ForcedBy   id.UserID
+	StartedAt  time.Time
+	FinishedAt time.Time
+	Outcome    HealOutcome
+	SessionID  id.SessionID
+	Attempts   int
+	Error      string
+}
+
+const (
+	// The MSC1719 decision in one statement: the row is created or taken over only when no live
+	// lease holds it and (unless forced) the interval since our last session and last permanent
+	// failure has passed. Concurrent callers on any number of processes get at most one row back.
+	acquireQuery = `
+		INSERT INTO unwedge_device (bridge_id, user_id, device_id, identity_key, lease_owner, lease_until)
+		VALUES ($1, $2, $3, $4, $5, $6)
+		ON CONFLICT (bridge_id, user_id, device_id, identity_key) DO UPDATE
+			SET lease_owner = excluded.lease_owner, lease_until = excluded.lease_until
+			WHERE unwedge_device.lease_until < $7
+				AND ($8 OR (unwedge_device.last_created_at <= $9 AND unwedge_device.last_failed_at <= $9))
+		RETURNING last_created_at`
+	getDeviceQuery = `
+		SELECT last_created_at, last_failed_at, lease_owner, lease_until FROM unwedge_device
+		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4`
+	insertHealQuery = `
+		INSERT INTO unwedge_heal (bridge_id, user_id, device_id, identity_key, class, forced_by, started_at)
+		VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id`
+	setHealIDQuery = `
+		UPDATE unwedge_device SET heal_id = $6
+		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5`
+	renewLeaseQuery = `
+		UPDATE unwedge_device SET lease_until = $6
+		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5`
+	sessionCreatedDeviceQuery = `
+		UPDATE unwedge_device SET last_created_at = $6, last_session_id = $7
+		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5`
+	sessionCreatedHealQuery = `UPDATE unwedge_heal SET session_id = $2 WHERE id = $1`
+	finishDeviceQuery       = `
+		UPDATE unwedge_device SET lease_owner = '', lease_until = 0,
+			last_failed_at = CASE WHEN $6 THEN $7 ELSE last_failed_at END
+		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5`
+	finishHealQuery = `UPDATE unwedge_heal SET outcome = $2, finished_at = $3, attempts = $4, error = $5 WHERE id = $1`
+	healColumns     = `id, user_id, device_id, identity_key, class, forced_by, started_at, finished_at, outcome, session_id, attempts, error`
+	listHealsQuery  = `
+		SELECT ` + healColumns + ` FROM unwedge_heal
+		WHERE bridge_id = $1 AND user_id = $2 AND ($3 = '' OR device_id = $3) ORDER BY started_at DESC, id DESC LIMIT $4`
+	unfinishedHealsQuery = `
+		SELECT ` + healColumns + ` FROM unwedge_heal WHERE bridge_id = $1 AND outcome = 'in_progress' ORDER BY id`
+	countCreatedQuery = `
+		SELECT COUNT(*) FROM unwedge_heal
+		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND session_id <> '' AND started_at >= $4`
+	pruneHealsQuery   = `DELETE FROM unwedge_heal WHERE bridge_id = $1 AND started_at < $2 AND outcome <> 'in_progress'`
+	pruneDevicesQuery = `
+		DELETE FROM unwedge_device WHERE bridge_id = $1 AND last_created_at < $2 AND last_failed_at < $2 AND lease_until < $3`
+)
+
+// LedgerQuery records the replacement sessions unwedge creates, per device.
+type LedgerQuery struct {
+	BridgeID string
+	db       *dbutil.Database
+}
+
+func (lq *LedgerQuery) deviceArgs(dev LedgerDevice) []any {
+	return []any{lq.BridgeID, dev.UserID, dev.DeviceID, dev.IdentityKey}
+}
+
+// Acquire decides whether unwedge may create a new session with the device now and, if so,
+// holds the device for the lease and opens a heal record.
+func (lq *LedgerQuery) Acquire(ctx context.Context, dev LedgerDevice, p AcquireParams) (*Grant, error) {
+	now := p.Now.UnixMilli()
+	args := append(lq.deviceArgs(dev), p.Owner, p.Now.Add(p.Lease).UnixMilli(), now, p.Force, p.Now.Add(-p.MinInterval).UnixMilli())
+	var lastCreated int64
+	err := lq.db.QueryRow(ctx, acquireQuery, args...).Scan(&lastCreated)
+	if errors.Is(err, sql.ErrNoRows) {
+		return lq.refusal(ctx, dev)
+	} else if err != nil {
+		return nil, fmt.Errorf("failed to acquire device: %w", err)
+	}
+	grant := &Grant{Granted: true, LastCreatedAt: msTime(lastCreated)}
+	err = lq.db.QueryRow(ctx, insertHealQuery, append(lq.deviceArgs(dev), p.Class, p.ForcedBy, now)...).Scan(&grant.HealID)
+	if err != nil {
+		return nil, fmt.Errorf("failed to record heal: %w", err)
+	}
+	if _, err = lq.db.Exec(ctx, setHealIDQuery, append(lq.deviceArgs(dev), p.Owner, grant.HealID)...); err != nil {
+		return nil, fmt.Errorf("failed to link heal to device: %w", err)
+	}
+	return grant, nil
+}
+
+func (lq *LedgerQuery) refusal(ctx context.Context, dev LedgerDevice) (*Grant, error) {
+	var lastCreated, lastFailed, leaseUntil int64
+	grant := &Grant{}
+	err := lq.db.QueryRow(ctx, getDeviceQuery, lq.deviceArgs(dev)...).Scan(&lastCreated, &lastFailed, &grant.LeaseOwner, &leaseUntil)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("failed to read device after refusal: %w", err)
+	}
+	grant.LastCreatedAt, grant.LastFailedAt, grant.LeaseUntil = msTime(lastCreated), msTime(lastFailed), msTime(leaseUntil)
+	return grant, nil
+}
+
+// RenewLease extends the lease of a heal that is still retrying.
+func (lq *LedgerQuery) RenewLease(ctx context.Context, dev LedgerDevice, owner string, until time.Time) error {
+	_, err := lq.db.Exec(ctx, renewLeaseQuery, append(lq.deviceArgs(dev), owner, until.UnixMilli())...)
+	return err
+}
+
+// SessionCreated records that unwedge created a replacement session: from now the interval runs.
+func (lq *LedgerQuery) SessionCreated(ctx context.Context, dev LedgerDevice, owner string, healID int64, sessionID id.SessionID, at time.Time) error {
+	return lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if _, err := lq.db.Exec(ctx, sessionCreatedDeviceQuery, append(lq.deviceArgs(dev), owner, at.UnixMilli(), sessionID)...); err != nil {
+			return err
+		}
+		_, err := lq.db.Exec(ctx, sessionCreatedHealQuery, healID, sessionID)
+		return err
+	})
+}
+
+// Finish releases the device and records how the heal ended. A permanent failure also starts the
+// interval, so the device is not retried until it passes.
+func (lq *LedgerQuery) Finish(ctx context.Context, dev LedgerDevice, owner string, healID int64, outcome HealOutcome, attempts int, healErr string, at time.Time) error {
+	return lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		permanent := outcome == HealFailedPermanent
+		if _, err := lq.db.Exec(ctx, finishDeviceQuery, append(lq.deviceArgs(dev), owner, permanent, at.UnixMilli())...); err != nil {
+			return err
+		}
+		_, err := lq.db.Exec(ctx, finishHealQuery, healID, outcome, at.UnixMilli(), attempts, healErr)
+		return err
+	})
+}
+
+func scanHeal(row dbutil.Scannable) (*Heal, error) {
+	var h Heal
+	var started, finished int64
+	err := row.Scan(&h.ID, &h.Device.UserID, &h.Device.DeviceID, &h.Device.IdentityKey, &h.Class, &h.ForcedBy,
+		&started, &finished, &h.Outcome, &h.SessionID, &h.Attempts, &h.Error)
+	if err != nil {
+		return nil, err
+	}
+	h.StartedAt, h.FinishedAt = msTime(started), msTime(finished)
+	return &h, nil
+}
+
+// Heals lists the newest heals of a user (all devices when deviceID is empty).
+func (lq *LedgerQuery) Heals(ctx context.Context, userID id.UserID, deviceID id.DeviceID, limit int) ([]*Heal, error) {
+	return dbutil.ConvertRowFn[*Heal](scanHeal).NewRowIter(lq.db.Query(ctx, listHealsQuery, lq.BridgeID, userID, deviceID, limit)).AsList()
+}
+
+// UnfinishedHeals lists heals that a stopped process left in progress.
+func (lq *LedgerQuery) UnfinishedHeals(ctx context.Context) ([]*Heal, error) {
+	return dbutil.ConvertRowFn[*Heal](scanHeal).NewRowIter(lq.db.Query(ctx, unfinishedHealsQuery, lq.BridgeID)).AsList()
+}
+
+// CountCreated counts the replacement sessions unwedge created with a device since a time.
+func (lq *LedgerQuery) CountCreated(ctx context.Context, userID id.UserID, deviceID id.DeviceID, since time.Time) (count int, err error) {
+	err = lq.db.QueryRow(ctx, countCreatedQuery, lq.BridgeID, userID, deviceID, since.UnixMilli()).Scan(&count)
+	return
+}
+
+// Prune deletes heal records older than before, and device rows whose last event is older than
+// before and that no lease holds.
+func (lq *LedgerQuery) Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error) {
+	res, err := lq.db.Exec(ctx, pruneHealsQuery, lq.BridgeID, before.UnixMilli())
+	if err != nil {
+		return 0, 0, err
+	}
+	heals, _ = res.RowsAffected()
+	res, err = lq.db.Exec(ctx, pruneDevicesQuery, lq.BridgeID, before.UnixMilli(), now.UnixMilli())
+	if err != nil {
+		return heals, 0, err
+	}
+	devices, _ = res.RowsAffected()
+	return heals, devices, nil
+}
+
+func msTime(ms int64) time.Time {
+	if ms == 0 {
+		return time.Time{}
+	}
+	return time.UnixMilli(ms)
+}

@@ -1,0 +1,147 @@
+package testclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"go.mau.fi/util/ptr"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// CreateEncryptedRoom creates a private, Megolm-encrypted room, invites the users and waits until
+// the client's sync shows the room.
+func (c *Client) CreateEncryptedRoom(ctx context.Context, invite ...id.UserID) (id.RoomID, error) {
+	resp, err := c.cli.CreateRoom(ctx, &mautrix.ReqCreateRoom{
+		Preset: "private_chat",
+		Invite: invite,
+		InitialState: []*event.Event{{
+			Type:     event.StateEncryption,
+			StateKey: ptr.Ptr(""),
+			Content:  event.Content{Parsed: &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}},
+		}},
+	})
+	if err != nil {
+		return "", fmt.Errorf("failed to create encrypted room: %w", err)
+	}
+	c.log.Debug().Stringer("room_id", resp.RoomID).Any("invited", invite).Msg("Created encrypted room")
+	if err = c.WaitForJoin(ctx, resp.RoomID); err != nil {
+		return "", err
+	}
+	return resp.RoomID, nil
+}
+
+// SendText sends a plain-text message, encrypted if the room is.
+func (c *Client) SendText(ctx context.Context, roomID id.RoomID, text string) (id.EventID, error) {
+	return c.SendMessage(ctx, roomID, &event.MessageEventContent{MsgType: event.MsgText, Body: text})
+}
+
+// SendMessage sends an m.room.message event, encrypted if the room is. In an encrypted room the
+// current Megolm session is first shared with every device of the joined and invited members
+// that does not have it yet (a new session after RotateRoomKey, a membership change or expiry).
+func (c *Client) SendMessage(ctx context.Context, roomID id.RoomID, content *event.MessageEventContent) (id.EventID, error) {
+	encrypted, err := c.IsEncrypted(ctx, roomID)
+	if err != nil {
+		return "", err
+	}
+	evtType, payload := event.EventMessage, any(content)
+	if encrypted {
+		if payload, err = c.encrypt(ctx, roomID, event.EventMessage, content); err != nil {
+			return "", err
+		}
+		evtType = event.EventEncrypted
+	}
+	resp, err := c.cli.SendMessageEvent(ctx, roomID, evtType, payload)
+	if err != nil {
+		return "", fmt.Errorf("failed to send message to %s: %w", roomID, err)
+	}
+	c.log.Debug().
+		Stringer("room_id", roomID).
+		Stringer("event_id", resp.EventID).
+		Bool("encrypted", encrypted).
+		Msg("Sent message")
+	return resp.EventID, nil
+}
+
+// IsEncrypted reports whether the room is encrypted. If the client's state does not say so yet
+// (just joined, sync not caught up), it asks the homeserver for the room's m.room.encryption.
+func (c *Client) IsEncrypted(ctx context.Context, roomID id.RoomID) (bool, error) {
+	store := c.stateDB.store
+	if encrypted, err := store.IsEncrypted(ctx, roomID); err != nil {
+		return false, fmt.Errorf("failed to check if %s is encrypted: %w", roomID, err)
+	} else if encrypted {
+		return true, nil
+	}
+	var content event.EncryptionEventContent
+	err := c.cli.StateEvent(ctx, roomID, event.StateEncryption, "", &content)
+	if errors.Is(err, mautrix.MNotFound) {
+		return false, nil
+	} else if err != nil {
+		return false, fmt.Errorf("failed to get encryption state of %s: %w", roomID, err)
+	} else if content.Algorithm == "" {
+		return false, nil
+	}
+	if err = store.SetEncryptionEvent(ctx, roomID, &content); err != nil {
+		return false, fmt.Errorf("failed to store encryption state of %s: %w", roomID, err)
+	}
+	return true, nil
+}
+
+// encrypt shares the room's outbound Megolm session if needed and encrypts the content with it.
+func (c *Client) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Type, content any) (*event.EncryptedEventContent, error) {
+	c.cryptoLock.RLock()
+	defer c.cryptoLock.RUnlock()
+	cs := c.crypto.Load()
+	if cs == nil {
+		return nil, errClosed
+	}
+	var err error
+	for attempt := 1; attempt <= 2; attempt++ {
+		if err = c.shareRoomKey(ctx, cs, roomID); err != nil {
+			return nil, err
+		}
+		var encrypted *event.EncryptedEventContent
+		encrypted, err = cs.mach.EncryptMegolmEvent(ctx, roomID, evtType, content)
+		if err == nil {
+			return encrypted, nil
+		} else if !errors.Is(err, crypto.ErrNoGroupSession) && !errors.Is(err, crypto.ErrSessionNotShared) &&
+			!errors.Is(err, crypto.ErrSessionExpired) {
+			break
+		}
+		// The session was discarded or expired between sharing and encrypting: share again.
+	}
+	return nil, fmt.Errorf("failed to encrypt event for %s: %w", roomID, err)
+}
+
+// shareRoomKey shares the room's outbound Megolm session with all devices of the joined and
+// invited members, creating a new session if there is none. The member list is refreshed from
+// the homeserver first, so that members whose join the sync has not shown yet get the key too.
+func (c *Client) shareRoomKey(ctx context.Context, cs *cryptoState, roomID id.RoomID) error {
+	sess, err := cs.store.GetOutboundGroupSession(ctx, roomID)
+	if err != nil {
+		return fmt.Errorf("failed to get outbound group session of %s: %w", roomID, err)
+	} else if sess != nil && sess.Shared && !sess.Expired() {
+		return nil
+	}
+	if _, err = c.cli.Members(ctx, roomID); err != nil {
+		return fmt.Errorf("failed to get members of %s: %w", roomID, err)
+	}
+	users, err := c.stateDB.store.GetRoomJoinedOrInvitedMembers(ctx, roomID)
+	if err != nil {
+		return fmt.Errorf("failed to get members of %s from the state store: %w", roomID, err)
+	}
+	if err = cs.mach.ShareGroupSession(ctx, roomID, users); err != nil {
+		return fmt.Errorf("failed to share room key of %s: %w", roomID, err)
+	}
+	if sess, err = cs.store.GetOutboundGroupSession(ctx, roomID); err == nil && sess != nil {
+		c.log.Debug().
+			Stringer("room_id", roomID).
+			Stringer("session_id", sess.ID()).
+			Int("user_count", len(users)).
+			Msg("Shared room key")
+	}
+	return nil
+}
