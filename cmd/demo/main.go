@@ -231,7 +231,6 @@ func (es *echoService) Close() {
 	_ = es.server.Close()
 }
 
-
 // freshDatabase drops and recreates a database next to the stack's, so every demo run starts
 // from an empty bridge database.
 func freshDatabase(ctx context.Context, adminURI, name string) (string, error) {
