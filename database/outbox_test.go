@@ -15,27 +15,44 @@ import (
 	"github.com/unwedge/unwedge/internal/testenv"
 )
 
-// openDatabases returns the webhook tables on a fresh Postgres database and a fresh SQLite file.
-func openDatabases(t *testing.T) map[string]*database.WebhookDB {
+// databaseURIs returns a fresh Postgres database and a fresh SQLite file, by dialect.
+func databaseURIs(t *testing.T) map[string]string {
 	env := testenv.Require(t)
-	dbs := map[string]*database.WebhookDB{}
-	for dialect, uri := range map[string]string{
+	return map[string]string{
 		"postgres":       env.NewDatabase(t),
 		"sqlite3-fk-wal": "file:" + filepath.Join(t.TempDir(), "bridge.db") + "?_txlock=immediate",
-	} {
-		raw, err := dbutil.NewWithDialect(uri, dialect)
-		if err != nil {
-			t.Fatalf("open %s: %v", dialect, err)
+	}
+}
+
+// open connects to a database like a bridge process would: its own connection pool.
+func open(t *testing.T, dialect, uri string) *dbutil.Database {
+	raw, err := dbutil.NewWithDialect(uri, dialect)
+	if err != nil {
+		t.Fatalf("open %s: %v", dialect, err)
+	}
+	t.Cleanup(func() { _ = raw.Close() })
+	return raw
+}
+
+type upgrader interface {
+	Upgrade(ctx context.Context) error
+}
+
+// upgrade runs the upgrade twice: the second, as on a bridge restart, must be a no-op.
+func upgrade(t *testing.T, db upgrader) {
+	for range 2 {
+		if err := db.Upgrade(context.Background()); err != nil {
+			t.Fatalf("upgrade: %v", err)
 		}
-		t.Cleanup(func() { _ = raw.Close() })
-		db := database.NewWebhookDB("test-bridge", raw, dbutil.ZeroLogger(zerolog.Nop()))
-		if err = db.Upgrade(context.Background()); err != nil {
-			t.Fatalf("upgrade %s: %v", dialect, err)
-		}
-		// A second upgrade must be a no-op (restarting bridge).
-		if err = db.Upgrade(context.Background()); err != nil {
-			t.Fatalf("second upgrade %s: %v", dialect, err)
-		}
+	}
+}
+
+// openDatabases returns the webhook tables on a fresh Postgres database and a fresh SQLite file.
+func openDatabases(t *testing.T) map[string]*database.WebhookDB {
+	dbs := map[string]*database.WebhookDB{}
+	for dialect, uri := range databaseURIs(t) {
+		db := database.NewWebhookDB("test-bridge", open(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
+		upgrade(t, db)
 		dbs[dialect] = db
 	}
 	return dbs

@@ -7,5 +7,13 @@ cd "$REPO_ROOT" || exit 1
 bash scripts/stack.sh up
 export UNWEDGE_REQUIRE_STACK=1
 export UNWEDGE_STACK_ENV="$STACK_DIR/env"
+unformatted=$(gofmt -l .)
+if [ -n "$unformatted" ]; then
+	echo "gofmt would change: $unformatted" >&2
+	exit 1
+fi
 go vet -tags goolm ./...
+staticcheck=$(go env GOPATH)/bin/staticcheck
+[ -x "$staticcheck" ] || go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
+"$staticcheck" -tags goolm ./...
 go test -tags goolm -count=1 -timeout 30m "$@" ./...

@@ -94,7 +94,7 @@ func New(ctx context.Context, opts Options) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("failed to create mautrix client: %w", err)
 	}
-	cli.Log = opts.Log
+	cli.Log = opts.Log.Hook(quietCancel{})
 	if err = logIn(ctx, cli, opts); err != nil {
 		return nil, err
 	}
@@ -103,7 +103,7 @@ func New(ctx context.Context, opts Options) (*Client, error) {
 		Stringer("user_id", cli.UserID).
 		Stringer("device_id", cli.DeviceID).
 		Logger()
-	cli.Log = log
+	cli.Log = log.Hook(quietCancel{})
 	c := &Client{
 		cli:     cli,
 		log:     log,
@@ -249,6 +249,21 @@ func (c *Client) Close() error {
 		c.closeErr = errors.Join(errs...)
 	})
 	return c.closeErr
+}
+
+// quietCancel drops mautrix's "Request canceled" warnings: requests are canceled on purpose when
+// the sync loop stops.
+type quietCancel struct{}
+
+func (quietCancel) Run(e *zerolog.Event, _ zerolog.Level, msg string) {
+	if msg == "Request canceled" {
+		e.Discard()
+	}
+}
+
+// dbLog is the logger for the client's databases: schema upgrades and queries are noise in tests.
+func dbLog(log zerolog.Logger, section string) zerolog.Logger {
+	return log.Level(max(log.GetLevel(), zerolog.WarnLevel)).With().Str("db_section", section).Logger()
 }
 
 // retryDelay is how long the sync loop and invite handling wait after a failure.

@@ -88,7 +88,8 @@ func bodyIs(text string) func(*event.Event) bool {
 	return func(evt *event.Event) bool { return evt.Content.AsMessage().Body == text }
 }
 
-// exchange sends text from one client and waits until the other decrypts it.
+// exchange sends text from one client and waits until the other decrypts it and the sender has
+// decrypted its own echo.
 func exchange(t *testing.T, ctx context.Context, from, to *testclient.Client, room id.RoomID, text string) (id.EventID, *event.Event) {
 	t.Helper()
 	evtID, err := from.SendText(ctx, room, text)
@@ -102,6 +103,9 @@ func exchange(t *testing.T, ctx context.Context, from, to *testclient.Client, ro
 	if evt.ID != evtID || evt.Sender != from.UserID() || !evt.Mautrix.WasEncrypted {
 		t.Fatalf("%s got %s from %s (encrypted: %t), want %s from %s, encrypted",
 			to.UserID(), evt.ID, evt.Sender, evt.Mautrix.WasEncrypted, evtID, from.UserID())
+	}
+	if _, err = from.WaitForMessage(ctx, room, func(e *event.Event) bool { return e.ID == evtID }); err != nil {
+		t.Fatalf("sender did not decrypt its own message: %v", err)
 	}
 	return evtID, evt
 }
@@ -301,6 +305,59 @@ func TestSnapshotRestore(t *testing.T) {
 		} else {
 			t.Logf("%q reached %s undecryptable: %v", step.text, step.to.UserID(), step.to.DecryptionError(evtID))
 		}
+	}
+}
+
+// A client restored from a backup lost a room key; it asks the sender for it again and decrypts.
+func TestRequestRoomKeyAfterRestore(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	alice, bob, room := pair(t, ctx)
+
+	exchange(t, ctx, alice, bob, room, "one")
+	snapshot := filepath.Join(t.TempDir(), "bob.db")
+	if err := bob.Snapshot(ctx, snapshot); err != nil {
+		t.Fatal(err)
+	}
+	if err := alice.RotateRoomKey(ctx, room); err != nil {
+		t.Fatal(err)
+	}
+	two, _ := exchange(t, ctx, alice, bob, room, "two")
+	lost := bob.MegolmSessionID(two)
+	if err := bob.Restore(ctx, snapshot); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := bob.HasRoomKey(ctx, room, lost); err != nil || ok {
+		t.Fatalf("bob still has room key %s after restore (err %v)", lost, err)
+	}
+
+	three, err := alice.SendText(ctx, room, "three")
+	if err != nil {
+		t.Fatal(err)
+	}
+	evt, decrypted, err := bob.WaitForEvent(ctx, room, three)
+	if err != nil {
+		t.Fatal(err)
+	} else if decrypted {
+		t.Fatal("bob decrypted a message whose room key the restore removed")
+	}
+	if err = bob.RequestRoomKey(ctx, evt); err != nil {
+		t.Fatal(err)
+	}
+	got, err := bob.WaitForMessage(ctx, room, func(e *event.Event) bool { return e.ID == three })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body := got.Content.AsMessage().Body; body != "three" || !got.Mautrix.WasEncrypted {
+		t.Errorf("got %q (encrypted: %t), want \"three\", encrypted", body, got.Mautrix.WasEncrypted)
+	}
+	// The sender forwarded its own session, so mautrix does not flag the key as forwarded; the
+	// session is back all the same.
+	if ok, err := bob.HasRoomKey(ctx, room, lost); err != nil || !ok {
+		t.Errorf("bob lacks room key %s after the key request (err %v)", lost, err)
+	}
+	if len(bob.Undecryptable(room)) != 0 {
+		t.Errorf("bob still has %d undecryptable events", len(bob.Undecryptable(room)))
 	}
 }
 

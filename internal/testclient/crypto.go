@@ -14,6 +14,7 @@ import (
 	// cryptohelper relies on the same side effect.
 	_ "go.mau.fi/util/dbutil/litestream"
 	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 	"maunium.net/go/mautrix/sqlstatestore"
 )
@@ -41,7 +42,7 @@ func openStateStore(ctx context.Context, path string, log zerolog.Logger) (*stat
 	if err != nil {
 		return nil, err
 	}
-	store := sqlstatestore.NewSQLStateStore(db, dbutil.ZeroLogger(log.With().Str("db_section", "matrix_state").Logger()), false)
+	store := sqlstatestore.NewSQLStateStore(db, dbutil.ZeroLogger(dbLog(log, "matrix_state")), false)
 	if err = store.Upgrade(ctx); err != nil {
 		_ = db.Close()
 		return nil, fmt.Errorf("failed to upgrade state store: %w", err)
@@ -86,8 +87,7 @@ func (c *Client) openCrypto(ctx context.Context) (*cryptoState, error) {
 		return nil, err
 	}
 	log := c.log.With().Str("component", "crypto").Logger()
-	store := crypto.NewSQLCryptoStore(db, dbutil.ZeroLogger(log.With().Str("db_section", "crypto").Logger()),
-		c.cli.UserID.String(), c.cli.DeviceID, c.pickle)
+	store := crypto.NewSQLCryptoStore(db, dbutil.ZeroLogger(dbLog(log, "crypto")), c.cli.UserID.String(), c.cli.DeviceID, c.pickle)
 	if err = store.DB.Upgrade(ctx); err != nil {
 		_ = db.Close()
 		return nil, fmt.Errorf("failed to upgrade crypto store: %w", err)
@@ -117,6 +117,36 @@ func (c *Client) RotateRoomKey(ctx context.Context, roomID id.RoomID) error {
 		return fmt.Errorf("failed to discard outbound group session of %s: %w", roomID, err)
 	}
 	c.log.Debug().Stringer("room_id", roomID).Msg("Discarded outbound group session")
+	return nil
+}
+
+// RequestRoomKey asks the sender's device and the client's own other devices for the room key of
+// an undecryptable event (m.room_key_request), as Element does for messages it cannot decrypt.
+// The event is decrypted when a forwarded key arrives.
+func (c *Client) RequestRoomKey(ctx context.Context, evt *event.Event) error {
+	content, ok := evt.Content.Parsed.(*event.EncryptedEventContent)
+	if !ok {
+		return fmt.Errorf("event %s is not encrypted", evt.ID)
+	}
+	//lint:ignore SA1019 deprecated, but still sent by clients and the only hint at the sender's device
+	senderDevice := content.DeviceID
+	if senderDevice == "" {
+		senderDevice = "*"
+	}
+	c.cryptoLock.RLock()
+	defer c.cryptoLock.RUnlock()
+	cs := c.crypto.Load()
+	if cs == nil {
+		return errClosed
+	}
+	err := cs.mach.SendRoomKeyRequest(ctx, evt.RoomID, content.SenderKey, content.SessionID, "", map[id.UserID][]id.DeviceID{
+		evt.Sender:   {senderDevice},
+		c.cli.UserID: {"*"},
+	})
+	if err != nil {
+		return fmt.Errorf("failed to request room key %s: %w", content.SessionID, err)
+	}
+	c.log.Debug().Stringer("event_id", evt.ID).Stringer("session_id", content.SessionID).Msg("Requested room key")
 	return nil
 }
 

@@ -1,0 +1,184 @@
+package database_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/database"
+)
+
+var testDevice = database.LedgerDevice{UserID: "@alice:localhost", DeviceID: "PHONE", IdentityKey: "curve-key-a"}
+
+func openLedger(t *testing.T, dialect, uri string) *database.LedgerQuery {
+	db := database.NewUnwedgeDB("test-bridge", open(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
+	upgrade(t, db)
+	return db.Ledger
+}
+
+func params(now time.Time, owner string) database.AcquireParams {
+	return database.AcquireParams{Now: now, MinInterval: time.Hour, Owner: owner, Lease: 2 * time.Minute, Class: "no_session"}
+}
+
+// heal runs one heal to its end and reports whether it was granted.
+func heal(t *testing.T, lq *database.LedgerQuery, p database.AcquireParams, outcome database.HealOutcome) bool {
+	t.Helper()
+	ctx := context.Background()
+	grant, err := lq.Acquire(ctx, testDevice, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !grant.Granted {
+		return false
+	}
+	if outcome == database.HealHealed {
+		if err = lq.SessionCreated(ctx, testDevice, p.Owner, grant.HealID, id.SessionID("session-"+p.Owner), p.Now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err = lq.Finish(ctx, testDevice, p.Owner, grant.HealID, outcome, 1, "", p.Now); err != nil {
+		t.Fatal(err)
+	}
+	return true
+}
+
+func TestLedgerLimit(t *testing.T) {
+	t0 := time.UnixMilli(1_800_000_000_000)
+	steps := []struct {
+		name    string
+		at      time.Duration
+		force   bool
+		outcome database.HealOutcome
+		granted bool
+	}{
+		{"first wedge heals", 0, false, database.HealHealed, true},
+		{"again within the hour is limited", 30 * time.Minute, false, database.HealHealed, false},
+		{"an admin may force within the hour", 31 * time.Minute, true, database.HealHealed, true},
+		{"the forced session restarts the hour", 89 * time.Minute, false, database.HealHealed, false},
+		{"after the hour a transient failure", 92 * time.Minute, false, database.HealFailedTransient, true},
+		{"does not burn the hour", 93 * time.Minute, false, database.HealFailedPermanent, true},
+		{"a permanent failure waits the hour", 100 * time.Minute, false, database.HealHealed, false},
+		{"and then may try again", 154 * time.Minute, false, database.HealHealed, true},
+	}
+	for dialect, uri := range databaseURIs(t) {
+		t.Run(dialect, func(t *testing.T) {
+			lq := openLedger(t, dialect, uri)
+			for _, step := range steps {
+				p := params(t0.Add(step.at), "bridge-a")
+				p.Force = step.force
+				if got := heal(t, lq, p, step.outcome); got != step.granted {
+					t.Fatalf("%s: granted = %t, want %t", step.name, got, step.granted)
+				}
+			}
+			n, err := lq.CountCreated(context.Background(), testDevice.UserID, testDevice.DeviceID, t0)
+			if err != nil || n != 3 {
+				t.Errorf("created sessions = %d, %v; want 3", n, err)
+			}
+			heals, err := lq.Heals(context.Background(), testDevice.UserID, "", 100)
+			if err != nil || len(heals) != 5 || heals[0].Outcome != database.HealHealed || heals[1].Outcome != database.HealFailedPermanent {
+				t.Errorf("heal history = %d rows, %v", len(heals), err)
+			}
+		})
+	}
+}
+
+func TestLedgerLease(t *testing.T) {
+	t0 := time.UnixMilli(1_800_000_000_000)
+	for dialect, uri := range databaseURIs(t) {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			lq := openLedger(t, dialect, uri)
+			held, err := lq.Acquire(ctx, testDevice, params(t0, "crashed"))
+			if err != nil || !held.Granted {
+				t.Fatalf("first acquire: %+v %v", held, err)
+			}
+			// A forced heal still respects a live lease: two heals never run at once.
+			p := params(t0.Add(time.Minute), "other")
+			p.Force = true
+			if g, err := lq.Acquire(ctx, testDevice, p); err != nil || g.Granted || g.LeaseOwner != "crashed" {
+				t.Fatalf("acquire under a live lease: %+v %v", g, err)
+			}
+			// The holder died without creating a session: after the lease the device can be healed.
+			if g, err := lq.Acquire(ctx, testDevice, params(t0.Add(3*time.Minute), "other")); err != nil || !g.Granted {
+				t.Fatalf("acquire after the lease ran out: %+v %v", g, err)
+			}
+			unfinished, err := lq.UnfinishedHeals(ctx)
+			if err != nil || len(unfinished) != 2 {
+				t.Fatalf("unfinished heals = %d, %v", len(unfinished), err)
+			}
+			// The dead holder's late Finish must not release the new holder's lease.
+			if err = lq.Finish(ctx, testDevice, "crashed", held.HealID, database.HealFailedTransient, 1, "late", t0.Add(4*time.Minute)); err != nil {
+				t.Fatal(err)
+			}
+			if g, _ := lq.Acquire(ctx, testDevice, params(t0.Add(4*time.Minute), "third")); g.Granted {
+				t.Fatal("a stale owner released someone else's lease")
+			}
+		})
+	}
+}
+
+// TestLedgerConcurrency: many goroutines on two bridge processes (two connection pools on one
+// database) race for the same wedged device; exactly one gets to create a session.
+func TestLedgerConcurrency(t *testing.T) {
+	t0 := time.Now()
+	for dialect, uri := range databaseURIs(t) {
+		t.Run(dialect, func(t *testing.T) {
+			replicas := []*database.LedgerQuery{openLedger(t, dialect, uri), openLedger(t, dialect, uri)}
+			var granted atomic.Int32
+			var wg sync.WaitGroup
+			for i := range 32 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					lq := replicas[i%2]
+					p := params(t0, fmt.Sprintf("replica-%d/goroutine-%d", i%2, i))
+					g, err := lq.Acquire(context.Background(), testDevice, p)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					if g.Granted {
+						granted.Add(1)
+						_ = lq.SessionCreated(context.Background(), testDevice, p.Owner, g.HealID, "s", t0)
+						_ = lq.Finish(context.Background(), testDevice, p.Owner, g.HealID, database.HealHealed, 1, "", t0)
+					}
+				}()
+			}
+			wg.Wait()
+			if n := granted.Load(); n != 1 {
+				t.Fatalf("%d goroutines were granted a new session, want exactly 1", n)
+			}
+			// A restart (a new process on the same database) is still limited.
+			restarted := openLedger(t, dialect, uri)
+			if g, err := restarted.Acquire(context.Background(), testDevice, params(t0.Add(time.Minute), "restarted")); err != nil || g.Granted {
+				t.Fatalf("after restart: %+v %v", g, err)
+			}
+		})
+	}
+}
+
+func TestLedgerPrune(t *testing.T) {
+	t0 := time.UnixMilli(1_800_000_000_000)
+	for dialect, uri := range databaseURIs(t) {
+		t.Run(dialect, func(t *testing.T) {
+			lq := openLedger(t, dialect, uri)
+			heal(t, lq, params(t0, "a"), database.HealHealed)
+			heal(t, lq, params(t0.Add(2*time.Hour), "a"), database.HealHealed)
+			heals, devices, err := lq.Prune(context.Background(), t0.Add(time.Hour), t0.Add(3*time.Hour))
+			if err != nil || heals != 1 || devices != 0 {
+				t.Fatalf("prune = %d heals, %d devices, %v; want 1, 0 (the device healed recently)", heals, devices, err)
+			}
+			heals, devices, err = lq.Prune(context.Background(), t0.Add(5*time.Hour), t0.Add(5*time.Hour))
+			if err != nil || heals != 1 || devices != 1 {
+				t.Fatalf("second prune = %d heals, %d devices, %v", heals, devices, err)
+			}
+		})
+	}
+}
