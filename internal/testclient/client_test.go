@@ -114,6 +114,13 @@ func TestConversation(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	alice, bob, room := pair(t, ctx)
+	invited, err := bob.WaitForJoinedRoom(ctx, func(_ id.RoomID, inviter id.UserID) bool { return inviter == alice.UserID() })
+	if err != nil || invited != room {
+		t.Fatalf("room bob joined on alice's invite = %q (err %v), want %s", invited, err, room)
+	}
+	if encrypted, err := bob.IsEncrypted(ctx, room); err != nil || !encrypted {
+		t.Fatalf("bob does not know the room is encrypted (err %v)", err)
+	}
 
 	start := time.Now()
 	exchange(t, ctx, alice, bob, room, "hello bob")

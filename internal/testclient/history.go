@@ -99,8 +99,8 @@ func (h *history) syncCount() int {
 	return h.syncs
 }
 
-// syncDone records the rooms of a fully processed sync response.
-func (h *history) syncDone(resp *mautrix.RespSync) {
+// syncDone records the rooms of a fully processed sync response for the user.
+func (h *history) syncDone(resp *mautrix.RespSync, self id.UserID) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for roomID := range resp.Rooms.Join {
@@ -111,7 +111,7 @@ func (h *history) syncDone(resp *mautrix.RespSync) {
 	}
 	for roomID, invite := range resp.Rooms.Invite {
 		for _, evt := range invite.State.Events {
-			if evt.Type == event.StateMember && evt.StateKey != nil {
+			if evt.Type == event.StateMember && evt.GetStateKey() == self.String() {
 				if membership, _ := evt.Content.Raw["membership"].(string); membership == string(event.MembershipInvite) {
 					h.roomLocked(roomID).inviter = evt.Sender
 				}
@@ -285,9 +285,9 @@ func (c *Client) WaitForJoin(ctx context.Context, roomID id.RoomID) error {
 	return nil
 }
 
-// WaitForJoinedRoom waits until the client is in a room that match accepts and returns it. match
-// gets the room ID and the user who invited the client ("" if it was not invited, e.g. it
-// created the room).
+// WaitForJoinedRoom waits until the client is in a room that match accepts and returns it (any
+// one if several match). match gets the room ID and the user who invited the client ("" if it
+// was not invited, e.g. it created the room).
 func (c *Client) WaitForJoinedRoom(ctx context.Context, match func(roomID id.RoomID, inviter id.UserID) bool) (id.RoomID, error) {
 	var found id.RoomID
 	err := c.hist.waitFor(ctx, func() bool {

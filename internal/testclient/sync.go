@@ -114,7 +114,7 @@ func (c *Client) syncLoop(ctx context.Context, done chan<- struct{}) {
 // syncProcessed records the rooms the client is in once a whole response has been handled, so
 // that a room counts as joined only when its state (encryption, members) is known.
 func (c *Client) syncProcessed(_ context.Context, resp *mautrix.RespSync) {
-	c.hist.syncDone(resp)
+	c.hist.syncDone(resp, c.cli.UserID)
 }
 
 // handleMember accepts invites for the client's own user.
@@ -184,7 +184,9 @@ func (c *Client) handleEncrypted(ctx context.Context, evt *event.Event) {
 		Msg("Failed to decrypt event")
 	c.hist.addUndecryptable(evt, err)
 	// The key may have arrived between the attempt and the bookkeeping.
-	if sess, _ := mach.CryptoStore.GetGroupSession(ctx, evt.RoomID, content.SessionID); sess != nil {
+	if !errors.Is(err, crypto.ErrNoSessionFound) {
+		return
+	} else if sess, _ := mach.CryptoStore.GetGroupSession(ctx, evt.RoomID, content.SessionID); sess != nil {
 		c.retryDecryption(ctx, mach, evt.RoomID, content.SessionID)
 	}
 }
