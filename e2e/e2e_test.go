@@ -4,9 +4,8 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"os"
-	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -53,19 +52,21 @@ func binary(t *testing.T) string {
 
 type setup struct {
 	env    *testenv.Env
+	slot   *harness.Slot
 	bridge *harness.Bridge
 	user   *testclient.Client
 	remote *webhook.RemoteClient
 }
 
 // start runs a bridge on the given slot and logs a fresh E2EE user in to it.
-func start(t *testing.T, ctx context.Context, slot int, appservice bool, dbType, webhookURL string) *setup {
+func start(t *testing.T, ctx context.Context, appservice bool, dbType, webhookURL string) *setup {
 	t.Helper()
 	env := testenv.Require(t)
-	s, err := harness.LoadSlot(filepath.Join(env.SlotsDir, fmt.Sprint(slot)))
+	s, release, err := harness.AcquireSlot(ctx, env.SlotsDir)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(release)
 	opts := harness.BridgeOptions{
 		Binary: binary(t), Dir: t.TempDir(), HomeserverURL: env.HomeserverURL, Domain: env.Domain,
 		Slot: s, DatabaseType: dbType, AppserviceEncryption: appservice,
@@ -100,7 +101,7 @@ func start(t *testing.T, ctx context.Context, slot int, appservice bool, dbType,
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &setup{env: env, bridge: br, user: user, remote: remote}
+	return &setup{env: env, slot: s, bridge: br, user: user, remote: remote}
 }
 
 // openPortal creates a chat on the remote side and waits until the user has joined its room.
@@ -143,19 +144,18 @@ func (s *setup) waitOutbox(t *testing.T, ctx context.Context, text string, done 
 func TestEncryptedRoundTrip(t *testing.T) {
 	cases := []struct {
 		name       string
-		slot       int
 		appservice bool
 		db         string
 	}{
-		{"sync/postgres", 1, false, "postgres"},
-		{"appservice/postgres", 2, true, "postgres"},
-		{"sync/sqlite", 3, false, "sqlite3-fk-wal"},
+		{"sync/postgres", false, "postgres"},
+		{"appservice/postgres", true, "postgres"},
+		{"sync/sqlite", false, "sqlite3-fk-wal"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
-			s := start(t, ctx, tc.slot, tc.appservice, tc.db, "")
+			s := start(t, ctx, tc.appservice, tc.db, "")
 			room := s.openPortal(t, ctx, "general")
 
 			// webhook -> Matrix: the ghost's message arrives encrypted and decrypts at the client.
@@ -172,7 +172,7 @@ func TestEncryptedRoundTrip(t *testing.T) {
 			if !evt.Mautrix.WasEncrypted {
 				t.Error("webhook message reached the client unencrypted")
 			}
-			if want := id.NewUserID(fmt.Sprintf("webhook%d_bob", tc.slot), s.env.Domain); evt.Sender != want {
+			if want := id.NewUserID(strings.ReplaceAll(s.slot.UsernameTemplate, "{{.}}", "bob"), s.env.Domain); evt.Sender != want {
 				t.Errorf("sender = %s, want ghost %s", evt.Sender, want)
 			}
 

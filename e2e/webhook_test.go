@@ -47,7 +47,7 @@ func TestWebhookDeliveryRetries(t *testing.T) {
 	hook := &flakyWebhook{failures: 2}
 	srv := httptest.NewServer(hook)
 	defer srv.Close()
-	s := start(t, ctx, 4, false, "postgres", srv.URL)
+	s := start(t, ctx, false, "postgres", srv.URL)
 	room := s.openPortal(t, ctx, "ops")
 
 	const text = "deploy finished"
@@ -69,7 +69,7 @@ func TestWebhookDeliveryRetries(t *testing.T) {
 func TestWebhookAPIRejectsBadInput(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	s := start(t, ctx, 5, false, "postgres", "")
+	s := start(t, ctx, false, "postgres", "")
 	room := s.openPortal(t, ctx, "general")
 
 	post := func(token, contentType, body string) (int, string) {
@@ -144,7 +144,7 @@ func TestWebhookDeliveryGivesUpWithNotice(t *testing.T) {
 		w.WriteHeader(http.StatusForbidden)
 	}))
 	defer srv.Close()
-	s := start(t, ctx, 6, false, "postgres", srv.URL)
+	s := start(t, ctx, false, "postgres", srv.URL)
 	room := s.openPortal(t, ctx, "ops")
 
 	const text = "this one bounces"

@@ -8,5 +8,5 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT" || exit 1
 bash scripts/stack.sh up
 ./build.sh
-export UNWEDGE_STACK_ENV="$STACK_DIR/env"
+export UNWEDGE_STACK_ENV="$STACK_ENV"
 go run -tags goolm ./cmd/demo --dir "$UNWEDGE_HOME/demo" "$@"

@@ -6,7 +6,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT" || exit 1
 bash scripts/stack.sh up
 export UNWEDGE_REQUIRE_STACK=1
-export UNWEDGE_STACK_ENV="$STACK_DIR/env"
+export UNWEDGE_STACK_ENV="$STACK_ENV"
 unformatted=$(gofmt -l .)
 if [ -n "$unformatted" ]; then
 	echo "gofmt would change: $unformatted" >&2
@@ -16,4 +16,5 @@ go vet -tags goolm ./...
 staticcheck=$(go env GOPATH)/bin/staticcheck
 [ -x "$staticcheck" ] || go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
 "$staticcheck" -tags goolm ./...
-go test -tags goolm -count=1 -timeout 30m "$@" ./...
+# One package at a time: the end-to-end packages each run bridges and clients on 2 cores.
+go test -tags goolm -count=1 -p 1 -timeout 40m "$@" ./...

@@ -7,13 +7,11 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -21,7 +19,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/lib/pq"
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/appservice"
 	"maunium.net/go/mautrix/event"
@@ -60,7 +57,11 @@ func run(ctx context.Context, dir string, keep bool) error {
 	if err = os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	dbURI, err := freshDatabase(ctx, env.PostgresURI, "unwedge_demo")
+	// Every run starts from an empty bridge database.
+	if err = env.DropDatabase(ctx, "unwedge_demo"); err != nil {
+		return err
+	}
+	dbURI, err := env.CreateDatabase(ctx, "unwedge_demo")
 	if err != nil {
 		return err
 	}
@@ -229,28 +230,4 @@ func (es *echoService) wait(ctx context.Context) (webhook.OutgoingMessage, error
 
 func (es *echoService) Close() {
 	_ = es.server.Close()
-}
-
-// freshDatabase drops and recreates a database next to the stack's, so every demo run starts
-// from an empty bridge database.
-func freshDatabase(ctx context.Context, adminURI, name string) (string, error) {
-	db, err := sql.Open("postgres", adminURI)
-	if err != nil {
-		return "", err
-	}
-	defer db.Close()
-	for _, stmt := range []string{
-		"DROP DATABASE IF EXISTS " + pq.QuoteIdentifier(name) + " WITH (FORCE)",
-		"CREATE DATABASE " + pq.QuoteIdentifier(name),
-	} {
-		if _, err = db.ExecContext(ctx, stmt); err != nil {
-			return "", fmt.Errorf("failed to prepare demo database: %w", err)
-		}
-	}
-	u, err := url.Parse(adminURI)
-	if err != nil {
-		return "", err
-	}
-	u.Path = "/" + name
-	return u.String(), nil
 }

@@ -175,6 +175,9 @@ func (b *Bridge) signal(sig syscall.Signal, wait time.Duration) error {
 	}
 }
 
+// PickleKey is the key the bridge's crypto store pickles Olm state with (encryption.pickle_key).
+func (b *Bridge) PickleKey() string { return b.pickleKey }
+
 // LogTail returns the last n lines of the bridge's log.
 func (b *Bridge) LogTail(n int) string {
 	data, _ := os.ReadFile(b.LogPath)

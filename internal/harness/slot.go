@@ -4,11 +4,14 @@ package harness
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
+	"time"
 )
 
 // Slot is one appservice registration that scripts/synapse.sh registered with the homeserver.
@@ -63,4 +66,40 @@ func ReadEnvFile(path string) (map[string]string, error) {
 		vals[strings.TrimSpace(key)] = strings.TrimSpace(val)
 	}
 	return vals, scanner.Err()
+}
+
+// AcquireSlot takes a free slot below slotsDir for the caller's process, waiting while all are in
+// use by other tests, labs or commands. The slot is held with an advisory file lock until release.
+func AcquireSlot(ctx context.Context, slotsDir string) (*Slot, func(), error) {
+	entries, err := os.ReadDir(slotsDir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("failed to list slots: %w", err)
+	}
+	for {
+		for _, entry := range entries {
+			if !entry.IsDir() {
+				continue
+			}
+			dir := filepath.Join(slotsDir, entry.Name())
+			lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+			if err != nil {
+				return nil, nil, err
+			}
+			if err = syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+				_ = lock.Close()
+				continue
+			}
+			slot, err := LoadSlot(dir)
+			if err != nil {
+				_ = lock.Close()
+				return nil, nil, err
+			}
+			return slot, func() { _ = lock.Close() }, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, fmt.Errorf("no free slot in %s: %w", slotsDir, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }

@@ -198,21 +198,22 @@ func (e *Env) NewDatabase(t testing.TB) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	name := UniqueName("unwedge_test")
-	uri, err := e.createDatabase(ctx, name)
+	uri, err := e.CreateDatabase(ctx, name)
 	if err != nil {
 		t.Fatalf("failed to create test database: %v", err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if err := e.dropDatabase(ctx, name); err != nil {
+		if err := e.DropDatabase(ctx, name); err != nil {
 			t.Errorf("failed to drop test database %s: %v", name, err)
 		}
 	})
 	return uri
 }
 
-func (e *Env) createDatabase(ctx context.Context, name string) (string, error) {
+// CreateDatabase creates an empty database next to the stack's and returns its URI.
+func (e *Env) CreateDatabase(ctx context.Context, name string) (string, error) {
 	u, err := url.Parse(e.PostgresURI)
 	if err != nil {
 		return "", fmt.Errorf("failed to parse %s: %w", VarPostgresURI, err)
@@ -229,7 +230,8 @@ func (e *Env) createDatabase(ctx context.Context, name string) (string, error) {
 	return u.String(), nil
 }
 
-func (e *Env) dropDatabase(ctx context.Context, name string) error {
+// DropDatabase drops a database, closing its connections.
+func (e *Env) DropDatabase(ctx context.Context, name string) error {
 	db, err := sql.Open("postgres", e.PostgresURI)
 	if err != nil {
 		return fmt.Errorf("failed to open postgres: %w", err)

@@ -1,0 +1,150 @@
+// Command wedgelab runs the wedge lab (package lab) on the local stack and prints what each way
+// of wedging an Olm session costs, stock mautrix-go and unwedge side by side.
+//
+// Run it through scripts/wedgelab.sh, which brings up Postgres and Synapse first.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/unwedge/unwedge/internal/harness"
+	"github.com/unwedge/unwedge/internal/testenv"
+	"github.com/unwedge/unwedge/lab"
+)
+
+func main() {
+	quick := flag.Bool("quick", false, "small K and shorter waits")
+	jsonPath := flag.String("json", "", "also write the results as JSON to this path")
+	modeFlag := flag.String("mode", "both", "stock, unwedge or both")
+	only := flag.String("scenario", "", "comma-separated scenario names (default: all)")
+	k := flag.Int("k", 0, "messages per phase and direction (default 10, or 3 with --quick)")
+	parallel := flag.Int("parallel", 0, "scenarios at once (default 2)")
+	keep := flag.String("keep", "", "keep every run's bridge log, config and client files in this directory")
+	flag.Parse()
+
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	if err := run(ctx, *quick, *jsonPath, *modeFlag, *only, *k, *parallel, *keep); err != nil {
+		fmt.Fprintln(os.Stderr, "wedgelab:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, quick bool, jsonPath, modeFlag, only string, k, parallel int, keep string) error {
+	cfg := lab.FullConfig()
+	if quick {
+		cfg = lab.QuickConfig()
+	}
+	if k > 0 {
+		cfg.K = k
+	}
+	if parallel > 0 {
+		cfg.Parallel = parallel
+	}
+	modes, err := parseModes(modeFlag)
+	if err != nil {
+		return err
+	}
+	scenarios := lab.Scenarios
+	if only != "" {
+		scenarios = nil
+		for _, name := range strings.Split(only, ",") {
+			sc, ok := lab.ScenarioByName(strings.TrimSpace(name))
+			if !ok {
+				return fmt.Errorf("unknown scenario %q", name)
+			}
+			scenarios = append(scenarios, sc)
+		}
+	}
+	env, err := testenv.Load()
+	if err != nil {
+		return err
+	}
+	if keep != "" {
+		cfg.WorkDir = keep
+	} else if cfg.WorkDir, err = os.MkdirTemp("", "wedgelab-"); err != nil {
+		return err
+	} else {
+		defer os.RemoveAll(cfg.WorkDir)
+	}
+	if cfg.Binary, err = harness.BuildBridge(ctx, cfg.WorkDir); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "running %d scenarios (K=%d, %d at a time)...\n", len(scenarios), cfg.K, cfg.Parallel)
+	report := lab.Run(ctx, env, cfg, scenarios, modes)
+	printTable(os.Stdout, report, scenarios, modes)
+	if jsonPath != "" {
+		data, err := json.MarshalIndent(report, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err = os.WriteFile(jsonPath, append(data, '\n'), 0o644); err != nil {
+			return err
+		}
+	}
+	for _, res := range report.Scenarios {
+		if res.Error != "" {
+			return fmt.Errorf("scenario %s (%s) did not complete: %s", res.Name, res.Mode, res.Error)
+		}
+	}
+	return nil
+}
+
+func parseModes(s string) ([]lab.Mode, error) {
+	switch s {
+	case "both":
+		return []lab.Mode{lab.ModeStock, lab.ModeUnwedge}, nil
+	case "stock", "unwedge":
+		return []lab.Mode{lab.Mode(s)}, nil
+	}
+	return nil, fmt.Errorf("unknown mode %q (stock, unwedge or both)", s)
+}
+
+// printTable prints one row per scenario with the modes side by side.
+func printTable(out io.Writer, report *lab.Report, scenarios []*lab.Scenario, modes []lab.Mode) {
+	byKey := map[string]*lab.Result{}
+	for _, res := range report.Scenarios {
+		byKey[res.Name+"/"+string(res.Mode)] = res
+	}
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	header := "scenario"
+	for _, mode := range modes {
+		header += fmt.Sprintf("\t%s: bridged\tlost\tremote decrypted\tremote lost\thealed\tnew sessions\tfirst bridged", mode)
+	}
+	fmt.Fprintln(tw, header)
+	for _, sc := range scenarios {
+		row := sc.Name
+		for _, mode := range modes {
+			res, ok := byKey[sc.Name+"/"+string(mode)]
+			switch {
+			case !mode.Available():
+				row += "\tnot available\t\t\t\t\t\t"
+			case !ok || res.Error != "":
+				row += "\terror\t\t\t\t\t\t"
+			default:
+				first := "never"
+				if res.TimeToFirstBridgedMS >= 0 {
+					first = fmt.Sprintf("%d ms", res.TimeToFirstBridgedMS)
+				}
+				row += fmt.Sprintf("\t%d/%d\t%d\t%d/%d\t%d\t%t\t%d\t%s", res.Bridged, res.Sent, res.Lost,
+					res.RemoteDecrypted, res.RemoteSent, res.RemoteLost, res.Healed, res.ReplacementSessions, first)
+			}
+		}
+		fmt.Fprintln(tw, row)
+	}
+	_ = tw.Flush()
+	for _, res := range report.Scenarios {
+		if res.Error != "" {
+			fmt.Fprintf(out, "%s (%s): %s\n", res.Name, res.Mode, res.Error)
+		}
+	}
+}

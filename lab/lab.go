@@ -1,0 +1,95 @@
+// Package lab is the wedge lab: it drives the real local stack (Postgres, Synapse, the reference
+// bridge, E2EE test clients) through each way an Olm session between a user's device and the
+// bridge's device breaks, while the user keeps chatting in an encrypted portal, and measures what
+// reaches the other side in both directions.
+package lab
+
+import (
+	"time"
+)
+
+// Mode is how the bridge handles wedged sessions.
+type Mode string
+
+const (
+	// ModeStock is mautrix-go's own behaviour: the bridge binary without unwedge installed.
+	ModeStock Mode = "stock"
+	// ModeUnwedge is the bridge with the unwedge middleware.
+	ModeUnwedge Mode = "unwedge"
+)
+
+// Available reports whether the mode can run in this build.
+func (m Mode) Available() bool {
+	return m == ModeStock
+}
+
+// Config sets the size and timing of a lab run.
+type Config struct {
+	// K messages are sent in each direction while wedged, and K more after.
+	K int
+	// Deadline is how long after the last message the lab waits for stragglers (stock bridgev2
+	// gives up on an undecryptable event after about 25 s).
+	Deadline time.Duration
+	// HealWindow separates the wedged phase from the after phase.
+	HealWindow time.Duration
+	// Parallel scenarios run at once (each takes one bridge slot).
+	Parallel int
+	// Binary is the built reference bridge; WorkDir holds each run's bridge and client files.
+	Binary  string
+	WorkDir string
+}
+
+// QuickConfig is a small run for tests and --quick.
+func QuickConfig() Config {
+	return Config{K: 3, Deadline: 35 * time.Second, HealWindow: 4 * time.Second, Parallel: 2}
+}
+
+// FullConfig is the default run.
+func FullConfig() Config {
+	return Config{K: 10, Deadline: 40 * time.Second, HealWindow: 5 * time.Second, Parallel: 2}
+}
+
+// Result is one scenario in one mode. Its JSON keys are read by other checks: keep them stable
+// and add new keys rather than renaming.
+type Result struct {
+	Name string `json:"name"`
+	Mode Mode   `json:"mode"`
+	// Matrix -> remote: messages the wedged device sent, and how many reached the webhook.
+	Sent    int `json:"sent"`
+	Bridged int `json:"bridged"`
+	Lost    int `json:"lost"`
+	// Remote -> Matrix: messages posted on the webhook side, and how many the wedged device decrypted.
+	RemoteSent      int `json:"remote_sent"`
+	RemoteDecrypted int `json:"remote_decrypted"`
+	RemoteLost      int `json:"remote_lost"`
+	// Healed: every message the device sent after the wedge was bridged, with no human action.
+	Healed bool `json:"healed"`
+	// ReplacementSessions the bridge created with the wedged device after the wedge.
+	ReplacementSessions int `json:"replacement_sessions"`
+	// TimeToFirstBridgedMS is from the first message sent while wedged to the first message after
+	// it that reached the webhook; -1 when none did.
+	TimeToFirstBridgedMS int64 `json:"time_to_first_bridged_ms"`
+
+	// OlmFailures counts to-device events the bridge could not decrypt after the wedge.
+	OlmFailures int `json:"olm_failures"`
+	// BridgedWedged and BridgedAfter split Bridged by phase.
+	BridgedWedged int `json:"bridged_wedged"`
+	BridgedAfter  int `json:"bridged_after"`
+	// RemoteHealed: every remote message posted after the wedge was decrypted by the device.
+	RemoteHealed bool `json:"remote_healed"`
+	// OtherDevicesRemoteLost counts remote messages the user's healthy devices could not decrypt
+	// (many-devices only).
+	OtherDevicesRemoteLost int `json:"other_devices_remote_lost"`
+	// DurationMS is the scenario's wall time.
+	DurationMS int64 `json:"duration_ms"`
+	// Error is set when the scenario could not run to the end.
+	Error string `json:"error,omitempty"`
+}
+
+// Report is the lab's JSON output.
+type Report struct {
+	Scenarios []*Result `json:"scenarios"`
+	// UnavailableModes were asked for but cannot run in this build.
+	UnavailableModes []Mode `json:"unavailable_modes,omitempty"`
+	K                int    `json:"k"`
+}

@@ -1,0 +1,242 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/unwedge/unwedge/internal/testclient"
+	"github.com/unwedge/unwedge/internal/testenv"
+	"github.com/unwedge/unwedge/webhook"
+)
+
+// Run runs the scenarios in each available mode, Parallel at a time, and reports them in the
+// order of scenarios, then modes.
+func Run(ctx context.Context, env *testenv.Env, cfg Config, scenarios []*Scenario, modes []Mode) *Report {
+	report := &Report{K: cfg.K}
+	type job struct {
+		index    int
+		scenario *Scenario
+		mode     Mode
+	}
+	var jobs []job
+	for _, mode := range modes {
+		if !mode.Available() {
+			report.UnavailableModes = append(report.UnavailableModes, mode)
+		}
+	}
+	for _, scenario := range scenarios {
+		for _, mode := range modes {
+			if mode.Available() {
+				jobs = append(jobs, job{len(jobs), scenario, mode})
+			}
+		}
+	}
+	report.Scenarios = make([]*Result, len(jobs))
+	queue := make(chan job)
+	var wg sync.WaitGroup
+	for range max(cfg.Parallel, 1) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range queue {
+				report.Scenarios[j.index] = RunScenario(ctx, env, cfg, j.scenario, j.mode)
+			}
+		}()
+	}
+	for _, j := range jobs {
+		queue <- j
+	}
+	close(queue)
+	wg.Wait()
+	return report
+}
+
+// RunScenario runs one scenario in one mode from an empty bridge database to its result.
+func RunScenario(ctx context.Context, env *testenv.Env, cfg Config, sc *Scenario, mode Mode) *Result {
+	res := &Result{Name: sc.Name, Mode: mode, TimeToFirstBridgedMS: -1}
+	started := time.Now()
+	if err := runScenario(ctx, env, &cfg, sc, res); err != nil {
+		res.Error = err.Error()
+	}
+	res.DurationMS = time.Since(started).Milliseconds()
+	return res
+}
+
+func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenario, res *Result) error {
+	w, err := newWorld(ctx, env, cfg, fmt.Sprintf("%s-%s-%d", sc.Name, res.Mode, time.Now().UnixNano()), max(sc.Devices, 1))
+	if err != nil {
+		return fmt.Errorf("setup: %w", err)
+	}
+	defer w.Close()
+	stepCtx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	if err = w.Exchange(stepCtx, "warmup"); err != nil {
+		return fmt.Errorf("warm-up: %w", err)
+	}
+	if sc.Prepare != nil {
+		if err = sc.Prepare(stepCtx, w); err != nil {
+			return fmt.Errorf("prepare: %w", err)
+		}
+	}
+	// Traffic after the backup moves the Olm ratchets on in both directions.
+	for i := range 2 {
+		if err = w.Exchange(stepCtx, fmt.Sprintf("churn%d", i)); err != nil {
+			return fmt.Errorf("churn: %w", err)
+		}
+	}
+	wedgedAt := time.Now()
+	if err = sc.Wedge(stepCtx, w); err != nil {
+		return fmt.Errorf("wedge: %w", err)
+	}
+
+	// The bridge's next message starts a new Megolm session. Discarding it here, with the bridge
+	// stopped, sends nothing to the device, so the device speaks first after the wedge.
+	if err = w.discardBridgeOutboundSessions(stepCtx); err != nil {
+		return err
+	}
+	// While wedged: the device starts a new Megolm session, whose key must cross the broken Olm
+	// session, then the remote side talks and the bridge shares its new key with the device.
+	sendTimes := map[string]time.Time{}
+	if err = w.Wedged().RotateRoomKey(stepCtx, w.Room); err != nil {
+		return err
+	}
+	if err = w.sendMatrix(stepCtx, "wedged", cfg.K, sendTimes); err != nil {
+		return err
+	}
+	if err = w.postRemote(stepCtx, "remote-wedged", cfg.K); err != nil {
+		return err
+	}
+	sleep(ctx, cfg.HealWindow)
+	// After: the device keeps its Megolm session, as a real client would.
+	if err = w.sendMatrix(stepCtx, "after", cfg.K, sendTimes); err != nil {
+		return err
+	}
+	if err = w.postRemote(stepCtx, "remote-after", cfg.K); err != nil {
+		return err
+	}
+	w.waitForAll(ctx, cfg)
+	return w.measure(res, cfg.K, sendTimes, wedgedAt)
+}
+
+func (w *World) sendMatrix(ctx context.Context, phase string, k int, sendTimes map[string]time.Time) error {
+	for i := range k {
+		text := fmt.Sprintf("%s-%d", phase, i)
+		sendTimes[text] = time.Now()
+		if _, err := w.Wedged().SendText(ctx, w.Room, text); err != nil {
+			return fmt.Errorf("failed to send %s: %w", text, err)
+		}
+		sleep(ctx, 100*time.Millisecond)
+	}
+	return nil
+}
+
+func (w *World) postRemote(ctx context.Context, phase string, k int) error {
+	for i := range k {
+		text := fmt.Sprintf("%s-%d", phase, i)
+		if _, err := w.Remote.PostMessage(ctx, &webhook.PostMessageRequest{ChatID: chatID, Sender: "bob", Text: text}); err != nil {
+			return fmt.Errorf("failed to post %s: %w", text, err)
+		}
+		sleep(ctx, 100*time.Millisecond)
+	}
+	return nil
+}
+
+// waitForAll waits until every message arrived on both sides, or the deadline passes.
+func (w *World) waitForAll(ctx context.Context, cfg *Config) {
+	deadline := time.Now().Add(cfg.Deadline)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		if len(w.bridgedTexts()) == 2*cfg.K && w.remoteDecrypted(w.Wedged()) == 2*cfg.K {
+			return
+		}
+		sleep(ctx, 250*time.Millisecond)
+	}
+}
+
+func (w *World) bridgedTexts() map[string]time.Time {
+	out := map[string]time.Time{}
+	for text, at := range w.receiver.arrivals() {
+		if hasPrefixAny(text, "wedged-", "after-") {
+			out[text] = at
+		}
+	}
+	return out
+}
+
+func (w *World) remoteDecrypted(dev *testclient.Client) int {
+	n := 0
+	for _, evt := range dev.Messages(w.Room) {
+		if hasPrefixAny(evt.Content.AsMessage().Body, "remote-wedged-", "remote-after-") {
+			n++
+		}
+	}
+	return n
+}
+
+func (w *World) remoteAfterDecrypted(k int) bool {
+	n := 0
+	for _, evt := range w.Wedged().Messages(w.Room) {
+		if strings.HasPrefix(evt.Content.AsMessage().Body, "remote-after-") {
+			n++
+		}
+	}
+	return n == k
+}
+
+func (w *World) measure(res *Result, k int, sendTimes map[string]time.Time, wedgedAt time.Time) error {
+	bridged := w.bridgedTexts()
+	res.Sent, res.RemoteSent = 2*k, 2*k
+	res.Bridged = len(bridged)
+	res.Lost = res.Sent - res.Bridged
+	for text := range bridged {
+		if strings.HasPrefix(text, "wedged-") {
+			res.BridgedWedged++
+		} else {
+			res.BridgedAfter++
+		}
+	}
+	res.Healed = res.BridgedAfter == k
+	res.RemoteDecrypted = w.remoteDecrypted(w.Wedged())
+	res.RemoteLost = res.RemoteSent - res.RemoteDecrypted
+	res.RemoteHealed = w.remoteAfterDecrypted(k)
+	for _, dev := range w.Devices[1:] {
+		res.OtherDevicesRemoteLost += res.RemoteSent - w.remoteDecrypted(dev)
+	}
+
+	firstSent := sendTimes["wedged-0"]
+	var firstBridged time.Time
+	for _, at := range bridged {
+		if firstBridged.IsZero() || at.Before(firstBridged) {
+			firstBridged = at
+		}
+	}
+	if !firstBridged.IsZero() {
+		res.TimeToFirstBridgedMS = firstBridged.Sub(firstSent).Milliseconds()
+	}
+
+	entries, err := w.BridgeLog(wedgedAt)
+	if err != nil {
+		return fmt.Errorf("failed to read bridge log: %w", err)
+	}
+	device := string(w.Wedged().DeviceID())
+	for _, entry := range entries {
+		switch entry.str("message") {
+		case "Failed to decrypt to-device event":
+			res.OlmFailures++
+		case "Created new Olm session":
+			if entry.str("peer_device_id") == device {
+				res.ReplacementSessions++
+			}
+		}
+	}
+	return nil
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}

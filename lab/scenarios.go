@@ -1,0 +1,207 @@
+package lab
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/lib/pq"
+	"maunium.net/go/mautrix/crypto/goolm/account"
+)
+
+// Scenario is one way an Olm session between the user's device and the bridge breaks.
+type Scenario struct {
+	Name        string
+	Description string
+	// Devices the user has; the first is the one that wedges. Zero means one.
+	Devices int
+	// Prepare runs once the portal works, before more traffic (for example, taking a backup).
+	Prepare func(ctx context.Context, w *World) error
+	// Wedge breaks the session, after traffic has moved the ratchets on since Prepare.
+	Wedge func(ctx context.Context, w *World) error
+}
+
+// Scenarios are the lab's scenarios, in the order they are reported.
+var Scenarios = []*Scenario{
+	{
+		Name:        "bridge-restored-from-backup",
+		Description: "the bridge's crypto tables go back to a backup while the client kept going",
+		Prepare:     snapshotBridgeCrypto,
+		Wedge:       restoreBridgeCrypto,
+	},
+	{
+		Name:        "client-restored-from-backup",
+		Description: "the client restores its crypto state from an earlier backup (riot-web#3822)",
+		Prepare: func(ctx context.Context, w *World) error {
+			return w.Wedged().Snapshot(ctx, filepath.Join(w.Dir, "client-backup.db"))
+		},
+		Wedge: func(ctx context.Context, w *World) error {
+			return w.Wedged().Restore(ctx, filepath.Join(w.Dir, "client-backup.db"))
+		},
+	},
+	{
+		Name:        "expired-one-time-key",
+		Description: "the client opens a new session with a one-time key the bridge no longer has (riot-web#3309)",
+		Wedge:       expireOneTimeKeys,
+	},
+	{
+		Name:        "bridge-session-lost",
+		Description: "the bridge's Olm session row for the device is gone; the client keeps using its side",
+		Wedge:       deleteBridgeSessions,
+	},
+	{
+		Name:        "corrupt-session",
+		Description: "the bridge's stored Olm session for the device cannot be unpickled",
+		Wedge:       corruptBridgeSessions,
+	},
+	{
+		Name:        "many-devices",
+		Description: "the user has three devices; only the first one's session is lost",
+		Devices:     3,
+		Wedge:       deleteBridgeSessions,
+	},
+}
+
+// ScenarioByName finds a scenario.
+func ScenarioByName(name string) (*Scenario, bool) {
+	for _, s := range Scenarios {
+		if s.Name == name {
+			return s, true
+		}
+	}
+	return nil, false
+}
+
+const snapshotPrefix = "lab_snapshot_"
+
+// cryptoTables lists the bridge's crypto store tables (mautrix-go's crypto_*).
+func cryptoTables(ctx context.Context, w *World) ([]string, error) {
+	db, err := sql.Open("postgres", w.DBURI)
+	if err != nil {
+		return nil, err
+	}
+	defer db.Close()
+	rows, err := db.QueryContext(ctx, `SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'crypto\_%' ORDER BY tablename`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var tables []string
+	for rows.Next() {
+		var name string
+		if err = rows.Scan(&name); err != nil {
+			return nil, err
+		}
+		tables = append(tables, name)
+	}
+	if len(tables) == 0 {
+		return nil, fmt.Errorf("no crypto tables in the bridge's database")
+	}
+	return tables, rows.Err()
+}
+
+// snapshotBridgeCrypto is the backup: a copy of every crypto table, taken with the bridge stopped.
+func snapshotBridgeCrypto(ctx context.Context, w *World) error {
+	tables, err := cryptoTables(ctx, w)
+	if err != nil {
+		return err
+	}
+	return w.WithBridgeStopped(ctx, func() error {
+		stmts := make([]string, len(tables))
+		for i, table := range tables {
+			stmts[i] = fmt.Sprintf("CREATE TABLE %s AS SELECT * FROM %s", pq.QuoteIdentifier(snapshotPrefix+table), pq.QuoteIdentifier(table))
+		}
+		return w.SQL(ctx, stmts...)
+	})
+}
+
+// restoreBridgeCrypto puts the backup back: Olm ratchets, one-time keys, Megolm sessions and the
+// sync token all go back in time; the rest of the bridge's database is kept.
+func restoreBridgeCrypto(ctx context.Context, w *World) error {
+	tables, err := cryptoTables(ctx, w)
+	if err != nil {
+		return err
+	}
+	return w.WithBridgeStopped(ctx, func() error {
+		quoted := make([]string, len(tables))
+		for i, table := range tables {
+			quoted[i] = pq.QuoteIdentifier(table)
+		}
+		stmts := []string{"TRUNCATE " + strings.Join(quoted, ", ")}
+		for i, table := range tables {
+			stmts = append(stmts, fmt.Sprintf("INSERT INTO %s SELECT * FROM %s", quoted[i], pq.QuoteIdentifier(snapshotPrefix+table)))
+		}
+		return w.SQL(ctx, stmts...)
+	})
+}
+
+func deleteBridgeSessions(ctx context.Context, w *World) error {
+	return w.WithBridgeStopped(ctx, func() error {
+		return w.SQL(ctx, fmt.Sprintf("DELETE FROM crypto_olm_session WHERE sender_key = %s", pq.QuoteLiteral(string(w.Wedged().IdentityKey()))))
+	})
+}
+
+func corruptBridgeSessions(ctx context.Context, w *World) error {
+	return w.WithBridgeStopped(ctx, func() error {
+		return w.SQL(ctx, fmt.Sprintf("UPDATE crypto_olm_session SET session = convert_to('not an olm pickle', 'UTF8') WHERE sender_key = %s",
+			pq.QuoteLiteral(string(w.Wedged().IdentityKey()))))
+	})
+}
+
+// expireOneTimeKeys makes the bridge forget the private halves of every one-time key it has
+// published (they stay on the server), then makes the client drop its sessions with the bridge,
+// so that the client's next to-device message opens a session with a key the bridge lacks.
+func expireOneTimeKeys(ctx context.Context, w *World) error {
+	bridgeDevice, err := w.BridgeDevice(ctx)
+	if err != nil {
+		return err
+	}
+	err = w.WithBridgeStopped(ctx, func() error {
+		db, err := sql.Open("postgres", w.DBURI)
+		if err != nil {
+			return err
+		}
+		defer db.Close()
+		var accountID string
+		var pickled []byte
+		if err = db.QueryRowContext(ctx, "SELECT account_id, account FROM crypto_account").Scan(&accountID, &pickled); err != nil {
+			return fmt.Errorf("failed to read the bridge's account: %w", err)
+		}
+		key := []byte(w.Bridge.PickleKey())
+		acc, err := account.AccountFromPickled(pickled, key)
+		if err != nil {
+			return fmt.Errorf("failed to unpickle the bridge's account: %w", err)
+		}
+		if len(acc.OTKeys) == 0 {
+			return fmt.Errorf("the bridge's account has no one-time keys to expire")
+		}
+		acc.OTKeys = nil
+		if pickled, err = acc.Pickle(key); err != nil {
+			return err
+		}
+		_, err = db.ExecContext(ctx, "UPDATE crypto_account SET account = $1 WHERE account_id = $2", pickled, accountID)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	client := w.Wedged()
+	store := client.Machine().CryptoStore
+	sessions, err := store.GetSessions(ctx, bridgeDevice.IdentityKey)
+	if err != nil {
+		return err
+	}
+	for _, sess := range sessions {
+		if err = store.DeleteSession(ctx, bridgeDevice.IdentityKey, sess); err != nil {
+			return err
+		}
+	}
+	// The crypto store caches Olm sessions: reload the client from its own database.
+	reload := filepath.Join(w.Dir, "client-reload.db")
+	if err = client.Snapshot(ctx, reload); err != nil {
+		return err
+	}
+	return client.Restore(ctx, reload)
+}
