@@ -3,19 +3,28 @@ package webhook
 import (
 	_ "embed"
 	"errors"
+	"fmt"
 	"time"
 
 	up "go.mau.fi/util/configupgrade"
+
+	unwedgebridge "github.com/unwedge/unwedge/bridge"
+	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
 //go:embed example-config.yaml
-var ExampleConfig string
+var networkExample string
+
+// ExampleConfig is the `network:` section of the example config: the webhook network's options
+// and the `unwedge:` block.
+var ExampleConfig = networkExample + unwedgebridge.ExampleConfig
 
 // Config is the `network:` section of the bridge config.
 type Config struct {
 	MaxBodyBytes int64          `yaml:"max_body_bytes"`
 	MaxTextBytes int            `yaml:"max_text_bytes"`
 	Delivery     DeliveryConfig `yaml:"delivery"`
+	Unwedge      unwedge.Config `yaml:"unwedge"`
 }
 
 // DeliveryConfig controls delivery of Matrix messages to outgoing webhooks.
@@ -33,6 +42,7 @@ func upgradeConfig(helper up.Helper) {
 	helper.Copy(up.Int, "delivery", "max_attempts")
 	helper.Copy(up.Str, "delivery", "min_backoff")
 	helper.Copy(up.Str, "delivery", "max_backoff")
+	unwedgebridge.UpgradeConfig(helper, "unwedge")
 }
 
 // Validate reports the first invalid option.
@@ -48,6 +58,10 @@ func (c *Config) Validate() error {
 		return errors.New("network.delivery.max_attempts must be at least 1")
 	case c.Delivery.MinBackoff <= 0 || c.Delivery.MaxBackoff < c.Delivery.MinBackoff:
 		return errors.New("network.delivery.min_backoff must be positive and not above max_backoff")
+	case c.Unwedge.Enabled:
+		if err := c.Unwedge.Validate(); err != nil {
+			return fmt.Errorf("network.%w", err)
+		}
 	}
 	return nil
 }

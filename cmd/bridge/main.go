@@ -5,6 +5,7 @@ package main
 import (
 	"maunium.net/go/mautrix/bridgev2/matrix/mxmain"
 
+	"github.com/unwedge/unwedge/bridge"
 	"github.com/unwedge/unwedge/webhook"
 )
 
@@ -16,12 +17,16 @@ var (
 )
 
 func main() {
+	connector := &webhook.Connector{}
 	m := mxmain.BridgeMain{
 		Name:        "unwedge-webhook",
 		Description: "A Matrix-webhook bridge with self-healing end-to-bridge encryption.",
 		URL:         "https://github.com/unwedge/unwedge",
 		Version:     "0.1.0",
-		Connector:   &webhook.Connector{},
+		Connector:   connector,
+	}
+	m.PostInit = func() {
+		bridge.Install(&m, &connector.Config.Unwedge)
 	}
 	m.InitVersion(Tag, Commit, BuildTime)
 	m.Run()

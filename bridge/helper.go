@@ -1,0 +1,293 @@
+package bridge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/bridgev2"
+	"maunium.net/go/mautrix/bridgev2/matrix"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/database"
+)
+
+// Helper is the bridge's encryption helper with unwedge in it. It implements matrix.Crypto on an
+// OlmMachine built over an unwedge.Store, in place of mautrix-go's matrix.CryptoHelper (whose
+// machine and store cannot be reached), and routes every to-device event through the Unwedger.
+type Helper struct {
+	conn *matrix.Connector
+	cfg  unwedge.Config
+	log  zerolog.Logger
+
+	store    *matrix.SQLCryptoStore
+	db       *database.UnwedgeDB
+	client   *mautrix.Client
+	mach     *crypto.OlmMachine
+	unwedger *unwedge.Unwedger
+
+	lock       sync.RWMutex
+	cancelSync context.CancelFunc
+	syncDone   sync.WaitGroup
+}
+
+var _ matrix.Crypto = (*Helper)(nil)
+
+// NewHelper makes the helper; Init (called by the Matrix connector) sets it up.
+func NewHelper(conn *matrix.Connector, cfg unwedge.Config) *Helper {
+	return &Helper{conn: conn, cfg: cfg, log: conn.Log.With().Str("component", "crypto").Logger()}
+}
+
+// Unwedger is the middleware, once Init has run.
+func (h *Helper) Unwedger() *unwedge.Unwedger { return h.unwedger }
+
+// Ledger is unwedge's heal ledger, once Init has run.
+func (h *Helper) Ledger() *database.LedgerQuery { return h.db.Ledger }
+
+// Machine is the OlmMachine, once Init has run.
+func (h *Helper) Machine() *crypto.OlmMachine { return h.mach }
+
+func (h *Helper) Init(ctx context.Context) error {
+	cfg := h.conn.Config
+	if cfg.Encryption.PickleKey == "" {
+		return errors.New("encryption.pickle_key is not set")
+	}
+	br := h.conn.Bridge
+	dbLog := func(section string) dbutil.DatabaseLogger {
+		return dbutil.ZeroLogger(h.conn.Log.With().Str("db_section", section).Logger())
+	}
+	ghostPattern := fmt.Sprintf("@%s:%s", strings.ReplaceAll(cfg.AppService.FormatUsername("%"), "_", `\_`), h.conn.AS.HomeserverDomain)
+	h.store = matrix.NewSQLCryptoStore(br.DB.Database, dbLog("crypto"), string(br.ID), h.conn.AS.BotMXID(), ghostPattern, cfg.Encryption.PickleKey)
+	if err := h.store.DB.Upgrade(ctx); err != nil {
+		return bridgev2.DBUpgradeError{Section: "crypto", Err: err}
+	}
+	h.db = database.NewUnwedgeDB(string(br.ID), br.DB.Database, dbLog("unwedge"))
+	if err := h.db.Upgrade(ctx); err != nil {
+		return bridgev2.DBUpgradeError{Section: "unwedge", Err: err}
+	}
+	var err error
+	if h.client, err = h.loginBot(ctx); err != nil {
+		return err
+	}
+	h.log.Debug().Stringer("device_id", h.client.DeviceID).Msg("Logged in as bridge bot")
+
+	h.mach = crypto.NewOlmMachine(h.client, &h.log, unwedge.NewStore(h.store), h.conn.StateStore)
+	h.configureMachine()
+	h.client.Store = h.store
+	h.client.Syncer = &syncer{helper: h}
+	if err = h.mach.Load(ctx); err != nil {
+		return fmt.Errorf("failed to load olm account: %w", err)
+	}
+	if err = h.mach.ShareKeys(ctx, -1); err != nil {
+		return fmt.Errorf("failed to share device keys: %w", err)
+	}
+
+	hostname, _ := os.Hostname()
+	owner := fmt.Sprintf("%s/%d/%d", hostname, os.Getpid(), time.Now().UnixNano())
+	repairer := &unwedge.SQLRepairer{DB: h.store.DB, AccountID: string(br.ID), PickleKey: []byte(cfg.Encryption.PickleKey)}
+	h.unwedger, err = unwedge.New(h.cfg, h.mach, h.db.Ledger, NewScope(br, h.conn.StateStore, h.cfg.Scope), repairer, owner, h.log)
+	if err != nil {
+		return err
+	}
+	if cfg.Encryption.Appservice {
+		h.log.Debug().Msg("End-to-bridge encryption in appservice mode: to-device events come in transactions")
+		h.conn.AS.Registration.EphemeralEvents = true
+		h.mach.AddAppserviceListener(&transactionListener{EventProcessor: h.conn.EventProcessor, unwedger: h.unwedger})
+		h.conn.EventProcessor.On(event.StateHistoryVisibility, h.mach.HandleHistoryVisibility)
+	}
+	return nil
+}
+
+func (h *Helper) configureMachine() {
+	enc := h.conn.Config.Encryption
+	h.mach.DisableSharedGroupSessionTracking = true
+	h.mach.AllowKeyShare = h.allowKeyShare
+	h.mach.SendKeysMinTrust = enc.VerificationLevels.Receive
+	h.mach.PlaintextMentions = enc.PlaintextMentions
+	h.mach.DeleteOutboundKeysOnAck = enc.DeleteKeys.DeleteOutboundOnAck
+	h.mach.DontStoreOutboundKeys = enc.DeleteKeys.DontStoreOutbound
+	h.mach.RatchetKeysOnDecrypt = enc.DeleteKeys.RatchetOnDecrypt
+	h.mach.DeleteFullyUsedKeysOnDecrypt = enc.DeleteKeys.DeleteFullyUsedOnDecrypt
+	h.mach.DeletePreviousKeysOnReceive = enc.DeleteKeys.DeletePrevOnNewSession
+	h.mach.DeleteKeysOnDeviceDelete = enc.DeleteKeys.DeleteOnDeviceDelete
+	h.mach.DisableDeviceChangeKeyRotation = enc.Rotation.DisableDeviceChangeKeyRotation
+}
+
+// allowKeyShare answers key requests for portal rooms from devices of users logged in to the
+// bridge, when key sharing is allowed and the device is trusted enough.
+func (h *Helper) allowKeyShare(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
+	enc := h.conn.Config.Encryption
+	if !enc.AllowKeySharing {
+		return &crypto.KeyShareRejectNoResponse
+	} else if device.Trust == id.TrustStateBlacklisted {
+		return &crypto.KeyShareRejectBlacklisted
+	} else if trust, _ := h.mach.ResolveTrustContext(ctx, device); trust < enc.VerificationLevels.Share {
+		return &crypto.KeyShareRejectUnverified
+	}
+	portal, err := h.conn.Bridge.GetPortalByMXID(ctx, info.RoomID)
+	if err != nil || portal == nil {
+		return &crypto.KeyShareRejection{Code: event.RoomKeyWithheldUnavailable, Reason: "Requested room is not a portal room"}
+	}
+	user, err := h.conn.Bridge.GetExistingUserByMXID(ctx, device.UserID)
+	if err != nil || user == nil || len(user.GetUserLoginIDs()) == 0 {
+		return &crypto.KeyShareRejection{Code: event.RoomKeyWithheldUnauthorized, Reason: "Not a user of this bridge"}
+	}
+	return nil
+}
+
+// loginBot creates or reuses the bot's device, with MSC4190 or appservice login like the stock helper.
+func (h *Helper) loginBot(ctx context.Context) (*mautrix.Client, error) {
+	deviceID, err := h.store.FindDeviceID(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("failed to find existing device ID: %w", err)
+	}
+	client := h.conn.AS.NewMautrixClient(h.conn.AS.BotMXID())
+	name := fmt.Sprintf("%s bridge", h.conn.Bridge.Network.GetName().DisplayName)
+	if h.conn.Config.Encryption.MSC4190 {
+		if err = client.CreateDeviceMSC4190(ctx, deviceID, name); err != nil {
+			return nil, fmt.Errorf("failed to create device for bridge bot: %w", err)
+		}
+	} else {
+		_, err = client.Login(ctx, &mautrix.ReqLogin{
+			Type:                     mautrix.AuthTypeAppservice,
+			Identifier:               mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: string(h.conn.AS.BotMXID())},
+			DeviceID:                 deviceID,
+			StoreCredentials:         true,
+			InitialDeviceDisplayName: name,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("failed to log in as bridge bot: %w", err)
+		}
+	}
+	h.store.DeviceID = client.DeviceID
+	return client, nil
+}
+
+func (h *Helper) Start() {
+	if h.conn.Config.Encryption.Appservice {
+		return
+	}
+	h.syncDone.Add(1)
+	defer h.syncDone.Done()
+	var ctx context.Context
+	ctx, h.cancelSync = context.WithCancel(h.log.WithContext(context.Background()))
+	h.log.Debug().Msg("Starting syncer for receiving to-device messages")
+	if err := h.client.SyncWithContext(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		h.log.WithLevel(zerolog.FatalLevel).Err(err).Msg("Fatal error syncing")
+		os.Exit(51)
+	}
+}
+
+func (h *Helper) Stop() {
+	if h.client != nil {
+		h.client.StopSync()
+	}
+	if h.cancelSync != nil {
+		h.cancelSync()
+	}
+	h.syncDone.Wait()
+	if h.unwedger != nil {
+		h.unwedger.Stop()
+	}
+}
+
+// Reset throws the bot's device and Olm state away and starts over, as the stock helper does
+// when the device's keys vanished from the server.
+func (h *Helper) Reset(ctx context.Context, startAfterReset bool) error {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	h.Stop()
+	for _, table := range []string{"crypto_account", "crypto_olm_session", "crypto_megolm_outbound_session"} {
+		if _, err := h.store.DB.Exec(ctx, "DELETE FROM "+table); err != nil {
+			h.log.Warn().Err(err).Str("table", table).Msg("Failed to clear crypto table")
+		}
+	}
+	if _, err := h.client.LogoutAll(ctx); err != nil {
+		h.log.Warn().Err(err).Msg("Failed to log out all devices")
+	}
+	if err := h.Init(ctx); err != nil {
+		return fmt.Errorf("failed to reinitialize encryption: %w", err)
+	}
+	if startAfterReset {
+		go h.Start()
+	}
+	return nil
+}
+
+func (h *Helper) Client() *mautrix.Client { return h.client }
+
+func (h *Helper) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
+	return h.mach.DecryptMegolmEvent(ctx, evt)
+}
+
+func (h *Helper) Encrypt(ctx context.Context, roomID id.RoomID, evtType event.Type, content *event.Content) error {
+	h.lock.RLock()
+	defer h.lock.RUnlock()
+	encrypted, err := h.mach.EncryptMegolmEvent(ctx, roomID, evtType, content)
+	if errors.Is(err, crypto.ErrSessionExpired) || errors.Is(err, crypto.ErrSessionNotShared) || errors.Is(err, crypto.ErrNoGroupSession) {
+		users, err := h.store.GetRoomJoinedOrInvitedMembers(ctx, roomID)
+		if err != nil {
+			return fmt.Errorf("failed to get room member list: %w", err)
+		} else if err = h.mach.ShareGroupSession(ctx, roomID, users); err != nil {
+			return fmt.Errorf("failed to share group session: %w", err)
+		}
+		encrypted, err = h.mach.EncryptMegolmEvent(ctx, roomID, evtType, content)
+		if err != nil {
+			return fmt.Errorf("failed to encrypt event after sharing group session: %w", err)
+		}
+	} else if err != nil {
+		return err
+	}
+	content.Parsed, content.Raw = encrypted, nil
+	return nil
+}
+
+func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, timeout time.Duration) bool {
+	h.lock.RLock()
+	defer h.lock.RUnlock()
+	return h.mach.WaitForSession(ctx, roomID, senderKey, sessionID, timeout)
+}
+
+func (h *Helper) RequestSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, userID id.UserID, deviceID id.DeviceID) {
+	h.lock.RLock()
+	defer h.lock.RUnlock()
+	if deviceID == "" {
+		deviceID = "*"
+	}
+	log := h.log.With().Stringer("user_id", userID).Stringer("device_id", deviceID).Stringer("session_id", sessionID).Stringer("room_id", roomID).Logger()
+	if err := h.mach.SendRoomKeyRequest(ctx, roomID, senderKey, sessionID, "", map[id.UserID][]id.DeviceID{userID: {deviceID}}); err != nil {
+		log.Warn().Err(err).Msg("Failed to send key request")
+	} else {
+		log.Debug().Msg("Sent key request")
+	}
+}
+
+func (h *Helper) ResetSession(ctx context.Context, roomID id.RoomID) {
+	h.lock.RLock()
+	defer h.lock.RUnlock()
+	if err := h.mach.CryptoStore.RemoveOutboundGroupSession(ctx, roomID); err != nil {
+		h.log.Debug().Err(err).Stringer("room_id", roomID).Msg("Failed to remove outbound group session")
+	}
+}
+
+func (h *Helper) HandleMemberEvent(ctx context.Context, evt *event.Event) {
+	h.lock.RLock()
+	defer h.lock.RUnlock()
+	h.mach.HandleMemberEvent(ctx, evt)
+}
+
+func (h *Helper) ShareKeys(ctx context.Context) error {
+	return h.mach.ShareKeys(ctx, -1)
+}
+
+func (h *Helper) BeeperStreamPublisher() bridgev2.BeeperStreamPublisher { return nil }

@@ -1,0 +1,85 @@
+package unwedge
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// ScopeMode says whose devices are healed.
+type ScopeMode string
+
+const (
+	// ScopeLoggedIn heals devices of Matrix users that are logged in to the bridge (have a user login).
+	ScopeLoggedIn ScopeMode = "logged_in"
+	// ScopePortalMembers heals devices of users who share a portal room with the bridge.
+	ScopePortalMembers ScopeMode = "portal_members"
+	// ScopeEveryone heals any device that sends the bridge an undecryptable Olm message.
+	ScopeEveryone ScopeMode = "everyone"
+)
+
+// Config is the `unwedge:` block of the bridge config.
+type Config struct {
+	Enabled bool `yaml:"enabled"`
+	// MinInterval is MSC1719's limit: at most one new session per device per interval (1 hour).
+	MinInterval time.Duration `yaml:"min_interval"`
+	Scope       ScopeMode     `yaml:"scope"`
+	// MaxRetries bounds attempts of one heal on transient failures (homeserver unreachable,
+	// 5xx, timeouts); the backoff doubles from MinBackoff up to MaxBackoff.
+	MaxRetries int           `yaml:"max_retries"`
+	MinBackoff time.Duration `yaml:"min_backoff"`
+	MaxBackoff time.Duration `yaml:"max_backoff"`
+	// Lease is how long a heal holds a device against other goroutines and replicas; a process
+	// that dies mid-heal frees the device after it.
+	Lease time.Duration `yaml:"lease"`
+	// HistoryRetention is how long heal records are kept.
+	HistoryRetention time.Duration `yaml:"history_retention"`
+}
+
+// DefaultConfig is the configuration example-config.yaml documents.
+func DefaultConfig() Config {
+	return Config{
+		Enabled:          true,
+		MinInterval:      time.Hour,
+		Scope:            ScopeLoggedIn,
+		MaxRetries:       6,
+		MinBackoff:       time.Second,
+		MaxBackoff:       time.Minute,
+		Lease:            2 * time.Minute,
+		HistoryRetention: 30 * 24 * time.Hour,
+	}
+}
+
+// Validate reports every invalid option at once, naming the config keys.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.MinInterval <= 0 {
+		errs = append(errs, errors.New("unwedge.min_interval must be positive (MSC1719 uses 1h)"))
+	}
+	switch c.Scope {
+	case ScopeLoggedIn, ScopePortalMembers, ScopeEveryone:
+	default:
+		errs = append(errs, fmt.Errorf("unwedge.scope must be logged_in, portal_members or everyone, not %q", c.Scope))
+	}
+	if c.MaxRetries < 1 {
+		errs = append(errs, errors.New("unwedge.max_retries must be at least 1"))
+	}
+	if c.MinBackoff <= 0 || c.MaxBackoff < c.MinBackoff {
+		errs = append(errs, errors.New("unwedge.min_backoff must be positive and not above unwedge.max_backoff"))
+	}
+	if c.Lease < 10*time.Second {
+		errs = append(errs, errors.New("unwedge.lease must be at least 10s"))
+	}
+	if c.HistoryRetention < c.MinInterval {
+		errs = append(errs, errors.New("unwedge.history_retention must not be shorter than unwedge.min_interval"))
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Config) backoff(attempt int) time.Duration {
+	wait := c.MinBackoff
+	for i := 1; i < attempt && wait < c.MaxBackoff; i++ {
+		wait *= 2
+	}
+	return min(wait, c.MaxBackoff)
+}

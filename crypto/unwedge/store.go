@@ -1,0 +1,148 @@
+package unwedge
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/id"
+)
+
+// Store decorates the bridge's crypto.Store. The OlmMachine asks its store whether and which Olm
+// session to use, and tells it what it decrypted; Store uses that to
+//   - see how each Olm to-device event ended (decrypted, replayed, unreadable session), through an
+//     observation that HandleToDevice puts in the context,
+//   - make SendEncryptedToDevice create a new outbound session during a heal (a heal in the
+//     context makes HasSession false until the new session exists, and then returns only it),
+//   - switch off mautrix-go's built-in unwedge: GetNewestSessionCreationTS is called only by it,
+//     and answering "now" makes it stand down, so a wedge never gets a second session from it.
+//
+// Without such a context value every call goes to the wrapped store unchanged.
+type Store struct {
+	crypto.Store
+}
+
+// NewStore wraps a crypto store.
+func NewStore(inner crypto.Store) *Store {
+	return &Store{Store: inner}
+}
+
+// GetNewestSessionCreationTS is only called by mautrix-go's built-in unwedge (checked in
+// mautrix-go v0.31.0): "a session was just created" makes it stand down, so unwedge decides alone.
+func (s *Store) GetNewestSessionCreationTS(ctx context.Context, key id.SenderKey) (time.Time, error) {
+	return time.Now(), nil
+}
+
+func (s *Store) HasSession(ctx context.Context, key id.SenderKey) bool {
+	if h := healFrom(ctx, key); h != nil {
+		return h.session() != nil
+	}
+	return s.Store.HasSession(ctx, key)
+}
+
+func (s *Store) GetLatestSession(ctx context.Context, key id.SenderKey) (*crypto.OlmSession, error) {
+	if h := healFrom(ctx, key); h != nil {
+		// Only the replacement session: if no one-time key could be claimed, SendEncryptedToDevice
+		// fails instead of sending m.dummy over the broken session.
+		return h.session(), nil
+	}
+	return s.Store.GetLatestSession(ctx, key)
+}
+
+func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypto.OlmSession) error {
+	err := s.Store.AddSession(ctx, key, session)
+	if err != nil {
+		return err
+	}
+	if h := healFrom(ctx, key); h != nil {
+		h.setSession(session)
+	} else if obs := observationFrom(ctx); obs != nil {
+		obs.newInbound = true
+	}
+	return nil
+}
+
+func (s *Store) GetSessions(ctx context.Context, key id.SenderKey) (crypto.OlmSessionList, error) {
+	sessions, err := s.Store.GetSessions(ctx, key)
+	if obs := observationFrom(ctx); obs != nil {
+		obs.sessionsRead = true
+		obs.sessionCount = len(sessions)
+		obs.sessionsErr = err
+	}
+	return sessions, err
+}
+
+func (s *Store) GetOlmHash(ctx context.Context, hash [32]byte) (time.Time, error) {
+	at, err := s.Store.GetOlmHash(ctx, hash)
+	if obs := observationFrom(ctx); obs != nil && obs.hash == hash && err == nil && !at.IsZero() {
+		obs.duplicate = true
+	}
+	return at, err
+}
+
+func (s *Store) PutOlmHash(ctx context.Context, hash [32]byte, at time.Time) error {
+	if obs := observationFrom(ctx); obs != nil && obs.hash == hash {
+		obs.decrypted = true
+	}
+	return s.Store.PutOlmHash(ctx, hash, at)
+}
+
+type contextKey int
+
+const (
+	observationKey contextKey = iota
+	healKey
+)
+
+// observation collects what the store saw while the machine handled one Olm ciphertext.
+// The machine handles one to-device event at a time under its Olm lock, so no locking is needed.
+type observation struct {
+	hash         [32]byte
+	duplicate    bool
+	decrypted    bool
+	newInbound   bool
+	sessionsRead bool
+	sessionCount int
+	sessionsErr  error
+}
+
+func withObservation(ctx context.Context, obs *observation) context.Context {
+	return context.WithValue(ctx, observationKey, obs)
+}
+
+func observationFrom(ctx context.Context) *observation {
+	obs, _ := ctx.Value(observationKey).(*observation)
+	return obs
+}
+
+// healContext marks a heal of one device: the machine must create a new session with it.
+type healContext struct {
+	key     id.SenderKey
+	lock    sync.Mutex
+	created *crypto.OlmSession
+}
+
+func (h *healContext) session() *crypto.OlmSession {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	return h.created
+}
+
+func (h *healContext) setSession(sess *crypto.OlmSession) {
+	h.lock.Lock()
+	h.created = sess
+	h.lock.Unlock()
+}
+
+func withHeal(ctx context.Context, h *healContext) context.Context {
+	return context.WithValue(ctx, healKey, h)
+}
+
+func healFrom(ctx context.Context, key id.SenderKey) *healContext {
+	h, _ := ctx.Value(healKey).(*healContext)
+	if h == nil || h.key != key {
+		return nil
+	}
+	return h
+}

@@ -1,0 +1,173 @@
+package unwedge
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/database"
+)
+
+// Ledger records the replacement sessions unwedge creates and decides, atomically across
+// goroutines, restarts and replicas, whether a device may get a new one now.
+// database.LedgerQuery implements it on Postgres and SQLite.
+type Ledger interface {
+	Acquire(ctx context.Context, dev database.LedgerDevice, p database.AcquireParams) (*database.Grant, error)
+	RenewLease(ctx context.Context, dev database.LedgerDevice, owner string, until time.Time) error
+	SessionCreated(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, sessionID id.SessionID, at time.Time) error
+	Finish(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, outcome database.HealOutcome, attempts int, healErr string, at time.Time) error
+}
+
+// Scope decides whose devices are healed.
+type Scope interface {
+	InScope(ctx context.Context, userID id.UserID) (bool, error)
+}
+
+// Repairer removes stored Olm sessions with a sender key that cannot be loaded, so that the
+// replacement session is not hidden behind them.
+type Repairer interface {
+	DeleteUnreadableSessions(ctx context.Context, key id.SenderKey) (int, error)
+}
+
+// Unwedger is the middleware between the bridge's to-device transport and its OlmMachine: it
+// hands every Olm event to the machine, classifies failures, and heals wedged sessions.
+type Unwedger struct {
+	cfg      Config
+	mach     *crypto.OlmMachine
+	ledger   Ledger
+	scope    Scope
+	repairer Repairer
+	owner    string
+	log      zerolog.Logger
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	heals  sync.WaitGroup
+	// healing holds the sender keys with a heal running in this process, so a burst of failures
+	// from one device makes one ledger request, not one per event.
+	healingLock sync.Mutex
+	healing     map[id.SenderKey]struct{}
+
+	// OnDecision, if set, is told every decision (for metrics).
+	OnDecision func(Decision)
+}
+
+// Decision is what unwedge did about one Olm event or heal.
+type Decision struct {
+	Class    Class
+	UserID   id.UserID
+	DeviceID id.DeviceID
+	Key      id.SenderKey
+	// Action is one of: ignored, out_of_scope, unknown_device, limited, healed, failed.
+	Action   string
+	Duration time.Duration
+	Err      error
+}
+
+// New makes an Unwedger for a machine whose CryptoStore is a *Store. owner names this process in
+// the ledger's leases (unique per process, e.g. hostname and PID).
+func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repairer Repairer, owner string, log zerolog.Logger) (*Unwedger, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if _, ok := mach.CryptoStore.(*Store); !ok {
+		return nil, fmt.Errorf("the OlmMachine's store must be wrapped with unwedge.NewStore")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Unwedger{
+		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner,
+		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[id.SenderKey]struct{}),
+	}, nil
+}
+
+// Stop cancels running heals and waits for them (their leases run out; a restart resumes).
+func (u *Unwedger) Stop() {
+	u.cancel()
+	u.heals.Wait()
+}
+
+// HandleToDevice hands a to-device event to the machine. For Olm events it watches the outcome
+// and, when the sending device's session is wedged, starts a heal in the background.
+func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
+	if evt.Type != event.ToDeviceEncrypted {
+		u.mach.HandleToDeviceEvent(ctx, evt)
+		return
+	}
+	msg, class := parseOlm(evt, u.mach.OwnIdentity().IdentityKey)
+	if msg == nil {
+		// The machine would only log these; it is not given malformed input at all.
+		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Action: "ignored"})
+		return
+	}
+	obs := &observation{hash: msg.hash}
+	u.mach.HandleToDeviceEvent(withObservation(ctx, obs), evt)
+	if obs.decrypted || obs.duplicate {
+		if obs.duplicate {
+			u.decide(ctx, Decision{Class: ClassDuplicate, UserID: evt.Sender, Key: msg.senderKey, Action: "ignored"})
+		}
+		return
+	}
+	var sessions crypto.OlmSessionList
+	if msg.msgType == id.OlmMsgTypePreKey && obs.sessionsErr == nil {
+		sessions, _ = u.mach.CryptoStore.GetSessions(ctx, msg.senderKey)
+	}
+	class = classifyFailure(obs, msg, sessions)
+	if !class.Wedged() {
+		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Key: msg.senderKey, Action: "ignored"})
+		return
+	}
+	u.wedged(ctx, evt.Sender, msg.senderKey, class)
+}
+
+// wedged checks scope and the sender's device, then starts a heal unless one runs already.
+func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKey, class Class) {
+	log := zerolog.Ctx(ctx).With().Stringer("user_id", sender).Stringer("identity_key", key).Str("class", string(class)).Logger()
+	if ok, err := u.scope.InScope(ctx, sender); err != nil || !ok {
+		log.Debug().Err(err).Msg("Olm session wedged, but the user is out of scope")
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "out_of_scope", Err: err})
+		return
+	}
+	// A sender key that is not one of the sender's devices is never healed: no key is claimed for it.
+	device, err := u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
+	if err != nil || device == nil {
+		log.Warn().Err(err).Msg("Olm session wedged, but the identity key is not a device of the sender")
+		u.decide(ctx, Decision{Class: ClassUnknownDevice, UserID: sender, Key: key, Action: "unknown_device", Err: err})
+		return
+	}
+	u.healingLock.Lock()
+	_, running := u.healing[key]
+	if !running {
+		u.healing[key] = struct{}{}
+	}
+	u.healingLock.Unlock()
+	if running {
+		u.decide(ctx, Decision{Class: class, UserID: sender, DeviceID: device.DeviceID, Key: key, Action: "limited"})
+		return
+	}
+	log.Info().Stringer("device_id", device.DeviceID).Msg("Olm session wedged, healing")
+	u.heals.Add(1)
+	go func() {
+		defer u.heals.Done()
+		defer func() {
+			u.healingLock.Lock()
+			delete(u.healing, key)
+			u.healingLock.Unlock()
+		}()
+		u.Heal(u.ctx, device, class, "")
+	}()
+}
+
+func (u *Unwedger) decide(ctx context.Context, d Decision) {
+	if d.Action == "ignored" && d.Class != ClassDuplicate {
+		zerolog.Ctx(ctx).Debug().Str("class", string(d.Class)).Stringer("user_id", d.UserID).Msg("Ignoring undecryptable Olm event: not a wedge")
+	}
+	if u.OnDecision != nil {
+		u.OnDecision(d)
+	}
+}
