@@ -20,7 +20,7 @@ const (
 
 // Available reports whether the mode can run in this build.
 func (m Mode) Available() bool {
-	return m == ModeStock
+	return m == ModeStock || m == ModeUnwedge
 }
 
 // Config sets the size and timing of a lab run.

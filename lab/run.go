@@ -66,7 +66,7 @@ func RunScenario(ctx context.Context, env *testenv.Env, cfg Config, sc *Scenario
 }
 
 func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenario, res *Result) error {
-	w, err := newWorld(ctx, env, cfg, fmt.Sprintf("%s-%s-%d", sc.Name, res.Mode, time.Now().UnixNano()), max(sc.Devices, 1))
+	w, err := newWorld(ctx, env, cfg, res.Mode, fmt.Sprintf("%s-%s-%d", sc.Name, res.Mode, time.Now().UnixNano()), max(sc.Devices, 1))
 	if err != nil {
 		return fmt.Errorf("setup: %w", err)
 	}

@@ -44,7 +44,7 @@ const chatID = "lab"
 
 // newWorld starts a bridge on a free slot with a fresh Postgres database, logs a user with
 // `devices` devices in, and opens an encrypted portal that every device has joined.
-func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, name string, devices int) (w *World, err error) {
+func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, name string, devices int) (w *World, err error) {
 	w = &World{Env: env, Dir: filepath.Join(cfg.WorkDir, name)}
 	defer func() {
 		if err != nil {
@@ -76,6 +76,7 @@ func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, name string, d
 		Slot: slot, DatabaseType: "postgres", DatabaseURI: w.DBURI,
 		// The lab makes the bridge rotate its Megolm session with an admin command.
 		Admins: []id.UserID{userID},
+		Stock:  mode == ModeStock,
 	})
 	if err != nil {
 		return nil, err

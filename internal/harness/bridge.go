@@ -40,6 +40,9 @@ type BridgeOptions struct {
 	AppserviceEncryption bool
 	// Admins get admin permission on the bridge; everyone on Domain gets user permission.
 	Admins []id.UserID
+	// Stock runs the bridge without unwedge (network.unwedge.enabled: false): mautrix-go's own
+	// encryption helper, untouched.
+	Stock bool
 }
 
 // Bridge is a running reference bridge process.
