@@ -3,7 +3,6 @@ package unwedge
 import (
 	"crypto/sha256"
 	"encoding/base64"
-	"errors"
 
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
@@ -59,10 +58,8 @@ func (c Class) Wedged() bool {
 	return false
 }
 
-// ErrMaxCiphertext bounds what is hashed and handed to Olm; a real Olm message is a few KiB.
+// maxCiphertextLength bounds what is hashed and handed to Olm; a real Olm message is a few KiB.
 const maxCiphertextLength = 256 * 1024
-
-var errMalformed = errors.New("malformed olm event")
 
 // olmMessage is the part of an Olm to-device event meant for the bridge.
 type olmMessage struct {

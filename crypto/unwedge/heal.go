@@ -72,7 +72,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		if sess := hc.session(); sess != nil && !recorded {
 			// The interval runs from the session's creation: even if m.dummy never goes out, the
 			// session exists and the peer will learn it from the next message sent over it.
-			if err := u.ledger.SessionCreated(ctx, dev, u.owner, grant.HealID, sess.ID(), time.Now()); err != nil {
+			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), time.Now()); err != nil {
 				log.Err(err).Msg("Failed to record replacement session in the ledger")
 			} else {
 				recorded = true

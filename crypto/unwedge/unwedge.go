@@ -45,6 +45,8 @@ type Unwedger struct {
 	repairer Repairer
 	owner    string
 	log      zerolog.Logger
+	// ownKey is read once: OlmAccount caches it lazily without a lock.
+	ownKey id.IdentityKey
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -70,7 +72,7 @@ type Decision struct {
 	Err      error
 }
 
-// New makes an Unwedger for a machine whose CryptoStore is a *Store. owner names this process in
+// New makes an Unwedger for a loaded machine whose CryptoStore is a *Store. owner names this process in
 // the ledger's leases (unique per process, e.g. hostname and PID).
 func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repairer Repairer, owner string, log zerolog.Logger) (*Unwedger, error) {
 	if err := cfg.Validate(); err != nil {
@@ -81,7 +83,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Unwedger{
-		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner,
+		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[id.SenderKey]struct{}),
 	}, nil
 }
@@ -99,7 +101,7 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 		u.mach.HandleToDeviceEvent(ctx, evt)
 		return
 	}
-	msg, class := parseOlm(evt, u.mach.OwnIdentity().IdentityKey)
+	msg, class := parseOlm(evt, u.ownKey)
 	if msg == nil {
 		// The machine would only log these; it is not given malformed input at all.
 		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Action: "ignored"})

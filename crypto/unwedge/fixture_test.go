@@ -1,0 +1,291 @@
+package unwedge_test
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lib/pq"
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+	"maunium.net/go/mautrix/mockserver"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/testenv"
+)
+
+func init() {
+	crypto.PostgresArrayWrapper = pq.Array
+}
+
+// fixture is a bridge and a peer device, two real OlmMachines with SQL crypto stores on a real
+// Postgres database, talking through mautrix-go's in-memory homeserver (mockserver). The
+// homeserver is wrapped to count key claims and to inject failures a real one cannot produce on
+// demand.
+type fixture struct {
+	t     *testing.T
+	ctx   context.Context
+	ms    *mockserver.MockServer
+	srv   *httptest.Server
+	db    *dbutil.Database
+	dbURI string
+
+	serverLock sync.Mutex
+	claims     atomic.Int32
+	// failClaims answers the next N key claims with 503.
+	failClaims atomic.Int32
+
+	bridge *party
+	peer   *party
+
+	unwedger  *unwedge.Unwedger
+	ledger    *database.LedgerQuery
+	cfg       unwedge.Config
+	scope     *staticScope
+	decisions chan unwedge.Decision
+}
+
+type party struct {
+	userID   id.UserID
+	deviceID id.DeviceID
+	client   *mautrix.Client
+	sql      *crypto.SQLCryptoStore
+	mach     *crypto.OlmMachine
+}
+
+type staticScope struct{ allowed atomic.Bool }
+
+func (s *staticScope) InScope(context.Context, id.UserID) (bool, error) { return s.allowed.Load(), nil }
+
+const (
+	bridgeUser   = id.UserID("@bridgebot:example.org")
+	bridgeDevice = id.DeviceID("BRIDGE")
+	peerUser     = id.UserID("@alice:example.org")
+	peerDevice   = id.DeviceID("PHONE")
+)
+
+func newFixture(t *testing.T) *fixture {
+	env := testenv.Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	f := &fixture{t: t, ctx: ctx, ms: mockserver.Create(t), decisions: make(chan unwedge.Decision, 100)}
+	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+	t.Cleanup(f.srv.Close)
+	f.dbURI = env.NewDatabase(t)
+	f.db = f.openDB()
+	f.cfg = unwedge.DefaultConfig()
+	f.cfg.MinBackoff, f.cfg.MaxBackoff = 20*time.Millisecond, 100*time.Millisecond
+	f.scope = &staticScope{}
+	f.scope.allowed.Store(true)
+	f.bridge = f.newParty(bridgeUser, bridgeDevice, true)
+	f.peer = f.newParty(peerUser, peerDevice, false)
+	f.startUnwedger()
+	return f
+}
+
+func (f *fixture) openDB() *dbutil.Database {
+	db, err := dbutil.NewWithDialect(f.dbURI, "postgres")
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(func() { _ = db.Close() })
+	return db
+}
+
+// serve runs the in-memory homeserver one request at a time (its maps are not synchronized).
+func (f *fixture) serve(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/_matrix/client/v3/keys/claim" {
+		f.claims.Add(1)
+		if f.failClaims.Load() > 0 {
+			f.failClaims.Add(-1)
+			http.Error(w, `{"errcode":"M_UNKNOWN","error":"overloaded"}`, http.StatusServiceUnavailable)
+			return
+		}
+	}
+	f.serverLock.Lock()
+	defer f.serverLock.Unlock()
+	f.ms.Router.ServeHTTP(w, r)
+}
+
+func (f *fixture) newParty(userID id.UserID, deviceID id.DeviceID, wrap bool) *party {
+	p := &party{userID: userID, deviceID: deviceID}
+	client, err := mautrix.NewClient(f.srv.URL, "", "")
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	_, err = client.Login(f.ctx, &mautrix.ReqLogin{
+		Type:             mautrix.AuthTypePassword,
+		Identifier:       mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: string(userID)},
+		DeviceID:         deviceID,
+		Password:         "password",
+		StoreCredentials: true,
+	})
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	p.client = client
+	f.loadMachine(p, wrap)
+	if err = p.mach.ShareKeys(f.ctx, 0); err != nil {
+		f.t.Fatal(err)
+	}
+	return p
+}
+
+// loadMachine (re)builds a party's store and machine from the database, as a restart does.
+func (f *fixture) loadMachine(p *party, wrap bool) {
+	p.sql = crypto.NewSQLCryptoStore(f.db, dbutil.ZeroLogger(zerolog.Nop()), string(p.deviceID), p.deviceID, []byte("pickle key"))
+	if err := p.sql.DB.Upgrade(f.ctx); err != nil {
+		f.t.Fatal(err)
+	}
+	var store crypto.Store = p.sql
+	if wrap {
+		store = unwedge.NewStore(p.sql)
+	}
+	log := zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel).With().Stringer("party", p.deviceID).Logger()
+	p.mach = crypto.NewOlmMachine(p.client, &log, store, mautrix.NewMemoryStateStore().(crypto.StateStore))
+	if err := p.mach.Load(f.ctx); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+func (f *fixture) startUnwedger() {
+	udb := database.NewUnwedgeDB("test", f.db, dbutil.ZeroLogger(zerolog.Nop()))
+	if err := udb.Upgrade(f.ctx); err != nil {
+		f.t.Fatal(err)
+	}
+	f.ledger = udb.Ledger
+	repairer := &unwedge.SQLRepairer{DB: f.bridge.sql.DB, AccountID: string(bridgeDevice), PickleKey: []byte("pickle key")}
+	u, err := unwedge.New(f.cfg, f.bridge.mach, f.ledger, f.scope, repairer, fmt.Sprintf("owner-%p", f.bridge.mach), zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel))
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	u.OnDecision = func(d unwedge.Decision) { f.decisions <- d }
+	f.unwedger = u
+	f.t.Cleanup(u.Stop)
+}
+
+// restartBridge stops the Unwedger and reloads the bridge's machine from the database.
+func (f *fixture) restartBridge() {
+	f.unwedger.Stop()
+	f.loadMachine(f.bridge, true)
+	f.startUnwedger()
+}
+
+func (f *fixture) device(of *party, user id.UserID, dev id.DeviceID) *id.Device {
+	d, err := of.mach.GetOrFetchDevice(f.ctx, user, dev)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return d
+}
+
+// peerSends sends an m.dummy from the peer to the bridge over the peer's latest session.
+func (f *fixture) peerSends() {
+	if err := f.peer.mach.SendEncryptedToDevice(f.ctx, f.device(f.peer, bridgeUser, bridgeDevice), event.ToDeviceDummy, event.Content{}); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+// bridgeSends sends an m.dummy from the bridge to the peer.
+func (f *fixture) bridgeSends() {
+	if err := f.bridge.mach.SendEncryptedToDevice(f.ctx, f.device(f.bridge, peerUser, peerDevice), event.ToDeviceDummy, event.Content{}); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+// inbox takes the to-device events waiting for a party.
+func (f *fixture) inbox(p *party) []*event.Event {
+	f.serverLock.Lock()
+	defer f.serverLock.Unlock()
+	queued := f.ms.DeviceInbox[p.userID][p.deviceID]
+	f.ms.DeviceInbox[p.userID][p.deviceID] = nil
+	out := make([]*event.Event, len(queued))
+	for i := range queued {
+		evt := queued[i]
+		evt.Type.Class = event.ToDeviceEventType
+		evt.ToUserID, evt.ToDeviceID = p.userID, p.deviceID
+		out[i] = &evt
+	}
+	return out
+}
+
+// deliverToBridge hands the bridge's queued to-device events to the Unwedger.
+func (f *fixture) deliverToBridge() []*event.Event {
+	events := f.inbox(f.bridge)
+	for _, evt := range events {
+		f.unwedger.HandleToDevice(f.ctx, evt)
+	}
+	return events
+}
+
+// deliverToPeer hands the peer's queued events to its machine.
+func (f *fixture) deliverToPeer() {
+	for _, evt := range f.inbox(f.peer) {
+		f.peer.mach.HandleToDeviceEvent(f.ctx, evt)
+	}
+}
+
+// decision waits for the Unwedger's next decision.
+func (f *fixture) decision() unwedge.Decision {
+	f.t.Helper()
+	select {
+	case d := <-f.decisions:
+		return d
+	case <-time.After(10 * time.Second):
+		f.t.Fatal("no decision from the Unwedger")
+		return unwedge.Decision{}
+	}
+}
+
+// noDecision checks that the Unwedger stays quiet.
+func (f *fixture) noDecision() {
+	f.t.Helper()
+	select {
+	case d := <-f.decisions:
+		f.t.Fatalf("unexpected decision %+v", d)
+	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+// establish opens a working session both ways: the peer speaks first, the bridge answers.
+func (f *fixture) establish() {
+	f.peerSends()
+	f.deliverToBridge()
+	f.noDecision()
+	f.bridgeSends()
+	f.deliverToPeer()
+}
+
+// sessions counts the bridge's stored sessions with the peer.
+func (f *fixture) sessions(p *party, key id.SenderKey) int {
+	var n int
+	if err := f.db.QueryRow(f.ctx, "SELECT COUNT(*) FROM crypto_olm_session WHERE account_id=$1 AND sender_key=$2", string(p.deviceID), key).Scan(&n); err != nil {
+		f.t.Fatal(err)
+	}
+	return n
+}
+
+func (f *fixture) peerKey() id.SenderKey   { return f.peer.mach.OwnIdentity().IdentityKey }
+func (f *fixture) bridgeKey() id.SenderKey { return f.bridge.mach.OwnIdentity().IdentityKey }
+
+// healedBothWays checks the end of a heal: the peer got m.dummy on a new session and its next
+// message decrypts at the bridge.
+func (f *fixture) healedBothWays() {
+	f.t.Helper()
+	f.deliverToPeer()
+	f.peerSends()
+	f.deliverToBridge()
+	f.noDecision()
+}
+
+func zerologNop() zerolog.Logger { return zerolog.Nop() }

@@ -1,0 +1,430 @@
+package unwedge_test
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/crypto/goolm/account"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/database"
+)
+
+// TestWedges makes each kind of wedge happen between two real machines, and checks that the
+// Unwedger names it, creates exactly one replacement session (one key claim), sends m.dummy over
+// it, and that the peer's next message decrypts.
+func TestWedges(t *testing.T) {
+	cases := []struct {
+		name  string
+		wedge func(f *fixture)
+		class unwedge.Class
+	}{{
+		name: "bridge lost its session",
+		wedge: func(f *fixture) {
+			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+			f.restartBridge()
+			f.peerSends()
+		},
+		class: unwedge.ClassNoSession,
+	}, {
+		name: "bridge restored from backup",
+		wedge: func(f *fixture) {
+			backup := f.backupSessions(f.bridge)
+			// After the backup the bridge makes a new ratchet key and the peer answers on it: the
+			// restored state lacks that key and cannot follow the peer's chain.
+			f.peerSends()
+			f.deliverToBridge()
+			f.bridgeSends()
+			f.deliverToPeer()
+			f.peerSends()
+			f.deliverToBridge()
+			f.noDecision()
+			f.restoreSessions(f.bridge, backup)
+			f.restartBridge()
+			f.peerSends()
+		},
+		class: unwedge.ClassNoMatchingSession,
+	}, {
+		name: "peer used a one-time key the bridge no longer has",
+		wedge: func(f *fixture) {
+			f.forgetOneTimeKeys()
+			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
+			f.loadMachine(f.peer, false)
+			f.peerSends()
+		},
+		class: unwedge.ClassPrekeyUnknownOTK,
+	}, {
+		name: "prekey message for a stored session does not decrypt",
+		wedge: func(f *fixture) {
+			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
+			f.loadMachine(f.peer, false)
+			f.peerSends()
+			evt := f.inbox(f.bridge)[0]
+			f.unwedger.HandleToDevice(f.ctx, evt) // the bridge learns the new session
+			f.noDecision()
+			f.peerSends() // still a prekey message (no answer yet): tamper with its MAC
+			tampered := f.inbox(f.bridge)[0]
+			content := tampered.Content.AsEncrypted()
+			ct := content.OlmCiphertext[f.bridgeKey()]
+			ct.Body = flipLastChar(ct.Body)
+			content.OlmCiphertext[f.bridgeKey()] = ct
+			f.requeue(f.bridge, tampered)
+		},
+		class: unwedge.ClassBadMAC,
+	}, {
+		name: "bridge's stored session is corrupt",
+		wedge: func(f *fixture) {
+			f.exec("UPDATE crypto_olm_session SET session=convert_to('corrupt', 'UTF8') WHERE account_id=$1", string(bridgeDevice))
+			f.restartBridge()
+			f.peerSends()
+		},
+		class: unwedge.ClassUnreadableSession,
+	}}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			f.establish()
+			claimsBefore := f.claims.Load()
+			tc.wedge(f)
+			claimsWedge := f.claims.Load()
+			f.deliverToBridge()
+			if d := f.decision(); d.Class != tc.class || d.Action != "healed" || d.DeviceID != peerDevice {
+				t.Fatalf("decision = %+v, want %s healed for %s", d, tc.class, peerDevice)
+			}
+			if n := f.claims.Load() - claimsWedge; n != 1 {
+				t.Errorf("heal made %d key claims, want 1", n)
+			}
+			_ = claimsBefore
+			f.healedBothWays()
+			heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 10)
+			if err != nil || len(heals) != 1 || heals[0].Outcome != database.HealHealed || heals[0].SessionID == "" || heals[0].Class != string(tc.class) {
+				t.Fatalf("ledger = %+v, %v", heals, err)
+			}
+			// MSC1719: the same device wedging again within the hour gets no second session.
+			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+			f.restartBridge()
+			claims := f.claims.Load()
+			f.peerSends()
+			f.deliverToBridge()
+			if d := f.decision(); d.Action != "limited" {
+				t.Fatalf("second wedge within the hour: %+v, want limited", d)
+			}
+			if f.claims.Load() != claims {
+				t.Error("a limited heal claimed a key")
+			}
+		})
+	}
+}
+
+// TestNotWedges: replays, strangers, malformed events and users out of scope never make the
+// bridge claim a key.
+func TestNotWedges(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	claims := f.claims.Load()
+
+	// A replay of a message that was decrypted.
+	f.peerSends()
+	evt := f.inbox(f.bridge)[0]
+	f.unwedger.HandleToDevice(f.ctx, evt)
+	f.noDecision()
+	replay := *evt
+	f.unwedger.HandleToDevice(f.ctx, &replay)
+	if d := f.decision(); d.Class != unwedge.ClassDuplicate || d.Action != "ignored" {
+		t.Errorf("replay: %+v", d)
+	}
+
+	malformed := []struct {
+		name   string
+		mutate func(c *event.EncryptedEventContent)
+		class  unwedge.Class
+	}{
+		{"bad base64", func(c *event.EncryptedEventContent) { c.OlmCiphertext[f.bridgeKey()] = olmCT(0, "!!!") }, unwedge.ClassMalformed},
+		{"empty ciphertext", func(c *event.EncryptedEventContent) { c.OlmCiphertext[f.bridgeKey()] = olmCT(1, "") }, unwedge.ClassMalformed},
+		{"huge ciphertext", func(c *event.EncryptedEventContent) {
+			c.OlmCiphertext[f.bridgeKey()] = olmCT(1, strings.Repeat("A", 300*1024))
+		}, unwedge.ClassMalformed},
+		{"unknown message type", func(c *event.EncryptedEventContent) { c.OlmCiphertext[f.bridgeKey()] = olmCT(7, "AAAA") }, unwedge.ClassMalformed},
+		{"not for us", func(c *event.EncryptedEventContent) { delete(c.OlmCiphertext, f.bridgeKey()) }, unwedge.ClassNotForUs},
+		{"megolm algorithm", func(c *event.EncryptedEventContent) { c.Algorithm = id.AlgorithmMegolmV1 }, unwedge.ClassUnsupportedAlgorithm},
+		{"no sender key", func(c *event.EncryptedEventContent) { c.SenderKey = "" }, unwedge.ClassMalformed},
+	}
+	for _, tc := range malformed {
+		t.Run(tc.name, func(t *testing.T) {
+			f.peerSends()
+			evt := f.inbox(f.bridge)[0]
+			tc.mutate(evt.Content.AsEncrypted())
+			f.unwedger.HandleToDevice(f.ctx, evt)
+			if d := f.decision(); d.Class != tc.class || d.Action != "ignored" {
+				t.Errorf("decision = %+v, want %s ignored", d, tc.class)
+			}
+		})
+	}
+	t.Run("wrong content type", func(t *testing.T) {
+		f.unwedger.HandleToDevice(f.ctx, &event.Event{Type: event.ToDeviceEncrypted, Sender: peerUser,
+			Content: event.Content{Parsed: &event.MessageEventContent{Body: "hi"}}})
+		if d := f.decision(); d.Class != unwedge.ClassMalformed {
+			t.Errorf("decision = %+v", d)
+		}
+	})
+
+	t.Run("identity key of no device of the sender", func(t *testing.T) {
+		// A stranger's fresh session claims to come from alice: it fails to decrypt, but the key is
+		// not one of alice's devices.
+		stranger := f.newParty("@mallory:example.org", "EVIL", false)
+		if err := stranger.mach.SendEncryptedToDevice(f.ctx, f.device(stranger, bridgeUser, bridgeDevice), event.ToDeviceDummy, event.Content{}); err != nil {
+			t.Fatal(err)
+		}
+		evt := f.inbox(f.bridge)[0]
+		evt.Sender = peerUser
+		f.forgetOneTimeKeys()
+		f.restartBridge()
+		before := f.claims.Load()
+		f.unwedger.HandleToDevice(f.ctx, evt)
+		if d := f.decision(); d.Class != unwedge.ClassUnknownDevice || d.Action != "unknown_device" {
+			t.Errorf("decision = %+v", d)
+		}
+		if f.claims.Load() != before {
+			t.Error("claimed a key for an identity key that is no device of the sender")
+		}
+	})
+
+	t.Run("user out of scope", func(t *testing.T) {
+		f.scope.allowed.Store(false)
+		defer f.scope.allowed.Store(true)
+		f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+		f.restartBridge()
+		before := f.claims.Load()
+		f.peerSends()
+		f.deliverToBridge()
+		if d := f.decision(); d.Action != "out_of_scope" || d.Class != unwedge.ClassNoSession {
+			t.Errorf("decision = %+v", d)
+		}
+		if f.claims.Load() != before {
+			t.Error("claimed a key for a user out of scope")
+		}
+	})
+	if f.claims.Load() != claims+1 { // the stranger's own session
+		t.Errorf("%d key claims by the bridge, want none", f.claims.Load()-claims-1)
+	}
+}
+
+// TestBurst: a burst of undecryptable messages from one device, handled by many goroutines and
+// two Unwedgers on one database (two bridge replicas), creates exactly one session.
+func TestBurst(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.restartBridge()
+	for range 10 {
+		f.peerSends()
+	}
+	events := f.inbox(f.bridge)
+	second, err := unwedge.New(f.cfg, f.bridge.mach, f.ledger, f.scope, nil, "replica-2", zerologNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	second.OnDecision = func(d unwedge.Decision) { f.decisions <- d }
+	defer second.Stop()
+	before := f.claims.Load()
+	done := make(chan struct{})
+	for i, evt := range events {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			if i%2 == 0 {
+				f.unwedger.HandleToDevice(f.ctx, evt)
+			} else {
+				second.HandleToDevice(f.ctx, evt)
+			}
+		}()
+	}
+	for range events {
+		<-done
+	}
+	healed := 0
+	for healed == 0 {
+		if d := f.decision(); d.Action == "healed" {
+			healed++
+		} else if d.Action != "limited" {
+			t.Fatalf("decision = %+v", d)
+		}
+	}
+	f.unwedger.Stop()
+	second.Stop()
+	if n := f.claims.Load() - before; n != 1 {
+		t.Errorf("%d key claims for one wedged device, want 1", n)
+	}
+	n, err := f.ledger.CountCreated(f.ctx, peerUser, peerDevice, time.Now().Add(-time.Minute))
+	if err != nil || n != 1 {
+		t.Errorf("ledger counts %d sessions, %v", n, err)
+	}
+}
+
+// TestTransientFailure: the homeserver fails the key claim twice; the heal retries and succeeds,
+// and the hour is not burnt by the failures.
+func TestTransientFailure(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.restartBridge()
+	f.failClaims.Store(2)
+	f.peerSends()
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != "healed" {
+		t.Fatalf("decision = %+v", d)
+	}
+	heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 1)
+	if err != nil || len(heals) != 1 || heals[0].Attempts != 3 || heals[0].Outcome != database.HealHealed {
+		t.Fatalf("heal = %+v, %v; want healed on the third attempt", heals, err)
+	}
+	f.healedBothWays()
+}
+
+// TestPermanentFailure: the device has no one-time keys left. Nothing is sent over the broken
+// session, the failure is recorded, and the device is not retried within the hour.
+func TestPermanentFailure(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.restartBridge()
+	f.serverLock.Lock()
+	clear(f.ms.OneTimeKeys[peerUser][peerDevice])
+	f.serverLock.Unlock()
+	f.peerSends()
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != "failed" {
+		t.Fatalf("decision = %+v", d)
+	}
+	heals, _ := f.ledger.Heals(f.ctx, peerUser, peerDevice, 1)
+	if len(heals) != 1 || heals[0].Outcome != database.HealFailedPermanent || heals[0].Error == "" {
+		t.Fatalf("heal = %+v", heals)
+	}
+	if got := f.inbox(f.peer); len(got) != 0 {
+		t.Errorf("the bridge sent %d events to the peer without a new session", len(got))
+	}
+	before := f.claims.Load()
+	f.peerSends()
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != "limited" || f.claims.Load() != before {
+		t.Errorf("retry within the hour: %+v, %d claims", d, f.claims.Load()-before)
+	}
+}
+
+// TestSessionChoice: MSC1719 says to encrypt with the session that last received and
+// successfully decrypted a message. When the peer unwedges towards the bridge (a new session
+// from its side), the bridge must switch to the peer's new session.
+func TestSessionChoice(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	old, err := f.bridge.sql.GetLatestSession(f.ctx, f.peerKey())
+	if err != nil || old == nil {
+		t.Fatal(err)
+	}
+	// The peer loses its session and opens a new one: its m.dummy arrives as a prekey message.
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
+	f.loadMachine(f.peer, false)
+	time.Sleep(1100 * time.Millisecond) // the SQL store keeps second precision
+	f.peerSends()
+	f.deliverToBridge()
+	f.noDecision()
+	latest, err := f.bridge.mach.CryptoStore.GetLatestSession(f.ctx, f.peerKey())
+	if err != nil || latest == nil || latest.ID() == old.ID() {
+		t.Fatalf("bridge still encrypts with %v (old %s), err %v", latest, old.ID(), err)
+	}
+	// And the peer, which only has its new session, can read what the bridge sends.
+	f.bridgeSends()
+	events := f.inbox(f.peer)
+	if len(events) != 1 {
+		t.Fatalf("%d events for the peer", len(events))
+	}
+	if decrypted := f.peer.mach.HandleEncryptedEvent(f.ctx, events[0]); decrypted != nil {
+		t.Fatalf("unexpected payload %s", decrypted.Type.Type)
+	}
+	if n := f.sessions(f.peer, f.bridgeKey()); n != 1 {
+		t.Errorf("the peer has %d sessions with the bridge, want its one new session", n)
+	}
+}
+
+// olmCT is one recipient's entry of an Olm event's ciphertext map.
+func olmCT(msgType id.OlmMsgType, body string) (ct struct {
+	Body string        `json:"body"`
+	Type id.OlmMsgType `json:"type"`
+}) {
+	ct.Body, ct.Type = body, msgType
+	return ct
+}
+
+func flipLastChar(s string) string {
+	last := s[len(s)-1]
+	repl := byte('A')
+	if last == 'A' {
+		repl = 'B'
+	}
+	return s[:len(s)-1] + string(repl)
+}
+
+func (f *fixture) exec(query string, args ...any) {
+	f.t.Helper()
+	if _, err := f.db.Exec(f.ctx, query, args...); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+type sessionRow struct {
+	ID, Key string
+	Pickle  []byte
+}
+
+func (f *fixture) backupSessions(p *party) []sessionRow {
+	rows, err := f.db.Query(f.ctx, "SELECT session_id, sender_key, session FROM crypto_olm_session WHERE account_id=$1", string(p.deviceID))
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []sessionRow
+	for rows.Next() {
+		var r sessionRow
+		if err = rows.Scan(&r.ID, &r.Key, &r.Pickle); err != nil {
+			f.t.Fatal(err)
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+func (f *fixture) restoreSessions(p *party, backup []sessionRow) {
+	for _, r := range backup {
+		f.exec("UPDATE crypto_olm_session SET session=$1 WHERE account_id=$2 AND session_id=$3", r.Pickle, string(p.deviceID), r.ID)
+	}
+}
+
+// forgetOneTimeKeys drops the private halves of the bridge's published one-time keys.
+func (f *fixture) forgetOneTimeKeys() {
+	var pickled []byte
+	if err := f.db.QueryRow(f.ctx, "SELECT account FROM crypto_account WHERE account_id=$1", string(bridgeDevice)).Scan(&pickled); err != nil {
+		f.t.Fatal(err)
+	}
+	acc, err := account.AccountFromPickled(pickled, []byte("pickle key"))
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	acc.OTKeys = nil
+	if pickled, err = acc.Pickle([]byte("pickle key")); err != nil {
+		f.t.Fatal(err)
+	}
+	f.exec("UPDATE crypto_account SET account=$1 WHERE account_id=$2", pickled, string(bridgeDevice))
+	f.restartBridge()
+}
+
+// requeue puts an event back in a party's inbox.
+func (f *fixture) requeue(p *party, evt *event.Event) {
+	f.serverLock.Lock()
+	defer f.serverLock.Unlock()
+	raw, _ := json.Marshal(evt.Content.Parsed)
+	evt.Content.VeryRaw = raw
+	f.ms.DeviceInbox[p.userID][p.deviceID] = append(f.ms.DeviceInbox[p.userID][p.deviceID], *evt)
+}
