@@ -3,15 +3,15 @@
 package harness
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
+
+	"github.com/unwedge/unwedge/internal/envfile"
 )
 
 // Slot is one appservice registration that scripts/synapse.sh registered with the homeserver.
@@ -27,7 +27,7 @@ type Slot struct {
 
 // LoadSlot reads the slot.env that scripts/synapse.sh wrote in dir.
 func LoadSlot(dir string) (*Slot, error) {
-	vals, err := ReadEnvFile(filepath.Join(dir, "slot.env"))
+	vals, err := envfile.Read(filepath.Join(dir, "slot.env"))
 	if err != nil {
 		return nil, err
 	}
@@ -43,29 +43,6 @@ func LoadSlot(dir string) (*Slot, error) {
 		return nil, fmt.Errorf("incomplete slot.env in %s", dir)
 	}
 	return slot, nil
-}
-
-// ReadEnvFile parses KEY=VALUE lines (no quoting); blank lines and # comments are skipped.
-func ReadEnvFile(path string) (map[string]string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	vals := make(map[string]string)
-	scanner := bufio.NewScanner(f)
-	for scanner.Scan() {
-		line := strings.TrimSpace(scanner.Text())
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		key, val, ok := strings.Cut(line, "=")
-		if !ok {
-			return nil, fmt.Errorf("invalid line in %s: %q", path, line)
-		}
-		vals[strings.TrimSpace(key)] = strings.TrimSpace(val)
-	}
-	return vals, scanner.Err()
 }
 
 // AcquireSlot takes a free slot below slotsDir for the caller's process, waiting while all are in

@@ -5,7 +5,6 @@
 package testenv
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"database/sql"
@@ -19,6 +18,8 @@ import (
 	"time"
 
 	"github.com/lib/pq"
+
+	"github.com/unwedge/unwedge/internal/envfile"
 )
 
 // Environment variables read by Load.
@@ -60,7 +61,7 @@ func StackEnvPath() string {
 // It fails if the homeserver URL or the Postgres URI is missing.
 func Load() (*Env, error) {
 	path := StackEnvPath()
-	fileVals, fileErr := readEnvFile(path)
+	fileVals, fileErr := envfile.Read(path)
 	get := func(key string) string {
 		if val := os.Getenv(key); val != "" {
 			return val
@@ -96,32 +97,6 @@ func Load() (*Env, error) {
 		}
 	}
 	return env, nil
-}
-
-// readEnvFile parses KEY=VALUE lines. Blank lines and lines starting with # are skipped.
-func readEnvFile(path string) (map[string]string, error) {
-	vals := make(map[string]string)
-	f, err := os.Open(path)
-	if err != nil {
-		return vals, err
-	}
-	defer f.Close()
-	scanner := bufio.NewScanner(f)
-	for lineNo := 1; scanner.Scan(); lineNo++ {
-		line := strings.TrimSpace(scanner.Text())
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		key, val, ok := strings.Cut(line, "=")
-		if !ok {
-			return vals, fmt.Errorf("%s:%d: expected KEY=VALUE", path, lineNo)
-		}
-		vals[strings.TrimSpace(key)] = strings.TrimSpace(val)
-	}
-	if err = scanner.Err(); err != nil {
-		return vals, fmt.Errorf("failed to read %s: %w", path, err)
-	}
-	return vals, nil
 }
 
 // stackWait is how long Require waits for a configured but not yet answering stack.
