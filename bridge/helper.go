@@ -99,6 +99,7 @@ func (h *Helper) Init(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	h.unwedger.Start()
 	if cfg.Encryption.Appservice {
 		h.log.Debug().Msg("End-to-bridge encryption in appservice mode: to-device events come in transactions")
 		h.conn.AS.Registration.EphemeralEvents = true

@@ -22,6 +22,7 @@ type Ledger interface {
 	RenewLease(ctx context.Context, dev database.LedgerDevice, owner string, until time.Time) error
 	SessionCreated(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, sessionID id.SessionID, at time.Time) error
 	Finish(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, outcome database.HealOutcome, attempts int, healErr string, at time.Time) error
+	Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error)
 }
 
 // Scope decides whose devices are healed.
@@ -87,6 +88,31 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[id.SenderKey]struct{}),
 	}, nil
 }
+
+// Start prunes the ledger now and then every pruneInterval, until Stop: heal records older than
+// HistoryRetention go, and so do devices with nothing recent.
+func (u *Unwedger) Start() {
+	u.heals.Add(1)
+	go func() {
+		defer u.heals.Done()
+		for {
+			now := time.Now()
+			heals, devices, err := u.ledger.Prune(u.ctx, now.Add(-u.cfg.HistoryRetention), now)
+			if err != nil && u.ctx.Err() == nil {
+				u.log.Err(err).Msg("Failed to prune the unwedge ledger")
+			} else if heals+devices > 0 {
+				u.log.Debug().Int64("heals", heals).Int64("devices", devices).Msg("Pruned the unwedge ledger")
+			}
+			select {
+			case <-u.ctx.Done():
+				return
+			case <-time.After(pruneInterval):
+			}
+		}
+	}()
+}
+
+const pruneInterval = time.Hour
 
 // Stop cancels running heals and waits for them (their leases run out; a restart resumes).
 func (u *Unwedger) Stop() {

@@ -275,6 +275,7 @@ func (b *Bridge) writeConfig() error {
 		{b.pickleKey, "encryption.pickle_key"},
 		{o.AppserviceEncryption, "encryption.appservice"},
 		{true, "encryption.msc4190"},
+		{!o.Stock, "network.unwedge.enabled"},
 		{map[string]any{
 			"min_level": "debug",
 			"writers":   []map[string]any{{"type": "stdout", "format": "json"}},
