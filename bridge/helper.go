@@ -39,6 +39,11 @@ type Helper struct {
 	lock       sync.RWMutex
 	cancelSync context.CancelFunc
 	syncDone   sync.WaitGroup
+
+	// waiting holds the Megolm sessions bridgev2 is waiting for, by the sender's identity key,
+	// so a heal of that device can re-request them at once over the new session.
+	waitingLock sync.Mutex
+	waiting     map[id.SenderKey]map[id.SessionID]id.RoomID
 }
 
 var _ matrix.Crypto = (*Helper)(nil)
@@ -99,6 +104,7 @@ func (h *Helper) Init(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	h.unwedger.OnHealed = h.requestWaitingKeys
 	h.unwedger.Start()
 	if cfg.Encryption.Appservice {
 		h.log.Debug().Msg("End-to-bridge encryption in appservice mode: to-device events come in transactions")
@@ -256,7 +262,39 @@ func (h *Helper) Encrypt(ctx context.Context, roomID id.RoomID, evtType event.Ty
 func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, timeout time.Duration) bool {
 	h.lock.RLock()
 	defer h.lock.RUnlock()
+	h.waitingLock.Lock()
+	if h.waiting == nil {
+		h.waiting = make(map[id.SenderKey]map[id.SessionID]id.RoomID)
+	}
+	if h.waiting[senderKey] == nil {
+		h.waiting[senderKey] = make(map[id.SessionID]id.RoomID)
+	}
+	h.waiting[senderKey][sessionID] = roomID
+	h.waitingLock.Unlock()
+	defer func() {
+		h.waitingLock.Lock()
+		delete(h.waiting[senderKey], sessionID)
+		if len(h.waiting[senderKey]) == 0 {
+			delete(h.waiting, senderKey)
+		}
+		h.waitingLock.Unlock()
+	}()
 	return h.mach.WaitForSession(ctx, roomID, senderKey, sessionID, timeout)
+}
+
+// requestWaitingKeys asks a healed device again for the Megolm sessions bridgev2 is waiting for:
+// their keys were lost with the broken Olm session, and the answer to a request sent before the
+// heal came back over that session too.
+func (h *Helper) requestWaitingKeys(ctx context.Context, device *id.Device) {
+	h.waitingLock.Lock()
+	sessions := make(map[id.SessionID]id.RoomID, len(h.waiting[device.IdentityKey]))
+	for sessionID, roomID := range h.waiting[device.IdentityKey] {
+		sessions[sessionID] = roomID
+	}
+	h.waitingLock.Unlock()
+	for sessionID, roomID := range sessions {
+		h.RequestSession(ctx, roomID, device.IdentityKey, sessionID, device.UserID, device.DeviceID)
+	}
 }
 
 func (h *Helper) RequestSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, userID id.UserID, deviceID id.DeviceID) {

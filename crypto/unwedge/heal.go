@@ -111,6 +111,9 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		log.Info().Stringer("olm_session_id", sessionID).Int("attempts", attempts).Dur("duration", decision.Duration).
 			Str("forced_by", string(forcedBy)).Msg("Replaced wedged Olm session and sent m.dummy")
 		decision.Action = "healed"
+		if u.OnHealed != nil {
+			u.OnHealed(ctx, device)
+		}
 	} else {
 		log.Error().Err(healErr).Str("outcome", string(outcome)).Int("attempts", attempts).Msg("Failed to replace wedged Olm session")
 		decision.Action, decision.Err = "failed", healErr

@@ -59,6 +59,9 @@ type Unwedger struct {
 
 	// OnDecision, if set, is told every decision (for metrics).
 	OnDecision func(Decision)
+	// OnHealed, if set, is called after a device got its replacement session: the time to
+	// re-request the Megolm keys that were lost with the old one.
+	OnHealed func(ctx context.Context, device *id.Device)
 }
 
 // Decision is what unwedge did about one Olm event or heal.
