@@ -44,7 +44,18 @@ type Helper struct {
 	// so a heal of that device can re-request them at once over the new session.
 	waitingLock sync.Mutex
 	waiting     map[id.SenderKey]map[id.SessionID]id.RoomID
+	// healed remembers devices healed in the last recentHeal: a Megolm event from them whose key
+	// is missing was probably sent with a key lost in the wedge, so it is requested at once
+	// instead of after bridgev2's fixed wait.
+	healed map[id.SenderKey]healedDevice
 }
+
+type healedDevice struct {
+	device *id.Device
+	at     time.Time
+}
+
+const recentHeal = 2 * time.Minute
 
 var _ matrix.Crypto = (*Helper)(nil)
 
@@ -270,6 +281,7 @@ func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey
 		h.waiting[senderKey] = make(map[id.SessionID]id.RoomID)
 	}
 	h.waiting[senderKey][sessionID] = roomID
+	healed, wasHealed := h.healed[senderKey]
 	h.waitingLock.Unlock()
 	defer func() {
 		h.waitingLock.Lock()
@@ -279,6 +291,9 @@ func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey
 		}
 		h.waitingLock.Unlock()
 	}()
+	if wasHealed && time.Since(healed.at) < recentHeal {
+		go h.RequestSession(context.WithoutCancel(ctx), roomID, senderKey, sessionID, healed.device.UserID, healed.device.DeviceID)
+	}
 	return h.mach.WaitForSession(ctx, roomID, senderKey, sessionID, timeout)
 }
 
@@ -287,6 +302,16 @@ func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey
 // heal came back over that session too.
 func (h *Helper) requestWaitingKeys(ctx context.Context, device *id.Device) {
 	h.waitingLock.Lock()
+	if h.healed == nil {
+		h.healed = make(map[id.SenderKey]healedDevice)
+	}
+	now := time.Now()
+	for key, healed := range h.healed {
+		if now.Sub(healed.at) > recentHeal {
+			delete(h.healed, key)
+		}
+	}
+	h.healed[device.IdentityKey] = healedDevice{device: device, at: now}
 	sessions := make(map[id.SessionID]id.RoomID, len(h.waiting[device.IdentityKey]))
 	for sessionID, roomID := range h.waiting[device.IdentityKey] {
 		sessions[sessionID] = roomID
