@@ -34,6 +34,9 @@ type Config struct {
 	HealWindow time.Duration
 	// Parallel scenarios run at once (each takes one bridge slot).
 	Parallel int
+	// Appservice runs the bridge's encryption in appservice mode (to-device events in
+	// transactions, MSC2409/MSC3202) instead of the bot device's /sync.
+	Appservice bool
 	// Binary is the built reference bridge; WorkDir holds each run's bridge and client files.
 	Binary  string
 	WorkDir string
@@ -92,4 +95,6 @@ type Report struct {
 	// UnavailableModes were asked for but cannot run in this build.
 	UnavailableModes []Mode `json:"unavailable_modes,omitempty"`
 	K                int    `json:"k"`
+	// Transport is how the bridge received to-device events: "sync" or "appservice".
+	Transport string `json:"transport"`
 }

@@ -15,7 +15,10 @@ import (
 // Run runs the scenarios in each available mode, Parallel at a time, and reports them in the
 // order of scenarios, then modes.
 func Run(ctx context.Context, env *testenv.Env, cfg Config, scenarios []*Scenario, modes []Mode) *Report {
-	report := &Report{K: cfg.K}
+	report := &Report{K: cfg.K, Transport: "sync"}
+	if cfg.Appservice {
+		report.Transport = "appservice"
+	}
 	type job struct {
 		index    int
 		scenario *Scenario

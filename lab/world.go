@@ -75,8 +75,9 @@ func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, nam
 		Binary: cfg.Binary, Dir: filepath.Join(w.Dir, "bridge"), HomeserverURL: env.HomeserverURL, Domain: env.Domain,
 		Slot: slot, DatabaseType: "postgres", DatabaseURI: w.DBURI,
 		// The lab makes the bridge rotate its Megolm session with an admin command.
-		Admins: []id.UserID{userID},
-		Stock:  mode == ModeStock,
+		Admins:               []id.UserID{userID},
+		Stock:                mode == ModeStock,
+		AppserviceEncryption: cfg.Appservice,
 	})
 	if err != nil {
 		return nil, err

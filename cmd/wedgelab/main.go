@@ -29,17 +29,18 @@ func main() {
 	k := flag.Int("k", 0, "messages per phase and direction (default 10, or 3 with --quick)")
 	parallel := flag.Int("parallel", 0, "scenarios at once (default 2)")
 	keep := flag.String("keep", "", "keep every run's bridge log, config and client files in this directory")
+	appservice := flag.Bool("appservice", false, "to-device events through appservice transactions instead of /sync")
 	flag.Parse()
 
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
-	if err := run(ctx, *quick, *jsonPath, *modeFlag, *only, *k, *parallel, *keep); err != nil {
+	if err := run(ctx, *quick, *jsonPath, *modeFlag, *only, *k, *parallel, *keep, *appservice); err != nil {
 		fmt.Fprintln(os.Stderr, "wedgelab:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, quick bool, jsonPath, modeFlag, only string, k, parallel int, keep string) error {
+func run(ctx context.Context, quick bool, jsonPath, modeFlag, only string, k, parallel int, keep string, appservice bool) error {
 	cfg := lab.FullConfig()
 	if quick {
 		cfg = lab.QuickConfig()
@@ -50,6 +51,7 @@ func run(ctx context.Context, quick bool, jsonPath, modeFlag, only string, k, pa
 	if parallel > 0 {
 		cfg.Parallel = parallel
 	}
+	cfg.Appservice = appservice
 	modes, err := parseModes(modeFlag)
 	if err != nil {
 		return err
@@ -79,7 +81,7 @@ func run(ctx context.Context, quick bool, jsonPath, modeFlag, only string, k, pa
 	if cfg.Binary, err = harness.BuildBridge(ctx, cfg.WorkDir); err != nil {
 		return err
 	}
-	fmt.Fprintf(os.Stderr, "running %d scenarios (K=%d, %d at a time)...\n", len(scenarios), cfg.K, cfg.Parallel)
+	fmt.Fprintf(os.Stderr, "running %d scenarios (K=%d, %d at a time, to-device over %s)...\n", len(scenarios), cfg.K, cfg.Parallel, map[bool]string{false: "/sync", true: "appservice transactions"}[cfg.Appservice])
 	report := lab.Run(ctx, env, cfg, scenarios, modes)
 	printTable(os.Stdout, report, scenarios, modes)
 	if jsonPath != "" {
