@@ -108,6 +108,10 @@ func classifyFailure(obs *observation, msg *olmMessage, sessions crypto.OlmSessi
 		return ClassDuplicate
 	case obs.decrypted:
 		return ClassDecrypted
+	case !obs.sessionsRead:
+		// The machine gave up before it looked at any session (a store error, a cancelled
+		// context): nothing says the session is broken.
+		return ClassFailed
 	case obs.sessionsErr != nil:
 		return ClassUnreadableSession
 	case msg.msgType == id.OlmMsgTypeMsg && obs.sessionCount == 0:
