@@ -57,6 +57,9 @@ type Unwedger struct {
 	healingLock sync.Mutex
 	healing     map[id.SenderKey]struct{}
 
+	countsLock sync.Mutex
+	counts     map[Count]int64
+
 	// OnDecision, if set, is told every decision (for metrics).
 	OnDecision func(Decision)
 	// OnHealed, if set, is called after a device got its replacement session: the time to
@@ -88,7 +91,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Unwedger{
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
-		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[id.SenderKey]struct{}),
+		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[id.SenderKey]struct{}), counts: make(map[Count]int64),
 	}, nil
 }
 
@@ -194,7 +197,27 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	}()
 }
 
+// Count is one kind of decision: what was detected and what unwedge did about it.
+type Count struct {
+	Class  Class
+	Action string
+}
+
+// Counts returns how many decisions of each kind this Unwedger made since it started.
+func (u *Unwedger) Counts() map[Count]int64 {
+	u.countsLock.Lock()
+	defer u.countsLock.Unlock()
+	out := make(map[Count]int64, len(u.counts))
+	for k, v := range u.counts {
+		out[k] = v
+	}
+	return out
+}
+
 func (u *Unwedger) decide(ctx context.Context, d Decision) {
+	u.countsLock.Lock()
+	u.counts[Count{Class: d.Class, Action: d.Action}]++
+	u.countsLock.Unlock()
 	if d.Action == "ignored" && d.Class != ClassDuplicate {
 		zerolog.Ctx(ctx).Debug().Str("class", string(d.Class)).Stringer("user_id", d.UserID).Msg("Ignoring undecryptable Olm event: not a wedge")
 	}

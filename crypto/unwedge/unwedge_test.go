@@ -172,6 +172,18 @@ func TestNotWedges(t *testing.T) {
 		}
 	})
 
+	counts := f.unwedger.Counts()
+	for count, want := range map[unwedge.Count]int64{
+		{Class: unwedge.ClassDuplicate, Action: "ignored"}:            1,
+		{Class: unwedge.ClassMalformed, Action: "ignored"}:            6,
+		{Class: unwedge.ClassNotForUs, Action: "ignored"}:             1,
+		{Class: unwedge.ClassUnsupportedAlgorithm, Action: "ignored"}: 1,
+	} {
+		if counts[count] != want {
+			t.Errorf("count %v = %d, want %d (all: %v)", count, counts[count], want, counts)
+		}
+	}
+
 	t.Run("identity key of no device of the sender", func(t *testing.T) {
 		// A stranger's fresh session claims to come from alice: it fails to decrypt, but the key is
 		// not one of alice's devices.
@@ -208,6 +220,9 @@ func TestNotWedges(t *testing.T) {
 			t.Error("claimed a key for a user out of scope")
 		}
 	})
+	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassNoSession, Action: "out_of_scope"}]; n != 1 {
+		t.Errorf("out-of-scope count = %d", n)
+	}
 	if f.claims.Load() != claims+1 { // the stranger's own session
 		t.Errorf("%d key claims by the bridge, want none", f.claims.Load()-claims-1)
 	}
