@@ -1,12 +1,14 @@
 // Command demo is the project's main job: it runs the reference bridge against the local stack
-// (scripts/stack.sh) the way a bridge admin would set it up, and shows an encrypted message going
-// from a Matrix user to the webhook network and an answer coming back, decrypted by the user.
+// (scripts/stack.sh) the way a bridge admin would set it up, shows an encrypted message going
+// from a Matrix user to the webhook network and an answer coming back, decrypted by the user, and
+// then wedges the Olm session between the bridge and the user's device and shows unwedge heal it.
 //
 // Run it through scripts/run.sh, which brings up Postgres and Synapse first.
 package main
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -19,9 +21,11 @@ import (
 	"syscall"
 	"time"
 
+	_ "github.com/lib/pq"
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/appservice"
 	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/internal/harness"
 	"github.com/unwedge/unwedge/internal/testclient"
@@ -148,9 +152,46 @@ func run(ctx context.Context, dir string, keep bool) error {
 	say("portal for chat %q is %s; the user joined it", "lobby", chat.RoomID)
 
 	// 5. Matrix -> webhook network -> Matrix.
-	text := "Hello from Matrix, end-to-bridge encrypted"
+	if err = roundTrip(ctx, user, echo, chat.RoomID, "Hello from Matrix, end-to-bridge encrypted"); err != nil {
+		return err
+	}
+	say("round trip complete")
+
+	// 6. A wedge: the bridge loses its Olm session with the user's device (a lost database row),
+	// and the user's next room key has to cross the broken session.
+	if err = br.Stop(); err != nil {
+		return err
+	}
+	if err = execSQL(ctx, dbURI, "DELETE FROM crypto_olm_session WHERE sender_key = $1", user.IdentityKey()); err != nil {
+		return err
+	}
+	if err = br.Start(ctx); err != nil {
+		return err
+	}
+	say("wedged: deleted the bridge's Olm session with device %s and restarted the bridge", user.DeviceID())
+	if err = user.RotateRoomKey(ctx, chat.RoomID); err != nil {
+		return err
+	}
+	if err = roundTrip(ctx, user, echo, chat.RoomID, "Sent while the Olm session was wedged"); err != nil {
+		return err
+	}
+	heal, err := lastHeal(ctx, dbURI)
+	if err != nil {
+		return err
+	}
+	say("unwedge healed it: %s", heal)
+	if keep {
+		say("bridge keeps running at %s; Ctrl-C to stop", br.URL)
+		<-ctx.Done()
+	}
+	return nil
+}
+
+// roundTrip sends text from the user, waits for the webhook side to get it and for the echo to
+// come back decrypted.
+func roundTrip(ctx context.Context, user *testclient.Client, echo *echoService, room id.RoomID, text string) error {
 	sent := time.Now()
-	evtID, err := user.SendText(ctx, chat.RoomID, text)
+	evtID, err := user.SendText(ctx, room, text)
 	if err != nil {
 		return err
 	}
@@ -160,7 +201,7 @@ func run(ctx context.Context, dir string, keep bool) error {
 		return err
 	}
 	say("webhook network received %q from %s after %s", got.Text, got.Sender, time.Since(sent).Round(time.Millisecond))
-	reply, err := user.WaitForMessage(ctx, chat.RoomID, func(evt *event.Event) bool {
+	reply, err := user.WaitForMessage(ctx, room, func(evt *event.Event) bool {
 		return evt.Content.AsMessage().Body == "echo: "+text
 	})
 	if err != nil {
@@ -171,12 +212,36 @@ func run(ctx context.Context, dir string, keep bool) error {
 	if !reply.Mautrix.WasEncrypted {
 		return fmt.Errorf("the reply was not encrypted")
 	}
-	say("round trip complete")
-	if keep {
-		say("bridge keeps running at %s; Ctrl-C to stop", br.URL)
-		<-ctx.Done()
+	return nil
+}
+
+func execSQL(ctx context.Context, uri, query string, args ...any) error {
+	db, err := sql.Open("postgres", uri)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	if _, err = db.ExecContext(ctx, query, args...); err != nil {
+		return fmt.Errorf("failed to run %q: %w", query, err)
 	}
 	return nil
+}
+
+// lastHeal describes the newest heal in the bridge's unwedge ledger.
+func lastHeal(ctx context.Context, uri string) (string, error) {
+	db, err := sql.Open("postgres", uri)
+	if err != nil {
+		return "", err
+	}
+	defer db.Close()
+	var class, outcome, sessionID, deviceID string
+	var started, finished int64
+	err = db.QueryRowContext(ctx, `SELECT class, outcome, session_id, device_id, started_at, finished_at
+		FROM unwedge_heal ORDER BY id DESC LIMIT 1`).Scan(&class, &outcome, &sessionID, &deviceID, &started, &finished)
+	if err != nil {
+		return "", fmt.Errorf("no heal in the unwedge ledger: %w", err)
+	}
+	return fmt.Sprintf("ledger says class=%s outcome=%s device=%s new Olm session %s in %d ms", class, outcome, deviceID, sessionID, finished-started), nil
 }
 
 // echoService is the remote side: it receives Matrix messages on its webhook and answers each
