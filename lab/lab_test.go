@@ -66,3 +66,41 @@ func TestLab(t *testing.T) {
 		t.Error("stock mautrix-go lost no Matrix message in any scenario: the lab does not see losses")
 	}
 }
+
+// TestLabAppservice: unwedge heals in the appservice transport too (to-device events in
+// transactions, MSC2409/MSC3202), where the machine's listeners are registered through unwedge.
+func TestLabAppservice(t *testing.T) {
+	env := testenv.Require(t)
+	if testing.Short() {
+		t.Skip("the wedge lab takes minutes")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	cfg := QuickConfig()
+	cfg.Appservice = true
+	cfg.WorkDir = t.TempDir()
+	var err error
+	if cfg.Binary, err = harness.BuildBridge(ctx, cfg.WorkDir); err != nil {
+		t.Fatal(err)
+	}
+	var scenarios []*Scenario
+	for _, name := range []string{"expired-one-time-key", "corrupt-session"} {
+		sc, _ := ScenarioByName(name)
+		scenarios = append(scenarios, sc)
+	}
+	report := Run(ctx, env, cfg, scenarios, []Mode{ModeUnwedge})
+	if report.Transport != "appservice" {
+		t.Errorf("transport = %s", report.Transport)
+	}
+	for _, res := range report.Scenarios {
+		t.Run(res.Name, func(t *testing.T) {
+			if res.Error != "" {
+				t.Fatalf("scenario failed to run: %s", res.Error)
+			}
+			t.Logf("%+v", *res)
+			if !res.Healed || res.Lost != 0 || res.OlmFailures == 0 || res.ReplacementSessions != 1 {
+				t.Errorf("want healed with one replacement session after Olm failures: %+v", *res)
+			}
+		})
+	}
+}
