@@ -15,18 +15,7 @@ import (
 // a loss proves nothing. In unwedge mode every scenario must heal with no human action, with
 // exactly one replacement session for each device whose session wedged at the bridge.
 func TestLab(t *testing.T) {
-	env := testenv.Require(t)
-	if testing.Short() {
-		t.Skip("the wedge lab takes minutes")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	cfg := QuickConfig()
-	cfg.WorkDir = t.TempDir()
-	var err error
-	if cfg.Binary, err = harness.BuildBridge(ctx, cfg.WorkDir); err != nil {
-		t.Fatal(err)
-	}
+	env, ctx, cfg := setupLab(t, 15*time.Minute)
 	report := Run(ctx, env, cfg, Scenarios, []Mode{ModeStock, ModeUnwedge})
 	if len(report.UnavailableModes) != 0 {
 		t.Errorf("unavailable modes = %v", report.UnavailableModes)
@@ -70,19 +59,8 @@ func TestLab(t *testing.T) {
 // TestLabAppservice: unwedge heals in the appservice transport too (to-device events in
 // transactions, MSC2409/MSC3202), where the machine's listeners are registered through unwedge.
 func TestLabAppservice(t *testing.T) {
-	env := testenv.Require(t)
-	if testing.Short() {
-		t.Skip("the wedge lab takes minutes")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	cfg := QuickConfig()
+	env, ctx, cfg := setupLab(t, 10*time.Minute)
 	cfg.Appservice = true
-	cfg.WorkDir = t.TempDir()
-	var err error
-	if cfg.Binary, err = harness.BuildBridge(ctx, cfg.WorkDir); err != nil {
-		t.Fatal(err)
-	}
 	var scenarios []*Scenario
 	for _, name := range []string{"expired-one-time-key", "corrupt-session"} {
 		sc, _ := ScenarioByName(name)
@@ -103,4 +81,22 @@ func TestLabAppservice(t *testing.T) {
 			}
 		})
 	}
+}
+
+// setupLab returns the stack, a context bounded by timeout, and a quick config with the bridge
+// built into the test's temporary directory.
+func setupLab(t *testing.T, timeout time.Duration) (*testenv.Env, context.Context, Config) {
+	env := testenv.Require(t)
+	if testing.Short() {
+		t.Skip("the wedge lab takes minutes")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	t.Cleanup(cancel)
+	cfg := QuickConfig()
+	cfg.WorkDir = t.TempDir()
+	var err error
+	if cfg.Binary, err = harness.BuildBridge(ctx, cfg.WorkDir); err != nil {
+		t.Fatal(err)
+	}
+	return env, ctx, cfg
 }

@@ -168,24 +168,19 @@ func (w *World) bridgedTexts() map[string]time.Time {
 	return out
 }
 
-func (w *World) remoteDecrypted(dev *testclient.Client) int {
+// remoteDecrypted counts the remote messages a device decrypted, of the phases given by prefix
+// (both phases when none is given).
+func (w *World) remoteDecrypted(dev *testclient.Client, prefixes ...string) int {
+	if len(prefixes) == 0 {
+		prefixes = []string{"remote-wedged-", "remote-after-"}
+	}
 	n := 0
 	for _, evt := range dev.Messages(w.Room) {
-		if hasPrefixAny(evt.Content.AsMessage().Body, "remote-wedged-", "remote-after-") {
+		if hasPrefixAny(evt.Content.AsMessage().Body, prefixes...) {
 			n++
 		}
 	}
 	return n
-}
-
-func (w *World) remoteAfterDecrypted(k int) bool {
-	n := 0
-	for _, evt := range w.Wedged().Messages(w.Room) {
-		if strings.HasPrefix(evt.Content.AsMessage().Body, "remote-after-") {
-			n++
-		}
-	}
-	return n == k
 }
 
 func (w *World) measure(res *Result, k int, sendTimes map[string]time.Time, wedgedAt time.Time) error {
@@ -203,7 +198,7 @@ func (w *World) measure(res *Result, k int, sendTimes map[string]time.Time, wedg
 	res.Healed = res.BridgedAfter == k
 	res.RemoteDecrypted = w.remoteDecrypted(w.Wedged())
 	res.RemoteLost = res.RemoteSent - res.RemoteDecrypted
-	res.RemoteHealed = w.remoteAfterDecrypted(k)
+	res.RemoteHealed = w.remoteDecrypted(w.Wedged(), "remote-after-") == k
 	for _, dev := range w.Devices[1:] {
 		res.OtherDevicesRemoteLost += res.RemoteSent - w.remoteDecrypted(dev)
 	}

@@ -177,12 +177,10 @@ func (w *World) Exchange(ctx context.Context, tag string) error {
 // rotateBridgeKey makes the bridge discard its outbound Megolm session, so that its next message
 // shares a new room key with the user's devices over Olm.
 func (w *World) rotateBridgeKey(ctx context.Context) error {
-	evtID, err := w.Wedged().SendText(ctx, w.Room, "!wh discard-megolm-session")
-	if err != nil {
+	if _, err := w.Wedged().SendText(ctx, w.Room, "!wh discard-megolm-session"); err != nil {
 		return err
 	}
 	// The command's answer may itself be undecryptable; a short pause lets the bridge act on it.
-	_ = evtID
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
