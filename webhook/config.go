@@ -10,6 +10,8 @@ import (
 
 	unwedgebridge "github.com/unwedge/unwedge/bridge"
 	"github.com/unwedge/unwedge/crypto/unwedge"
+
+	"github.com/unwedge/unwedge/internal/backoff"
 )
 
 //go:embed example-config.yaml
@@ -68,9 +70,5 @@ func (c *Config) Validate() error {
 
 // backoff is the wait after the given number of failed attempts.
 func (d *DeliveryConfig) backoff(attempts int) time.Duration {
-	wait := d.MinBackoff
-	for i := 1; i < attempts && wait < d.MaxBackoff; i++ {
-		wait *= 2
-	}
-	return min(wait, d.MaxBackoff)
+	return backoff.Exponential(d.MinBackoff, d.MaxBackoff, attempts)
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/unwedge/unwedge/internal/backoff"
 )
 
 // ScopeMode says whose devices are healed.
@@ -76,10 +78,6 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-func (c *Config) backoff(attempt int) time.Duration {
-	wait := c.MinBackoff
-	for i := 1; i < attempt && wait < c.MaxBackoff; i++ {
-		wait *= 2
-	}
-	return min(wait, c.MaxBackoff)
+func (c *Config) backoff(attempts int) time.Duration {
+	return backoff.Exponential(c.MinBackoff, c.MaxBackoff, attempts)
 }

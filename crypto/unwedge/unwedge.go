@@ -52,10 +52,10 @@ type Unwedger struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	heals  sync.WaitGroup
-	// healing holds the sender keys with a heal running in this process, so a burst of failures
+	// healing holds the devices with a heal running in this process, so a burst of failures
 	// from one device makes one ledger request, not one per event.
 	healingLock sync.Mutex
-	healing     map[id.SenderKey]struct{}
+	healing     map[healingSlot]struct{}
 
 	countsLock sync.Mutex
 	counts     map[Count]int64
@@ -91,7 +91,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Unwedger{
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
-		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[id.SenderKey]struct{}), counts: make(map[Count]int64),
+		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[healingSlot]struct{}), counts: make(map[Count]int64),
 	}, nil
 }
 
@@ -162,7 +162,26 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 // wedged checks scope and the sender's device, then starts a heal unless one runs already.
 func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKey, class Class) {
 	log := zerolog.Ctx(ctx).With().Stringer("user_id", sender).Stringer("identity_key", key).Str("class", string(class)).Logger()
+	// A burst of failures from one device makes one heal: the rest stop here, before the scope
+	// and device lookups (which may query the homeserver).
+	slot := healingSlot{sender, key}
+	u.healingLock.Lock()
+	_, running := u.healing[slot]
+	if !running {
+		u.healing[slot] = struct{}{}
+	}
+	u.healingLock.Unlock()
+	if running {
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "limited"})
+		return
+	}
+	release := func() {
+		u.healingLock.Lock()
+		delete(u.healing, slot)
+		u.healingLock.Unlock()
+	}
 	if ok, err := u.scope.InScope(ctx, sender); err != nil || !ok {
+		release()
 		log.Debug().Err(err).Msg("Olm session wedged, but the user is out of scope")
 		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "out_of_scope", Err: err})
 		return
@@ -170,31 +189,24 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	// A sender key that is not one of the sender's devices is never healed: no key is claimed for it.
 	device, err := u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
 	if err != nil || device == nil {
+		release()
 		log.Warn().Err(err).Msg("Olm session wedged, but the identity key is not a device of the sender")
 		u.decide(ctx, Decision{Class: ClassUnknownDevice, UserID: sender, Key: key, Action: "unknown_device", Err: err})
-		return
-	}
-	u.healingLock.Lock()
-	_, running := u.healing[key]
-	if !running {
-		u.healing[key] = struct{}{}
-	}
-	u.healingLock.Unlock()
-	if running {
-		u.decide(ctx, Decision{Class: class, UserID: sender, DeviceID: device.DeviceID, Key: key, Action: "limited"})
 		return
 	}
 	log.Info().Stringer("device_id", device.DeviceID).Msg("Olm session wedged, healing")
 	u.heals.Add(1)
 	go func() {
 		defer u.heals.Done()
-		defer func() {
-			u.healingLock.Lock()
-			delete(u.healing, key)
-			u.healingLock.Unlock()
-		}()
+		defer release()
 		u.Heal(u.ctx, device, class, "")
 	}()
+}
+
+// healingSlot is a device with a heal running in this process.
+type healingSlot struct {
+	sender id.UserID
+	key    id.SenderKey
 }
 
 // Count is one kind of decision: what was detected and what unwedge did about it.
