@@ -35,6 +35,7 @@ type Helper struct {
 	client   *mautrix.Client
 	mach     *crypto.OlmMachine
 	unwedger *unwedge.Unwedger
+	recovery *unwedge.Recovery
 
 	lock       sync.RWMutex
 	cancelSync context.CancelFunc
@@ -66,6 +67,13 @@ func NewHelper(conn *matrix.Connector, cfg unwedge.Config) *Helper {
 
 // Unwedger is the middleware, once Init has run.
 func (h *Helper) Unwedger() *unwedge.Unwedger { return h.unwedger }
+
+// Recovery keeps undecryptable events until their keys arrive, once Init has run (nil when
+// recovery is disabled).
+func (h *Helper) Recovery() *unwedge.Recovery { return h.recovery }
+
+// Pending is the table of events waiting for their keys, once Init has run.
+func (h *Helper) Pending() *database.PendingQuery { return h.db.Pending }
 
 // Ledger is unwedge's heal ledger, once Init has run.
 func (h *Helper) Ledger() *database.LedgerQuery { return h.db.Ledger }
@@ -115,8 +123,16 @@ func (h *Helper) Init(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	h.unwedger.OnHealed = h.requestWaitingKeys
+	h.unwedger.OnHealed = h.afterHeal
 	h.unwedger.Start()
+	h.recovery = nil
+	if h.cfg.Recovery.Enabled {
+		h.recovery = unwedge.NewRecovery(h.cfg.Recovery, h.mach, h.db.Pending, &recoverySink{h: h}, h.unwedger.Healing, owner, h.log)
+		h.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
+			h.recovery.SessionReceived(roomID, sessionID)
+		}
+		h.recovery.Start()
+	}
 	if cfg.Encryption.Appservice {
 		h.log.Debug().Msg("End-to-bridge encryption in appservice mode: to-device events come in transactions")
 		h.conn.AS.Registration.EphemeralEvents = true
@@ -214,6 +230,9 @@ func (h *Helper) Stop() {
 		h.cancelSync()
 	}
 	h.syncDone.Wait()
+	if h.recovery != nil {
+		h.recovery.Stop()
+	}
 	if h.unwedger != nil {
 		h.unwedger.Stop()
 	}
@@ -244,8 +263,21 @@ func (h *Helper) Reset(ctx context.Context, startAfterReset bool) error {
 
 func (h *Helper) Client() *mautrix.Client { return h.client }
 
+// Decrypt decrypts a room event. An event whose Megolm session is missing is also recorded, so
+// it is bridged when its key arrives even after bridgev2's own wait gave up on it.
 func (h *Helper) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
-	return h.mach.DecryptMegolmEvent(ctx, evt)
+	decrypted, err := h.mach.DecryptMegolmEvent(ctx, evt)
+	if h.recovery == nil {
+		return decrypted, err
+	}
+	if err == nil {
+		h.recovery.Decrypted(ctx, evt.ID)
+	} else if errors.Is(err, crypto.ErrNoSessionFound) {
+		if recErr := h.recovery.Record(ctx, evt); recErr != nil {
+			zerolog.Ctx(ctx).Warn().Err(recErr).Msg("Undecryptable event not kept for recovery")
+		}
+	}
+	return decrypted, err
 }
 
 func (h *Helper) Encrypt(ctx context.Context, roomID id.RoomID, evtType event.Type, content *event.Content) error {
@@ -295,6 +327,14 @@ func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey
 		go h.RequestSession(context.WithoutCancel(ctx), roomID, senderKey, sessionID, healed.device.UserID, healed.device.DeviceID)
 	}
 	return h.mach.WaitForSession(ctx, roomID, senderKey, sessionID, timeout)
+}
+
+// afterHeal follows a heal: the keys lost with the old session are asked for again.
+func (h *Helper) afterHeal(ctx context.Context, device *id.Device) {
+	h.requestWaitingKeys(ctx, device)
+	if h.recovery != nil {
+		h.recovery.DeviceHealed(ctx, device)
+	}
 }
 
 // requestWaitingKeys asks a healed device again for the Megolm sessions bridgev2 is waiting for:

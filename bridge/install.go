@@ -17,7 +17,7 @@ var ExampleConfig string
 // UpgradeConfig copies the `unwedge:` block at prefix (for example "unwedge" under the network
 // section) in a bridge's config upgrader, so old configs keep working and new keys get defaults.
 func UpgradeConfig(helper up.Helper, prefix ...string) {
-	path := func(key string) []string { return append(append([]string{}, prefix...), key) }
+	path := func(keys ...string) []string { return append(append([]string{}, prefix...), keys...) }
 	helper.Copy(up.Bool, path("enabled")...)
 	helper.Copy(up.Str, path("min_interval")...)
 	helper.Copy(up.Str, path("scope")...)
@@ -26,6 +26,12 @@ func UpgradeConfig(helper up.Helper, prefix ...string) {
 	helper.Copy(up.Str, path("max_backoff")...)
 	helper.Copy(up.Str, path("lease")...)
 	helper.Copy(up.Str, path("history_retention")...)
+	helper.Copy(up.Bool, path("recovery", "enabled")...)
+	helper.Copy(up.Str, path("recovery", "retention")...)
+	helper.Copy(up.Int, path("recovery", "key_requests")...)
+	helper.Copy(up.Str, path("recovery", "min_backoff")...)
+	helper.Copy(up.Str, path("recovery", "max_backoff")...)
+	helper.Copy(up.Int, path("recovery", "max_pending_per_user")...)
 }
 
 // Install puts unwedge into a bridge made with mxmain: call it from BridgeMain.PostInit, after

@@ -32,16 +32,17 @@ func (db *WebhookDB) Upgrade(ctx context.Context) error {
 	return nil
 }
 
-// UnwedgeDB holds unwedge's tables: the heal ledger.
+// UnwedgeDB holds unwedge's tables: the heal ledger and the events waiting for their keys.
 type UnwedgeDB struct {
 	*dbutil.Database
-	Ledger *LedgerQuery
+	Ledger  *LedgerQuery
+	Pending *PendingQuery
 }
 
 // NewUnwedgeDB wraps the bridge's database; call Upgrade before use.
 func NewUnwedgeDB(bridgeID string, parent *dbutil.Database, log dbutil.DatabaseLogger) *UnwedgeDB {
 	db := parent.Child("unwedge_version", upgrades.Unwedge, log)
-	return &UnwedgeDB{Database: db, Ledger: &LedgerQuery{BridgeID: bridgeID, db: db}}
+	return &UnwedgeDB{Database: db, Ledger: &LedgerQuery{BridgeID: bridgeID, db: db}, Pending: &PendingQuery{BridgeID: bridgeID, db: db}}
 }
 
 // Upgrade creates or upgrades unwedge's tables.

@@ -36,6 +36,23 @@ type Config struct {
 	Lease time.Duration `yaml:"lease"`
 	// HistoryRetention is how long heal records are kept.
 	HistoryRetention time.Duration `yaml:"history_retention"`
+	// Recovery keeps undecryptable events until their keys arrive.
+	Recovery RecoveryConfig `yaml:"recovery"`
+}
+
+// RecoveryConfig is the `unwedge.recovery:` block: what happens to room events the bridge could
+// not decrypt for lack of their Megolm session, after bridgev2's own wait gave up on them.
+type RecoveryConfig struct {
+	Enabled bool `yaml:"enabled"`
+	// Retention is how long an event waits for its key; then it is given up with a notice.
+	Retention time.Duration `yaml:"retention"`
+	// KeyRequests bounds the m.room_key_request messages sent per Megolm session; the wait
+	// between them doubles from MinBackoff up to MaxBackoff.
+	KeyRequests int           `yaml:"key_requests"`
+	MinBackoff  time.Duration `yaml:"min_backoff"`
+	MaxBackoff  time.Duration `yaml:"max_backoff"`
+	// MaxPendingPerUser bounds the events kept for one sender; more are not kept (stock behaviour).
+	MaxPendingPerUser int `yaml:"max_pending_per_user"`
 }
 
 // DefaultConfig is the configuration example-config.yaml documents.
@@ -49,6 +66,14 @@ func DefaultConfig() Config {
 		MaxBackoff:       time.Minute,
 		Lease:            2 * time.Minute,
 		HistoryRetention: 30 * 24 * time.Hour,
+		Recovery: RecoveryConfig{
+			Enabled:           true,
+			Retention:         7 * 24 * time.Hour,
+			KeyRequests:       8,
+			MinBackoff:        30 * time.Second,
+			MaxBackoff:        time.Hour,
+			MaxPendingPerUser: 1000,
+		},
 	}
 }
 
@@ -75,7 +100,25 @@ func (c *Config) Validate() error {
 	if c.HistoryRetention < c.MinInterval {
 		errs = append(errs, errors.New("unwedge.history_retention must not be shorter than unwedge.min_interval"))
 	}
+	if r := c.Recovery; r.Enabled {
+		if r.Retention < MinRetention {
+			errs = append(errs, fmt.Errorf("unwedge.recovery.retention must be at least %s (bridgev2 itself waits %s)", MinRetention, StockWait))
+		}
+		if r.KeyRequests < 1 {
+			errs = append(errs, errors.New("unwedge.recovery.key_requests must be at least 1"))
+		}
+		if r.MinBackoff <= 0 || r.MaxBackoff < r.MinBackoff {
+			errs = append(errs, errors.New("unwedge.recovery.min_backoff must be positive and not above unwedge.recovery.max_backoff"))
+		}
+		if r.MaxPendingPerUser < 1 {
+			errs = append(errs, errors.New("unwedge.recovery.max_pending_per_user must be at least 1"))
+		}
+	}
 	return errors.Join(errs...)
+}
+
+func (r *RecoveryConfig) backoff(requests int) time.Duration {
+	return backoff.Exponential(r.MinBackoff, r.MaxBackoff, requests)
 }
 
 func (c *Config) backoff(attempts int) time.Duration {

@@ -21,6 +21,11 @@ func TestConfigValidate(t *testing.T) {
 		{"no retries", func(c *Config) { c.MaxRetries = 0 }, []string{"unwedge.max_retries"}},
 		{"backoff inverted", func(c *Config) { c.MaxBackoff = time.Millisecond }, []string{"unwedge.min_backoff"}},
 		{"short lease", func(c *Config) { c.Lease = time.Second }, []string{"unwedge.lease"}},
+		{"short retention", func(c *Config) { c.Recovery.Retention = 10 * time.Second }, []string{"unwedge.recovery.retention"}},
+		{"no key requests", func(c *Config) { c.Recovery.KeyRequests = 0 }, []string{"unwedge.recovery.key_requests"}},
+		{"request backoff inverted", func(c *Config) { c.Recovery.MaxBackoff = time.Second }, []string{"unwedge.recovery.min_backoff"}},
+		{"no pending allowed", func(c *Config) { c.Recovery.MaxPendingPerUser = 0 }, []string{"unwedge.recovery.max_pending_per_user"}},
+		{"recovery off skips its checks", func(c *Config) { c.Recovery = RecoveryConfig{} }, nil},
 		{"several at once", func(c *Config) { c.MinInterval, c.MaxRetries = 0, 0 }, []string{"unwedge.min_interval", "unwedge.max_retries"}},
 	}
 	for _, tc := range cases {

@@ -203,6 +203,14 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	}()
 }
 
+// Healing reports whether a heal of the device runs in this process now.
+func (u *Unwedger) Healing(sender id.UserID, key id.SenderKey) bool {
+	u.healingLock.Lock()
+	defer u.healingLock.Unlock()
+	_, ok := u.healing[healingSlot{sender, key}]
+	return ok
+}
+
 // healingSlot is a device with a heal running in this process.
 type healingSlot struct {
 	sender id.UserID

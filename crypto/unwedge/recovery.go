@@ -1,0 +1,431 @@
+package unwedge
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/database"
+)
+
+// StockWait is how long bridgev2 itself waits for a missing Megolm session before it gives up on
+// an event (3 s, a key request, then 22 s more in mautrix-go v0.31.0), plus a margin. Until then
+// the event is bridgev2's; after it, Recovery's.
+const StockWait = 30 * time.Second
+
+// MinRetention is the shortest allowed recovery.retention.
+const MinRetention = time.Minute
+
+// PendingStore keeps undecryptable events until their keys arrive; database.PendingQuery
+// implements it.
+type PendingStore interface {
+	Add(ctx context.Context, p *database.Pending) (bool, error)
+	CountBySender(ctx context.Context, sender id.UserID) (int, error)
+	Delete(ctx context.Context, eventID id.EventID) (bool, error)
+	DueSessions(ctx context.Context, now, handover time.Time, limit int) ([]*database.PendingSession, error)
+	WaitingSessions(ctx context.Context, handover time.Time, limit int) ([]*database.PendingSession, error)
+	MarkRequested(ctx context.Context, s *database.PendingSession, requests int, next time.Time) error
+	RequestNow(ctx context.Context, senderKey id.SenderKey, now time.Time) (int64, error)
+	ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time) ([]*database.Pending, error)
+	ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time) ([]*database.Pending, error)
+	Release(ctx context.Context, eventID id.EventID, owner, lastErr string) error
+	Done(ctx context.Context, eventID id.EventID, owner string) error
+}
+
+// Sink is the bridge side of recovery: it bridges events that became decryptable and tells
+// users about events that never did.
+type Sink interface {
+	// Deliver hands a late-decrypted event to the bridge (original is the encrypted event).
+	// An error keeps the event pending, to be tried again.
+	Deliver(ctx context.Context, original, decrypted *event.Event, requests int) error
+	// GiveUp tells the sender that the event will not be bridged, and why.
+	GiveUp(ctx context.Context, original *event.Event, reason string)
+}
+
+// Recovery makes sure a message whose Megolm session was lost (with a wedged Olm session or
+// otherwise) is bridged when its key arrives, also after bridgev2 gave up on it and across
+// restarts: undecryptable events are kept in the database, their keys are requested from the
+// sending device with backoff (not while that device's Olm session is being replaced, since the
+// answer would come back over the broken session), and when the session arrives the events are
+// decrypted and handed to the bridge in the order they were sent.
+type Recovery struct {
+	cfg     RecoveryConfig
+	mach    *crypto.OlmMachine
+	store   PendingStore
+	sink    Sink
+	healing func(sender id.UserID, key id.SenderKey) bool
+	owner   string
+	log     zerolog.Logger
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   sync.WaitGroup
+	wake   chan struct{}
+
+	lock sync.Mutex
+	// recorded holds the events recorded by this process, so that a later successful decrypt by
+	// bridgev2 removes the row without a database query on every decrypt.
+	recorded map[id.EventID]struct{}
+	// received holds Megolm sessions that arrived, until their events were handed over.
+	received map[receivedSession]time.Time
+	counts   map[string]int64
+
+	// now is the clock (tests move it).
+	now func() time.Time
+}
+
+type receivedSession struct {
+	roomID    id.RoomID
+	sessionID id.SessionID
+}
+
+// Recovery counters, as returned by Counts.
+const (
+	CountRecorded         = "recorded"
+	CountNotRecorded      = "not_recorded"
+	CountDecryptedStock   = "decrypted_by_bridge"
+	CountRecovered        = "recovered"
+	CountGivenUp          = "given_up"
+	CountRequestsSent     = "key_requests_sent"
+	CountRequestsFilled   = "key_requests_filled"
+	CountRequestsDeferred = "key_requests_deferred"
+)
+
+const (
+	recoveryTick  = 5 * time.Second
+	sweepInterval = 30 * time.Second
+	claimLease    = 2 * time.Minute
+	batchLimit    = 200
+)
+
+// NewRecovery makes a Recovery. healing reports whether a device's Olm session is being replaced
+// right now (Unwedger.Healing); owner names this process in claims, like the ledger's leases.
+func NewRecovery(cfg RecoveryConfig, mach *crypto.OlmMachine, store PendingStore, sink Sink, healing func(id.UserID, id.SenderKey) bool, owner string, log zerolog.Logger) *Recovery {
+	ctx, cancel := context.WithCancel(log.WithContext(context.Background()))
+	return &Recovery{
+		cfg: cfg, mach: mach, store: store, sink: sink, healing: healing, owner: owner, log: log,
+		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
+		recorded: make(map[id.EventID]struct{}), received: make(map[receivedSession]time.Time), counts: make(map[string]int64),
+		now: time.Now,
+	}
+}
+
+// Record keeps an event that could not be decrypted because its Megolm session is missing.
+// Events of a sender over MaxPendingPerUser are not kept.
+func (r *Recovery) Record(ctx context.Context, evt *event.Event) error {
+	content, ok := evt.Content.Parsed.(*event.EncryptedEventContent)
+	if !ok || content.Algorithm != id.AlgorithmMegolmV1 || content.SessionID == "" || evt.ID == "" || evt.RoomID == "" {
+		return fmt.Errorf("event %s is not a Megolm event", evt.ID)
+	}
+	if n, err := r.store.CountBySender(ctx, evt.Sender); err != nil {
+		return fmt.Errorf("failed to count pending events of %s: %w", evt.Sender, err)
+	} else if n >= r.cfg.MaxPendingPerUser {
+		r.count(CountNotRecorded)
+		return fmt.Errorf("%s already has %d events waiting for keys", evt.Sender, n)
+	}
+	now := r.now()
+	//lint:ignore SA1019 the deprecated fields are the only hint at the sending device
+	senderKey, deviceID := content.SenderKey, content.DeviceID
+	added, err := r.store.Add(ctx, &database.Pending{
+		EventID: evt.ID, RoomID: evt.RoomID, SessionID: content.SessionID, SenderKey: senderKey, Sender: evt.Sender,
+		DeviceID: deviceID, Event: evt, OriginTS: time.UnixMilli(evt.Timestamp), FirstSeen: now, NextRequest: now,
+	})
+	if err != nil {
+		return err
+	}
+	r.lock.Lock()
+	r.recorded[evt.ID] = struct{}{}
+	r.lock.Unlock()
+	if added {
+		r.count(CountRecorded)
+		zerolog.Ctx(ctx).Debug().Stringer("event_id", evt.ID).Stringer("session_id", content.SessionID).
+			Msg("Recorded undecryptable event: it will be bridged when its key arrives")
+	}
+	return nil
+}
+
+// Decrypted is told that the bridge decrypted an event itself (bridgev2's own wait got the key).
+func (r *Recovery) Decrypted(ctx context.Context, eventID id.EventID) {
+	r.lock.Lock()
+	_, ok := r.recorded[eventID]
+	delete(r.recorded, eventID)
+	r.lock.Unlock()
+	if !ok {
+		return
+	}
+	if deleted, err := r.store.Delete(ctx, eventID); err != nil {
+		zerolog.Ctx(ctx).Err(err).Stringer("event_id", eventID).Msg("Failed to remove decrypted event from pending events")
+	} else if deleted {
+		r.count(CountDecryptedStock)
+	}
+}
+
+// SessionReceived is told that a Megolm session arrived (OlmMachine.SessionReceived).
+func (r *Recovery) SessionReceived(roomID id.RoomID, sessionID id.SessionID) {
+	r.lock.Lock()
+	r.received[receivedSession{roomID, sessionID}] = r.now()
+	r.lock.Unlock()
+	r.poke()
+}
+
+// DeviceHealed is told that a device's Olm session was replaced: its sessions' keys are requested
+// again now, since an answer can finally reach the bridge.
+func (r *Recovery) DeviceHealed(ctx context.Context, device *id.Device) {
+	if n, err := r.store.RequestNow(ctx, device.IdentityKey, r.now()); err != nil {
+		zerolog.Ctx(ctx).Err(err).Msg("Failed to schedule key requests after heal")
+	} else if n > 0 {
+		r.poke()
+	}
+}
+
+func (r *Recovery) poke() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Start runs the recovery loop until Stop.
+func (r *Recovery) Start() {
+	r.done.Add(1)
+	go func() {
+		defer r.done.Done()
+		var lastSweep time.Time
+		for {
+			sweep := r.now().Sub(lastSweep) >= sweepInterval
+			if sweep {
+				lastSweep = r.now()
+			}
+			r.pass(r.ctx, sweep)
+			select {
+			case <-r.ctx.Done():
+				return
+			case <-r.wake:
+			case <-time.After(recoveryTick):
+			}
+		}
+	}()
+}
+
+// Stop ends the loop and waits for it.
+func (r *Recovery) Stop() {
+	r.cancel()
+	r.done.Wait()
+}
+
+// Counts returns the recovery counters since start.
+func (r *Recovery) Counts() map[string]int64 {
+	r.lock.Lock()
+	defer r.lock.Unlock()
+	out := make(map[string]int64, len(r.counts))
+	for k, v := range r.counts {
+		out[k] = v
+	}
+	return out
+}
+
+func (r *Recovery) count(name string) {
+	r.lock.Lock()
+	r.counts[name]++
+	r.lock.Unlock()
+}
+
+// pass does one round: hand over events whose sessions arrived, send due key requests, and give
+// up expired events. With sweep it also looks for sessions that arrived unannounced (through
+// another replica, or while this process was down).
+func (r *Recovery) pass(ctx context.Context, sweep bool) {
+	log := zerolog.Ctx(ctx)
+	now := r.now()
+	handover := now.Add(-StockWait)
+
+	r.lock.Lock()
+	arrived := make([]receivedSession, 0, len(r.received))
+	for s, at := range r.received {
+		arrived = append(arrived, s)
+		// bridgev2 handles events of a session that arrives during its own wait; those rows
+		// are gone after it. Anything else is handed over once its hand-over time passed.
+		if now.Sub(at) > 2*StockWait {
+			delete(r.received, s)
+		}
+	}
+	r.lock.Unlock()
+	for _, s := range arrived {
+		if n := r.deliverSession(ctx, s.roomID, s.sessionID, now, handover); n > 0 {
+			r.lock.Lock()
+			delete(r.received, s)
+			r.lock.Unlock()
+		}
+	}
+	if sweep {
+		waiting, err := r.store.WaitingSessions(ctx, handover, batchLimit)
+		if err != nil && ctx.Err() == nil {
+			log.Err(err).Msg("Failed to list sessions that pending events wait for")
+		}
+		for _, s := range waiting {
+			if r.hasSession(ctx, s.RoomID, s.SessionID) {
+				r.deliverSession(ctx, s.RoomID, s.SessionID, now, handover)
+			}
+		}
+	}
+	r.requestKeys(ctx, now, handover)
+	r.giveUp(ctx, now)
+}
+
+func (r *Recovery) hasSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) bool {
+	sess, err := r.mach.CryptoStore.GetGroupSession(ctx, roomID, sessionID)
+	return err == nil && sess != nil
+}
+
+// deliverSession decrypts the handed-over events of a session that arrived and gives them to the
+// bridge in the order they were sent; it returns how many it bridged.
+func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, now, handover time.Time) int {
+	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("session_id", sessionID).Logger()
+	claimed, err := r.store.ClaimSession(ctx, roomID, sessionID, r.owner, now, now.Add(claimLease), handover)
+	if err != nil {
+		if ctx.Err() == nil {
+			log.Err(err).Msg("Failed to claim pending events")
+		}
+		return 0
+	}
+	delivered, requested := 0, 0
+	var last *database.Pending
+	for _, p := range claimed {
+		last = p
+		requested = max(requested, p.Requests)
+		elog := log.With().Stringer("event_id", p.EventID).Stringer("sender", p.Sender).Logger()
+		decrypted, err := r.mach.DecryptMegolmEvent(ctx, p.Event)
+		if err == nil {
+			err = r.sink.Deliver(ctx, p.Event, decrypted, p.Requests)
+		}
+		if err != nil {
+			elog.Warn().Err(err).Msg("Pending event still cannot be bridged")
+			if err = r.store.Release(ctx, p.EventID, r.owner, err.Error()); err != nil {
+				elog.Err(err).Msg("Failed to release pending event")
+			}
+			continue
+		}
+		if err = r.store.Done(ctx, p.EventID, r.owner); err != nil {
+			elog.Err(err).Msg("Failed to remove bridged event from pending events")
+		}
+		delivered++
+		r.count(CountRecovered)
+		elog.Info().Dur("waited", now.Sub(p.FirstSeen)).Int("key_requests", p.Requests).Msg("Bridged event after its key arrived late")
+	}
+	if delivered > 0 && requested > 0 {
+		r.count(CountRequestsFilled)
+		r.cancelRequest(ctx, last)
+	}
+	return delivered
+}
+
+// requestKeys sends the key requests that are due, one per session, and schedules the next.
+func (r *Recovery) requestKeys(ctx context.Context, now, handover time.Time) {
+	log := zerolog.Ctx(ctx)
+	due, err := r.store.DueSessions(ctx, now, handover, batchLimit)
+	if err != nil {
+		if ctx.Err() == nil {
+			log.Err(err).Msg("Failed to list due key requests")
+		}
+		return
+	}
+	for _, s := range due {
+		slog := log.With().Stringer("room_id", s.RoomID).Stringer("session_id", s.SessionID).Stringer("sender", s.Sender).Logger()
+		if r.hasSession(ctx, s.RoomID, s.SessionID) {
+			r.deliverSession(ctx, s.RoomID, s.SessionID, now, handover)
+			continue
+		}
+		next, requests := now.Add(r.cfg.Retention), s.Requests
+		switch {
+		case s.Requests >= r.cfg.KeyRequests:
+			// No more requests; the key may still arrive by itself until the retention passes.
+		case r.healing(s.Sender, s.SenderKey):
+			// Asked after the heal (DeviceHealed); an answer now would use the broken session.
+			r.count(CountRequestsDeferred)
+			next = now.Add(r.cfg.MinBackoff)
+		default:
+			target := r.requestTarget(ctx, s.Sender, s.SenderKey, s.DeviceID)
+			err = r.mach.SendRoomKeyRequest(ctx, s.RoomID, s.SenderKey, s.SessionID, r.requestID(s.SessionID), map[id.UserID][]id.DeviceID{s.Sender: {target}})
+			if err != nil {
+				slog.Warn().Err(err).Msg("Failed to send key request for pending events")
+				next = now.Add(r.cfg.MinBackoff)
+				break
+			}
+			requests++
+			r.count(CountRequestsSent)
+			next = now.Add(r.cfg.backoff(requests))
+			if requests >= r.cfg.KeyRequests {
+				next = now.Add(r.cfg.Retention)
+			}
+			slog.Debug().Stringer("device_id", target).Int("request", requests).Int("events", s.Events).Time("next_request", next).
+				Msg("Requested key for pending events")
+		}
+		if err = r.store.MarkRequested(ctx, s, requests, next); err != nil {
+			slog.Err(err).Msg("Failed to record key request")
+		}
+	}
+}
+
+// requestTarget is the device that sent the session: found by its identity key, else as the
+// event claims, else all the sender's devices.
+func (r *Recovery) requestTarget(ctx context.Context, sender id.UserID, key id.SenderKey, claimed id.DeviceID) id.DeviceID {
+	if dev, err := r.mach.CryptoStore.FindDeviceByKey(ctx, sender, key); err == nil && dev != nil {
+		return dev.DeviceID
+	} else if claimed != "" {
+		return claimed
+	}
+	return "*"
+}
+
+// requestID is the same for every request of a session, so a cancellation covers them all.
+func (r *Recovery) requestID(sessionID id.SessionID) string {
+	sum := sha256.Sum256([]byte(string(r.mach.Client.DeviceID) + "|" + string(sessionID)))
+	return "unwedge-" + hex.EncodeToString(sum[:12])
+}
+
+// cancelRequest withdraws the key request of a session that arrived.
+func (r *Recovery) cancelRequest(ctx context.Context, p *database.Pending) {
+	target := r.requestTarget(ctx, p.Sender, p.SenderKey, p.DeviceID)
+	req := &mautrix.ReqSendToDevice{Messages: map[id.UserID]map[id.DeviceID]*event.Content{p.Sender: {target: {
+		Parsed: &event.RoomKeyRequestEventContent{
+			Action: event.KeyRequestActionCancel, RequestID: r.requestID(p.SessionID), RequestingDeviceID: r.mach.Client.DeviceID,
+		},
+	}}}}
+	if _, err := r.mach.Client.SendToDevice(ctx, event.ToDeviceRoomKeyRequest, req); err != nil {
+		zerolog.Ctx(ctx).Debug().Err(err).Stringer("session_id", p.SessionID).Msg("Failed to cancel key request")
+	}
+}
+
+// ErrGaveUp is the reason given for an event whose key never arrived.
+var ErrGaveUp = errors.New("the bridge never received the keys to decrypt it")
+
+// giveUp removes events that waited longer than the retention, telling their senders.
+func (r *Recovery) giveUp(ctx context.Context, now time.Time) {
+	expired, err := r.store.ClaimExpired(ctx, now.Add(-r.cfg.Retention), r.owner, now, now.Add(claimLease))
+	if err != nil {
+		if ctx.Err() == nil {
+			zerolog.Ctx(ctx).Err(err).Msg("Failed to list expired pending events")
+		}
+		return
+	}
+	for _, p := range expired {
+		reason := fmt.Sprintf("%s (waited %s, asked %d times)", ErrGaveUp, r.cfg.Retention, p.Requests)
+		r.sink.GiveUp(ctx, p.Event, reason)
+		if err = r.store.Done(ctx, p.EventID, r.owner); err != nil {
+			zerolog.Ctx(ctx).Err(err).Stringer("event_id", p.EventID).Msg("Failed to remove given-up event")
+			continue
+		}
+		r.count(CountGivenUp)
+		zerolog.Ctx(ctx).Warn().Stringer("event_id", p.EventID).Stringer("room_id", p.RoomID).Stringer("sender", p.Sender).
+			Stringer("session_id", p.SessionID).Int("key_requests", p.Requests).Msg("Gave up on undecryptable event: its key never arrived")
+	}
+}

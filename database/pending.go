@@ -1,0 +1,229 @@
+package database
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// Pending is a room event the bridge could not decrypt for lack of its Megolm session.
+type Pending struct {
+	EventID   id.EventID
+	RoomID    id.RoomID
+	SessionID id.SessionID
+	SenderKey id.SenderKey
+	Sender    id.UserID
+	DeviceID  id.DeviceID
+	// Event is the event as received (still encrypted).
+	Event       *event.Event
+	OriginTS    time.Time
+	FirstSeen   time.Time
+	Requests    int
+	NextRequest time.Time
+	LastError   string
+}
+
+// PendingSession is a Megolm session that pending events wait for.
+type PendingSession struct {
+	RoomID    id.RoomID
+	SessionID id.SessionID
+	SenderKey id.SenderKey
+	Sender    id.UserID
+	DeviceID  id.DeviceID
+	Requests  int
+	Events    int
+}
+
+const (
+	pendingColumns     = `event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, requests, next_request, last_error`
+	insertPendingQuery = `
+		INSERT INTO unwedge_pending (bridge_id, event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, next_request)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+		ON CONFLICT (bridge_id, event_id) DO NOTHING`
+	countPendingBySenderQuery = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1 AND sender = $2`
+	countPendingQuery         = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1`
+	deletePendingQuery        = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2`
+	// Sessions whose events passed the hand-over time and whose next key request is due.
+	dueSessionsQuery = `
+		SELECT room_id, session_id, sender_key, sender, MAX(device_id), MAX(requests), COUNT(*) FROM unwedge_pending
+		WHERE bridge_id = $1 AND next_request <= $2 AND first_seen <= $3
+		GROUP BY room_id, session_id, sender_key, sender
+		ORDER BY MIN(next_request) LIMIT $4`
+	waitingSessionsQuery = `
+		SELECT room_id, session_id, sender_key, sender, MAX(device_id), MAX(requests), COUNT(*) FROM unwedge_pending
+		WHERE bridge_id = $1 AND first_seen <= $2
+		GROUP BY room_id, session_id, sender_key, sender
+		ORDER BY MIN(origin_ts) LIMIT $3`
+	markRequestedQuery = `
+		UPDATE unwedge_pending SET requests = $5, next_request = $6
+		WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND sender_key = $4`
+	requestNowQuery = `
+		UPDATE unwedge_pending SET next_request = $3 WHERE bridge_id = $1 AND sender_key = $2 AND next_request > $3`
+	claimSessionQuery = `
+		UPDATE unwedge_pending SET claim_owner = $4, claim_until = $5
+		WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND first_seen <= $6 AND claim_until < $7
+		RETURNING ` + pendingColumns
+	claimExpiredQuery = `
+		UPDATE unwedge_pending SET claim_owner = $2, claim_until = $3
+		WHERE bridge_id = $1 AND first_seen < $4 AND claim_until < $5
+		RETURNING ` + pendingColumns
+	releasePendingQuery = `
+		UPDATE unwedge_pending SET claim_owner = '', claim_until = 0, last_error = $4
+		WHERE bridge_id = $1 AND event_id = $2 AND claim_owner = $3`
+	deleteClaimedQuery = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2 AND claim_owner = $3`
+	listPendingQuery   = `
+		SELECT ` + pendingColumns + ` FROM unwedge_pending
+		WHERE bridge_id = $1 AND ($2 = '' OR sender = $2) ORDER BY origin_ts, event_id LIMIT $3`
+)
+
+// PendingQuery keeps undecryptable events until their keys arrive.
+type PendingQuery struct {
+	BridgeID string
+	db       *dbutil.Database
+}
+
+// Add records an undecryptable event; the first key request is due at nextRequest. It reports
+// false when the event was already recorded.
+func (pq *PendingQuery) Add(ctx context.Context, p *Pending) (bool, error) {
+	raw, err := json.Marshal(p.Event)
+	if err != nil {
+		return false, fmt.Errorf("failed to encode event %s: %w", p.EventID, err)
+	}
+	res, err := pq.db.Exec(ctx, insertPendingQuery, pq.BridgeID, p.EventID, p.RoomID, p.SessionID, p.SenderKey, p.Sender, p.DeviceID,
+		string(raw), p.OriginTS.UnixMilli(), p.FirstSeen.UnixMilli(), p.NextRequest.UnixMilli())
+	if err != nil {
+		return false, fmt.Errorf("failed to record pending event %s: %w", p.EventID, err)
+	}
+	n, _ := res.RowsAffected()
+	return n > 0, nil
+}
+
+// CountBySender counts a user's pending events.
+func (pq *PendingQuery) CountBySender(ctx context.Context, sender id.UserID) (n int, err error) {
+	err = pq.db.QueryRow(ctx, countPendingBySenderQuery, pq.BridgeID, sender).Scan(&n)
+	return
+}
+
+// Count counts all pending events.
+func (pq *PendingQuery) Count(ctx context.Context) (n int, err error) {
+	err = pq.db.QueryRow(ctx, countPendingQuery, pq.BridgeID).Scan(&n)
+	return
+}
+
+// Delete removes an event (the bridge decrypted it itself); it reports whether it was pending.
+func (pq *PendingQuery) Delete(ctx context.Context, eventID id.EventID) (bool, error) {
+	res, err := pq.db.Exec(ctx, deletePendingQuery, pq.BridgeID, eventID)
+	if err != nil {
+		return false, err
+	}
+	n, _ := res.RowsAffected()
+	return n > 0, nil
+}
+
+func scanPendingSession(row dbutil.Scannable) (*PendingSession, error) {
+	var s PendingSession
+	return &s, row.Scan(&s.RoomID, &s.SessionID, &s.SenderKey, &s.Sender, &s.DeviceID, &s.Requests, &s.Events)
+}
+
+// DueSessions lists sessions whose events were first seen before handover and whose next key
+// request is due at now, the longest-waiting first.
+func (pq *PendingQuery) DueSessions(ctx context.Context, now, handover time.Time, limit int) ([]*PendingSession, error) {
+	rows, err := pq.db.Query(ctx, dueSessionsQuery, pq.BridgeID, now.UnixMilli(), handover.UnixMilli(), limit)
+	return dbutil.ConvertRowFn[*PendingSession](scanPendingSession).NewRowIter(rows, err).AsList()
+}
+
+// WaitingSessions lists sessions with events first seen before handover, the oldest first.
+func (pq *PendingQuery) WaitingSessions(ctx context.Context, handover time.Time, limit int) ([]*PendingSession, error) {
+	rows, err := pq.db.Query(ctx, waitingSessionsQuery, pq.BridgeID, handover.UnixMilli(), limit)
+	return dbutil.ConvertRowFn[*PendingSession](scanPendingSession).NewRowIter(rows, err).AsList()
+}
+
+// MarkRequested records a key request for a session's events and when the next one is due.
+func (pq *PendingQuery) MarkRequested(ctx context.Context, s *PendingSession, requests int, next time.Time) error {
+	_, err := pq.db.Exec(ctx, markRequestedQuery, pq.BridgeID, s.RoomID, s.SessionID, s.SenderKey, requests, next.UnixMilli())
+	return err
+}
+
+// RequestNow makes the key requests for a device's sessions due now (its Olm session was just
+// replaced, so an answer can finally reach the bridge).
+func (pq *PendingQuery) RequestNow(ctx context.Context, senderKey id.SenderKey, now time.Time) (int64, error) {
+	res, err := pq.db.Exec(ctx, requestNowQuery, pq.BridgeID, senderKey, now.UnixMilli())
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// ClaimSession holds a session's events that passed the hand-over time for owner until until,
+// so no other worker or replica hands them to the bridge at the same time. Events that another
+// owner holds are left out. The events come back in the order they were sent.
+func (pq *PendingQuery) ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time) ([]*Pending, error) {
+	rows, err := pq.db.Query(ctx, claimSessionQuery, pq.BridgeID, roomID, sessionID, owner, until.UnixMilli(), handover.UnixMilli(), now.UnixMilli())
+	return sortPending(dbutil.ConvertRowFn[*Pending](scanPending).NewRowIter(rows, err).AsList())
+}
+
+// ClaimExpired holds the events first seen before before, to be given up.
+func (pq *PendingQuery) ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time) ([]*Pending, error) {
+	rows, err := pq.db.Query(ctx, claimExpiredQuery, pq.BridgeID, owner, until.UnixMilli(), before.UnixMilli(), now.UnixMilli())
+	return sortPending(dbutil.ConvertRowFn[*Pending](scanPending).NewRowIter(rows, err).AsList())
+}
+
+// Release gives a claimed event back, with the error that kept it pending.
+func (pq *PendingQuery) Release(ctx context.Context, eventID id.EventID, owner, lastErr string) error {
+	_, err := pq.db.Exec(ctx, releasePendingQuery, pq.BridgeID, eventID, owner, lastErr)
+	return err
+}
+
+// Done removes a claimed event: it was bridged or given up.
+func (pq *PendingQuery) Done(ctx context.Context, eventID id.EventID, owner string) error {
+	_, err := pq.db.Exec(ctx, deleteClaimedQuery, pq.BridgeID, eventID, owner)
+	return err
+}
+
+// List lists pending events, of one sender or all when sender is empty, the oldest first.
+func (pq *PendingQuery) List(ctx context.Context, sender id.UserID, limit int) ([]*Pending, error) {
+	rows, err := pq.db.Query(ctx, listPendingQuery, pq.BridgeID, sender, limit)
+	return dbutil.ConvertRowFn[*Pending](scanPending).NewRowIter(rows, err).AsList()
+}
+
+func scanPending(row dbutil.Scannable) (*Pending, error) {
+	var p Pending
+	var raw string
+	var originTS, firstSeen, nextRequest int64
+	err := row.Scan(&p.EventID, &p.RoomID, &p.SessionID, &p.SenderKey, &p.Sender, &p.DeviceID, &raw,
+		&originTS, &firstSeen, &p.Requests, &nextRequest, &p.LastError)
+	if err != nil {
+		return nil, err
+	}
+	p.OriginTS, p.FirstSeen, p.NextRequest = time.UnixMilli(originTS), time.UnixMilli(firstSeen), time.UnixMilli(nextRequest)
+	p.Event = &event.Event{}
+	if err = json.Unmarshal([]byte(raw), p.Event); err != nil {
+		return nil, fmt.Errorf("failed to decode pending event %s: %w", p.EventID, err)
+	}
+	p.Event.Type.Class = event.MessageEventType
+	if err = p.Event.Content.ParseRaw(p.Event.Type); err != nil {
+		return nil, fmt.Errorf("failed to parse pending event %s: %w", p.EventID, err)
+	}
+	return &p, nil
+}
+
+// sortPending orders events as they were sent (RETURNING has no ORDER BY).
+func sortPending(list []*Pending, err error) ([]*Pending, error) {
+	if err != nil {
+		return nil, err
+	}
+	slices.SortStableFunc(list, func(a, b *Pending) int {
+		if c := a.OriginTS.Compare(b.OriginTS); c != 0 {
+			return c
+		}
+		return strings.Compare(string(a.EventID), string(b.EventID))
+	})
+	return list, nil
+}
