@@ -44,8 +44,10 @@ type PendingSession struct {
 const (
 	pendingColumns     = `event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, requests, next_request, last_error`
 	insertPendingQuery = `
-		INSERT INTO unwedge_pending (bridge_id, event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, next_request)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+		INSERT INTO unwedge_pending (bridge_id, event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, requests, next_request)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+			COALESCE((SELECT MAX(requests) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $3 AND session_id = $4 AND sender_key = $5), 0),
+			COALESCE((SELECT MAX(next_request) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $3 AND session_id = $4 AND sender_key = $5), $11))
 		ON CONFLICT (bridge_id, event_id) DO NOTHING`
 	countPendingBySenderQuery = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1 AND sender = $2`
 	countPendingQuery         = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1`
@@ -89,8 +91,9 @@ type PendingQuery struct {
 	db       *dbutil.Database
 }
 
-// Add records an undecryptable event; the first key request is due at nextRequest. It reports
-// false when the event was already recorded.
+// Add records an undecryptable event; the first key request is due at NextRequest, unless the
+// event's session already waits, whose request count and schedule it joins. It reports false
+// when the event was already recorded.
 func (pq *PendingQuery) Add(ctx context.Context, p *Pending) (bool, error) {
 	raw, err := json.Marshal(p.Event)
 	if err != nil {

@@ -1,0 +1,12 @@
+package unwedge
+
+import (
+	"context"
+	"time"
+)
+
+// SetClock replaces a Recovery's clock (tests move time past the hand-over and the retention).
+func SetClock(r *Recovery, now func() time.Time) { r.now = now }
+
+// Pass runs one recovery round synchronously, as the loop does.
+func Pass(ctx context.Context, r *Recovery, sweep bool) { r.pass(ctx, sweep) }

@@ -1,0 +1,366 @@
+package unwedge_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/database"
+)
+
+const testRoom = id.RoomID("!portal:example.org")
+
+// recordingSink stands in for bridgev2 (the bridge side is tested end to end in e2e): it records
+// what Recovery hands it.
+type recordingSink struct {
+	lock      sync.Mutex
+	delivered []string
+	gaveUp    []id.EventID
+	reasons   []string
+}
+
+func (s *recordingSink) Deliver(_ context.Context, original, decrypted *event.Event, _ int) error {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	if decrypted.ID != original.ID {
+		return fmt.Errorf("decrypted event has ID %s, want %s", decrypted.ID, original.ID)
+	}
+	s.delivered = append(s.delivered, decrypted.Content.AsMessage().Body)
+	return nil
+}
+
+func (s *recordingSink) GiveUp(_ context.Context, original *event.Event, reason string) {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	s.gaveUp = append(s.gaveUp, original.ID)
+	s.reasons = append(s.reasons, reason)
+}
+
+func (s *recordingSink) bodies() []string {
+	s.lock.Lock()
+	defer s.lock.Unlock()
+	return append([]string(nil), s.delivered...)
+}
+
+// recoveryFixture adds a Recovery, with a clock the test moves, to the bridge of a fixture.
+type recoveryFixture struct {
+	*fixture
+	sink    *recordingSink
+	pending *database.PendingQuery
+	rec     *unwedge.Recovery
+	clock   time.Time
+	healing bool
+	megolm  *crypto.OutboundGroupSession
+}
+
+func newRecoveryFixture(t *testing.T, mutate func(*unwedge.RecoveryConfig)) *recoveryFixture {
+	f := &recoveryFixture{fixture: newFixture(t), sink: &recordingSink{}, clock: time.Now()}
+	f.establish()
+	f.pending = database.NewUnwedgeDB("test", f.db, dbutil.ZeroLogger(zerolog.Nop())).Pending
+	cfg := f.cfg.Recovery
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	f.startRecovery(cfg)
+	f.peer.mach.AllowKeyShare = func(context.Context, *id.Device, event.RequestedKeyInfo) *crypto.KeyShareRejection { return nil }
+	f.megolm = f.newPeerMegolm()
+	return f
+}
+
+// startRecovery makes a Recovery on the bridge's machine, as a bridge start does.
+func (f *recoveryFixture) startRecovery(cfg unwedge.RecoveryConfig) {
+	log := zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel)
+	f.rec = unwedge.NewRecovery(cfg, f.bridge.mach, f.pending, f.sink, func(id.UserID, id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), log)
+	unwedge.SetClock(f.rec, func() time.Time { return f.clock })
+	f.bridge.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
+		f.rec.SessionReceived(roomID, sessionID)
+	}
+}
+
+// newPeerMegolm starts a Megolm session on the peer that the bridge never gets.
+func (f *recoveryFixture) newPeerMegolm() *crypto.OutboundGroupSession {
+	ogs, err := crypto.NewOutboundGroupSession(testRoom, nil, nil)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	ogs.Shared = true
+	own := f.peer.mach.OwnIdentity()
+	igs, err := crypto.NewInboundGroupSession(own.IdentityKey, own.SigningKey, testRoom, ogs.Internal.Key(), 0, 0, nil, false)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	if err = f.peer.mach.CryptoStore.PutGroupSession(f.ctx, igs); err != nil {
+		f.t.Fatal(err)
+	}
+	if err = f.peer.mach.CryptoStore.AddOutboundGroupSession(f.ctx, ogs); err != nil {
+		f.t.Fatal(err)
+	}
+	return ogs
+}
+
+// undecryptable makes the peer send a room message the bridge cannot decrypt, and records it as
+// the bridge's Decrypt does.
+func (f *recoveryFixture) undecryptable(body string, sentAt time.Time) *event.Event {
+	f.t.Helper()
+	content, err := f.peer.mach.EncryptMegolmEvent(f.ctx, testRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: body})
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	evt := &event.Event{
+		ID: id.EventID("$" + body), RoomID: testRoom, Sender: peerUser, Type: event.EventEncrypted,
+		Timestamp: sentAt.UnixMilli(), Content: event.Content{Parsed: content},
+	}
+	if _, err = f.bridge.mach.DecryptMegolmEvent(f.ctx, evt); err == nil || !strings.Contains(err.Error(), "no session with given ID") {
+		f.t.Fatalf("bridge decrypt of %s: %v, want no session", body, err)
+	}
+	if err = f.rec.Record(f.ctx, evt); err != nil {
+		f.t.Fatal(err)
+	}
+	return evt
+}
+
+func (f *recoveryFixture) pass(after time.Duration) {
+	f.clock = f.clock.Add(after)
+	unwedge.Pass(f.ctx, f.rec, true)
+}
+
+// keyRequests takes the peer's queued to-device events and returns its key requests, after
+// handing them to the peer's machine (which answers them with a forwarded key).
+func (f *recoveryFixture) keyRequests() []*event.RoomKeyRequestEventContent {
+	var out []*event.RoomKeyRequestEventContent
+	for _, evt := range f.inbox(f.peer) {
+		if evt.Type == event.ToDeviceRoomKeyRequest {
+			if evt.Content.Parsed == nil {
+				if err := evt.Content.ParseRaw(evt.Type); err != nil {
+					f.t.Fatal(err)
+				}
+			}
+			out = append(out, evt.Content.AsRoomKeyRequest())
+		}
+		f.peer.mach.HandleToDeviceEvent(f.ctx, evt)
+	}
+	return out
+}
+
+// awaitForwardedKey hands the bridge the peer's forwarded key once it is queued.
+func (f *recoveryFixture) awaitForwardedKey() {
+	f.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if len(f.deliverToBridge()) > 0 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	f.t.Fatal("the peer did not forward the key")
+}
+
+func (f *recoveryFixture) pendingCount() int {
+	n, err := f.pending.Count(f.ctx)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return n
+}
+
+// TestRecoveryLateKey: the key arrives long after bridgev2 gave up. Nothing is requested while
+// bridgev2 still waits; then the key is requested, arrives as a forwarded key, and the events are
+// bridged in the order they were sent, once, and the request is cancelled.
+func TestRecoveryLateKey(t *testing.T) {
+	f := newRecoveryFixture(t, nil)
+	t0 := f.clock
+	// Recorded out of order: the second message's failure is seen first.
+	f.undecryptable("second", t0.Add(-time.Second))
+	f.undecryptable("first", t0.Add(-2*time.Second))
+	f.undecryptable("third", t0)
+
+	f.pass(10 * time.Second)
+	if reqs := f.keyRequests(); len(reqs) != 0 {
+		t.Fatalf("%d key requests while bridgev2 still waits, want 0", len(reqs))
+	}
+	f.pass(unwedge.StockWait)
+	reqs := f.keyRequests()
+	if len(reqs) != 1 || reqs[0].Action != event.KeyRequestActionRequest || reqs[0].Body.SessionID != f.megolm.ID() || reqs[0].RequestingDeviceID != bridgeDevice {
+		t.Fatalf("key requests = %+v, want one request for %s", reqs, f.megolm.ID())
+	}
+	f.awaitForwardedKey()
+	f.pass(time.Second)
+	if got := f.sink.bodies(); strings.Join(got, ",") != "first,second,third" {
+		t.Fatalf("bridged %v, want first,second,third", got)
+	}
+	if n := f.pendingCount(); n != 0 {
+		t.Fatalf("%d events still pending", n)
+	}
+	cancels := f.keyRequests()
+	if len(cancels) != 1 || cancels[0].Action != event.KeyRequestActionCancel || cancels[0].RequestID != reqs[0].RequestID {
+		t.Fatalf("after the key arrived the peer got %+v, want a cancellation of %s", cancels, reqs[0].RequestID)
+	}
+
+	// The same key again (a second answer): nothing is bridged twice.
+	f.undecryptableNoop()
+	counts := f.rec.Counts()
+	if counts[unwedge.CountRecovered] != 3 || counts[unwedge.CountRequestsSent] != 1 || counts[unwedge.CountRequestsFilled] != 1 {
+		t.Fatalf("counts = %v", counts)
+	}
+}
+
+// undecryptableNoop makes the peer forward the same key again and checks nothing more is bridged.
+func (f *recoveryFixture) undecryptableNoop() {
+	f.t.Helper()
+	before := len(f.sink.bodies())
+	err := f.peer.mach.SendEncryptedToDevice(f.ctx, f.device(f.peer, bridgeUser, bridgeDevice), event.ToDeviceForwardedRoomKey, f.forwardedKey())
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.awaitForwardedKey()
+	f.pass(time.Second)
+	if after := len(f.sink.bodies()); after != before {
+		f.t.Fatalf("a duplicate key bridged %d more events", after-before)
+	}
+}
+
+func (f *recoveryFixture) forwardedKey() event.Content {
+	igs, err := f.peer.mach.CryptoStore.GetGroupSession(f.ctx, testRoom, f.megolm.ID())
+	if err != nil || igs == nil {
+		f.t.Fatalf("peer's own inbound session: %v", err)
+	}
+	exported, err := igs.Internal.Export(igs.Internal.FirstKnownIndex())
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return event.Content{Parsed: &event.ForwardedRoomKeyEventContent{
+		RoomKeyEventContent: event.RoomKeyEventContent{Algorithm: id.AlgorithmMegolmV1, RoomID: testRoom, SessionID: igs.ID(), SessionKey: string(exported)},
+		SenderKey:           igs.SenderKey,
+		SenderClaimedKey:    igs.SigningKey,
+	}}
+}
+
+// TestRecoveryRestart: events recorded before a restart are requested and bridged by the next
+// process, which knows nothing of them but the database.
+func TestRecoveryRestart(t *testing.T) {
+	f := newRecoveryFixture(t, nil)
+	f.undecryptable("before-restart-1", f.clock)
+	f.undecryptable("before-restart-2", f.clock.Add(time.Millisecond))
+
+	f.restartBridge()
+	f.startRecovery(f.cfg.Recovery)
+	f.pass(unwedge.StockWait + time.Second)
+	if reqs := f.keyRequests(); len(reqs) != 1 {
+		t.Fatalf("after restart %d key requests, want 1", len(reqs))
+	}
+	f.awaitForwardedKey()
+	f.pass(time.Second)
+	if got := f.sink.bodies(); strings.Join(got, ",") != "before-restart-1,before-restart-2" {
+		t.Fatalf("bridged %v after restart", got)
+	}
+}
+
+// TestRecoveryBackoff: requests back off, stop at the configured number, wait while the device
+// is being healed, and go out at once after its heal.
+func TestRecoveryBackoff(t *testing.T) {
+	f := newRecoveryFixture(t, func(c *unwedge.RecoveryConfig) {
+		c.KeyRequests, c.MinBackoff, c.MaxBackoff = 3, 10*time.Second, 15*time.Second
+	})
+	// The peer ignores requests here: the key never comes.
+	f.peer.mach.AllowKeyShare = func(context.Context, *id.Device, event.RequestedKeyInfo) *crypto.KeyShareRejection {
+		return &crypto.KeyShareRejectNoResponse
+	}
+	f.undecryptable("lost", f.clock)
+	steps := []struct {
+		after time.Duration
+		want  int
+	}{
+		{unwedge.StockWait, 1}, // first request at the hand-over
+		{5 * time.Second, 0},   // backoff: 10 s
+		{5 * time.Second, 1},
+		{10 * time.Second, 0}, // backoff: 15 s (capped)
+		{5 * time.Second, 1},  // third and last
+		{time.Hour, 0},
+	}
+	for i, step := range steps {
+		f.pass(step.after)
+		if got := len(f.keyRequests()); got != step.want {
+			t.Fatalf("step %d: %d requests, want %d", i, got, step.want)
+		}
+	}
+
+	f.undecryptable("while-healing", f.clock)
+	// A new session is due at the hand-over, but the device is healing: deferred.
+	f.megolm = f.newPeerMegolm()
+	f.undecryptable("new-session-while-healing", f.clock)
+	f.healing = true
+	f.pass(unwedge.StockWait + time.Second)
+	if got := len(f.keyRequests()); got != 0 {
+		t.Fatalf("%d requests to a healing device, want 0", got)
+	}
+	f.healing = false
+	f.rec.DeviceHealed(f.ctx, f.device(f.bridge, peerUser, peerDevice))
+	f.pass(0)
+	if got := len(f.keyRequests()); got != 1 {
+		t.Fatalf("after the heal %d requests, want 1 (the exhausted session is not asked again)", got)
+	}
+	if c := f.rec.Counts(); c[unwedge.CountRequestsDeferred] != 1 {
+		t.Fatalf("counts = %v, want 1 deferred request", c)
+	}
+}
+
+// TestRecoveryRetention: an event whose key never comes is given up after the retention, and
+// its row goes.
+func TestRecoveryRetention(t *testing.T) {
+	f := newRecoveryFixture(t, func(c *unwedge.RecoveryConfig) { c.Retention = time.Hour })
+	evt := f.undecryptable("never", f.clock)
+	f.pass(59 * time.Minute)
+	if len(f.sink.gaveUp) != 0 {
+		t.Fatal("given up before the retention")
+	}
+	f.pass(2 * time.Minute)
+	if len(f.sink.gaveUp) != 1 || f.sink.gaveUp[0] != evt.ID || !strings.Contains(f.sink.reasons[0], unwedge.ErrGaveUp.Error()) {
+		t.Fatalf("gave up %v (%v), want %s", f.sink.gaveUp, f.sink.reasons, evt.ID)
+	}
+	if n := f.pendingCount(); n != 0 {
+		t.Fatalf("%d rows left after giving up", n)
+	}
+}
+
+// TestRecoveryDecryptedByBridge: when bridgev2's own wait got the key, the row goes and nothing
+// is bridged twice.
+func TestRecoveryDecryptedByBridge(t *testing.T) {
+	f := newRecoveryFixture(t, nil)
+	evt := f.undecryptable("in-time", f.clock)
+	f.rec.Decrypted(f.ctx, evt.ID)
+	if n := f.pendingCount(); n != 0 {
+		t.Fatalf("%d rows after bridgev2 decrypted the event", n)
+	}
+	if c := f.rec.Counts(); c[unwedge.CountDecryptedStock] != 1 {
+		t.Fatalf("counts = %v", c)
+	}
+}
+
+// TestRecoveryLimit: a sender cannot fill the table.
+func TestRecoveryLimit(t *testing.T) {
+	f := newRecoveryFixture(t, func(c *unwedge.RecoveryConfig) { c.MaxPendingPerUser = 2 })
+	f.undecryptable("one", f.clock)
+	f.undecryptable("two", f.clock)
+	content, err := f.peer.mach.EncryptMegolmEvent(f.ctx, testRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "three"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = f.rec.Record(f.ctx, &event.Event{ID: "$three", RoomID: testRoom, Sender: peerUser, Type: event.EventEncrypted, Content: event.Content{Parsed: content}})
+	if err == nil || f.pendingCount() != 2 {
+		t.Fatalf("third event: err=%v, %d rows; want an error and 2 rows", err, f.pendingCount())
+	}
+	// Not Megolm: refused with an error, nothing stored.
+	if err = f.rec.Record(f.ctx, &event.Event{ID: "$plain", RoomID: testRoom, Sender: "@bob:example.org", Content: event.Content{Parsed: &event.MessageEventContent{}}}); err == nil {
+		t.Fatal("a plaintext event was recorded")
+	}
+}
