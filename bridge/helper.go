@@ -124,6 +124,7 @@ func (h *Helper) Init(ctx context.Context) error {
 		return err
 	}
 	h.unwedger.OnHealed = h.afterHeal
+	h.unwedger.OnNewSession = h.reshareRoomKeys
 	h.unwedger.Start()
 	h.recovery = nil
 	if h.cfg.Recovery.Enabled {
@@ -144,7 +145,9 @@ func (h *Helper) Init(ctx context.Context) error {
 
 func (h *Helper) configureMachine() {
 	enc := h.conn.Config.Encryption
-	h.mach.DisableSharedGroupSessionTracking = true
+	// Tracking who got each of the bridge's Megolm sessions lets it share them again with a
+	// device whose Olm session was replaced, and answer that device's key requests for them.
+	h.mach.DisableSharedGroupSessionTracking = false
 	h.mach.AllowKeyShare = h.allowKeyShare
 	h.mach.SendKeysMinTrust = enc.VerificationLevels.Receive
 	h.mach.PlaintextMentions = enc.PlaintextMentions
@@ -165,6 +168,10 @@ func (h *Helper) allowKeyShare(ctx context.Context, device *id.Device, info even
 		return &crypto.KeyShareRejectNoResponse
 	} else if device.Trust == id.TrustStateBlacklisted {
 		return &crypto.KeyShareRejectBlacklisted
+	} else if h.hadOwnSession(ctx, device, info) {
+		// The bridge sent this device the session before (over an Olm session it may not have
+		// been able to read): it may have it again, whatever its verification level.
+		return nil
 	} else if trust, _ := h.mach.ResolveTrustContext(ctx, device); trust < enc.VerificationLevels.Share {
 		return &crypto.KeyShareRejectUnverified
 	}
@@ -177,6 +184,20 @@ func (h *Helper) allowKeyShare(ctx context.Context, device *id.Device, info even
 		return &crypto.KeyShareRejection{Code: event.RoomKeyWithheldUnauthorized, Reason: "Not a user of this bridge"}
 	}
 	return nil
+}
+
+// hadOwnSession reports whether the requested session is one of the bridge's own, the bridge
+// shared it with this device, and the device's user is still in the room.
+func (h *Helper) hadOwnSession(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) bool {
+	igs, err := h.mach.CryptoStore.GetGroupSession(ctx, info.RoomID, info.SessionID)
+	if err != nil || igs == nil || igs.SenderKey != h.mach.OwnIdentity().IdentityKey {
+		return false
+	}
+	shared, err := h.mach.CryptoStore.IsOutboundGroupSessionShared(ctx, device.UserID, device.IdentityKey, info.SessionID)
+	if err != nil || !shared {
+		return false
+	}
+	return h.conn.StateStore.IsInRoom(ctx, info.RoomID, device.UserID)
 }
 
 // loginBot creates or reuses the bot's device, with MSC4190 or appservice login like the stock helper.
@@ -332,6 +353,7 @@ func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey
 // afterHeal follows a heal: the keys lost with the old session are asked for again.
 func (h *Helper) afterHeal(ctx context.Context, device *id.Device) {
 	h.requestWaitingKeys(ctx, device)
+	h.reshareRoomKeys(ctx, device)
 	if h.recovery != nil {
 		h.recovery.DeviceHealed(ctx, device)
 	}

@@ -1,10 +1,14 @@
 package unwedge
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/base64"
 
 	"maunium.net/go/mautrix/crypto"
+	goolmcrypto "maunium.net/go/mautrix/crypto/goolm/crypto"
+	"maunium.net/go/mautrix/crypto/goolm/message"
+	"maunium.net/go/mautrix/crypto/goolm/session"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 )
@@ -31,6 +35,10 @@ const (
 	ClassBadMAC Class = "bad_mac"
 	// ClassUnreadableSession: the stored sessions with the sender key cannot be loaded (corrupt pickle).
 	ClassUnreadableSession Class = "unreadable_session"
+	// ClassPeerRestored: the message decrypted, but on a receiving chain the sender had already
+	// moved past: the sender's ratchet went back in time (its device was restored from a backup).
+	// It cannot decrypt what the bridge sends on the current chain, so the session is replaced.
+	ClassPeerRestored Class = "peer_restored"
 
 	// Not wedges: never a reason to create a session.
 
@@ -52,7 +60,7 @@ const (
 // Wedged reports whether the class means the session must be replaced.
 func (c Class) Wedged() bool {
 	switch c {
-	case ClassNoSession, ClassNoMatchingSession, ClassPrekeyUnknownOTK, ClassBadMAC, ClassUnreadableSession:
+	case ClassNoSession, ClassNoMatchingSession, ClassPrekeyUnknownOTK, ClassBadMAC, ClassUnreadableSession, ClassPeerRestored:
 		return true
 	}
 	return false
@@ -67,6 +75,49 @@ type olmMessage struct {
 	msgType   id.OlmMsgType
 	body      string
 	hash      [32]byte
+	// ratchet is the sender's ratchet key and message counter, when the message parses.
+	ratchet ratchetPosition
+}
+
+// ratchetPosition is where in the sender's Olm ratchet a message was sent.
+type ratchetPosition struct {
+	key     goolmcrypto.Curve25519PublicKey
+	counter uint32
+	ok      bool
+}
+
+// readRatchetPosition reads the ratchet key and counter of an Olm message (inside the prekey
+// wrapper for prekey messages).
+func readRatchetPosition(msgType id.OlmMsgType, raw []byte) ratchetPosition {
+	if msgType == id.OlmMsgTypePreKey {
+		var pre message.PreKeyMessage
+		if pre.Decode(raw) != nil {
+			return ratchetPosition{}
+		}
+		raw = pre.Message
+	}
+	var msg message.Message
+	if msg.Decode(raw) != nil || !msg.HasCounter || len(msg.RatchetKey) == 0 {
+		return ratchetPosition{}
+	}
+	return ratchetPosition{key: msg.RatchetKey, counter: msg.Counter, ok: true}
+}
+
+// wentBack reports whether decrypting at pos moved an older receiving chain of sess forward: the
+// sender sent on a chain it had already replaced, which only a sender restored to an earlier
+// state does (a message merely delivered late is decrypted with a skipped key and leaves the
+// chain where it was). Sessions that are not goolm's cannot be inspected and report false.
+func wentBack(sess *crypto.OlmSession, pos ratchetPosition) bool {
+	inner, ok := sess.Internal.(*session.OlmSession)
+	if !pos.ok || !ok {
+		return false
+	}
+	for i, chain := range inner.Ratchet.ReceiverChains {
+		if bytes.Equal(chain.RKey, pos.key) {
+			return i > 0 && chain.CKey.Index == pos.counter+1
+		}
+	}
+	return false
 }
 
 // parseOlm checks an encrypted to-device event before the machine sees it. The machine would reject
@@ -97,7 +148,7 @@ func parseOlm(evt *event.Event, ownKey id.IdentityKey) (*olmMessage, Class) {
 	if err != nil {
 		return nil, ClassMalformed
 	}
-	return &olmMessage{senderKey: content.SenderKey, msgType: own.Type, body: own.Body, hash: sha256.Sum256(raw)}, ""
+	return &olmMessage{senderKey: content.SenderKey, msgType: own.Type, body: own.Body, hash: sha256.Sum256(raw), ratchet: readRatchetPosition(own.Type, raw)}, ""
 }
 
 // classifyFailure names a failed decryption from what the store saw during it, and for prekey

@@ -63,6 +63,13 @@ func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypt
 	return nil
 }
 
+func (s *Store) UpdateSession(ctx context.Context, key id.SenderKey, session *crypto.OlmSession) error {
+	if obs := observationFrom(ctx); obs != nil && obs.hash != ([32]byte{}) && wentBack(session, obs.ratchet) {
+		obs.wentBack = true
+	}
+	return s.Store.UpdateSession(ctx, key, session)
+}
+
 func (s *Store) GetSessions(ctx context.Context, key id.SenderKey) (crypto.OlmSessionList, error) {
 	sessions, err := s.Store.GetSessions(ctx, key)
 	if obs := observationFrom(ctx); obs != nil {
@@ -99,6 +106,8 @@ const (
 // The machine handles one to-device event at a time under its Olm lock, so no locking is needed.
 type observation struct {
 	hash         [32]byte
+	ratchet      ratchetPosition
+	wentBack     bool
 	duplicate    bool
 	decrypted    bool
 	newInbound   bool

@@ -65,6 +65,13 @@ type Unwedger struct {
 	// OnHealed, if set, is called after a device got its replacement session: the time to
 	// re-request the Megolm keys that were lost with the old one.
 	OnHealed func(ctx context.Context, device *id.Device)
+	// OnNewSession, if set, is called (at most once per device per MinInterval) when a device of
+	// an in-scope user opened a new Olm session with the bridge (it unwedged its side): the time
+	// to send it again the room keys that went over the old session.
+	OnNewSession func(ctx context.Context, device *id.Device)
+
+	newSessionLock sync.Mutex
+	newSessionAt   map[id.SenderKey]time.Time
 }
 
 // Decision is what unwedge did about one Olm event or heal.
@@ -92,6 +99,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 	return &Unwedger{
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[healingSlot]struct{}), counts: make(map[Count]int64),
+		newSessionAt: make(map[id.SenderKey]time.Time),
 	}, nil
 }
 
@@ -139,12 +147,19 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Action: "ignored"})
 		return
 	}
-	obs := &observation{hash: msg.hash}
+	obs := &observation{hash: msg.hash, ratchet: msg.ratchet}
 	u.mach.HandleToDeviceEvent(withObservation(ctx, obs), evt)
-	if obs.decrypted || obs.duplicate {
-		if obs.duplicate {
-			u.decide(ctx, Decision{Class: ClassDuplicate, UserID: evt.Sender, Key: msg.senderKey, Action: "ignored"})
-		}
+	switch {
+	case obs.duplicate:
+		u.decide(ctx, Decision{Class: ClassDuplicate, UserID: evt.Sender, Key: msg.senderKey, Action: "ignored"})
+		return
+	case obs.decrypted && obs.wentBack:
+		u.wedged(ctx, evt.Sender, msg.senderKey, ClassPeerRestored)
+		return
+	case obs.decrypted && obs.newInbound:
+		u.peerNewSession(ctx, evt.Sender, msg.senderKey)
+		return
+	case obs.decrypted:
 		return
 	}
 	var sessions crypto.OlmSessionList
@@ -200,6 +215,42 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 		defer u.heals.Done()
 		defer release()
 		u.Heal(u.ctx, device, class, "")
+	}()
+}
+
+// peerNewSession passes a session the peer opened to OnNewSession, for devices of users in scope,
+// at most once per device per MinInterval (a peer cannot make the bridge send room keys at will).
+func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.SenderKey) {
+	if u.OnNewSession == nil {
+		return
+	}
+	now := time.Now()
+	u.newSessionLock.Lock()
+	for k, at := range u.newSessionAt {
+		if now.Sub(at) >= u.cfg.MinInterval {
+			delete(u.newSessionAt, k)
+		}
+	}
+	_, recent := u.newSessionAt[key]
+	if !recent {
+		u.newSessionAt[key] = now
+	}
+	u.newSessionLock.Unlock()
+	if recent {
+		return
+	}
+	u.heals.Add(1)
+	go func() {
+		defer u.heals.Done()
+		ctx := u.log.WithContext(u.ctx)
+		if ok, err := u.scope.InScope(ctx, sender); err != nil || !ok {
+			return
+		}
+		device, err := u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
+		if err != nil || device == nil {
+			return
+		}
+		u.OnNewSession(ctx, device)
 	}()
 }
 

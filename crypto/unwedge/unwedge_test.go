@@ -49,6 +49,26 @@ func TestWedges(t *testing.T) {
 		},
 		class: unwedge.ClassNoMatchingSession,
 	}, {
+		name: "peer restored from backup",
+		wedge: func(f *fixture) {
+			// The backup is taken while the peer's sending chain is current at the bridge.
+			f.peerSends()
+			f.deliverToBridge()
+			backup := f.backupSessions(f.peer)
+			// Then the conversation moves on: the peer starts a new chain the bridge follows.
+			f.bridgeSends()
+			f.deliverToPeer()
+			f.peerSends()
+			f.deliverToBridge()
+			f.noDecision()
+			// The restored peer sends on its old chain: the bridge can read it, but the peer
+			// cannot read the bridge's chain any more.
+			f.restoreSessions(f.peer, backup)
+			f.loadMachine(f.peer, false)
+			f.peerSends()
+		},
+		class: unwedge.ClassPeerRestored,
+	}, {
 		name: "peer used a one-time key the bridge no longer has",
 		wedge: func(f *fixture) {
 			f.forgetOneTimeKeys()
