@@ -106,8 +106,14 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 	if err = w.Wedged().RotateRoomKey(stepCtx, w.Room); err != nil {
 		return err
 	}
+	w.startedWedged, w.sentWedged = time.Now(), cfg.K
 	if err = w.sendMatrix(stepCtx, "wedged", cfg.K, sendTimes); err != nil {
 		return err
+	}
+	if sc.WhileWedged != nil {
+		if err = sc.WhileWedged(stepCtx, w); err != nil {
+			return fmt.Errorf("while wedged: %w", err)
+		}
 	}
 	if err = w.postRemote(stepCtx, "remote-wedged", cfg.K); err != nil {
 		return err

@@ -38,6 +38,9 @@ type World struct {
 
 	receiver *receiver
 	cleanup  []func()
+	// startedWedged is when the wedged phase's first message was sent, sentWedged how many.
+	startedWedged time.Time
+	sentWedged    int
 }
 
 const chatID = "lab"
@@ -247,6 +250,31 @@ func (w *World) BridgeLog(since time.Time) ([]logEntry, error) {
 		}
 	}
 	return entries, scanner.Err()
+}
+
+// waitForDecryptAttempts waits until the bridge has started to decrypt n different room events
+// since a time.
+func (w *World) waitForDecryptAttempts(ctx context.Context, since time.Time, n int) error {
+	for {
+		entries, err := w.BridgeLog(since)
+		if err != nil {
+			return err
+		}
+		seen := map[string]bool{}
+		for _, entry := range entries {
+			if entry.str("message") == "Decrypting received event" {
+				seen[entry.str("event_id")] = true
+			}
+		}
+		if len(seen) >= n {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the bridge tried %d of %d events: %w", len(seen), n, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // receiver is the remote side's webhook: it records when each bridged message arrived.

@@ -205,3 +205,15 @@ func (c *Client) retryDecryption(ctx context.Context, mach *crypto.OlmMachine, r
 		c.hist.addDecrypted(decrypted)
 	}
 }
+
+// GoOffline stops syncing, as a phone without network does: to-device messages for the device
+// wait on the homeserver, and nothing is decrypted or answered until GoOnline.
+func (c *Client) GoOffline() {
+	c.stopSyncing()
+}
+
+// GoOnline syncs again and returns once the first response (with everything that waited) was
+// processed.
+func (c *Client) GoOnline(ctx context.Context) error {
+	return c.startSyncing(ctx)
+}
