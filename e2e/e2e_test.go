@@ -59,7 +59,7 @@ type setup struct {
 }
 
 // start runs a bridge on the given slot and logs a fresh E2EE user in to it.
-func start(t *testing.T, ctx context.Context, appservice bool, dbType, webhookURL string) *setup {
+func start(t *testing.T, ctx context.Context, appservice bool, dbType, webhookURL string, config ...map[string]any) *setup {
 	t.Helper()
 	env := testenv.Require(t)
 	s, release, err := harness.AcquireSlot(ctx, env.SlotsDir)
@@ -70,6 +70,9 @@ func start(t *testing.T, ctx context.Context, appservice bool, dbType, webhookUR
 	opts := harness.BridgeOptions{
 		Binary: binary(t), Dir: t.TempDir(), HomeserverURL: env.HomeserverURL, Domain: env.Domain,
 		Slot: s, DatabaseType: dbType, AppserviceEncryption: appservice,
+	}
+	if len(config) > 0 {
+		opts.Config = config[0]
 	}
 	if dbType == "postgres" {
 		opts.DatabaseURI = env.NewDatabase(t)

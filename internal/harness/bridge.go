@@ -43,6 +43,8 @@ type BridgeOptions struct {
 	// Stock runs the bridge without unwedge (network.unwedge.enabled: false): mautrix-go's own
 	// encryption helper, untouched.
 	Stock bool
+	// Config sets more options, by dotted path (for example "network.unwedge.recovery.retention").
+	Config map[string]any
 }
 
 // Bridge is a running reference bridge process.
@@ -280,6 +282,9 @@ func (b *Bridge) writeConfig() error {
 			"min_level": "debug",
 			"writers":   []map[string]any{{"type": "stdout", "format": "json"}},
 		}, "logging"},
+	}
+	for path, value := range o.Config {
+		set = append(set, setting{value, path})
 	}
 	if slot.ASToken != "" {
 		set = append(set,

@@ -145,3 +145,70 @@ func (c *Client) shareRoomKey(ctx context.Context, cs *cryptoState, roomID id.Ro
 	}
 	return nil
 }
+
+// SendWithheldText sends a text message encrypted with a new Megolm session whose key goes to
+// nobody (as if it was lost on the way), and returns the event and session IDs. The room's next
+// message starts another session, shared as usual. ForwardRoomKey hands the key out later.
+func (c *Client) SendWithheldText(ctx context.Context, roomID id.RoomID, text string) (id.EventID, id.SessionID, error) {
+	c.cryptoLock.RLock()
+	cs := c.crypto.Load()
+	if cs == nil {
+		c.cryptoLock.RUnlock()
+		return "", "", errClosed
+	}
+	ogs, err := crypto.NewOutboundGroupSession(roomID, nil, nil)
+	if err != nil {
+		c.cryptoLock.RUnlock()
+		return "", "", err
+	}
+	ogs.Shared = true
+	own := cs.mach.OwnIdentity()
+	igs, err := crypto.NewInboundGroupSession(own.IdentityKey, own.SigningKey, roomID, ogs.Internal.Key(), 0, 0, nil, false)
+	if err == nil {
+		err = cs.store.PutGroupSession(ctx, igs)
+	}
+	if err == nil {
+		err = cs.store.AddOutboundGroupSession(ctx, ogs)
+	}
+	var encrypted *event.EncryptedEventContent
+	if err == nil {
+		encrypted, err = cs.mach.EncryptMegolmEvent(ctx, roomID, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: text})
+	}
+	if err == nil {
+		err = cs.store.RemoveOutboundGroupSession(ctx, roomID)
+	}
+	c.cryptoLock.RUnlock()
+	if err != nil {
+		return "", "", fmt.Errorf("failed to encrypt withheld message: %w", err)
+	}
+	resp, err := c.cli.SendMessageEvent(ctx, roomID, event.EventEncrypted, encrypted)
+	if err != nil {
+		return "", "", fmt.Errorf("failed to send message to %s: %w", roomID, err)
+	}
+	return resp.EventID, ogs.ID(), nil
+}
+
+// ForwardRoomKey sends one of the client's own Megolm sessions, from its first index, to a
+// device as m.forwarded_room_key over Olm (as the sender's device answers a key request).
+func (c *Client) ForwardRoomKey(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, to *id.Device) error {
+	c.cryptoLock.RLock()
+	defer c.cryptoLock.RUnlock()
+	cs := c.crypto.Load()
+	if cs == nil {
+		return errClosed
+	}
+	igs, err := cs.store.GetGroupSession(ctx, roomID, sessionID)
+	if err != nil || igs == nil {
+		return fmt.Errorf("no room key %s to forward: %w", sessionID, err)
+	}
+	exported, err := igs.Internal.Export(igs.Internal.FirstKnownIndex())
+	if err != nil {
+		return err
+	}
+	content := event.Content{Parsed: &event.ForwardedRoomKeyEventContent{
+		RoomKeyEventContent: event.RoomKeyEventContent{Algorithm: id.AlgorithmMegolmV1, RoomID: roomID, SessionID: sessionID, SessionKey: string(exported)},
+		SenderKey:           igs.SenderKey,
+		SenderClaimedKey:    igs.SigningKey,
+	}}
+	return cs.mach.SendEncryptedToDevice(ctx, to, event.ToDeviceForwardedRoomKey, content)
+}
