@@ -391,6 +391,12 @@ func (h *Helper) RequestSession(ctx context.Context, roomID id.RoomID, senderKey
 		deviceID = "*"
 	}
 	log := h.log.With().Stringer("user_id", userID).Stringer("device_id", deviceID).Stringer("session_id", sessionID).Stringer("room_id", roomID).Logger()
+	if h.unwedger != nil && h.unwedger.Healing(userID, senderKey) {
+		// The answer would come over the broken Olm session; the heal asks again when it is done
+		// (requestWaitingKeys), over the new one.
+		log.Debug().Msg("Not sending key request while the sender's Olm session is being replaced")
+		return
+	}
 	if err := h.mach.SendRoomKeyRequest(ctx, roomID, senderKey, sessionID, "", map[id.UserID][]id.DeviceID{userID: {deviceID}}); err != nil {
 		log.Warn().Err(err).Msg("Failed to send key request")
 	} else {

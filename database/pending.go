@@ -52,6 +52,7 @@ const (
 	countPendingBySenderQuery = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1 AND sender = $2`
 	countPendingQuery         = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1`
 	deletePendingQuery        = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2`
+	sessionPendingQuery       = `SELECT EXISTS (SELECT 1 FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3)`
 	// Sessions whose events passed the hand-over time and whose next key request is due.
 	dueSessionsQuery = `
 		SELECT room_id, session_id, sender_key, sender, MAX(device_id), MAX(requests), COUNT(*) FROM unwedge_pending
@@ -128,6 +129,12 @@ func (pq *PendingQuery) Delete(ctx context.Context, eventID id.EventID) (bool, e
 	}
 	n, _ := res.RowsAffected()
 	return n > 0, nil
+}
+
+// Waiting reports whether any event waits for a session.
+func (pq *PendingQuery) Waiting(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (waiting bool, err error) {
+	err = pq.db.QueryRow(ctx, sessionPendingQuery, pq.BridgeID, roomID, sessionID).Scan(&waiting)
+	return
 }
 
 func scanPendingSession(row dbutil.Scannable) (*PendingSession, error) {

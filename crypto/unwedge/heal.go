@@ -63,6 +63,8 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	}
 
 	hc := &healContext{key: device.IdentityKey}
+	// Until the loop ends, key requests to the device wait (Healing).
+	u.setReplacing(device.IdentityKey, 1)
 	recorded := false
 	outcome, attempts, healErr := database.HealFailedTransient, 0, error(nil)
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
@@ -93,6 +95,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		case <-time.After(wait):
 		}
 	}
+	u.setReplacing(device.IdentityKey, -1)
 	errText := ""
 	if outcome != database.HealHealed && healErr != nil {
 		errText = healErr.Error()

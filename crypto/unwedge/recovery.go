@@ -32,6 +32,7 @@ type PendingStore interface {
 	Add(ctx context.Context, p *database.Pending) (bool, error)
 	CountBySender(ctx context.Context, sender id.UserID) (int, error)
 	Delete(ctx context.Context, eventID id.EventID) (bool, error)
+	Waiting(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (bool, error)
 	DueSessions(ctx context.Context, now, handover time.Time, limit int) ([]*database.PendingSession, error)
 	WaitingSessions(ctx context.Context, handover time.Time, limit int) ([]*database.PendingSession, error)
 	MarkRequested(ctx context.Context, s *database.PendingSession, requests int, next time.Time) error
@@ -260,7 +261,8 @@ func (r *Recovery) pass(ctx context.Context, sweep bool) {
 	}
 	r.lock.Unlock()
 	for _, s := range arrived {
-		if n := r.deliverSession(ctx, s.roomID, s.sessionID, now, handover); n > 0 {
+		// Most sessions arrive with nothing waiting for them: they are forgotten at once.
+		if r.deliverSession(ctx, s.roomID, s.sessionID, now, handover) > 0 || !r.waiting(ctx, s.roomID, s.sessionID) {
 			r.lock.Lock()
 			delete(r.received, s)
 			r.lock.Unlock()
@@ -279,6 +281,11 @@ func (r *Recovery) pass(ctx context.Context, sweep bool) {
 	}
 	r.requestKeys(ctx, now, handover)
 	r.giveUp(ctx, now)
+}
+
+func (r *Recovery) waiting(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) bool {
+	waiting, err := r.store.Waiting(ctx, roomID, sessionID)
+	return err != nil || waiting
 }
 
 func (r *Recovery) hasSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) bool {

@@ -56,6 +56,8 @@ type Unwedger struct {
 	// from one device makes one ledger request, not one per event.
 	healingLock sync.Mutex
 	healing     map[healingSlot]struct{}
+	// replacing counts the heals that hold a ledger grant for a device, by identity key.
+	replacing map[id.SenderKey]int
 
 	countsLock sync.Mutex
 	counts     map[Count]int64
@@ -99,7 +101,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 	return &Unwedger{
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[healingSlot]struct{}), counts: make(map[Count]int64),
-		newSessionAt: make(map[id.SenderKey]time.Time),
+		newSessionAt: make(map[id.SenderKey]time.Time), replacing: make(map[id.SenderKey]int),
 	}, nil
 }
 
@@ -254,12 +256,21 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 	}()
 }
 
-// Healing reports whether a heal of the device runs in this process now.
-func (u *Unwedger) Healing(sender id.UserID, key id.SenderKey) bool {
+// Healing reports whether this process is replacing the device's Olm session right now (from
+// the ledger's grant until m.dummy was sent or the heal failed): a key request sent meanwhile
+// would be answered over the broken session.
+func (u *Unwedger) Healing(_ id.UserID, key id.SenderKey) bool {
 	u.healingLock.Lock()
 	defer u.healingLock.Unlock()
-	_, ok := u.healing[healingSlot{sender, key}]
-	return ok
+	return u.replacing[key] > 0
+}
+
+func (u *Unwedger) setReplacing(key id.SenderKey, delta int) {
+	u.healingLock.Lock()
+	defer u.healingLock.Unlock()
+	if u.replacing[key] += delta; u.replacing[key] <= 0 {
+		delete(u.replacing, key)
+	}
 }
 
 // healingSlot is a device with a heal running in this process.
