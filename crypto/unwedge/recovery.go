@@ -425,7 +425,7 @@ func (r *Recovery) giveUp(ctx context.Context, now time.Time) {
 		return
 	}
 	for _, p := range expired {
-		reason := fmt.Sprintf("%s (waited %s, asked %d times)", ErrGaveUp, r.cfg.Retention, p.Requests)
+		reason := fmt.Sprintf("%s (waited %s, asked %d times)", ErrGaveUp, humanDuration(r.cfg.Retention), p.Requests)
 		r.sink.GiveUp(ctx, p.Event, reason)
 		if err = r.store.Done(ctx, p.EventID, r.owner); err != nil {
 			zerolog.Ctx(ctx).Err(err).Stringer("event_id", p.EventID).Msg("Failed to remove given-up event")
@@ -435,4 +435,16 @@ func (r *Recovery) giveUp(ctx context.Context, now time.Time) {
 		zerolog.Ctx(ctx).Warn().Stringer("event_id", p.EventID).Stringer("room_id", p.RoomID).Stringer("sender", p.Sender).
 			Stringer("session_id", p.SessionID).Int("key_requests", p.Requests).Msg("Gave up on undecryptable event: its key never arrived")
 	}
+}
+
+// humanDuration writes whole days as days ("7 days"), anything else as Go does ("90m0s").
+func humanDuration(d time.Duration) string {
+	const day = 24 * time.Hour
+	switch {
+	case d == day:
+		return "1 day"
+	case d%day == 0:
+		return fmt.Sprintf("%d days", d/day)
+	}
+	return d.String()
 }

@@ -158,6 +158,21 @@ func TestNotWedges(t *testing.T) {
 		t.Errorf("replay: %+v", d)
 	}
 
+	// A message delivered late, after the peer moved on to a newer chain, is decrypted with a
+	// skipped message key: not a peer restored from backup.
+	f.bridgeSends()
+	f.deliverToPeer()
+	f.peerSends()
+	late := f.inbox(f.bridge)[0]
+	f.peerSends()
+	f.deliverToBridge()
+	f.bridgeSends()
+	f.deliverToPeer()
+	f.peerSends()
+	f.deliverToBridge()
+	f.unwedger.HandleToDevice(f.ctx, late)
+	f.noDecision()
+
 	malformed := []struct {
 		name   string
 		mutate func(c *event.EncryptedEventContent)
