@@ -27,7 +27,7 @@ func openPending(t *testing.T) map[string]*database.UnwedgeDB {
 func pendingEvent(n int, session id.SessionID, seen time.Time) *database.Pending {
 	evtID := id.EventID(fmt.Sprintf("$event%d", n))
 	content := &event.EncryptedEventContent{
-		Algorithm: id.AlgorithmMegolmV1, SenderKey: "curve-key-a", DeviceID: "PHONE", SessionID: session,
+		Algorithm: id.AlgorithmMegolmV1, SenderKey: "curve-key-a", SessionID: session,
 		MegolmCiphertext: []byte(fmt.Sprintf("ciphertext-%d", n)),
 	}
 	evt := &event.Event{
@@ -36,7 +36,7 @@ func pendingEvent(n int, session id.SessionID, seen time.Time) *database.Pending
 	}
 	return &database.Pending{
 		EventID: evtID, RoomID: evt.RoomID, SessionID: session, SenderKey: content.SenderKey, Sender: evt.Sender,
-		DeviceID: content.DeviceID, Event: evt, OriginTS: time.UnixMilli(evt.Timestamp), FirstSeen: seen, NextRequest: seen,
+		DeviceID: "PHONE", Event: evt, OriginTS: time.UnixMilli(evt.Timestamp), FirstSeen: seen, NextRequest: seen,
 	}
 }
 

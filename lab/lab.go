@@ -75,6 +75,10 @@ type Result struct {
 
 	// OlmFailures counts to-device events the bridge could not decrypt after the wedge.
 	OlmFailures int `json:"olm_failures"`
+	// FailureToFirstBridgedMS is from the bridge's first Olm failure after the wedge to the first
+	// message that reached the webhook after it: the heal as the bridge sees it, without the
+	// device's own time to send. -1 without a failure or without a message after it.
+	FailureToFirstBridgedMS int64 `json:"failure_to_first_bridged_ms"`
 	// BridgedWedged and BridgedAfter split Bridged by phase.
 	BridgedWedged int `json:"bridged_wedged"`
 	BridgedAfter  int `json:"bridged_after"`

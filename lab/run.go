@@ -225,14 +225,30 @@ func (w *World) measure(res *Result, k int, sendTimes map[string]time.Time, wedg
 		return fmt.Errorf("failed to read bridge log: %w", err)
 	}
 	device := string(w.Wedged().DeviceID())
+	var firstFailure time.Time
 	for _, entry := range entries {
 		switch entry.str("message") {
 		case "Failed to decrypt to-device event":
+			if res.OlmFailures == 0 {
+				firstFailure = entry.time()
+			}
 			res.OlmFailures++
 		case "Created new Olm session":
 			if entry.str("peer_device_id") == device {
 				res.ReplacementSessions++
 			}
+		}
+	}
+	res.FailureToFirstBridgedMS = -1
+	if !firstFailure.IsZero() {
+		var first time.Time
+		for _, at := range bridged {
+			if at.After(firstFailure) && (first.IsZero() || at.Before(first)) {
+				first = at
+			}
+		}
+		if !first.IsZero() {
+			res.FailureToFirstBridgedMS = first.Sub(firstFailure).Milliseconds()
 		}
 	}
 	return nil

@@ -120,7 +120,7 @@ func printTable(out io.Writer, report *lab.Report, scenarios []*lab.Scenario, mo
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	header := "scenario"
 	for _, mode := range modes {
-		header += fmt.Sprintf("\t%s: bridged\tlost\tremote decrypted\tremote lost\thealed\tnew sessions\tfirst bridged", mode)
+		header += fmt.Sprintf("\t%s: bridged\tlost\tremote decrypted\tremote lost\thealed\tnew sessions\tfirst bridged\tfrom failure", mode)
 	}
 	fmt.Fprintln(tw, header)
 	for _, sc := range scenarios {
@@ -129,16 +129,20 @@ func printTable(out io.Writer, report *lab.Report, scenarios []*lab.Scenario, mo
 			res, ok := byKey[sc.Name+"/"+string(mode)]
 			switch {
 			case !mode.Available():
-				row += "\tnot available\t\t\t\t\t\t"
+				row += "\tnot available\t\t\t\t\t\t\t"
 			case !ok || res.Error != "":
-				row += "\terror\t\t\t\t\t\t"
+				row += "\terror\t\t\t\t\t\t\t"
 			default:
 				first := "never"
 				if res.TimeToFirstBridgedMS >= 0 {
 					first = fmt.Sprintf("%d ms", res.TimeToFirstBridgedMS)
 				}
-				row += fmt.Sprintf("\t%d/%d\t%d\t%d/%d\t%d\t%t\t%d\t%s", res.Bridged, res.Sent, res.Lost,
-					res.RemoteDecrypted, res.RemoteSent, res.RemoteLost, res.Healed, res.ReplacementSessions, first)
+				fromFailure := "-"
+				if res.FailureToFirstBridgedMS >= 0 {
+					fromFailure = fmt.Sprintf("%d ms", res.FailureToFirstBridgedMS)
+				}
+				row += fmt.Sprintf("\t%d/%d\t%d\t%d/%d\t%d\t%t\t%d\t%s\t%s", res.Bridged, res.Sent, res.Lost,
+					res.RemoteDecrypted, res.RemoteSent, res.RemoteLost, res.Healed, res.ReplacementSessions, first, fromFailure)
 			}
 		}
 		fmt.Fprintln(tw, row)
