@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"strings"
 	"sync"
@@ -36,6 +37,7 @@ type Helper struct {
 	mach     *crypto.OlmMachine
 	unwedger *unwedge.Unwedger
 	recovery *unwedge.Recovery
+	metrics  *Metrics
 
 	lock       sync.RWMutex
 	cancelSync context.CancelFunc
@@ -77,6 +79,9 @@ func (h *Helper) Pending() *database.PendingQuery { return h.db.Pending }
 
 // Ledger is unwedge's heal ledger, once Init has run.
 func (h *Helper) Ledger() *database.LedgerQuery { return h.db.Ledger }
+
+// Metrics is unwedge's Prometheus metrics handler, once Init has run.
+func (h *Helper) Metrics() http.Handler { return h.metrics }
 
 // Machine is the OlmMachine, once Init has run.
 func (h *Helper) Machine() *crypto.OlmMachine { return h.mach }
@@ -122,6 +127,15 @@ func (h *Helper) Init(ctx context.Context) error {
 	h.unwedger, err = unwedge.New(h.cfg, h.mach, h.db.Ledger, NewScope(br, h.conn.StateStore, h.cfg.Scope), repairer, owner, h.log)
 	if err != nil {
 		return err
+	}
+	if h.metrics == nil {
+		h.metrics = newMetrics(h)
+	}
+	h.unwedger.OnDecision = h.metrics.observe
+	if h.cfg.Metrics.Enabled {
+		if err = h.metrics.start(h.cfg.Metrics.Listen); err != nil {
+			return err
+		}
 	}
 	h.unwedger.OnHealed = h.afterHeal
 	h.unwedger.OnNewSession = h.reshareRoomKeys
@@ -256,6 +270,9 @@ func (h *Helper) Stop() {
 	}
 	if h.unwedger != nil {
 		h.unwedger.Stop()
+	}
+	if h.metrics != nil {
+		h.metrics.stop()
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	_ "embed"
 
 	up "go.mau.fi/util/configupgrade"
+	"maunium.net/go/mautrix/bridgev2/commands"
 	"maunium.net/go/mautrix/bridgev2/matrix/mxmain"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
@@ -32,6 +33,8 @@ func UpgradeConfig(helper up.Helper, prefix ...string) {
 	helper.Copy(up.Str, path("recovery", "min_backoff")...)
 	helper.Copy(up.Str, path("recovery", "max_backoff")...)
 	helper.Copy(up.Int, path("recovery", "max_pending_per_user")...)
+	helper.Copy(up.Bool, path("metrics", "enabled")...)
+	helper.Copy(up.Str, path("metrics", "listen")...)
 }
 
 // Install puts unwedge into a bridge made with mxmain: call it from BridgeMain.PostInit, after
@@ -45,6 +48,9 @@ func Install(m *mxmain.BridgeMain, cfg *unwedge.Config) *Helper {
 	}
 	helper := NewHelper(m.Matrix, *cfg)
 	m.Matrix.Crypto = helper
+	if proc, ok := m.Bridge.Commands.(*commands.Processor); ok {
+		proc.AddHandlers(helper.CommandHandler())
+	}
 	m.Log.Info().Str("scope", string(cfg.Scope)).Stringer("min_interval", cfg.MinInterval).Msg("Installed unwedge encryption helper")
 	return helper
 }

@@ -45,6 +45,19 @@ type Grant struct {
 	LeaseUntil    time.Time
 }
 
+// Reason says, for people, why the ledger refused a heal at now.
+func (g *Grant) Reason(now time.Time, minInterval time.Duration) string {
+	switch {
+	case g.LeaseUntil.After(now):
+		return fmt.Sprintf("a heal by %s holds the device until %s", g.LeaseOwner, g.LeaseUntil.Format(time.RFC3339))
+	case !g.LastCreatedAt.IsZero() && now.Sub(g.LastCreatedAt) < minInterval:
+		return fmt.Sprintf("a replacement session was created %s ago (at most one per %s)", now.Sub(g.LastCreatedAt).Round(time.Second), minInterval)
+	case !g.LastFailedAt.IsZero() && now.Sub(g.LastFailedAt) < minInterval:
+		return fmt.Sprintf("the last heal failed for good %s ago (retried after %s)", now.Sub(g.LastFailedAt).Round(time.Second), minInterval)
+	}
+	return "refused by the ledger"
+}
+
 // HealOutcome is how a heal ended.
 type HealOutcome string
 

@@ -5,6 +5,7 @@
 package lab
 
 import (
+	"context"
 	"time"
 )
 
@@ -40,6 +41,9 @@ type Config struct {
 	// Binary is the built reference bridge; WorkDir holds each run's bridge and client files.
 	Binary  string
 	WorkDir string
+	// Inspect, if set, runs at the end of each scenario, before its world is torn down (tests
+	// use it to read the bridge's metrics and command replies).
+	Inspect func(ctx context.Context, w *World, res *Result) error
 }
 
 // QuickConfig is a small run for tests and --quick.

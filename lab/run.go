@@ -127,7 +127,13 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 		return err
 	}
 	w.waitForAll(ctx, cfg)
-	return w.measure(res, cfg.K, sendTimes, wedgedAt)
+	if err = w.measure(res, cfg.K, sendTimes, wedgedAt); err != nil {
+		return err
+	}
+	if cfg.Inspect != nil {
+		return cfg.Inspect(stepCtx, w, res)
+	}
+	return nil
 }
 
 func (w *World) sendMatrix(ctx context.Context, phase string, k int, sendTimes map[string]time.Time) error {

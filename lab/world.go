@@ -80,6 +80,7 @@ func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, nam
 		// The lab makes the bridge rotate its Megolm session with an admin command.
 		Admins:               []id.UserID{userID},
 		Stock:                mode == ModeStock,
+		Metrics:              mode == ModeUnwedge,
 		AppserviceEncryption: cfg.Appservice,
 	})
 	if err != nil {
@@ -357,4 +358,23 @@ func hasPrefixAny(s string, prefixes ...string) bool {
 
 func bodyIs(text string) func(*event.Event) bool {
 	return func(evt *event.Event) bool { return evt.Content.AsMessage().Body == text }
+}
+
+// failuresSinceLastStart counts the Olm decryption failures in the bridge's log since the bridge
+// process last started.
+func (w *World) failuresSinceLastStart() (int, error) {
+	entries, err := w.BridgeLog(time.Time{})
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, entry := range entries {
+		switch entry.str("message") {
+		case "Starting bridge":
+			n = 0
+		case "Failed to decrypt to-device event":
+			n++
+		}
+	}
+	return n, nil
 }

@@ -38,6 +38,15 @@ type Config struct {
 	HistoryRetention time.Duration `yaml:"history_retention"`
 	// Recovery keeps undecryptable events until their keys arrive.
 	Recovery RecoveryConfig `yaml:"recovery"`
+	// Metrics serves unwedge's metrics in the Prometheus text format.
+	Metrics MetricsConfig `yaml:"metrics"`
+}
+
+// MetricsConfig is the `unwedge.metrics:` block.
+type MetricsConfig struct {
+	Enabled bool `yaml:"enabled"`
+	// Listen is the address of the metrics listener (host:port); it serves /metrics.
+	Listen string `yaml:"listen"`
 }
 
 // RecoveryConfig is the `unwedge.recovery:` block: what happens to room events the bridge could
@@ -74,6 +83,7 @@ func DefaultConfig() Config {
 			MaxBackoff:        time.Hour,
 			MaxPendingPerUser: 1000,
 		},
+		Metrics: MetricsConfig{Enabled: false, Listen: "127.0.0.1:8001"},
 	}
 }
 
@@ -99,6 +109,9 @@ func (c *Config) Validate() error {
 	}
 	if c.HistoryRetention < c.MinInterval {
 		errs = append(errs, errors.New("unwedge.history_retention must not be shorter than unwedge.min_interval"))
+	}
+	if c.Metrics.Enabled && c.Metrics.Listen == "" {
+		errs = append(errs, errors.New("unwedge.metrics.listen must be set when metrics are enabled"))
 	}
 	if r := c.Recovery; r.Enabled {
 		if r.Retention < MinRetention {

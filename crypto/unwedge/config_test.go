@@ -26,6 +26,7 @@ func TestConfigValidate(t *testing.T) {
 		{"request backoff inverted", func(c *Config) { c.Recovery.MaxBackoff = time.Second }, []string{"unwedge.recovery.min_backoff"}},
 		{"no pending allowed", func(c *Config) { c.Recovery.MaxPendingPerUser = 0 }, []string{"unwedge.recovery.max_pending_per_user"}},
 		{"recovery off skips its checks", func(c *Config) { c.Recovery = RecoveryConfig{} }, nil},
+		{"metrics without address", func(c *Config) { c.Metrics = MetricsConfig{Enabled: true} }, []string{"unwedge.metrics.listen"}},
 		{"several at once", func(c *Config) { c.MinInterval, c.MaxRetries = 0, 0 }, []string{"unwedge.min_interval", "unwedge.max_retries"}},
 	}
 	for _, tc := range cases {

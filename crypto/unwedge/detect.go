@@ -55,6 +55,9 @@ const (
 	ClassUnsupportedAlgorithm Class = "unsupported_algorithm"
 	// ClassFailed: decryption failed in a way that is none of the above.
 	ClassFailed Class = "failed"
+
+	// ClassForced: no failure, an admin forced a heal (`unwedge heal`).
+	ClassForced Class = "forced"
 )
 
 // Wedged reports whether the class means the session must be replaced.

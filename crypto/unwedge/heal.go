@@ -3,6 +3,7 @@ package unwedge
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -31,26 +32,22 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		Stringer("identity_key", device.IdentityKey).
 		Str("class", string(class)).
 		Logger()
+	// Decisions log their own user, device and key fields.
+	decideCtx := ctx
 	ctx = log.WithContext(ctx)
-	decision := Decision{Class: class, UserID: device.UserID, DeviceID: device.DeviceID, Key: device.IdentityKey}
+	decision := Decision{Class: class, UserID: device.UserID, DeviceID: device.DeviceID, Key: device.IdentityKey, ForcedBy: forcedBy}
 
 	grant, err := u.ledger.Acquire(ctx, dev, database.AcquireParams{
 		Now: started, MinInterval: u.cfg.MinInterval, Force: forcedBy != "", Owner: u.owner, Lease: u.cfg.Lease,
 		Class: string(class), ForcedBy: forcedBy,
 	})
 	if err != nil {
-		log.Err(err).Msg("Failed to ask the ledger whether the session may be replaced")
-		decision.Action, decision.Err = "failed", err
-		u.decide(ctx, decision)
+		decision.Action, decision.Err = "failed", fmt.Errorf("failed to ask the ledger whether the session may be replaced: %w", err)
+		u.decide(decideCtx, decision)
 		return database.HealFailedTransient
 	} else if !grant.Granted {
-		log.Info().
-			Time("last_created_at", grant.LastCreatedAt).
-			Time("last_failed_at", grant.LastFailedAt).
-			Str("lease_owner", grant.LeaseOwner).
-			Msg("Not replacing Olm session: limited by MSC1719 interval or a heal in progress")
-		decision.Action = "limited"
-		u.decide(ctx, decision)
+		decision.Action, decision.Detail = "limited", grant.Reason(started, u.cfg.MinInterval)
+		u.decide(decideCtx, decision)
 		return ""
 	}
 
@@ -107,21 +104,19 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	}
 	decision.Duration = time.Since(started)
 	if outcome == database.HealHealed {
-		var sessionID id.SessionID
-		if sess := hc.session(); sess != nil {
-			sessionID = sess.ID()
-		}
-		log.Info().Stringer("olm_session_id", sessionID).Int("attempts", attempts).Dur("duration", decision.Duration).
-			Str("forced_by", string(forcedBy)).Msg("Replaced wedged Olm session and sent m.dummy")
 		decision.Action = "healed"
+		if sess := hc.session(); sess != nil {
+			decision.Detail = fmt.Sprintf("new Olm session %s after %d attempt(s)", sess.ID(), attempts)
+		}
+		u.decide(decideCtx, decision)
 		if u.OnHealed != nil {
 			u.OnHealed(ctx, device)
 		}
 	} else {
-		log.Error().Err(healErr).Str("outcome", string(outcome)).Int("attempts", attempts).Msg("Failed to replace wedged Olm session")
 		decision.Action, decision.Err = "failed", healErr
+		decision.Detail = fmt.Sprintf("%s after %d attempt(s)", outcome, attempts)
+		u.decide(decideCtx, decision)
 	}
-	u.decide(ctx, decision)
 	return outcome
 }
 

@@ -149,8 +149,8 @@ func (r *Recovery) Record(ctx context.Context, evt *event.Event) error {
 	r.lock.Unlock()
 	if added {
 		r.count(CountRecorded)
-		zerolog.Ctx(ctx).Debug().Stringer("event_id", evt.ID).Stringer("session_id", content.SessionID).
-			Msg("Recorded undecryptable event: it will be bridged when its key arrives")
+		zerolog.Ctx(ctx).Info().Str("unwedge", "pending").Stringer("event_id", evt.ID).Stringer("session_id", content.SessionID).
+			Stringer("user_id", evt.Sender).Stringer("identity_key", senderKey).Msg("Recorded undecryptable event: it will be bridged when its key arrives")
 	}
 	return nil
 }
@@ -309,7 +309,7 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 	for _, p := range claimed {
 		last = p
 		requested = max(requested, p.Requests)
-		elog := log.With().Stringer("event_id", p.EventID).Stringer("sender", p.Sender).Logger()
+		elog := log.With().Stringer("event_id", p.EventID).Stringer("user_id", p.Sender).Stringer("identity_key", p.SenderKey).Logger()
 		decrypted, err := r.mach.DecryptMegolmEvent(ctx, p.Event)
 		if err == nil {
 			err = r.sink.Deliver(ctx, p.Event, decrypted, p.Requests)
@@ -326,7 +326,7 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 		}
 		delivered++
 		r.count(CountRecovered)
-		elog.Info().Dur("waited", now.Sub(p.FirstSeen)).Int("key_requests", p.Requests).Msg("Bridged event after its key arrived late")
+		elog.Info().Str("unwedge", "recovered").Dur("waited", now.Sub(p.FirstSeen)).Int("key_requests", p.Requests).Msg("Bridged event after its key arrived late")
 	}
 	if delivered > 0 && requested > 0 {
 		r.count(CountRequestsFilled)
@@ -346,7 +346,7 @@ func (r *Recovery) requestKeys(ctx context.Context, now, handover time.Time) {
 		return
 	}
 	for _, s := range due {
-		slog := log.With().Stringer("room_id", s.RoomID).Stringer("session_id", s.SessionID).Stringer("sender", s.Sender).Logger()
+		slog := log.With().Stringer("room_id", s.RoomID).Stringer("session_id", s.SessionID).Stringer("user_id", s.Sender).Stringer("identity_key", s.SenderKey).Logger()
 		if r.hasSession(ctx, s.RoomID, s.SessionID) {
 			r.deliverSession(ctx, s.RoomID, s.SessionID, now, handover)
 			continue
@@ -432,8 +432,8 @@ func (r *Recovery) giveUp(ctx context.Context, now time.Time) {
 			continue
 		}
 		r.count(CountGivenUp)
-		zerolog.Ctx(ctx).Warn().Stringer("event_id", p.EventID).Stringer("room_id", p.RoomID).Stringer("sender", p.Sender).
-			Stringer("session_id", p.SessionID).Int("key_requests", p.Requests).Msg("Gave up on undecryptable event: its key never arrived")
+		zerolog.Ctx(ctx).Warn().Str("unwedge", "given_up").Stringer("event_id", p.EventID).Stringer("room_id", p.RoomID).Stringer("user_id", p.Sender).
+			Stringer("identity_key", p.SenderKey).Stringer("session_id", p.SessionID).Int("key_requests", p.Requests).Msg("Gave up on undecryptable event: its key never arrived")
 	}
 }
 

@@ -61,6 +61,9 @@ type Unwedger struct {
 
 	countsLock sync.Mutex
 	counts     map[Count]int64
+	// recent is a ring of the last decisions that were not ignored, for admins.
+	recent     []Decision
+	recentNext int
 
 	// OnDecision, if set, is told every decision (for metrics).
 	OnDecision func(Decision)
@@ -78,6 +81,7 @@ type Unwedger struct {
 
 // Decision is what unwedge did about one Olm event or heal.
 type Decision struct {
+	At       time.Time
 	Class    Class
 	UserID   id.UserID
 	DeviceID id.DeviceID
@@ -85,8 +89,15 @@ type Decision struct {
 	// Action is one of: ignored, out_of_scope, unknown_device, limited, healed, failed.
 	Action   string
 	Duration time.Duration
-	Err      error
+	// ForcedBy is the admin who forced a heal.
+	ForcedBy id.UserID
+	// Detail says more, for people (why a heal was limited, the new session's ID).
+	Detail string
+	Err    error
 }
+
+// recentDecisions is how many decisions Recent can look back on.
+const recentDecisions = 512
 
 // New makes an Unwedger for a loaded machine whose CryptoStore is a *Store. owner names this process in
 // the ledger's leases (unique per process, e.g. hostname and PID).
@@ -199,7 +210,6 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	}
 	if ok, err := u.scope.InScope(ctx, sender); err != nil || !ok {
 		release()
-		log.Debug().Err(err).Msg("Olm session wedged, but the user is out of scope")
 		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "out_of_scope", Err: err})
 		return
 	}
@@ -207,7 +217,6 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	device, err := u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
 	if err != nil || device == nil {
 		release()
-		log.Warn().Err(err).Msg("Olm session wedged, but the identity key is not a device of the sender")
 		u.decide(ctx, Decision{Class: ClassUnknownDevice, UserID: sender, Key: key, Action: "unknown_device", Err: err})
 		return
 	}
@@ -296,14 +305,75 @@ func (u *Unwedger) Counts() map[Count]int64 {
 	return out
 }
 
+// Recent returns the user's latest decisions that were not ignored, newest first (all users'
+// when userID is empty).
+func (u *Unwedger) Recent(userID id.UserID) []Decision {
+	u.countsLock.Lock()
+	defer u.countsLock.Unlock()
+	var out []Decision
+	for i := range len(u.recent) {
+		d := u.recent[(u.recentNext-1-i+len(u.recent))%len(u.recent)]
+		if userID == "" || d.UserID == userID {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// decide counts a decision and writes its one log line: every line about a device carries its
+// user_id, device_id and identity_key, so one filter follows a wedge from detection to heal.
 func (u *Unwedger) decide(ctx context.Context, d Decision) {
+	if d.At.IsZero() {
+		d.At = time.Now()
+	}
 	u.countsLock.Lock()
 	u.counts[Count{Class: d.Class, Action: d.Action}]++
-	u.countsLock.Unlock()
-	if d.Action == "ignored" && d.Class != ClassDuplicate {
-		zerolog.Ctx(ctx).Debug().Str("class", string(d.Class)).Stringer("user_id", d.UserID).Msg("Ignoring undecryptable Olm event: not a wedge")
+	if d.Action != "ignored" {
+		if len(u.recent) < recentDecisions {
+			u.recent = append(u.recent, d)
+			u.recentNext = len(u.recent) % recentDecisions
+		} else {
+			u.recent[u.recentNext] = d
+			u.recentNext = (u.recentNext + 1) % recentDecisions
+		}
 	}
+	u.countsLock.Unlock()
+
+	level := zerolog.InfoLevel
+	switch d.Action {
+	case "ignored":
+		level = zerolog.DebugLevel
+	case "failed", "unknown_device":
+		level = zerolog.WarnLevel
+	}
+	evt := zerolog.Ctx(ctx).WithLevel(level).
+		Str("unwedge", d.Action).
+		Str("class", string(d.Class)).
+		Stringer("user_id", d.UserID).
+		Stringer("identity_key", d.Key)
+	if d.DeviceID != "" {
+		evt = evt.Stringer("device_id", d.DeviceID)
+	}
+	if d.Duration > 0 {
+		evt = evt.Dur("duration", d.Duration)
+	}
+	if d.ForcedBy != "" {
+		evt = evt.Stringer("forced_by", d.ForcedBy)
+	}
+	if d.Detail != "" {
+		evt = evt.Str("detail", d.Detail)
+	}
+	evt.AnErr("error", d.Err).Msg(decisionMessages[d.Action])
 	if u.OnDecision != nil {
 		u.OnDecision(d)
 	}
+}
+
+var decisionMessages = map[string]string{
+	"ignored":        "Undecryptable Olm event is not a wedge",
+	"out_of_scope":   "Olm session wedged, but the user is out of scope",
+	"unknown_device": "Olm session wedged, but the identity key is not a device of the sender",
+	"limited":        "Olm session wedged, not replaced: limited by the MSC1719 interval or a heal in progress",
+	"healed":         "Replaced wedged Olm session and sent m.dummy",
+	"failed":         "Failed to replace wedged Olm session",
 }

@@ -25,6 +25,9 @@ import (
 	"github.com/unwedge/unwedge/webhook"
 )
 
+// metricsPortOffset places a bridge's metrics listener next to its slot's appservice port.
+const metricsPortOffset = 100
+
 // BridgeOptions configures one reference bridge process.
 type BridgeOptions struct {
 	Binary        string // path of the built unwedge-bridge
@@ -45,6 +48,8 @@ type BridgeOptions struct {
 	Stock bool
 	// Config sets more options, by dotted path (for example "network.unwedge.recovery.retention").
 	Config map[string]any
+	// Metrics serves unwedge's metrics on a free local port (Bridge.MetricsURL).
+	Metrics bool
 }
 
 // Bridge is a running reference bridge process.
@@ -54,6 +59,8 @@ type Bridge struct {
 	BotMXID      id.UserID
 	ConfigPath   string
 	LogPath      string
+	// MetricsURL is unwedge's metrics endpoint, with Opts.Metrics.
+	MetricsURL   string
 	sharedSecret string
 	pickleKey    string
 
@@ -82,6 +89,10 @@ func NewBridge(opts BridgeOptions) (*Bridge, error) {
 		LogPath:      filepath.Join(opts.Dir, "bridge.log"),
 		sharedSecret: randomHex(24),
 		pickleKey:    randomHex(16),
+	}
+	if opts.Metrics {
+		// Slots are held exclusively, so the port next to the slot's is free too.
+		b.MetricsURL = fmt.Sprintf("http://127.0.0.1:%d/metrics", opts.Slot.Port+metricsPortOffset)
 	}
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, err
@@ -278,6 +289,8 @@ func (b *Bridge) writeConfig() error {
 		{o.AppserviceEncryption, "encryption.appservice"},
 		{true, "encryption.msc4190"},
 		{!o.Stock, "network.unwedge.enabled"},
+		{o.Metrics, "network.unwedge.metrics.enabled"},
+		{fmt.Sprintf("127.0.0.1:%d", slot.Port+metricsPortOffset), "network.unwedge.metrics.listen"},
 		{map[string]any{
 			"min_level": "debug",
 			"writers":   []map[string]any{{"type": "stdout", "format": "json"}},

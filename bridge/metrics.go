@@ -1,0 +1,177 @@
+package bridge
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+)
+
+// Metrics serves unwedge's counters in the Prometheus text exposition format (version 0.0.4),
+// computed from the Unwedger's and Recovery's counters at scrape time, plus a histogram of heal
+// durations that it collects itself.
+type Metrics struct {
+	h *Helper
+
+	lock     sync.Mutex
+	buckets  []float64 // upper bounds in seconds
+	counts   []uint64  // per bucket, not cumulative
+	sum      float64
+	observed uint64
+
+	server *http.Server
+}
+
+var healBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300}
+
+func newMetrics(h *Helper) *Metrics {
+	return &Metrics{h: h, buckets: healBuckets, counts: make([]uint64, len(healBuckets)+1)}
+}
+
+// observe records a heal's duration (Unwedger.OnDecision).
+func (m *Metrics) observe(d unwedge.Decision) {
+	if d.Action != "healed" {
+		return
+	}
+	seconds := d.Duration.Seconds()
+	m.lock.Lock()
+	defer m.lock.Unlock()
+	i := sort.SearchFloat64s(m.buckets, seconds)
+	m.counts[i]++
+	m.sum += seconds
+	m.observed++
+}
+
+// start serves /metrics on addr until stop.
+func (m *Metrics) start(addr string) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", m)
+	listener, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("failed to listen for metrics on %s: %w", addr, err)
+	}
+	m.server = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := m.server.Serve(listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			m.h.log.Err(err).Msg("Metrics listener stopped")
+		}
+	}()
+	m.h.log.Info().Str("address", listener.Addr().String()).Msg("Serving unwedge metrics")
+	return nil
+}
+
+func (m *Metrics) stop() {
+	if m.server != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = m.server.Shutdown(ctx)
+		m.server = nil
+	}
+}
+
+func (m *Metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	out := bufio.NewWriter(w)
+	defer out.Flush()
+	m.write(r.Context(), out)
+}
+
+// write writes every metric. Families always appear (with zero values), so dashboards and alerts
+// do not see series vanish.
+func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
+	u := m.h.unwedger
+	decisions := map[unwedge.Count]int64{}
+	if u != nil {
+		decisions = u.Counts()
+	}
+	failures := map[string]int64{}
+	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0}
+	var outOfScope, unknownDevice int64
+	for c, n := range decisions {
+		if c.Class != unwedge.ClassForced {
+			failures[string(c.Class)] += n
+		}
+		switch c.Action {
+		case "healed":
+			heals["attempted"] += n
+			heals["succeeded"] += n
+		case "failed":
+			heals["attempted"] += n
+			heals["failed"] += n
+		case "limited":
+			heals["rate_limited"] += n
+		case "out_of_scope":
+			outOfScope += n
+		case "unknown_device":
+			unknownDevice += n
+		}
+	}
+	family(out, "unwedge_olm_failures_total", "counter", "Olm to-device events that the bridge could not decrypt or that showed a wedge, by class.")
+	labelled(out, "unwedge_olm_failures_total", "class", failures)
+	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, and wedges not healed because of the MSC1719 limit (rate_limited).")
+	labelled(out, "unwedge_heals_total", "result", heals)
+	family(out, "unwedge_out_of_scope_total", "counter", "Wedged sessions of users outside unwedge.scope (not healed).")
+	fmt.Fprintf(out, "unwedge_out_of_scope_total %d\n", outOfScope)
+	family(out, "unwedge_unknown_device_total", "counter", "Wedges claimed by identity keys that are no device of the sender (not healed, no key claimed).")
+	fmt.Fprintf(out, "unwedge_unknown_device_total %d\n", unknownDevice)
+
+	m.lock.Lock()
+	family(out, "unwedge_heal_duration_seconds", "histogram", "Time from detecting a wedge to m.dummy sent over the replacement session.")
+	var cumulative uint64
+	for i, bound := range m.buckets {
+		cumulative += m.counts[i]
+		fmt.Fprintf(out, "unwedge_heal_duration_seconds_bucket{le=\"%g\"} %d\n", bound, cumulative)
+	}
+	fmt.Fprintf(out, "unwedge_heal_duration_seconds_bucket{le=\"+Inf\"} %d\n", m.observed)
+	fmt.Fprintf(out, "unwedge_heal_duration_seconds_sum %g\nunwedge_heal_duration_seconds_count %d\n", m.sum, m.observed)
+	m.lock.Unlock()
+
+	recovery := map[string]int64{}
+	if m.h.recovery != nil {
+		recovery = m.h.recovery.Counts()
+	}
+	events := map[string]int64{"recorded": 0, "recovered": 0, "given_up": 0, "decrypted_by_bridge": 0, "not_recorded": 0}
+	for _, name := range []string{unwedge.CountRecorded, unwedge.CountRecovered, unwedge.CountGivenUp, unwedge.CountDecryptedStock, unwedge.CountNotRecorded} {
+		events[name] = recovery[name]
+	}
+	requests := map[string]int64{
+		"sent":     recovery[unwedge.CountRequestsSent],
+		"filled":   recovery[unwedge.CountRequestsFilled],
+		"deferred": recovery[unwedge.CountRequestsDeferred],
+	}
+	family(out, "unwedge_undecryptable_events_total", "counter", "Room events without their Megolm session: recorded, recovered (bridged late), given_up (after the retention), decrypted_by_bridge (bridgev2's own wait got the key), not_recorded (over max_pending_per_user).")
+	labelled(out, "unwedge_undecryptable_events_total", "result", events)
+	family(out, "unwedge_key_requests_total", "counter", "Room key requests by recovery: sent, filled (the key arrived), deferred (the sender's session was being replaced).")
+	labelled(out, "unwedge_key_requests_total", "result", requests)
+	family(out, "unwedge_pending_events", "gauge", "Room events waiting for their Megolm session now (all replicas).")
+	pending := -1
+	if m.h.db != nil {
+		if n, err := m.h.db.Pending.Count(ctx); err == nil {
+			pending = n
+		}
+	}
+	fmt.Fprintf(out, "unwedge_pending_events %d\n", pending)
+}
+
+func family(out *bufio.Writer, name, kind, help string) {
+	fmt.Fprintf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind)
+}
+
+// labelled writes one series per label value, in a stable order.
+func labelled(out *bufio.Writer, name, label string, values map[string]int64) {
+	keys := make([]string, 0, len(values))
+	for k := range values {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(out, "%s{%s=%q} %d\n", name, label, k, values[k])
+	}
+}

@@ -1,0 +1,74 @@
+package lab
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// Command sends a bridge command ("!wh " is added) from the wedged device in the portal room and
+// returns the text of the bot's answer that contains want.
+func (w *World) Command(ctx context.Context, command, want string) (string, error) {
+	seen := map[id.EventID]bool{}
+	for _, evt := range w.Wedged().Messages(w.Room) {
+		seen[evt.ID] = true
+	}
+	if _, err := w.Wedged().SendText(ctx, w.Room, "!wh "+command); err != nil {
+		return "", err
+	}
+	evt, err := w.Wedged().WaitForMessage(ctx, w.Room, func(evt *event.Event) bool {
+		msg := evt.Content.AsMessage()
+		return !seen[evt.ID] && evt.Sender == w.Bridge.BotMXID && msg.MsgType == event.MsgNotice && strings.Contains(msg.Body, want)
+	})
+	if err != nil {
+		return "", fmt.Errorf("no answer to %q containing %q: %w", command, want, err)
+	}
+	return evt.Content.AsMessage().Body, nil
+}
+
+// Metrics reads the bridge's unwedge metrics: series ("name{labels}") to value.
+func (w *World) Metrics(ctx context.Context) (map[string]float64, error) {
+	if w.Bridge.MetricsURL == "" {
+		return nil, fmt.Errorf("the bridge serves no metrics in this mode")
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, w.Bridge.MetricsURL, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("metrics: HTTP %d", resp.StatusCode)
+	}
+	return ParseMetrics(bufio.NewScanner(resp.Body))
+}
+
+// ParseMetrics reads the Prometheus text format: one "series value" per line, comments skipped.
+func ParseMetrics(scanner *bufio.Scanner) (map[string]float64, error) {
+	out := map[string]float64{}
+	for scanner.Scan() {
+		line := strings.TrimSpace(scanner.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		at := strings.LastIndexByte(line, ' ')
+		if at < 0 {
+			return nil, fmt.Errorf("bad metrics line %q", line)
+		}
+		value, err := strconv.ParseFloat(line[at+1:], 64)
+		if err != nil {
+			return nil, fmt.Errorf("bad metrics line %q: %w", line, err)
+		}
+		out[line[:at]] = value
+	}
+	return out, scanner.Err()
+}

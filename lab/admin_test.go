@@ -1,0 +1,115 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+)
+
+// TestLabAdmin runs a wedge scenario and checks that what an admin sees, the metrics endpoint and
+// the `unwedge` command's answers, matches what happened according to the bridge's own log and
+// the lab's measurement; then an admin forces a heal and sees it counted and recorded.
+func TestLabAdmin(t *testing.T) {
+	env, ctx, cfg := setupLab(t, 10*time.Minute)
+	sc, _ := ScenarioByName("expired-one-time-key")
+	inspected := false
+	cfg.Inspect = func(ctx context.Context, w *World, res *Result) error {
+		inspected = true
+		metrics, err := w.Metrics(ctx)
+		if err != nil {
+			return err
+		}
+		// The counters start with the bridge process: compare with its log since its last start.
+		failures, err := w.failuresSinceLastStart()
+		if err != nil {
+			return err
+		}
+		var failureMetric float64
+		for series, value := range metrics {
+			if strings.HasPrefix(series, "unwedge_olm_failures_total{") {
+				failureMetric += value
+			}
+		}
+		checks := []struct {
+			what      string
+			got, want float64
+		}{
+			{"Olm failures (log: Failed to decrypt to-device event)", failureMetric, float64(failures)},
+			{"heals succeeded (lab: replacement sessions)", metrics[`unwedge_heals_total{result="succeeded"}`], float64(res.ReplacementSessions)},
+			{"heals attempted", metrics[`unwedge_heals_total{result="attempted"}`], float64(res.ReplacementSessions)},
+			{"heal durations observed", metrics["unwedge_heal_duration_seconds_count"], float64(res.ReplacementSessions)},
+		}
+		for _, c := range checks {
+			if c.got != c.want {
+				t.Errorf("%s: metric %v, want %v", c.what, c.got, c.want)
+			}
+		}
+		// The pending gauge and the pending command read the same table: they must agree. (Not
+		// necessarily zero: an event the bridge was waiting for when the lab restarted it stays
+		// there until its hand-over time, then it is bridged.)
+		pendingAll, err := w.Command(ctx, "unwedge pending all", "waiting for their keys")
+		if err != nil {
+			return err
+		}
+		if listed := strings.Count(pendingAll, "\n* `$"); float64(listed) != metrics["unwedge_pending_events"] {
+			t.Errorf("pending gauge %v, but `unwedge pending all` lists %d:\n%s", metrics["unwedge_pending_events"], listed, pendingAll)
+		}
+		events := func(result string) float64 {
+			return metrics[fmt.Sprintf("unwedge_undecryptable_events_total{result=%q}", result)]
+		}
+		if events("recorded") < 1 || events("recorded") < events("decrypted_by_bridge")+events("recovered") {
+			t.Errorf("undecryptable events: recorded %v, decrypted by bridgev2 %v, recovered %v", events("recorded"), events("decrypted_by_bridge"), events("recovered"))
+		}
+		if metrics[`unwedge_olm_failures_total{class="prekey_unknown_otk"}`] < 1 {
+			t.Errorf("no prekey_unknown_otk failure in the metrics: %v", metrics)
+		}
+
+		device := string(w.Wedged().DeviceID())
+		status, err := w.Command(ctx, "unwedge status", "unwedge status of")
+		if err != nil {
+			return err
+		}
+		for _, want := range []string{device, "last replacement session: healed (prekey_unknown_otk)", "Messages waiting for their keys: "} {
+			if !strings.Contains(status, want) {
+				t.Errorf("status answer lacks %q:\n%s", want, status)
+			}
+		}
+
+		// An admin forces a heal within the hour: it happens, is counted and says who forced it.
+		user := w.Wedged().UserID()
+		if _, err = w.Command(ctx, fmt.Sprintf("unwedge heal %s %s", user, device), "Created a new Olm session"); err != nil {
+			return err
+		}
+		if metrics, err = w.Metrics(ctx); err != nil {
+			return err
+		}
+		if got := metrics[`unwedge_heals_total{result="succeeded"}`]; got != float64(res.ReplacementSessions+1) {
+			t.Errorf("after a forced heal %v heals succeeded, want %d", got, res.ReplacementSessions+1)
+		}
+		if got := metrics[fmt.Sprintf(`unwedge_olm_failures_total{class=%q}`, unwedge.ClassForced)]; got != 0 {
+			t.Errorf("a forced heal counted as an Olm failure")
+		}
+		status, err = w.Command(ctx, "unwedge status "+string(user), "unwedge status of")
+		if err != nil {
+			return err
+		}
+		if want := "healed (forced)"; !strings.Contains(status, want) || !strings.Contains(status, "forced by "+string(user)) {
+			t.Errorf("status after the forced heal lacks %q and who forced it:\n%s", want, status)
+		}
+		return nil
+	}
+	report := Run(ctx, env, cfg, []*Scenario{sc}, []Mode{ModeUnwedge})
+	for _, res := range report.Scenarios {
+		if res.Error != "" {
+			t.Fatalf("%s: %s", res.Name, res.Error)
+		}
+		t.Logf("%+v", *res)
+	}
+	if !inspected {
+		t.Fatal("the scenario did not reach the inspection")
+	}
+}
