@@ -54,11 +54,11 @@ type BridgeOptions struct {
 
 // Bridge is a running reference bridge process.
 type Bridge struct {
-	Opts         BridgeOptions
-	URL          string // the appservice listener: webhook API and provisioning API
-	BotMXID      id.UserID
-	ConfigPath   string
-	LogPath      string
+	Opts       BridgeOptions
+	URL        string // the appservice listener: webhook API and provisioning API
+	BotMXID    id.UserID
+	ConfigPath string
+	LogPath    string
 	// MetricsURL is unwedge's metrics endpoint, with Opts.Metrics.
 	MetricsURL   string
 	sharedSecret string
