@@ -46,6 +46,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		u.decide(decideCtx, decision)
 		return database.HealFailedTransient
 	} else if !grant.Granted {
+		u.noteReplaced(device.IdentityKey, grant.LastCreatedAt)
 		decision.Action, decision.Detail = "limited", grant.Reason(started, u.cfg.MinInterval)
 		u.decide(decideCtx, decision)
 		return ""
@@ -71,7 +72,9 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		if sess := hc.session(); sess != nil && !recorded {
 			// The interval runs from the session's creation: even if m.dummy never goes out, the
 			// session exists and the peer will learn it from the next message sent over it.
-			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), time.Now()); err != nil {
+			createdAt := time.Now()
+			u.noteReplaced(device.IdentityKey, createdAt)
+			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), createdAt); err != nil {
 				log.Err(err).Msg("Failed to record replacement session in the ledger")
 			} else {
 				recorded = true

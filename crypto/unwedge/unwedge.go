@@ -58,6 +58,9 @@ type Unwedger struct {
 	healing     map[healingSlot]struct{}
 	// replacing counts the heals that hold a ledger grant for a device, by identity key.
 	replacing map[id.SenderKey]int
+	// replaced remembers when this process last created a session with a device (or learned
+	// from the ledger that one was created), by identity key, for at most MinInterval.
+	replaced map[id.SenderKey]time.Time
 
 	countsLock sync.Mutex
 	counts     map[Count]int64
@@ -112,7 +115,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 	return &Unwedger{
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[healingSlot]struct{}), counts: make(map[Count]int64),
-		newSessionAt: make(map[id.SenderKey]time.Time), replacing: make(map[id.SenderKey]int),
+		newSessionAt: make(map[id.SenderKey]time.Time), replacing: make(map[id.SenderKey]int), replaced: make(map[id.SenderKey]time.Time),
 	}, nil
 }
 
@@ -190,6 +193,14 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 // wedged checks scope and the sender's device, then starts a heal unless one runs already.
 func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKey, class Class) {
 	log := zerolog.Ctx(ctx).With().Stringer("user_id", sender).Stringer("identity_key", key).Str("class", string(class)).Logger()
+	// The ledger decides, but a device this process replaced the session of within the interval
+	// is refused without asking it (or the homeserver): a storm of failures from devices that
+	// are not online yet to learn their new sessions stays cheap.
+	if at, ok := u.recentlyReplaced(key); ok {
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "limited",
+			Detail: fmt.Sprintf("this bridge replaced the session %s ago (at most one per %s)", time.Since(at).Round(time.Second), u.cfg.MinInterval)})
+		return
+	}
 	// A burst of failures from one device makes one heal: the rest stop here, before the scope
 	// and device lookups (which may query the homeserver).
 	slot := healingSlot{sender, key}
@@ -200,7 +211,7 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	}
 	u.healingLock.Unlock()
 	if running {
-		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "limited"})
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "limited", Detail: "a heal of this device is running"})
 		return
 	}
 	release := func() {
@@ -272,6 +283,38 @@ func (u *Unwedger) Healing(_ id.UserID, key id.SenderKey) bool {
 	u.healingLock.Lock()
 	defer u.healingLock.Unlock()
 	return u.replacing[key] > 0
+}
+
+// recentlyReplaced reports when the device's session was last replaced, if within MinInterval.
+func (u *Unwedger) recentlyReplaced(key id.SenderKey) (time.Time, bool) {
+	u.healingLock.Lock()
+	defer u.healingLock.Unlock()
+	at, ok := u.replaced[key]
+	if ok && time.Since(at) >= u.cfg.MinInterval {
+		delete(u.replaced, key)
+		return time.Time{}, false
+	}
+	return at, ok
+}
+
+// noteReplaced remembers a replacement session created at at, dropping expired entries now and
+// then so the map stays as small as the set of devices replaced within the interval.
+func (u *Unwedger) noteReplaced(key id.SenderKey, at time.Time) {
+	if at.IsZero() || time.Since(at) >= u.cfg.MinInterval {
+		return
+	}
+	u.healingLock.Lock()
+	defer u.healingLock.Unlock()
+	if len(u.replaced) >= 1024 && len(u.replaced)%1024 == 0 {
+		for k, t := range u.replaced {
+			if time.Since(t) >= u.cfg.MinInterval {
+				delete(u.replaced, k)
+			}
+		}
+	}
+	if at.After(u.replaced[key]) {
+		u.replaced[key] = at
+	}
 }
 
 func (u *Unwedger) setReplacing(key id.SenderKey, delta int) {

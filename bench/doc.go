@@ -1,0 +1,5 @@
+// Package bench holds the performance measurements behind cmd/bench: Go benchmarks of the success
+// path, and tests that measure heal latency on the local Synapse, a wedge storm of simulated
+// devices, and the ledger's decision at scale. With UNWEDGE_BENCH_OUT set they write their
+// figures there as JSON; without it they run small and only check correctness.
+package bench

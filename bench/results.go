@@ -1,0 +1,54 @@
+package bench
+
+// The figures the tests of this package write for cmd/bench (UNWEDGE_BENCH_OUT).
+
+// HealResult is the heal latency on the local Synapse, with its steps, and the floor.
+type HealResult struct {
+	Heals int `json:"heals"`
+	// From the bridge receiving the undecryptable Olm message to m.dummy sent.
+	HealP50ms float64 `json:"heal_p50_ms"`
+	HealP95ms float64 `json:"heal_p95_ms"`
+	// From the same moment to the lost room key back at the bridge (the message can be bridged).
+	RecoveredP50ms float64 `json:"recovered_p50_ms"`
+	RecoveredP95ms float64 `json:"recovered_p95_ms"`
+	// Steps (p50): from receiving the message to the key claim, the claim, creating the session
+	// until m.dummy goes out, sending it, and the key request round trip after the heal.
+	DetectP50ms       float64 `json:"detect_p50_ms"`
+	ClaimP50ms        float64 `json:"claim_p50_ms"`
+	SessionP50ms      float64 `json:"session_p50_ms"`
+	SendP50ms         float64 `json:"send_p50_ms"`
+	KeyRoundTripP50ms float64 `json:"key_round_trip_p50_ms"`
+	// The floor: one key claim plus one to-device round trip (two one-way trips), measured alone.
+	FloorClaimP50ms  float64 `json:"floor_claim_p50_ms"`
+	FloorOneWayP50ms float64 `json:"floor_one_way_p50_ms"`
+	FloorP50ms       float64 `json:"floor_p50_ms"`
+	// mautrix-go's built-in unwedge on the same wedge: receiving the message to m.dummy sent.
+	StockHealP50ms float64 `json:"stock_heal_p50_ms"`
+	StockHealP95ms float64 `json:"stock_heal_p95_ms"`
+}
+
+// StormResult is one storm's figures (cmd/bench's "storm" list).
+type StormResult struct {
+	Mode                 string  `json:"mode"`
+	Devices              int     `json:"devices"`
+	MessagesPerDevice    int     `json:"messages_per_device"`
+	ReplacementSessions  int64   `json:"replacement_sessions"`
+	KeyClaims            int64   `json:"key_claims"`
+	ClaimedKeys          int64   `json:"claimed_keys"`
+	ToDeviceSent         int64   `json:"to_device_sent"`
+	AfterRestartSessions int64   `json:"after_restart_sessions"`
+	Seconds              float64 `json:"seconds"`
+	PeakRSSMB            float64 `json:"peak_rss_mb"`
+	PeakHeapMB           float64 `json:"peak_heap_mb"`
+}
+
+// LedgerResult is the MSC1719 decision's latency with rows devices in the ledger.
+type LedgerResult struct {
+	DB        string  `json:"db"`
+	Rows      int     `json:"rows"`
+	Decisions int     `json:"decisions"`
+	P50us     float64 `json:"p50_us"`
+	P99us     float64 `json:"p99_us"`
+	Pruned    int64   `json:"pruned"`
+	PruneMS   float64 `json:"prune_ms"`
+}

@@ -1,0 +1,220 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/internal/testenv"
+)
+
+// TestStorm: the bridge loses its Olm sessions with D devices at once (restored from a backup
+// without them), and each device sends M messages. unwedge must create exactly D replacement
+// sessions (one key claim each), and none more after a restart within the hour, when the devices
+// (not yet online to learn the new sessions) keep sending on the old ones. The same storm on
+// mautrix-go's built-in unwedge is measured beside it. Sizes: UNWEDGE_BENCH_STORM (default 50).
+func TestStorm(t *testing.T) {
+	env := testenv.Require(t)
+	messages := envInts(t, "UNWEDGE_BENCH_STORM_MESSAGES", 5)[0]
+	var results []StormResult
+	for _, devices := range envInts(t, "UNWEDGE_BENCH_STORM", 50) {
+		for _, mode := range []string{"unwedge", "stock"} {
+			t.Run(fmt.Sprintf("%s/%d", mode, devices), func(t *testing.T) {
+				res := runStorm(t, env, mode, devices, messages)
+				t.Logf("%+v", res)
+				if mode == "unwedge" {
+					if res.ReplacementSessions != int64(devices) || res.ClaimedKeys != int64(devices) {
+						t.Errorf("%d replacement sessions and %d claimed keys for %d wedged devices, want %d each",
+							res.ReplacementSessions, res.ClaimedKeys, devices, devices)
+					}
+					if res.AfterRestartSessions != 0 {
+						t.Errorf("%d sessions after a restart within the hour, want 0", res.AfterRestartSessions)
+					}
+				}
+				results = append(results, res)
+			})
+		}
+	}
+	benchOut(t, "storm", results)
+}
+
+func runStorm(t *testing.T, env *testenv.Env, mode string, devices, messages int) StormResult {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	stock := mode == "stock"
+	hs := newHomeserver(t)
+	db := openDB(t, env.NewDatabase(t))
+	bridge := newBridgeDevice(t, ctx, hs, db, stock)
+
+	var u *unwedge.Unwedger
+	handle := func(evt *event.Event) { bridge.mach.HandleToDeviceEvent(ctx, evt) }
+	if !stock {
+		u, _ = newUnwedger(t, ctx, bridge, db, "storm-1")
+		handle = func(evt *event.Event) { u.HandleToDevice(ctx, evt) }
+	}
+	// D devices open sessions with the bridge, in batches as a syncing bridge sees them: it
+	// decrypts a batch, then tops up its one-time keys (an account keeps at most 100, so topping
+	// up before decrypting would drop keys the devices are about to use).
+	peers := make([]*device, devices)
+	for i := range peers {
+		peers[i] = newMemoryDevice(t, ctx, hs, id.UserID(fmt.Sprintf("@user%d:example.org", i)), "PHONE")
+		sendDummy(t, ctx, peers[i], bridge)
+		if i%25 == 24 || i == devices-1 {
+			for _, evt := range hs.inbox(bridge.userID, bridge.deviceID) {
+				handle(evt)
+			}
+			if err := bridge.mach.ShareKeys(ctx, hs.oneTimeKeys(bridge.userID, bridge.deviceID)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if n := countSessions(t, ctx, bridge); n != devices {
+		t.Fatalf("%d sessions established, want %d", n, devices)
+	}
+
+	// The storm: the bridge comes back without its sessions (wedge), and every device talks.
+	if _, err := db.Exec(ctx, "DELETE FROM crypto_olm_session WHERE account_id = 'BRIDGE'"); err != nil {
+		t.Fatal(err)
+	}
+	restart := func(owner string) {
+		if u != nil {
+			u.Stop()
+		}
+		loadBridgeMachine(t, ctx, bridge, db, stock)
+		handle = func(evt *event.Event) { bridge.mach.HandleToDeviceEvent(ctx, evt) }
+		if !stock {
+			u, _ = newUnwedger(t, ctx, bridge, db, owner)
+			handle = func(evt *event.Event) { u.HandleToDevice(ctx, evt) }
+		}
+	}
+	restart("storm-2")
+	for round := 0; round < messages; round++ {
+		for _, peer := range peers {
+			sendDummy(t, ctx, peer, bridge)
+		}
+	}
+	claimsBefore, keysBefore, sentBefore := hs.claimRequests.Load(), hs.claimedKeys.Load(), hs.toDeviceCount("m.room.encrypted")
+	peak := startPeakSampler()
+	started := time.Now()
+	for _, evt := range hs.inbox(bridge.userID, bridge.deviceID) {
+		handle(evt)
+	}
+	// Heals run in the background: wait until every device has its session (or nothing moves).
+	created := waitStable(ctx, func() int64 { return int64(countSessions(t, ctx, bridge)) }, int64(devices))
+	seconds := time.Since(started).Seconds()
+	rss, heap := peak.stop()
+	res := StormResult{
+		Mode: mode, Devices: devices, MessagesPerDevice: messages, ReplacementSessions: created,
+		KeyClaims: hs.claimRequests.Load() - claimsBefore, ClaimedKeys: hs.claimedKeys.Load() - keysBefore,
+		ToDeviceSent: hs.toDeviceCount("m.room.encrypted") - sentBefore, Seconds: seconds, PeakRSSMB: rss, PeakHeapMB: heap,
+	}
+
+	// A restart within the hour; the devices have not been online, so they still use the old
+	// sessions and fail again.
+	restart("storm-3")
+	for _, peer := range peers {
+		sendDummy(t, ctx, peer, bridge)
+	}
+	for _, evt := range hs.inbox(bridge.userID, bridge.deviceID) {
+		handle(evt)
+	}
+	res.AfterRestartSessions = waitStable(ctx, func() int64 { return int64(countSessions(t, ctx, bridge)) }, -1) - created
+	return res
+}
+
+// sendDummy sends an Olm-encrypted m.dummy from a device to the bridge over its latest session.
+func sendDummy(t testing.TB, ctx context.Context, from, to *device) {
+	target, err := from.mach.GetOrFetchDevice(ctx, to.userID, to.deviceID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err = from.mach.SendEncryptedToDevice(ctx, target, event.ToDeviceDummy, event.Content{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func countSessions(t testing.TB, ctx context.Context, bridge *device) int {
+	var n int
+	if err := bridge.sql.DB.QueryRow(ctx, "SELECT COUNT(*) FROM crypto_olm_session WHERE account_id = 'BRIDGE'").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// waitStable polls value until it reaches want (or, with want < 0, stops changing for 2 s).
+func waitStable(ctx context.Context, value func() int64, want int64) int64 {
+	last, lastChange := value(), time.Now()
+	for ctx.Err() == nil {
+		v := value()
+		if want >= 0 && v >= want {
+			return v
+		}
+		if v != last {
+			last, lastChange = v, time.Now()
+		} else if time.Since(lastChange) > 5*time.Second || (want < 0 && time.Since(lastChange) > 2*time.Second) {
+			return v
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return last
+}
+
+// peakSampler records the process's peak resident memory and Go heap while it runs.
+type peakSampler struct {
+	stopCh chan struct{}
+	wg     sync.WaitGroup
+	heap   uint64
+}
+
+func startPeakSampler() *peakSampler {
+	p := &peakSampler{stopCh: make(chan struct{})}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		var ms runtime.MemStats
+		for {
+			runtime.ReadMemStats(&ms)
+			p.heap = max(p.heap, ms.HeapInuse)
+			select {
+			case <-p.stopCh:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}()
+	return p
+}
+
+func (p *peakSampler) stop() (rssMB, heapMB float64) {
+	close(p.stopCh)
+	p.wg.Wait()
+	return float64(vmHWM()) / 1024, float64(p.heap) / (1 << 20)
+}
+
+// vmHWM is the process's peak resident set size in KiB (Linux), or 0.
+func vmHWM() int64 {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(line, "VmHWM:") {
+			fields := strings.Fields(line)
+			if len(fields) >= 2 {
+				n, _ := strconv.ParseInt(fields[1], 10, 64)
+				return n
+			}
+		}
+	}
+	return 0
+}

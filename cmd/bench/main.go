@@ -1,0 +1,216 @@
+// Command bench measures unwedge side by side with stock mautrix-go on this machine: the success
+// path's decrypt throughput, heal latency on the local Synapse against its floor, a wedge storm
+// of simulated devices, and the ledger's decision at scale. It runs the Go benchmarks and tests
+// of package bench and collects their figures into one table (and --json).
+//
+// Run it through scripts/bench.sh, which brings up Postgres and Synapse first.
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/unwedge/unwedge/bench"
+	"github.com/unwedge/unwedge/internal/harness"
+)
+
+// Report is the JSON the command writes; other checks read its keys.
+type Report struct {
+	SuccessPathRatio float64 `json:"success_path_ratio"`
+	MegolmRatio      float64 `json:"megolm_decrypt_ratio"`
+	OlmRatio         float64 `json:"olm_decrypt_ratio"`
+	MegolmStockNS    float64 `json:"megolm_decrypt_stock_ns"`
+	MegolmUnwedgeNS  float64 `json:"megolm_decrypt_unwedge_ns"`
+	OlmStockNS       float64 `json:"olm_decrypt_stock_ns"`
+	OlmUnwedgeNS     float64 `json:"olm_decrypt_unwedge_ns"`
+
+	HealP50ms      float64          `json:"heal_p50_ms"`
+	HealP95ms      float64          `json:"heal_p95_ms"`
+	FloorP50ms     float64          `json:"floor_p50_ms"`
+	StockHealRatio float64          `json:"stock_heal_ratio"`
+	Heal           bench.HealResult `json:"heal"`
+
+	Storm  []bench.StormResult  `json:"storm"`
+	Ledger []bench.LedgerResult `json:"ledger"`
+}
+
+type sizes struct {
+	benchRuns, benchOps, heals int
+	storm, ledger              string
+}
+
+func main() {
+	quick := flag.Bool("quick", false, "small sizes (a minute instead of several)")
+	jsonPath := flag.String("json", "", "also write the figures as JSON to this path")
+	flag.Parse()
+	sz := sizes{benchRuns: 6, benchOps: 400, heals: 30, storm: "200,1000", ledger: "1000,100000,1000000"}
+	if *quick {
+		sz = sizes{benchRuns: 3, benchOps: 200, heals: 10, storm: "100", ledger: "1000,100000"}
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	report, err := run(ctx, sz)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+	printReport(os.Stdout, report)
+	if *jsonPath != "" {
+		data, _ := json.MarshalIndent(report, "", "  ")
+		if err = os.WriteFile(*jsonPath, append(data, '\n'), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+	}
+}
+
+func run(ctx context.Context, sz sizes) (*Report, error) {
+	root, err := harness.ModuleRoot()
+	if err != nil {
+		return nil, err
+	}
+	out, err := os.MkdirTemp("", "unwedge-bench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(out)
+	report := &Report{}
+
+	fmt.Fprintf(os.Stderr, "success path: %d alternating runs of %d decryptions per mode...\n", sz.benchRuns, sz.benchOps)
+	benchOutput, err := goTest(ctx, root, nil, "-run", "^$", "-bench", "^Benchmark(Megolm|Olm)Decrypt$",
+		"-benchtime", fmt.Sprintf("%dx", sz.benchOps), "-count", strconv.Itoa(sz.benchRuns))
+	if err != nil {
+		return nil, err
+	}
+	ns := parseBenchmarks(benchOutput)
+	report.MegolmStockNS, report.MegolmUnwedgeNS = median(ns["MegolmDecrypt/stock"]), median(ns["MegolmDecrypt/unwedge"])
+	report.OlmStockNS, report.OlmUnwedgeNS = median(ns["OlmDecrypt/stock"]), median(ns["OlmDecrypt/unwedge"])
+	report.MegolmRatio = round(report.MegolmStockNS / report.MegolmUnwedgeNS)
+	report.OlmRatio = round(report.OlmStockNS / report.OlmUnwedgeNS)
+	report.SuccessPathRatio = min(report.MegolmRatio, report.OlmRatio)
+
+	fmt.Fprintf(os.Stderr, "heal latency (%d heals per mode), storm (%s devices), ledger (%s rows)...\n", sz.heals, sz.storm, sz.ledger)
+	env := []string{
+		"UNWEDGE_BENCH_OUT=" + out,
+		"UNWEDGE_BENCH_HEALS=" + strconv.Itoa(sz.heals),
+		"UNWEDGE_BENCH_STORM=" + sz.storm,
+		"UNWEDGE_BENCH_LEDGER=" + sz.ledger,
+	}
+	if _, err = goTest(ctx, root, env, "-run", "^(TestHealLatency|TestStorm|TestLedgerScale)$", "-v"); err != nil {
+		return nil, err
+	}
+	for name, into := range map[string]any{"heal": &report.Heal, "storm": &report.Storm, "ledger": &report.Ledger} {
+		data, err := os.ReadFile(filepath.Join(out, name+".json"))
+		if err != nil {
+			return nil, fmt.Errorf("no %s figures: %w", name, err)
+		}
+		if err = json.Unmarshal(data, into); err != nil {
+			return nil, fmt.Errorf("bad %s figures: %w", name, err)
+		}
+	}
+	report.HealP50ms, report.HealP95ms, report.FloorP50ms = report.Heal.HealP50ms, report.Heal.HealP95ms, report.Heal.FloorP50ms
+	report.StockHealRatio = round(report.Heal.StockHealP50ms / report.Heal.HealP50ms)
+	return report, nil
+}
+
+// goTest runs `go test` on package bench and returns its output; the output also goes to stderr
+// as it comes, so a long run shows progress.
+func goTest(ctx context.Context, root string, env []string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, "go", append([]string{"test", "-tags", "goolm", "-count=1", "-timeout", "60m"}, append(args, "./bench/")...)...)
+	if slices.Contains(args, "-count") {
+		cmd.Args = slices.DeleteFunc(cmd.Args, func(a string) bool { return a == "-count=1" })
+	}
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), env...)
+	var buf strings.Builder
+	pipe, err := cmd.StdoutPipe()
+	if err != nil {
+		return "", err
+	}
+	cmd.Stderr = os.Stderr
+	if err = cmd.Start(); err != nil {
+		return "", err
+	}
+	scanner := bufio.NewScanner(pipe)
+	scanner.Buffer(make([]byte, 1<<20), 1<<20)
+	for scanner.Scan() {
+		line := scanner.Text()
+		buf.WriteString(line + "\n")
+		if strings.HasPrefix(line, "Benchmark") || strings.Contains(line, "--- ") || strings.HasPrefix(strings.TrimSpace(line), "storm_test.go") ||
+			strings.HasPrefix(strings.TrimSpace(line), "ledger_test.go") || strings.HasPrefix(strings.TrimSpace(line), "heal_test.go") {
+			fmt.Fprintln(os.Stderr, "  "+strings.TrimSpace(line))
+		}
+	}
+	if err = cmd.Wait(); err != nil {
+		return buf.String(), fmt.Errorf("go test %s: %w", strings.Join(args, " "), err)
+	}
+	return buf.String(), nil
+}
+
+var benchLine = regexp.MustCompile(`^Benchmark(\S+?)(?:-\d+)?\s+\d+\s+([\d.]+) ns/op`)
+
+// parseBenchmarks returns each benchmark's ns/op samples.
+func parseBenchmarks(output string) map[string][]float64 {
+	out := map[string][]float64{}
+	for _, line := range strings.Split(output, "\n") {
+		if m := benchLine.FindStringSubmatch(line); m != nil {
+			v, _ := strconv.ParseFloat(m[2], 64)
+			out[m[1]] = append(out[m[1]], v)
+		}
+	}
+	return out
+}
+
+func median(values []float64) float64 {
+	if len(values) == 0 {
+		return 0
+	}
+	sorted := slices.Clone(values)
+	slices.Sort(sorted)
+	return sorted[len(sorted)/2]
+}
+
+func round(v float64) float64 { return float64(int(v*1000+0.5)) / 1000 }
+
+func printReport(w io.Writer, r *Report) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "figure\tstock\tunwedge\tratio (stock/unwedge time)")
+	fmt.Fprintf(tw, "Megolm decrypt\t%.0f µs\t%.0f µs\t%.3f\n", r.MegolmStockNS/1000, r.MegolmUnwedgeNS/1000, r.MegolmRatio)
+	fmt.Fprintf(tw, "Olm decrypt (to-device)\t%.0f µs\t%.0f µs\t%.3f\n", r.OlmStockNS/1000, r.OlmUnwedgeNS/1000, r.OlmRatio)
+	fmt.Fprintf(tw, "heal p50 / p95 (failure to m.dummy sent)\t%.1f / %.1f ms\t%.1f / %.1f ms\t%.3f\n",
+		r.Heal.StockHealP50ms, r.Heal.StockHealP95ms, r.HealP50ms, r.HealP95ms, r.StockHealRatio)
+	fmt.Fprintf(tw, "lost room key back p50 / p95\t(bridgev2 waits 3 s)\t%.1f / %.1f ms\t\n", r.Heal.RecoveredP50ms, r.Heal.RecoveredP95ms)
+	fmt.Fprintf(tw, "  steps p50: detect, claim, session, send, key round trip\t\t%.1f, %.1f, %.1f, %.1f, %.1f ms\t\n",
+		r.Heal.DetectP50ms, r.Heal.ClaimP50ms, r.Heal.SessionP50ms, r.Heal.SendP50ms, r.Heal.KeyRoundTripP50ms)
+	fmt.Fprintf(tw, "  floor p50: claim + 2 one-way to-device\t\t%.1f + 2 x %.1f = %.1f ms\t\n", r.Heal.FloorClaimP50ms, r.Heal.FloorOneWayP50ms, r.FloorP50ms)
+	_ = tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "storm\tdevices\tmessages each\tnew sessions\tkey claims\tm.room.encrypted sent\tafter restart\tseconds\tpeak RSS MB\tpeak heap MB")
+	for _, s := range r.Storm {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%.1f\t%.0f\t%.0f\n", s.Mode, s.Devices, s.MessagesPerDevice, s.ReplacementSessions,
+			s.ClaimedKeys, s.ToDeviceSent, s.AfterRestartSessions, s.Seconds, s.PeakRSSMB, s.PeakHeapMB)
+	}
+	_ = tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ledger\trows\tdecision p50\tp99\tpruned\tprune time")
+	for _, l := range r.Ledger {
+		fmt.Fprintf(tw, "%s\t%d\t%.0f µs\t%.0f µs\t%d\t%.0f ms\n", l.DB, l.Rows, l.P50us, l.P99us, l.Pruned, l.PruneMS)
+	}
+	_ = tw.Flush()
+}
