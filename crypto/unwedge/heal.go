@@ -67,7 +67,9 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	outcome, attempts, healErr := database.HealFailedTransient, 0, error(nil)
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
-		_ = u.ledger.RenewLease(ctx, dev, u.owner, time.Now().Add(u.cfg.Lease))
+		if attempts > 1 { // the grant's lease is fresh for the first attempt
+			_ = u.ledger.RenewLease(ctx, dev, u.owner, time.Now().Add(u.cfg.Lease))
+		}
 		healErr = u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{})
 		if sess := hc.session(); sess != nil && !recorded {
 			// The interval runs from the session's creation: even if m.dummy never goes out, the
