@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -80,6 +81,10 @@ func (h *Helper) Pending() *database.PendingQuery { return h.db.Pending }
 // Ledger is unwedge's heal ledger, once Init has run.
 func (h *Helper) Ledger() *database.LedgerQuery { return h.db.Ledger }
 
+// FaultEnv names the environment variable that arms fault injection for tests: the bridge kills
+// itself with SIGKILL when a heal reaches that point (unwedge.FaultSessionCreated).
+const FaultEnv = "UNWEDGE_TEST_FAULT"
+
 // Metrics is unwedge's Prometheus metrics handler, once Init has run.
 func (h *Helper) Metrics() http.Handler { return h.metrics }
 
@@ -135,6 +140,16 @@ func (h *Helper) Init(ctx context.Context) error {
 	if h.cfg.Metrics.Enabled {
 		if err = h.metrics.start(h.cfg.Metrics.Listen); err != nil {
 			return err
+		}
+	}
+	if point := os.Getenv(FaultEnv); point != "" {
+		// Tests kill the bridge where a crash would hurt most (see unwedge.Unwedger.FaultHook).
+		h.log.Warn().Str("point", point).Msg("Fault injection armed: the bridge kills itself there")
+		h.unwedger.FaultHook = func(at string) {
+			if at == point {
+				h.log.Warn().Str("point", at).Msg("Fault injection: killing the bridge")
+				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			}
 		}
 	}
 	h.unwedger.OnHealed = h.afterHeal

@@ -121,6 +121,9 @@ const (
 		WHERE bridge_id = $1 AND user_id = $2 AND ($3 = '' OR device_id = $3) ORDER BY started_at DESC, id DESC LIMIT $4`
 	unfinishedHealsQuery = `
 		SELECT ` + healColumns + ` FROM unwedge_heal WHERE bridge_id = $1 AND outcome = 'in_progress' ORDER BY id`
+	resumeQuery = `
+		UPDATE unwedge_device SET lease_owner = $6, lease_until = $7
+		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND heal_id = $5 AND lease_until < $8`
 	countCreatedQuery = `
 		SELECT COUNT(*) FROM unwedge_heal
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND session_id <> '' AND started_at >= $4`
@@ -223,6 +226,17 @@ func (lq *LedgerQuery) Heals(ctx context.Context, userID id.UserID, deviceID id.
 // UnfinishedHeals lists heals that a stopped process left in progress.
 func (lq *LedgerQuery) UnfinishedHeals(ctx context.Context) ([]*Heal, error) {
 	return dbutil.ConvertRowFn[*Heal](scanHeal).NewRowIter(lq.db.Query(ctx, unfinishedHealsQuery, lq.BridgeID)).AsList()
+}
+
+// Resume takes over the device of a heal that a stopped process left in progress, once that
+// process's lease ran out; it reports whether owner now holds the device for the heal.
+func (lq *LedgerQuery) Resume(ctx context.Context, heal *Heal, owner string, now, until time.Time) (bool, error) {
+	res, err := lq.db.Exec(ctx, resumeQuery, append(lq.deviceArgs(heal.Device), heal.ID, owner, until.UnixMilli(), now.UnixMilli())...)
+	if err != nil {
+		return false, fmt.Errorf("failed to take over heal %d: %w", heal.ID, err)
+	}
+	n, _ := res.RowsAffected()
+	return n == 1, nil
 }
 
 // CountCreated counts the replacement sessions unwedge created with a device since a time.

@@ -11,11 +11,16 @@ import (
 
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/database"
 )
+
+// FaultSessionCreated is the point between creating a replacement session and sending m.dummy
+// over it, for Unwedger.FaultHook.
+const FaultSessionCreated = "session_created"
 
 // Heal replaces the Olm session with a device, as MSC1719 says: claim one of its one-time keys,
 // create a new outbound session and send m.dummy over it, so the device learns the new session.
@@ -60,10 +65,25 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		}
 	}
 
-	hc := &healContext{key: device.IdentityKey}
+	// The session is recorded in the ledger the moment it exists, before m.dummy goes out: the
+	// interval runs from its creation (the peer learns it from whatever is sent over it next),
+	// and a process that dies before sending m.dummy leaves a heal that ResumeHeals finishes
+	// over this very session instead of making a second one.
+	recorded := false
+	hc := &healContext{key: device.IdentityKey, onCreated: func(sess *crypto.OlmSession) {
+		createdAt := time.Now()
+		u.noteReplaced(device.IdentityKey, createdAt)
+		if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), createdAt); err != nil {
+			log.Err(err).Msg("Failed to record replacement session in the ledger")
+		} else {
+			recorded = true
+		}
+		if u.FaultHook != nil {
+			u.FaultHook(FaultSessionCreated)
+		}
+	}}
 	// Until the loop ends, key requests to the device wait (Healing).
 	u.setReplacing(device.IdentityKey, 1)
-	recorded := false
 	outcome, attempts, healErr := database.HealFailedTransient, 0, error(nil)
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
@@ -72,13 +92,8 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		}
 		healErr = u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{})
 		if sess := hc.session(); sess != nil && !recorded {
-			// The interval runs from the session's creation: even if m.dummy never goes out, the
-			// session exists and the peer will learn it from the next message sent over it.
-			createdAt := time.Now()
-			u.noteReplaced(device.IdentityKey, createdAt)
-			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), createdAt); err != nil {
-				log.Err(err).Msg("Failed to record replacement session in the ledger")
-			} else {
+			// The ledger was unreachable when the session was made: try again.
+			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), time.Now()); err == nil {
 				recorded = true
 			}
 		}
@@ -141,4 +156,96 @@ func transient(err error) bool {
 	// mautrix wraps connection failures as plain errors with the transport's message.
 	msg := err.Error()
 	return strings.Contains(msg, "connection refused") || strings.Contains(msg, "connection reset") || strings.Contains(msg, "EOF")
+}
+
+// ResumeHeals finishes heals that a stopped process left in progress (found in the ledger), once
+// their lease ran out, so a crash between creating the replacement session and sending m.dummy
+// over it loses neither the heal nor the hour: m.dummy goes out over the session that was
+// created, and no second session is made. A heal that had not created its session yet is closed
+// as failed_transient, so the next failure from the device heals it.
+func (u *Unwedger) ResumeHeals(ctx context.Context) {
+	heals, err := u.ledger.UnfinishedHeals(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			u.log.Err(err).Msg("Failed to list unfinished heals")
+		}
+		return
+	}
+	for _, heal := range heals {
+		now := time.Now()
+		ok, err := u.ledger.Resume(ctx, heal, u.owner, now, now.Add(u.cfg.Lease))
+		if err != nil {
+			u.log.Err(err).Int64("heal_id", heal.ID).Msg("Failed to take over an unfinished heal")
+			continue
+		} else if !ok {
+			continue // another process still holds it, or it was already taken over
+		}
+		u.resumeHeal(ctx, heal)
+	}
+}
+
+func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
+	dev := heal.Device
+	decision := Decision{Class: Class(heal.Class), UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey, ForcedBy: heal.ForcedBy}
+	finish := func(outcome database.HealOutcome, attempts int, healErr error) {
+		text := ""
+		if healErr != nil {
+			text = healErr.Error()
+		}
+		if err := u.ledger.Finish(context.WithoutCancel(ctx), dev, u.owner, heal.ID, outcome, heal.Attempts+attempts, text, time.Now()); err != nil {
+			u.log.Err(err).Int64("heal_id", heal.ID).Msg("Failed to record the outcome of a resumed heal")
+		}
+	}
+	if heal.SessionID == "" {
+		finish(database.HealFailedTransient, 0, errors.New("interrupted before a session was created"))
+		decision.Action, decision.Detail = "failed", "a stopped process left this heal before creating a session; the next failure heals again"
+		u.decide(ctx, decision)
+		return
+	}
+	device, err := u.mach.GetOrFetchDevice(ctx, dev.UserID, dev.DeviceID)
+	var sess *crypto.OlmSession
+	if err == nil && device != nil && device.IdentityKey == dev.IdentityKey {
+		var sessions crypto.OlmSessionList
+		sessions, err = u.mach.CryptoStore.GetSessions(ctx, dev.IdentityKey)
+		for _, s := range sessions {
+			if s.ID() == heal.SessionID {
+				sess = s
+			}
+		}
+	}
+	if sess == nil {
+		finish(database.HealFailedPermanent, 0, fmt.Errorf("the session %s of the interrupted heal is gone: %v", heal.SessionID, err))
+		decision.Action, decision.Err = "failed", fmt.Errorf("the replacement session of an interrupted heal is gone")
+		u.decide(ctx, decision)
+		return
+	}
+	// m.dummy over exactly the session that was created (the heal context makes the machine use it).
+	hc := &healContext{key: dev.IdentityKey, created: sess}
+	attempts := 0
+	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
+		attempts++
+		if err = u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{}); err == nil || !transient(err) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(u.cfg.backoff(attempts)):
+		}
+	}
+	if err != nil {
+		outcome := database.HealFailedTransient
+		if !transient(err) {
+			outcome = database.HealFailedPermanent
+		}
+		finish(outcome, attempts, err)
+		decision.Action, decision.Err, decision.Detail = "failed", err, "resuming an interrupted heal"
+		u.decide(ctx, decision)
+		return
+	}
+	finish(database.HealHealed, attempts, nil)
+	decision.Action, decision.Detail = "healed", fmt.Sprintf("resumed an interrupted heal: m.dummy sent over session %s", sess.ID())
+	u.decide(ctx, decision)
+	if u.OnHealed != nil {
+		u.OnHealed(ctx, device)
+	}
 }

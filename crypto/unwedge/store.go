@@ -57,6 +57,9 @@ func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypt
 	}
 	if h := healFrom(ctx, key); h != nil {
 		h.setSession(session)
+		if h.onCreated != nil {
+			h.onCreated(session)
+		}
 	} else if obs := observationFrom(ctx); obs != nil {
 		obs.newInbound = true
 	}
@@ -130,6 +133,8 @@ type healContext struct {
 	key     id.SenderKey
 	lock    sync.Mutex
 	created *crypto.OlmSession
+	// onCreated is called once the new session is stored.
+	onCreated func(*crypto.OlmSession)
 }
 
 func (h *healContext) session() *crypto.OlmSession {

@@ -23,6 +23,8 @@ type Ledger interface {
 	SessionCreated(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, sessionID id.SessionID, at time.Time) error
 	Finish(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, outcome database.HealOutcome, attempts int, healErr string, at time.Time) error
 	Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error)
+	UnfinishedHeals(ctx context.Context) ([]*database.Heal, error)
+	Resume(ctx context.Context, heal *database.Heal, owner string, now, until time.Time) (bool, error)
 }
 
 // Scope decides whose devices are healed.
@@ -73,6 +75,9 @@ type Unwedger struct {
 	// OnHealed, if set, is called after a device got its replacement session: the time to
 	// re-request the Megolm keys that were lost with the old one.
 	OnHealed func(ctx context.Context, device *id.Device)
+	// FaultHook, if set, is called at named points of a heal (FaultSessionCreated); tests use it
+	// to kill the process where a crash would hurt most.
+	FaultHook func(point string)
 	// OnNewSession, if set, is called (at most once per device per MinInterval) when a device of
 	// an in-scope user opened a new Olm session with the bridge (it unwedged its side): the time
 	// to send it again the room keys that went over the old session.
@@ -120,8 +125,19 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 }
 
 // Start prunes the ledger now and then every pruneInterval, until Stop: heal records older than
-// HistoryRetention go, and so do devices with nothing recent.
+// HistoryRetention go, and so do devices with nothing recent. It also finishes the heals a
+// stopped process left in progress: now, and once more when that process's leases ran out.
 func (u *Unwedger) Start() {
+	u.heals.Add(1)
+	go func() {
+		defer u.heals.Done()
+		u.ResumeHeals(u.ctx)
+		select {
+		case <-u.ctx.Done():
+		case <-time.After(u.cfg.Lease + time.Second):
+			u.ResumeHeals(u.ctx)
+		}
+	}()
 	u.heals.Add(1)
 	go func() {
 		defer u.heals.Done()

@@ -50,7 +50,13 @@ type BridgeOptions struct {
 	Config map[string]any
 	// Metrics serves unwedge's metrics on a free local port (Bridge.MetricsURL).
 	Metrics bool
+	// Env adds environment variables (KEY=VALUE) to the bridge process; Start uses the current
+	// value, so a test can change it between restarts.
+	Env []string
 }
+
+// Exited is closed when the bridge process has exited (after Start).
+func (b *Bridge) Exited() <-chan struct{} { return b.exited }
 
 // Bridge is a running reference bridge process.
 type Bridge struct {
@@ -122,6 +128,7 @@ func (b *Bridge) Start(ctx context.Context) error {
 	}
 	cmd := exec.Command(b.Opts.Binary, "-c", b.ConfigPath, "--no-update")
 	cmd.Dir = b.Opts.Dir
+	cmd.Env = append(os.Environ(), b.Opts.Env...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err = cmd.Start(); err != nil {
 		_ = logFile.Close()
