@@ -22,17 +22,19 @@ import (
 // without them), and each device sends M messages. unwedge must create exactly D replacement
 // sessions (one key claim each), and none more after a restart within the hour, when the devices
 // (not yet online to learn the new sessions) keep sending on the old ones. The same storm on
-// mautrix-go's built-in unwedge is measured beside it. Sizes: UNWEDGE_BENCH_STORM (default 50).
+// mautrix-go's built-in unwedge is measured beside it, and so are two replicas of the bridge on
+// one database sharing the events (the same numbers must hold). Sizes: UNWEDGE_BENCH_STORM
+// (default 50).
 func TestStorm(t *testing.T) {
 	env := testenv.Require(t)
 	messages := envInts(t, "UNWEDGE_BENCH_STORM_MESSAGES", 5)[0]
 	var results []StormResult
 	for _, devices := range envInts(t, "UNWEDGE_BENCH_STORM", 50) {
-		for _, mode := range []string{"unwedge", "stock"} {
+		for _, mode := range []string{"unwedge", "unwedge-2-replicas", "stock"} {
 			t.Run(fmt.Sprintf("%s/%d", mode, devices), func(t *testing.T) {
 				res := runStorm(t, env, mode, devices, messages)
 				t.Logf("%+v", res)
-				if mode == "unwedge" {
+				if mode != "stock" {
 					if res.ReplacementSessions != int64(devices) || res.ClaimedKeys != int64(devices) {
 						t.Errorf("%d replacement sessions and %d claimed keys for %d wedged devices, want %d each",
 							res.ReplacementSessions, res.ClaimedKeys, devices, devices)
@@ -86,15 +88,37 @@ func runStorm(t *testing.T, env *testenv.Env, mode string, devices, messages int
 	if _, err := db.Exec(ctx, "DELETE FROM crypto_olm_session WHERE account_id = 'BRIDGE'"); err != nil {
 		t.Fatal(err)
 	}
+	// With two replicas, a second bridge process on the same database (its own machine and
+	// Unwedger) gets every other to-device event, as behind a load balancer.
+	var replica *device
+	var u2 *unwedge.Unwedger
+	if mode == "unwedge-2-replicas" {
+		replica = &device{userID: bridge.userID, deviceID: bridge.deviceID, client: login(t, ctx, hs, bridge.userID, bridge.deviceID)}
+	}
 	restart := func(owner string) {
-		if u != nil {
-			u.Stop()
+		for _, running := range []*unwedge.Unwedger{u, u2} {
+			if running != nil {
+				running.Stop()
+			}
 		}
 		loadBridgeMachine(t, ctx, bridge, db, stock)
 		handle = func(evt *event.Event) { bridge.mach.HandleToDeviceEvent(ctx, evt) }
-		if !stock {
-			u, _ = newUnwedger(t, ctx, bridge, db, owner)
-			handle = func(evt *event.Event) { u.HandleToDevice(ctx, evt) }
+		if stock {
+			return
+		}
+		u, _ = newUnwedger(t, ctx, bridge, db, owner)
+		handle = func(evt *event.Event) { u.HandleToDevice(ctx, evt) }
+		if replica != nil {
+			loadBridgeMachine(t, ctx, replica, db, false)
+			u2, _ = newUnwedger(t, ctx, replica, db, owner+"-replica")
+			next := 0
+			handle = func(evt *event.Event) {
+				if next++; next%2 == 0 {
+					u2.HandleToDevice(ctx, evt)
+				} else {
+					u.HandleToDevice(ctx, evt)
+				}
+			}
 		}
 	}
 	restart("storm-2")
