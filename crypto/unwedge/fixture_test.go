@@ -42,6 +42,7 @@ type fixture struct {
 
 	serverLock sync.Mutex
 	claims     atomic.Int32
+	queries    atomic.Int32
 	// failClaims answers the next N key claims with 503.
 	failClaims atomic.Int32
 
@@ -104,6 +105,9 @@ func (f *fixture) openDB() *dbutil.Database {
 
 // serve runs the in-memory homeserver one request at a time (its maps are not synchronized).
 func (f *fixture) serve(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/_matrix/client/v3/keys/query" {
+		f.queries.Add(1)
+	}
 	if r.URL.Path == "/_matrix/client/v3/keys/claim" {
 		f.claims.Add(1)
 		if f.failClaims.Load() > 0 {

@@ -63,6 +63,8 @@ type Unwedger struct {
 	// replaced remembers when this process last created a session with a device (or learned
 	// from the ledger that one was created), by identity key, for at most MinInterval.
 	replaced map[id.SenderKey]time.Time
+	// lookupMiss remembers when a sender's devices were last fetched for an unknown identity key.
+	lookupMiss map[id.UserID]time.Time
 
 	countsLock sync.Mutex
 	counts     map[Count]int64
@@ -121,6 +123,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[healingSlot]struct{}), counts: make(map[Count]int64),
 		newSessionAt: make(map[id.SenderKey]time.Time), replacing: make(map[id.SenderKey]int), replaced: make(map[id.SenderKey]time.Time),
+		lookupMiss: make(map[id.UserID]time.Time),
 	}, nil
 }
 
@@ -241,7 +244,7 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 		return
 	}
 	// A sender key that is not one of the sender's devices is never healed: no key is claimed for it.
-	device, err := u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
+	device, err := u.lookupDevice(ctx, sender, key)
 	if err != nil || device == nil {
 		release()
 		u.decide(ctx, Decision{Class: ClassUnknownDevice, UserID: sender, Key: key, Action: "unknown_device", Err: err})
@@ -339,6 +342,37 @@ func (u *Unwedger) setReplacing(key id.SenderKey, delta int) {
 	if u.replacing[key] += delta; u.replacing[key] <= 0 {
 		delete(u.replacing, key)
 	}
+}
+
+// unknownKeyBackoff is how long after a sender's devices were fetched for an unknown identity key
+// only the stored devices are searched: forged keys do not make the bridge query the homeserver
+// once per message.
+const unknownKeyBackoff = time.Minute
+
+// lookupDevice finds the sender's device with the identity key, asking the homeserver at most
+// once per unknownKeyBackoff per sender when the key is not among the stored devices.
+func (u *Unwedger) lookupDevice(ctx context.Context, sender id.UserID, key id.SenderKey) (*id.Device, error) {
+	u.healingLock.Lock()
+	missedAt, missed := u.lookupMiss[sender]
+	u.healingLock.Unlock()
+	if missed && time.Since(missedAt) < unknownKeyBackoff {
+		return u.mach.CryptoStore.FindDeviceByKey(ctx, sender, key)
+	}
+	device, err := u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
+	if err == nil && device != nil {
+		return device, nil
+	}
+	u.healingLock.Lock()
+	if len(u.lookupMiss) >= 4096 {
+		for user, at := range u.lookupMiss {
+			if time.Since(at) >= unknownKeyBackoff {
+				delete(u.lookupMiss, user)
+			}
+		}
+	}
+	u.lookupMiss[sender] = time.Now()
+	u.healingLock.Unlock()
+	return device, err
 }
 
 // healingSlot is a device with a heal running in this process.
