@@ -18,3 +18,8 @@ staticcheck=$(go env GOPATH)/bin/staticcheck
 "$staticcheck" -tags goolm ./...
 # One package at a time: the end-to-end packages each run bridges and clients on 2 cores.
 go test -tags goolm -count=1 -p 1 -timeout 40m "$@" ./...
+# Every fuzz target runs for a bounded time (its seed corpus already ran above, as a test).
+fuzztime=${UNWEDGE_FUZZTIME:-10s}
+for target in crypto/unwedge:FuzzParseOlm crypto/unwedge:FuzzHandleToDevice crypto/unwedge:FuzzRecord webhook:FuzzPostMessageBody; do
+	go test -tags goolm -count=1 "$@" -run '^$' -fuzz "^${target#*:}\$" -fuzztime "$fuzztime" "./${target%%:*}/"
+done

@@ -33,7 +33,7 @@ func init() {
 // homeserver is wrapped to count key claims and to inject failures a real one cannot produce on
 // demand.
 type fixture struct {
-	t     *testing.T
+	t     testing.TB
 	ctx   context.Context
 	ms    *mockserver.MockServer
 	srv   *httptest.Server
@@ -75,7 +75,7 @@ const (
 	peerDevice   = id.DeviceID("PHONE")
 )
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t testing.TB) *fixture {
 	env := testenv.Require(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
