@@ -54,7 +54,7 @@ func QuickConfig() Config {
 
 // FullConfig is the default run.
 func FullConfig() Config {
-	return Config{K: 10, Deadline: 40 * time.Second, HealWindow: 5 * time.Second, Parallel: 2}
+	return Config{K: 10, Deadline: 45 * time.Second, HealWindow: 5 * time.Second, Parallel: 2}
 }
 
 // Result is one scenario in one mode. Its JSON keys are read by other checks: keep them stable
