@@ -72,13 +72,18 @@ func newSuccessSetup(b *testing.B, env *testenv.Env, mode string) *successSetup 
 func (s *successSetup) deliver(ctx context.Context) int {
 	events := s.hs.inbox(s.bridge.userID, s.bridge.deviceID)
 	for _, evt := range events {
-		if s.unwedger != nil {
-			s.unwedger.HandleToDevice(ctx, evt)
-		} else {
-			s.bridge.mach.HandleToDeviceEvent(ctx, evt)
-		}
+		s.handle(ctx, evt)
 	}
 	return len(events)
+}
+
+// handle gives one to-device event to the bridge: through the Unwedger, or to stock's machine.
+func (s *successSetup) handle(ctx context.Context, evt *event.Event) {
+	if s.unwedger != nil {
+		s.unwedger.HandleToDevice(ctx, evt)
+	} else {
+		s.bridge.mach.HandleToDeviceEvent(ctx, evt)
+	}
 }
 
 func BenchmarkMegolmDecrypt(b *testing.B) {
@@ -125,11 +130,7 @@ func BenchmarkOlmDecrypt(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for _, evt := range events {
-				if s.unwedger != nil {
-					s.unwedger.HandleToDevice(ctx, evt)
-				} else {
-					s.bridge.mach.HandleToDeviceEvent(ctx, evt)
-				}
+				s.handle(ctx, evt)
 			}
 			b.StopTimer()
 			if n := len(s.hs.inbox(s.bridge.userID, s.bridge.deviceID)); n != 0 {

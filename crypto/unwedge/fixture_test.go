@@ -155,11 +155,20 @@ func (f *fixture) loadMachine(p *party, wrap bool) {
 	if wrap {
 		store = unwedge.NewStore(p.sql)
 	}
-	log := zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel).With().Stringer("party", p.deviceID).Logger()
+	log := f.logger().With().Stringer("party", p.deviceID).Logger()
 	p.mach = crypto.NewOlmMachine(p.client, &log, store, mautrix.NewMemoryStateStore().(crypto.StateStore))
 	if err := p.mach.Load(f.ctx); err != nil {
 		f.t.Fatal(err)
 	}
+}
+
+// logger writes warnings to the test's log. A fuzz target may not log through its *testing.F,
+// so under fuzzing the fixture is quiet.
+func (f *fixture) logger() zerolog.Logger {
+	if _, fuzzing := f.t.(*testing.F); fuzzing {
+		return zerolog.Nop()
+	}
+	return zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel)
 }
 
 func (f *fixture) startUnwedger() {
@@ -169,7 +178,7 @@ func (f *fixture) startUnwedger() {
 	}
 	f.ledger = udb.Ledger
 	repairer := &unwedge.SQLRepairer{DB: f.bridge.sql.DB, AccountID: string(bridgeDevice), PickleKey: []byte("pickle key")}
-	u, err := unwedge.New(f.cfg, f.bridge.mach, f.ledger, f.scope, repairer, fmt.Sprintf("owner-%p", f.bridge.mach), zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel))
+	u, err := unwedge.New(f.cfg, f.bridge.mach, f.ledger, f.scope, repairer, fmt.Sprintf("owner-%p", f.bridge.mach), f.logger())
 	if err != nil {
 		f.t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"sync"
 	"time"
 
@@ -228,11 +229,7 @@ func (r *Recovery) Stop() {
 func (r *Recovery) Counts() map[string]int64 {
 	r.lock.Lock()
 	defer r.lock.Unlock()
-	out := make(map[string]int64, len(r.counts))
-	for k, v := range r.counts {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(r.counts)
 }
 
 func (r *Recovery) count(name string) {

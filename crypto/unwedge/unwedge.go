@@ -3,6 +3,7 @@ package unwedge
 import (
 	"context"
 	"fmt"
+	"maps"
 	"sync"
 	"time"
 
@@ -391,11 +392,7 @@ type Count struct {
 func (u *Unwedger) Counts() map[Count]int64 {
 	u.countsLock.Lock()
 	defer u.countsLock.Unlock()
-	out := make(map[Count]int64, len(u.counts))
-	for k, v := range u.counts {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(u.counts)
 }
 
 // Recent returns the user's latest decisions that were not ignored, newest first (all users'
