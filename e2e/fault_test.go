@@ -55,10 +55,10 @@ func TestCrashBetweenSessionAndDummy(t *testing.T) {
 	}
 	var outcome, sessionID string
 	if err = db.QueryRowContext(ctx, "SELECT outcome, session_id FROM unwedge_heal ORDER BY id DESC LIMIT 1").Scan(&outcome, &sessionID); err != nil {
-		t.Fatal(err)
+		t.Fatalf("no heal in the ledger after the bridge exited (%v); bridge log:\n%s", err, s.bridge.LogTail(30))
 	}
 	if outcome != "in_progress" || sessionID == "" {
-		t.Fatalf("after the crash the heal is %s with session %q, want in_progress with the session recorded", outcome, sessionID)
+		t.Fatalf("after the crash the heal is %s with session %q, want in_progress with the session recorded; bridge log:\n%s", outcome, sessionID, s.bridge.LogTail(30))
 	}
 
 	s.bridge.Opts.Env = nil

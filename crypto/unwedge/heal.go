@@ -78,7 +78,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		} else {
 			recorded = true
 		}
-		if u.FaultHook != nil {
+		if u.FaultHook != nil && recorded {
 			u.FaultHook(FaultSessionCreated)
 		}
 	}}
