@@ -8,7 +8,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -81,10 +80,6 @@ func (h *Helper) Pending() *database.PendingQuery { return h.db.Pending }
 // Ledger is unwedge's heal ledger, once Init has run.
 func (h *Helper) Ledger() *database.LedgerQuery { return h.db.Ledger }
 
-// FaultEnv names the environment variable that arms fault injection for tests: the bridge kills
-// itself with SIGKILL when a heal reaches that point (unwedge.FaultSessionCreated).
-const FaultEnv = "UNWEDGE_TEST_FAULT"
-
 // Metrics is unwedge's Prometheus metrics handler, once Init has run.
 func (h *Helper) Metrics() http.Handler { return h.metrics }
 
@@ -142,15 +137,16 @@ func (h *Helper) Init(ctx context.Context) error {
 			return err
 		}
 	}
-	if point := os.Getenv(FaultEnv); point != "" {
-		// Tests kill the bridge where a crash would hurt most (see unwedge.Unwedger.FaultHook).
-		h.log.Warn().Str("point", point).Msg("Fault injection armed: the bridge kills itself there")
-		h.unwedger.FaultHook = func(at string) {
-			if at == point {
-				h.log.Warn().Str("point", at).Msg("Fault injection: killing the bridge")
-				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			}
+	var faultHook func(string)
+	if spec := os.Getenv(FaultEnv); spec != "" {
+		// Tests crash or hold the bridge where a fault would hurt most (see FaultEnv).
+		f, err := parseFault(spec)
+		if err != nil {
+			return err
 		}
+		h.log.Warn().Str("point", f.point).Str("hold", f.hold).Msg("Fault injection armed")
+		faultHook = f.hook(context.Background(), h.log)
+		h.unwedger.FaultHook = faultHook
 	}
 	h.unwedger.OnHealed = h.afterHeal
 	h.unwedger.OnNewSession = h.reshareRoomKeys
@@ -158,6 +154,8 @@ func (h *Helper) Init(ctx context.Context) error {
 	h.recovery = nil
 	if h.cfg.Recovery.Enabled {
 		h.recovery = unwedge.NewRecovery(h.cfg.Recovery, h.mach, h.db.Pending, &recoverySink{h: h}, h.unwedger.Healing, owner, h.log)
+		h.recovery.FaultHook = faultHook
+		h.recovery.Lease = h.cfg.Lease
 		h.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
 			h.recovery.SessionReceived(roomID, sessionID)
 		}

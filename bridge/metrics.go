@@ -92,7 +92,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 		decisions = u.Counts()
 	}
 	failures := map[string]int64{}
-	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0}
+	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0, "deferred": 0}
 	var outOfScope, unknownDevice int64
 	for c, n := range decisions {
 		if c.Class != unwedge.ClassForced {
@@ -107,6 +107,8 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 			heals["failed"] += n
 		case "limited":
 			heals["rate_limited"] += n
+		case "deferred":
+			heals["deferred"] += n
 		case "out_of_scope":
 			outOfScope += n
 		case "unknown_device":
@@ -115,7 +117,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	}
 	family(out, "unwedge_olm_failures_total", "counter", "Olm to-device events that the bridge could not decrypt or that showed a wedge, by class.")
 	labelled(out, "unwedge_olm_failures_total", "class", failures)
-	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, and wedges not healed because of the MSC1719 limit (rate_limited).")
+	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, wedges not healed because of the MSC1719 limit (rate_limited), and heals whose m.dummy waits for the homeserver (deferred; they end as succeeded or failed later).")
 	labelled(out, "unwedge_heals_total", "result", heals)
 	family(out, "unwedge_out_of_scope_total", "counter", "Wedged sessions of users outside unwedge.scope (not healed).")
 	fmt.Fprintf(out, "unwedge_out_of_scope_total %d\n", outOfScope)

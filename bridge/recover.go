@@ -21,9 +21,20 @@ type recoverySink struct {
 // "your message was not bridged" notice about it.
 const noticeSearchLimit = 100
 
+// confirmWait bounds how long Deliver waits for a queued event to show up in bridgev2's database.
+const confirmWait = 5 * time.Second
+
 func (s *recoverySink) Deliver(ctx context.Context, original, decrypted *event.Event, requests int) error {
 	conn := s.h.conn
 	log := zerolog.Ctx(ctx).With().Stringer("event_id", original.ID).Logger()
+	// A process that died after bridging the event and before its row was deleted hands it
+	// over again: bridgev2's tables say whether it already reached the remote network.
+	if bridged, trackable, err := s.bridged(ctx, decrypted); err != nil {
+		return fmt.Errorf("failed to check whether the event was bridged before: %w", err)
+	} else if trackable && bridged {
+		log.Info().Msg("Late-decrypted event was already bridged before a restart: not bridging it again")
+		return nil
+	}
 	if minLevel := conn.Config.Encryption.VerificationLevels.Send; decrypted.Mautrix.TrustState < minLevel {
 		// The same rule bridgev2 applies to events it decrypts: not bridged, and the user is told.
 		log.Warn().Stringer("device_trust", decrypted.Mautrix.TrustState).Stringer("min_trust", minLevel).
@@ -38,8 +49,53 @@ func (s *recoverySink) Deliver(ctx context.Context, original, decrypted *event.E
 	decrypted.Mautrix.DecryptionDuration = time.Since(time.UnixMilli(original.Timestamp))
 	s.sendStatus(ctx, original, event.MessageStatusSuccess, nil, requests)
 	conn.EventProcessor.Dispatch(ctx, decrypted)
+	if conn.Bridge.Config.PortalEventBuffer != 0 {
+		// Dispatch only queued the event for its portal: the row is kept until the portal has
+		// handled it, so a crash in between hands it over again instead of losing it.
+		s.waitBridged(ctx, decrypted)
+	}
 	s.redactNotices(ctx, original)
 	return nil
+}
+
+// bridged reports whether bridgev2 has a record of the Matrix event: messages, stickers and
+// reactions are stored by their event ID once the remote network took them (trackable). Edits and
+// other events leave no record of their own ID.
+func (s *recoverySink) bridged(ctx context.Context, evt *event.Event) (bridged, trackable bool, err error) {
+	db := s.h.conn.Bridge.DB
+	switch evt.Type {
+	case event.EventReaction:
+		reaction, err := db.Reaction.GetByMXID(ctx, evt.ID)
+		return reaction != nil, true, err
+	case event.EventMessage, event.EventSticker:
+		if msg := evt.Content.AsMessage(); msg.RelatesTo.GetReplaceID() != "" {
+			return false, false, nil
+		}
+		part, err := db.Message.GetPartByMXID(ctx, evt.ID)
+		return part != nil, true, err
+	}
+	return false, false, nil
+}
+
+// waitBridged waits, for at most confirmWait, until bridgev2 recorded a trackable event. A portal
+// normally handles it within milliseconds; an event the remote network refused is never recorded
+// (bridgev2 told the sender through its message status), and the wait simply ends.
+func (s *recoverySink) waitBridged(ctx context.Context, evt *event.Event) {
+	deadline := time.Now().Add(confirmWait)
+	for delay := 5 * time.Millisecond; ; delay = min(2*delay, 200*time.Millisecond) {
+		bridged, trackable, err := s.bridged(ctx, evt)
+		if !trackable || bridged || err != nil || time.Now().After(deadline) {
+			if trackable && !bridged {
+				zerolog.Ctx(ctx).Debug().Err(err).Stringer("event_id", evt.ID).Msg("Late-decrypted event not recorded by bridgev2 yet; not waiting longer")
+			}
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+	}
 }
 
 func (s *recoverySink) GiveUp(ctx context.Context, original *event.Event, reason string) {

@@ -114,9 +114,13 @@ const (
 		UPDATE unwedge_device SET lease_owner = '', lease_until = 0,
 			last_failed_at = CASE WHEN $6 THEN $7 ELSE last_failed_at END
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5`
-	finishHealQuery = `UPDATE unwedge_heal SET outcome = $2, finished_at = $3, attempts = $4, error = $5 WHERE id = $1`
-	healColumns     = `id, user_id, device_id, identity_key, class, forced_by, started_at, finished_at, outcome, session_id, attempts, error`
-	listHealsQuery  = `
+	finishHealQuery     = `UPDATE unwedge_heal SET outcome = $2, finished_at = $3, attempts = $4, error = $5 WHERE id = $1`
+	postponeDeviceQuery = `
+		UPDATE unwedge_device SET lease_until = 0
+		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5 AND heal_id = $6`
+	postponeHealQuery = `UPDATE unwedge_heal SET attempts = $2, error = $3 WHERE id = $1`
+	healColumns       = `id, user_id, device_id, identity_key, class, forced_by, started_at, finished_at, outcome, session_id, attempts, error`
+	listHealsQuery    = `
 		SELECT ` + healColumns + ` FROM unwedge_heal
 		WHERE bridge_id = $1 AND user_id = $2 AND ($3 = '' OR device_id = $3) ORDER BY started_at DESC, id DESC LIMIT $4`
 	unfinishedHealsQuery = `
@@ -202,6 +206,18 @@ func (lq *LedgerQuery) Finish(ctx context.Context, dev LedgerDevice, owner strin
 			return err
 		}
 		_, err := lq.db.Exec(ctx, finishHealQuery, healID, outcome, at.UnixMilli(), attempts, healErr)
+		return err
+	})
+}
+
+// Postpone keeps a heal in progress but gives up its lease, so that ResumeHeals (in any process)
+// finishes it later: its session exists and only m.dummy could not be sent yet.
+func (lq *LedgerQuery) Postpone(ctx context.Context, dev LedgerDevice, owner string, healID int64, attempts int, healErr string) error {
+	return lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if _, err := lq.db.Exec(ctx, postponeDeviceQuery, append(lq.deviceArgs(dev), owner, healID)...); err != nil {
+			return err
+		}
+		_, err := lq.db.Exec(ctx, postponeHealQuery, healID, attempts, healErr)
 		return err
 	})
 }

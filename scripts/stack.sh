@@ -4,6 +4,9 @@
 #
 #   stack.sh up       Brings everything up (installs what is missing); fast when it already runs.
 #   stack.sh down     Stops Synapse and the Postgres cluster.
+#   stack.sh up|down synapse|postgres
+#                     Starts (waiting until it answers) or stops only that part, as tests do to
+#                     inject faults; `up PART` does not rewrite the env file.
 #   stack.sh env      Prints the env file.
 #   stack.sh status   Shows what runs.
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -22,24 +25,55 @@ EOF
 	fi
 }
 
-case ${1:-} in
-up)
-	need_root
-	stack_lock
-	bash "$here/postgres.sh"
-	bash "$here/synapse.sh" start
-	write_env
-	log "stack up: $STACK_ENV"
-	;;
-down)
-	need_root
-	stack_lock
-	bash "$here/synapse.sh" stop
+stop_postgres() {
 	if pg_lsclusters -h 2>/dev/null | awk -v v="$PG_VERSION" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
 		log "stopping postgres"
 		pg_ctlcluster "$PG_VERSION" main stop
 	fi
-	log "stack down"
+}
+
+usage() {
+	echo "usage: $0 up [synapse|postgres] | down [synapse|postgres] | env | status" >&2
+	exit 2
+}
+
+# The lock taken here is inherited by postgres.sh and synapse.sh (stack_lock exports
+# UNWEDGE_STACK_LOCKED), so they do not wait for it again.
+part=${2:-}
+case ${1:-} in
+up | down)
+	[ $# -le 2 ] || usage
+	case $part in "" | synapse | postgres) ;; *) usage ;; esac
+	;;
+esac
+
+case ${1:-} in
+up)
+	need_root
+	stack_lock
+	case $part in
+	synapse) bash "$here/synapse.sh" start ;;
+	postgres) bash "$here/postgres.sh" ;;
+	*)
+		bash "$here/postgres.sh"
+		bash "$here/synapse.sh" start
+		write_env
+		log "stack up: $STACK_ENV"
+		;;
+	esac
+	;;
+down)
+	need_root
+	stack_lock
+	case $part in
+	synapse) bash "$here/synapse.sh" stop ;;
+	postgres) stop_postgres ;;
+	*)
+		bash "$here/synapse.sh" stop
+		stop_postgres
+		log "stack down"
+		;;
+	esac
 	;;
 env)
 	[ -f "$STACK_ENV" ] || { echo "no $STACK_ENV: run $0 up" >&2; exit 1; }
@@ -64,7 +98,6 @@ status)
 	exit $rc
 	;;
 *)
-	echo "usage: $0 up | down | env | status" >&2
-	exit 2
+	usage
 	;;
 esac

@@ -6,6 +6,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT" || exit 1
 bash scripts/stack.sh up
 export UNWEDGE_REQUIRE_STACK=1
+# Fault tests stop and restart Synapse and Postgres: safe here, where packages run one at a time.
+export UNWEDGE_FAULT_TESTS=1
 export UNWEDGE_STACK_ENV="$STACK_ENV"
 unformatted=$(gofmt -l .)
 if [ -n "$unformatted" ]; then

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -45,6 +46,9 @@ type fixture struct {
 	queries    atomic.Int32
 	// failClaims answers the next N key claims with 503.
 	failClaims atomic.Int32
+	// failSends answers the bridge's next N to-device sends with 502, as a proxy in front of a
+	// stopped homeserver does.
+	failSends atomic.Int32
 
 	bridge *party
 	peer   *party
@@ -115,6 +119,12 @@ func (f *fixture) serve(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, `{"errcode":"M_UNKNOWN","error":"overloaded"}`, http.StatusServiceUnavailable)
 			return
 		}
+	}
+	if strings.HasPrefix(r.URL.Path, "/_matrix/client/v3/sendToDevice/") && f.failSends.Load() > 0 &&
+		r.Header.Get("Authorization") == "Bearer "+f.bridge.client.AccessToken {
+		f.failSends.Add(-1)
+		http.Error(w, "homeserver unreachable", http.StatusBadGateway)
+		return
 	}
 	f.serverLock.Lock()
 	defer f.serverLock.Unlock()

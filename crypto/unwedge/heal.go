@@ -18,9 +18,13 @@ import (
 	"github.com/unwedge/unwedge/database"
 )
 
-// FaultSessionCreated is the point between creating a replacement session and sending m.dummy
-// over it, for Unwedger.FaultHook.
-const FaultSessionCreated = "session_created"
+// Points of a heal for Unwedger.FaultHook.
+const (
+	// FaultHealGranted is after the ledger granted a heal, before a one-time key is claimed.
+	FaultHealGranted = "heal_granted"
+	// FaultSessionCreated is between creating a replacement session and sending m.dummy over it.
+	FaultSessionCreated = "session_created"
+)
 
 // Heal replaces the Olm session with a device, as MSC1719 says: claim one of its one-time keys,
 // create a new outbound session and send m.dummy over it, so the device learns the new session.
@@ -82,6 +86,9 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 			u.FaultHook(FaultSessionCreated)
 		}
 	}}
+	if u.FaultHook != nil {
+		u.FaultHook(FaultHealGranted)
+	}
 	// Until the loop ends, key requests to the device wait (Healing).
 	u.setReplacing(device.IdentityKey, 1)
 	outcome, attempts, healErr := database.HealFailedTransient, 0, error(nil)
@@ -101,6 +108,9 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 			outcome = database.HealHealed
 			break
 		}
+		if ctx.Err() != nil {
+			break // the bridge is stopping: not the device's fault
+		}
 		if !transient(healErr) {
 			outcome = database.HealFailedPermanent
 			break
@@ -119,10 +129,22 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	}
 	// A stopping bridge leaves the heal to the lease and the next failure; it is not a failure.
 	finishCtx := context.WithoutCancel(ctx)
+	decision.Duration = time.Since(started)
+	if outcome == database.HealFailedTransient && recorded {
+		// The session exists and the ledger counts it, so finishing as failed would leave the
+		// device wedged for the whole interval: the heal stays in progress without a lease, and
+		// ResumeHeals sends m.dummy over this session once the homeserver answers again.
+		if err = u.ledger.Postpone(finishCtx, dev, u.owner, grant.HealID, attempts, errText); err != nil {
+			log.Err(err).Msg("Failed to postpone heal in the ledger")
+		}
+		decision.Action, decision.Err = "deferred", healErr
+		decision.Detail = fmt.Sprintf("session %s created; m.dummy failed %d time(s), retried within %s", hc.session().ID(), attempts, u.cfg.Lease/2)
+		u.decide(decideCtx, decision)
+		return outcome
+	}
 	if err = u.ledger.Finish(finishCtx, dev, u.owner, grant.HealID, outcome, attempts, errText, time.Now()); err != nil {
 		log.Err(err).Msg("Failed to record heal outcome in the ledger")
 	}
-	decision.Duration = time.Since(started)
 	if outcome == database.HealHealed {
 		decision.Action = "healed"
 		if sess := hc.session(); sess != nil {
@@ -232,7 +254,20 @@ func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 		case <-time.After(u.cfg.backoff(attempts)):
 		}
 	}
-	if err != nil {
+	if attempts == 0 {
+		err = ctx.Err() // stopping before the first try
+	}
+	if err != nil && (ctx.Err() != nil || transient(err) && time.Since(heal.StartedAt) < u.cfg.MinInterval) {
+		// Still unreachable (or stopping): tried again on the next round, until the interval
+		// would allow a new session anyway.
+		if perr := u.ledger.Postpone(context.WithoutCancel(ctx), dev, u.owner, heal.ID, heal.Attempts+attempts, err.Error()); perr != nil {
+			u.log.Err(perr).Int64("heal_id", heal.ID).Msg("Failed to postpone heal in the ledger")
+		}
+		decision.Action, decision.Err = "deferred", err
+		decision.Detail = fmt.Sprintf("resuming an interrupted heal: m.dummy over session %s failed %d time(s)", sess.ID(), attempts)
+		u.decide(ctx, decision)
+		return
+	} else if err != nil {
 		outcome := database.HealFailedTransient
 		if !transient(err) {
 			outcome = database.HealFailedPermanent

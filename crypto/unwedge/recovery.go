@@ -27,6 +27,15 @@ const StockWait = 30 * time.Second
 // MinRetention is the shortest allowed recovery.retention.
 const MinRetention = time.Minute
 
+// Points of recovery for Recovery.FaultHook.
+const (
+	// FaultKeyArrived is after a pending event's key arrived and it was decrypted, before it is
+	// handed to the bridge.
+	FaultKeyArrived = "key_arrived"
+	// FaultEventDelivered is after the bridge took the event, before its row is deleted.
+	FaultEventDelivered = "event_delivered"
+)
+
 // PendingStore keeps undecryptable events until their keys arrive; database.PendingQuery
 // implements it.
 type PendingStore interface {
@@ -47,8 +56,10 @@ type PendingStore interface {
 // Sink is the bridge side of recovery: it bridges events that became decryptable and tells
 // users about events that never did.
 type Sink interface {
-	// Deliver hands a late-decrypted event to the bridge (original is the encrypted event).
-	// An error keeps the event pending, to be tried again.
+	// Deliver hands a late-decrypted event to the bridge (original is the encrypted event) and
+	// returns once the bridge has handled it. An error keeps the event pending, to be tried
+	// again. The same event may be delivered again after a crash between Deliver and the
+	// deletion of its row: the sink must not bridge it twice.
 	Deliver(ctx context.Context, original, decrypted *event.Event, requests int) error
 	// GiveUp tells the sender that the event will not be bridged, and why.
 	GiveUp(ctx context.Context, original *event.Event, reason string)
@@ -84,6 +95,14 @@ type Recovery struct {
 
 	// now is the clock (tests move it).
 	now func() time.Time
+
+	// Lease is how long a process holds the pending events it is handing over; after a crash,
+	// another process (or the restarted one) takes them over when it runs out. Set it before
+	// Start; NewRecovery sets 2 minutes.
+	Lease time.Duration
+	// FaultHook, if set, is called at the named points of recovery (FaultKeyArrived,
+	// FaultEventDelivered); tests use it to crash the bridge there.
+	FaultHook func(point string)
 }
 
 type receivedSession struct {
@@ -106,7 +125,7 @@ const (
 const (
 	recoveryTick  = 5 * time.Second
 	sweepInterval = 30 * time.Second
-	claimLease    = 2 * time.Minute
+	defaultLease  = 2 * time.Minute
 	batchLimit    = 200
 )
 
@@ -118,7 +137,7 @@ func NewRecovery(cfg RecoveryConfig, mach *crypto.OlmMachine, store PendingStore
 		cfg: cfg, mach: mach, store: store, sink: sink, healing: healing, owner: owner, log: log,
 		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
 		recorded: make(map[id.EventID]struct{}), received: make(map[receivedSession]time.Time), counts: make(map[string]int64),
-		now: time.Now,
+		now: time.Now, Lease: defaultLease,
 	}
 }
 
@@ -187,6 +206,12 @@ func (r *Recovery) DeviceHealed(ctx context.Context, device *id.Device) {
 		zerolog.Ctx(ctx).Err(err).Msg("Failed to schedule key requests after heal")
 	} else if n > 0 {
 		r.poke()
+	}
+}
+
+func (r *Recovery) fault(point string) {
+	if r.FaultHook != nil {
+		r.FaultHook(point)
 	}
 }
 
@@ -294,7 +319,7 @@ func (r *Recovery) hasSession(ctx context.Context, roomID id.RoomID, sessionID i
 // bridge in the order they were sent; it returns how many it bridged.
 func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, now, handover time.Time) int {
 	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("session_id", sessionID).Logger()
-	claimed, err := r.store.ClaimSession(ctx, roomID, sessionID, r.owner, now, now.Add(claimLease), handover)
+	claimed, err := r.store.ClaimSession(ctx, roomID, sessionID, r.owner, now, now.Add(r.Lease), handover)
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Err(err).Msg("Failed to claim pending events")
@@ -309,6 +334,7 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 		elog := log.With().Stringer("event_id", p.EventID).Stringer("user_id", p.Sender).Stringer("identity_key", p.SenderKey).Logger()
 		decrypted, err := r.mach.DecryptMegolmEvent(ctx, p.Event)
 		if err == nil {
+			r.fault(FaultKeyArrived)
 			err = r.sink.Deliver(ctx, p.Event, decrypted, p.Requests)
 		}
 		if err != nil {
@@ -318,7 +344,9 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 			}
 			continue
 		}
+		r.fault(FaultEventDelivered)
 		if err = r.store.Done(ctx, p.EventID, r.owner); err != nil {
+			// The claim runs out and the event is handed over again; the sink knows it was bridged.
 			elog.Err(err).Msg("Failed to remove bridged event from pending events")
 		}
 		delivered++
@@ -414,7 +442,7 @@ var ErrGaveUp = errors.New("the bridge never received the keys to decrypt it")
 
 // giveUp removes events that waited longer than the retention, telling their senders.
 func (r *Recovery) giveUp(ctx context.Context, now time.Time) {
-	expired, err := r.store.ClaimExpired(ctx, now.Add(-r.cfg.Retention), r.owner, now, now.Add(claimLease))
+	expired, err := r.store.ClaimExpired(ctx, now.Add(-r.cfg.Retention), r.owner, now, now.Add(r.Lease))
 	if err != nil {
 		if ctx.Err() == nil {
 			zerolog.Ctx(ctx).Err(err).Msg("Failed to list expired pending events")

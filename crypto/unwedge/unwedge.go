@@ -23,6 +23,7 @@ type Ledger interface {
 	RenewLease(ctx context.Context, dev database.LedgerDevice, owner string, until time.Time) error
 	SessionCreated(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, sessionID id.SessionID, at time.Time) error
 	Finish(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, outcome database.HealOutcome, attempts int, healErr string, at time.Time) error
+	Postpone(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, attempts int, healErr string) error
 	Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error)
 	UnfinishedHeals(ctx context.Context) ([]*database.Heal, error)
 	Resume(ctx context.Context, heal *database.Heal, owner string, now, until time.Time) (bool, error)
@@ -97,7 +98,9 @@ type Decision struct {
 	UserID   id.UserID
 	DeviceID id.DeviceID
 	Key      id.SenderKey
-	// Action is one of: ignored, out_of_scope, unknown_device, limited, healed, failed.
+	// Action is one of: ignored, out_of_scope, unknown_device, limited, healed, deferred, failed.
+	// deferred: the replacement session exists but m.dummy could not be sent yet (the homeserver
+	// is unreachable); ResumeHeals sends it later.
 	Action   string
 	Duration time.Duration
 	// ForcedBy is the admin who forced a heal.
@@ -135,11 +138,15 @@ func (u *Unwedger) Start() {
 	u.heals.Add(1)
 	go func() {
 		defer u.heals.Done()
-		u.ResumeHeals(u.ctx)
-		select {
-		case <-u.ctx.Done():
-		case <-time.After(u.cfg.Lease + time.Second):
+		// Heals left by a stopped process are taken over once their lease runs out, and heals
+		// postponed by an unreachable homeserver are retried, within half a lease.
+		for {
 			u.ResumeHeals(u.ctx)
+			select {
+			case <-u.ctx.Done():
+				return
+			case <-time.After(u.cfg.Lease / 2):
+			}
 		}
 	}()
 	u.heals.Add(1)
@@ -433,7 +440,7 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 	switch d.Action {
 	case "ignored":
 		level = zerolog.DebugLevel
-	case "failed", "unknown_device":
+	case "failed", "deferred", "unknown_device":
 		level = zerolog.WarnLevel
 	}
 	evt := zerolog.Ctx(ctx).WithLevel(level).
@@ -465,5 +472,6 @@ var decisionMessages = map[string]string{
 	"unknown_device": "Olm session wedged, but the identity key is not a device of the sender",
 	"limited":        "Olm session wedged, not replaced: limited by the MSC1719 interval or a heal in progress",
 	"healed":         "Replaced wedged Olm session and sent m.dummy",
+	"deferred":       "Replaced wedged Olm session; m.dummy not sent yet, it is sent when the homeserver answers",
 	"failed":         "Failed to replace wedged Olm session",
 }

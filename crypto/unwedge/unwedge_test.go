@@ -334,6 +334,55 @@ func TestTransientFailure(t *testing.T) {
 	f.healedBothWays()
 }
 
+// TestHomeserverOutlastsRetries: the session was created but the homeserver stays unreachable
+// for longer than the heal retries. The heal is not given up (that would leave the device wedged
+// for the hour): it stays in progress without a lease, and ResumeHeals sends m.dummy over the same
+// session once the homeserver answers; no second session, no second claim.
+func TestHomeserverOutlastsRetries(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.cfg.MaxRetries = 2
+	f.restartBridge()
+	claims := f.claims.Load()
+	f.failSends.Store(1000)
+	f.peerSends()
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != "deferred" || d.Err == nil {
+		t.Fatalf("decision = %+v, want deferred with the send error", d)
+	}
+	heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
+	if err != nil || len(heals) != 1 || heals[0].Outcome != database.HealInProgress || heals[0].SessionID == "" || heals[0].Attempts != 2 {
+		t.Fatalf("heals = %+v, %v; want one in progress with its session after 2 attempts", heals, err)
+	}
+	session := heals[0].SessionID
+
+	// While it waits, another failure from the device makes no new session.
+	f.peerSends()
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != "limited" {
+		t.Errorf("second failure while deferred: %+v, want limited", d)
+	}
+	// Still unreachable on the next round: deferred again, still in progress.
+	f.unwedger.ResumeHeals(f.ctx)
+	if d := f.decision(); d.Action != "deferred" {
+		t.Errorf("resume while unreachable: %+v, want deferred", d)
+	}
+	f.failSends.Store(0)
+	f.unwedger.ResumeHeals(f.ctx)
+	if d := f.decision(); d.Action != "healed" {
+		t.Fatalf("resume after the homeserver returned: %+v, want healed", d)
+	}
+	heals, _ = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
+	if len(heals) != 1 || heals[0].Outcome != database.HealHealed || heals[0].SessionID != session {
+		t.Fatalf("heals = %+v, want the one heal healed over %s", heals, session)
+	}
+	if n := f.claims.Load() - claims; n != 1 {
+		t.Errorf("%d key claims, want 1", n)
+	}
+	f.healedBothWays()
+}
+
 // TestPermanentFailure: the device has no one-time keys left. Nothing is sent over the broken
 // session, the failure is recorded, and the device is not retried within the hour.
 func TestPermanentFailure(t *testing.T) {

@@ -13,6 +13,8 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -34,6 +36,10 @@ const (
 	VarStackEnv = "UNWEDGE_STACK_ENV"
 	// VarRequireStack makes Require fail instead of skip when the stack is missing ("1").
 	VarRequireStack = "UNWEDGE_REQUIRE_STACK"
+	// VarFaultTests allows tests to stop and restart the shared homeserver and Postgres ("1"):
+	// only safe when nothing else uses the stack meanwhile (scripts/test.sh runs one package at
+	// a time and sets it).
+	VarFaultTests = "UNWEDGE_FAULT_TESTS"
 
 	// DefaultEnvFile is where scripts/stack.sh writes the env file.
 	DefaultEnvFile = "/var/cache/unwedge/stack/env"
@@ -125,6 +131,18 @@ func Require(t testing.TB) *Env {
 	return env
 }
 
+// RequireFaults is Require for tests that stop the homeserver or Postgres (StopHomeserver and
+// friends): without UNWEDGE_FAULT_TESTS=1 they are skipped, since other tests running at the same
+// time would fail.
+func RequireFaults(t testing.TB) *Env {
+	t.Helper()
+	if os.Getenv(VarFaultTests) != "1" {
+		t.Skipf("stops the shared homeserver and Postgres: set %s=1 when nothing else uses the stack (scripts/test.sh does)", VarFaultTests)
+		return nil
+	}
+	return Require(t)
+}
+
 // Ping checks that the homeserver and Postgres answer, retrying until ctx is done.
 func (e *Env) Ping(ctx context.Context) error {
 	for {
@@ -143,6 +161,13 @@ func (e *Env) Ping(ctx context.Context) error {
 func (e *Env) pingOnce(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
+	if err := e.pingHomeserver(ctx); err != nil {
+		return err
+	}
+	return e.pingPostgres(ctx)
+}
+
+func (e *Env) pingHomeserver(ctx context.Context) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, e.HomeserverURL+"/_matrix/client/versions", nil)
 	if err != nil {
 		return fmt.Errorf("failed to build homeserver request: %w", err)
@@ -155,6 +180,10 @@ func (e *Env) pingOnce(ctx context.Context) error {
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("homeserver %s answered /versions with HTTP %d", e.HomeserverURL, resp.StatusCode)
 	}
+	return nil
+}
+
+func (e *Env) pingPostgres(ctx context.Context) error {
 	db, err := sql.Open("postgres", e.PostgresURI)
 	if err != nil {
 		return fmt.Errorf("failed to open postgres: %w", err)
@@ -164,6 +193,93 @@ func (e *Env) pingOnce(ctx context.Context) error {
 		return fmt.Errorf("postgres not answering: %w", err)
 	}
 	return nil
+}
+
+// restartWait is how long Start* wait for a restarted service to answer.
+const restartWait = 60 * time.Second
+
+// StopHomeserver stops the stack's Synapse (scripts/stack.sh down synapse), to inject a fault.
+func (e *Env) StopHomeserver(ctx context.Context) error {
+	return runStack(ctx, "down", "synapse")
+}
+
+// StartHomeserver starts the stack's Synapse again and returns once it answers.
+func (e *Env) StartHomeserver(ctx context.Context) error {
+	if err := runStack(ctx, "up", "synapse"); err != nil {
+		return err
+	}
+	return waitFor(ctx, e.pingHomeserver)
+}
+
+// StopPostgres stops the stack's Postgres cluster (scripts/stack.sh down postgres), to inject a fault.
+func (e *Env) StopPostgres(ctx context.Context) error {
+	return runStack(ctx, "down", "postgres")
+}
+
+// StartPostgres starts the stack's Postgres cluster again and returns once it accepts connections.
+func (e *Env) StartPostgres(ctx context.Context) error {
+	if err := runStack(ctx, "up", "postgres"); err != nil {
+		return err
+	}
+	return waitFor(ctx, e.pingPostgres)
+}
+
+// waitFor calls ping until it succeeds, for at most restartWait.
+func waitFor(ctx context.Context, ping func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, restartWait)
+	defer cancel()
+	for {
+		attempt, cancelAttempt := context.WithTimeout(ctx, 3*time.Second)
+		err := ping(attempt)
+		cancelAttempt()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("still down after restart: %w", err)
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// runStack runs scripts/stack.sh with the given arguments (which needs root).
+func runStack(ctx context.Context, args ...string) error {
+	root, err := repoRoot()
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, "bash", append([]string{filepath.Join(root, "scripts", "stack.sh")}, args...)...)
+	cmd.Dir = root
+	// A daemon that kept the output pipe open would otherwise block Wait after the script exited.
+	cmd.WaitDelay = 5 * time.Second
+	out, err := cmd.CombinedOutput()
+	if err != nil && !(errors.Is(err, exec.ErrWaitDelay) && cmd.ProcessState.Success()) {
+		return fmt.Errorf("stack.sh %s failed: %w\n%s", strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+// modulePath is the first line of this repository's go.mod.
+const modulePath = "module github.com/unwedge/unwedge"
+
+// repoRoot returns the directory of this repository's go.mod, searching up from the working directory.
+func repoRoot() (string, error) {
+	wd, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("failed to get the working directory: %w", err)
+	}
+	for dir := wd; ; dir = filepath.Dir(dir) {
+		if data, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil {
+			first, _, _ := strings.Cut(string(data), "\n")
+			if strings.TrimSpace(first) == modulePath {
+				return dir, nil
+			}
+		}
+		if filepath.Dir(dir) == dir {
+			return "", fmt.Errorf("no go.mod starting with %q in %s or above", modulePath, wd)
+		}
+	}
 }
 
 // NewDatabase creates a fresh, uniquely named Postgres database for one test and returns its URI.

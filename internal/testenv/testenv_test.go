@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -165,6 +166,116 @@ func TestNewDatabase(t *testing.T) {
 	}
 	if exists {
 		t.Errorf("database %s still exists after its test", name)
+	}
+}
+
+func TestStackControl(t *testing.T) {
+	env := RequireFaults(t)
+	// Opened before the outage: the query after the restart also checks that the pool reconnects.
+	db, err := sql.Open("postgres", env.PostgresURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	cases := []struct {
+		name        string
+		stop, start func(context.Context) error
+		probe       func(context.Context) error
+	}{
+		{
+			name: "postgres", stop: env.StopPostgres, start: env.StartPostgres,
+			probe: func(ctx context.Context) error {
+				var one int
+				return db.QueryRowContext(ctx, "SELECT 1").Scan(&one)
+			},
+		},
+		{
+			name: "homeserver", stop: env.StopHomeserver, start: env.StartHomeserver,
+			probe: func(ctx context.Context) error {
+				req, err := http.NewRequestWithContext(ctx, http.MethodGet, env.HomeserverURL+"/_matrix/client/versions", nil)
+				if err != nil {
+					return err
+				}
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					return err
+				}
+				_ = resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					return fmt.Errorf("HTTP %d", resp.StatusCode)
+				}
+				return nil
+			},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			probe := func() error {
+				ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				defer cancel()
+				return tc.probe(ctx)
+			}
+			if err := probe(); err != nil {
+				t.Fatalf("%s not answering before the stop: %v", tc.name, err)
+			}
+			// Whatever happens below, the stack is up again for the tests that follow.
+			restarted := false
+			t.Cleanup(func() {
+				if restarted {
+					return
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+				defer cancel()
+				if err := tc.start(ctx); err != nil {
+					t.Errorf("failed to restart %s: %v", tc.name, err)
+				}
+			})
+
+			begin := time.Now()
+			if err := tc.stop(ctx); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("stopping %s took %s", tc.name, time.Since(begin).Round(time.Millisecond))
+			if err := probe(); err == nil {
+				t.Errorf("%s still answers after the stop", tc.name)
+			} else {
+				t.Logf("while %s is down: %v", tc.name, err)
+			}
+
+			begin = time.Now()
+			if err := tc.start(ctx); err != nil {
+				t.Fatal(err)
+			}
+			restarted = true
+			t.Logf("starting %s took %s", tc.name, time.Since(begin).Round(time.Millisecond))
+			if err := probe(); err != nil {
+				t.Errorf("%s not answering after the restart: %v", tc.name, err)
+			}
+		})
+	}
+}
+
+func TestRepoRoot(t *testing.T) {
+	root, err := repoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err = os.Stat(filepath.Join(root, "scripts", "stack.sh")); err != nil {
+		t.Errorf("repoRoot() = %s, which has no scripts/stack.sh: %v", root, err)
+	}
+	// A go.mod of another module on the way up is skipped.
+	sub := filepath.Join(t.TempDir(), "other")
+	if err = os.MkdirAll(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err = os.WriteFile(filepath.Join(sub, "go.mod"), []byte("module example.com/other\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(sub)
+	if _, err = repoRoot(); err == nil || !strings.Contains(err.Error(), "no go.mod") {
+		t.Errorf("repoRoot() outside the repository: error = %v, want \"no go.mod\"", err)
 	}
 }
 
