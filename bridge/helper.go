@@ -264,11 +264,27 @@ func (h *Helper) Start() {
 	var ctx context.Context
 	ctx, h.cancelSync = context.WithCancel(h.log.WithContext(context.Background()))
 	h.log.Debug().Msg("Starting syncer for receiving to-device messages")
-	if err := h.client.SyncWithContext(ctx); err != nil && !errors.Is(err, context.Canceled) {
-		h.log.WithLevel(zerolog.FatalLevel).Err(err).Msg("Fatal error syncing")
-		os.Exit(51)
+	for {
+		err := h.client.SyncWithContext(ctx)
+		if err == nil || ctx.Err() != nil {
+			return
+		} else if errors.Is(err, mautrix.MUnknownToken) {
+			h.log.WithLevel(zerolog.FatalLevel).Err(err).Msg("Fatal error syncing: the bot's access token is no longer valid")
+			os.Exit(51)
+		}
+		// bridgev2 exits here; a database restart (the sync token could not be saved) is no
+		// reason to. The same batch is fetched again, and duplicates are dropped by their hash.
+		h.log.Err(err).Msg("Syncing to-device events stopped with an error, restarting in 10 seconds")
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(syncRestartDelay):
+		}
 	}
 }
+
+// syncRestartDelay is how long the to-device sync waits after an error that stopped it.
+const syncRestartDelay = 10 * time.Second
 
 func (h *Helper) Stop() {
 	if h.client != nil {

@@ -67,8 +67,35 @@ func (c *Connector) Start(ctx context.Context) error {
 	if !ok {
 		return fmt.Errorf("the Matrix connector has no HTTP server for the webhook API")
 	}
+	// bridgev2 loads the logins (LoadUserLogin) only after the connectors started, while the
+	// API already answers: without this, a valid token would be "unknown" for that moment.
+	if err := c.indexTokens(ctx); err != nil {
+		return err
+	}
 	c.registerAPI(server.GetRouter())
 	c.delivery.start(c.br.BackgroundCtx)
+	return nil
+}
+
+// indexTokens fills the token index from the stored logins.
+func (c *Connector) indexTokens(ctx context.Context) error {
+	userIDs, err := c.br.DB.UserLogin.GetAllUserIDsWithLogins(ctx)
+	if err != nil {
+		return fmt.Errorf("failed to list users with logins: %w", err)
+	}
+	for _, userID := range userIDs {
+		logins, err := c.br.DB.UserLogin.GetAllForUser(ctx, userID)
+		if err != nil {
+			return fmt.Errorf("failed to list logins of %s: %w", userID, err)
+		}
+		c.tokensLock.Lock()
+		for _, login := range logins {
+			if meta, ok := login.Metadata.(*LoginMetadata); ok && meta.TokenHash != "" {
+				c.tokens[meta.TokenHash] = login.ID
+			}
+		}
+		c.tokensLock.Unlock()
+	}
 	return nil
 }
 

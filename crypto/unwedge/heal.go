@@ -86,6 +86,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 			u.FaultHook(FaultSessionCreated)
 		}
 	}}
+	release := u.hold(ctx, dev, grant.HealID)
 	if u.FaultHook != nil {
 		u.FaultHook(FaultHealGranted)
 	}
@@ -94,10 +95,11 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	outcome, attempts, healErr := database.HealFailedTransient, 0, error(nil)
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
-		if attempts > 1 { // the grant's lease is fresh for the first attempt
-			_ = u.ledger.RenewLease(ctx, dev, u.owner, time.Now().Add(u.cfg.Lease))
-		}
 		healErr = u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{})
+		if storeErr := hc.takeStoreErr(); storeErr != nil && healErr != nil {
+			// The machine reports only "no session": the database failed, not the device.
+			healErr = fmt.Errorf("%w: %w", errCryptoStore, storeErr)
+		}
 		if sess := hc.session(); sess != nil && !recorded {
 			// The ledger was unreachable when the session was made: try again.
 			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), time.Now()); err == nil {
@@ -123,6 +125,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		}
 	}
 	u.setReplacing(device.IdentityKey, -1)
+	release()
 	errText := ""
 	if outcome != database.HealHealed && healErr != nil {
 		errText = healErr.Error()
@@ -162,10 +165,16 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	return outcome
 }
 
+// errCryptoStore marks a heal's failure to store the new session.
+var errCryptoStore = errors.New("the crypto store could not keep the new session")
+
 // transient reports whether a failure may go away by itself: the homeserver could not be reached,
-// timed out, or answered 429/5xx. Everything else (no one-time key to claim, invalid key
-// signatures, 4xx) is permanent.
+// timed out, or answered 429/5xx, or the database failed. Everything else (no one-time key to
+// claim, invalid key signatures, 4xx) is the device's and permanent.
 func transient(err error) bool {
+	if errors.Is(err, errCryptoStore) {
+		return true
+	}
 	var httpErr mautrix.HTTPError
 	if errors.As(err, &httpErr) && httpErr.Response != nil {
 		code := httpErr.Response.StatusCode
@@ -194,6 +203,9 @@ func (u *Unwedger) ResumeHeals(ctx context.Context) {
 		return
 	}
 	for _, heal := range heals {
+		if u.isRunning(heal.ID) {
+			continue // this process is at it (its lease may have run out while a request hung)
+		}
 		now := time.Now()
 		ok, err := u.ledger.Resume(ctx, heal, u.owner, now, now.Add(u.cfg.Lease))
 		if err != nil {
@@ -244,6 +256,7 @@ func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 	// m.dummy over exactly the session that was created (the heal context makes the machine use it).
 	hc := &healContext{key: dev.IdentityKey, created: sess}
 	attempts := 0
+	release := u.hold(ctx, dev, heal.ID)
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
 		if err = u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{}); err == nil || !transient(err) {
@@ -254,6 +267,7 @@ func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 		case <-time.After(u.cfg.backoff(attempts)):
 		}
 	}
+	release()
 	if attempts == 0 {
 		err = ctx.Err() // stopping before the first try
 	}

@@ -53,6 +53,10 @@ func (s *Store) GetLatestSession(ctx context.Context, key id.SenderKey) (*crypto
 func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypto.OlmSession) error {
 	err := s.Store.AddSession(ctx, key, session)
 	if err != nil {
+		if h := healFrom(ctx, key); h != nil {
+			// The machine only logs this; the heal must know the failure was the database's.
+			h.setStoreErr(err)
+		}
 		return err
 	}
 	if h := healFrom(ctx, key); h != nil {
@@ -133,8 +137,24 @@ type healContext struct {
 	key     id.SenderKey
 	lock    sync.Mutex
 	created *crypto.OlmSession
+	// storeErr is why the crypto store could not keep a new session, until takeStoreErr.
+	storeErr error
 	// onCreated is called once the new session is stored.
 	onCreated func(*crypto.OlmSession)
+}
+
+func (h *healContext) setStoreErr(err error) {
+	h.lock.Lock()
+	h.storeErr = err
+	h.lock.Unlock()
+}
+
+func (h *healContext) takeStoreErr() error {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	err := h.storeErr
+	h.storeErr = nil
+	return err
 }
 
 func (h *healContext) session() *crypto.OlmSession {

@@ -62,6 +62,9 @@ type Unwedger struct {
 	healing     map[healingSlot]struct{}
 	// replacing counts the heals that hold a ledger grant for a device, by identity key.
 	replacing map[id.SenderKey]int
+	// running holds the ledger IDs of the heals this process is running, which ResumeHeals
+	// must not take for abandoned ones.
+	running map[int64]struct{}
 	// replaced remembers when this process last created a session with a device (or learned
 	// from the ledger that one was created), by identity key, for at most MinInterval.
 	replaced map[id.SenderKey]time.Time
@@ -127,6 +130,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[healingSlot]struct{}), counts: make(map[Count]int64),
 		newSessionAt: make(map[id.SenderKey]time.Time), replacing: make(map[id.SenderKey]int), replaced: make(map[id.SenderKey]time.Time),
+		running:    make(map[int64]struct{}),
 		lookupMiss: make(map[id.UserID]time.Time),
 	}, nil
 }
@@ -350,6 +354,46 @@ func (u *Unwedger) setReplacing(key id.SenderKey, delta int) {
 	if u.replacing[key] += delta; u.replacing[key] <= 0 {
 		delete(u.replacing, key)
 	}
+}
+
+// hold marks a heal as running in this process and keeps its ledger lease fresh (renewed every
+// third of the lease, also while a request to the homeserver hangs), so that neither this
+// process's ResumeHeals nor another replica takes it over; release undoes both and returns once
+// no renewal can happen any more.
+func (u *Unwedger) hold(ctx context.Context, dev database.LedgerDevice, healID int64) (release func()) {
+	u.healingLock.Lock()
+	u.running[healID] = struct{}{}
+	u.healingLock.Unlock()
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-ctx.Done():
+				return
+			case <-time.After(u.cfg.Lease / 3):
+			}
+			if err := u.ledger.RenewLease(ctx, dev, u.owner, time.Now().Add(u.cfg.Lease)); err != nil && ctx.Err() == nil {
+				zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to renew the lease of a running heal")
+			}
+		}
+	}()
+	return func() {
+		close(stop)
+		<-stopped
+		u.healingLock.Lock()
+		delete(u.running, healID)
+		u.healingLock.Unlock()
+	}
+}
+
+func (u *Unwedger) isRunning(healID int64) bool {
+	u.healingLock.Lock()
+	defer u.healingLock.Unlock()
+	_, ok := u.running[healID]
+	return ok
 }
 
 // unknownKeyBackoff is how long after a sender's devices were fetched for an unknown identity key

@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -372,21 +371,26 @@ func setYAML(doc *yaml.Node, value any, path ...string) error {
 	return nil
 }
 
-// ModuleRoot finds the directory of this module's go.mod, from the working directory up.
+// modulePath is the first line of this repository's go.mod.
+const modulePath = "module github.com/unwedge/unwedge"
+
+// ModuleRoot finds the directory of this repository's go.mod, from the working directory up
+// (a go.mod of another module on the way is skipped).
 func ModuleRoot() (string, error) {
-	dir, err := os.Getwd()
+	wd, err := os.Getwd()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("failed to get the working directory: %w", err)
 	}
-	for {
-		if _, err = os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
+	for dir := wd; ; dir = filepath.Dir(dir) {
+		if data, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil {
+			first, _, _ := strings.Cut(string(data), "\n")
+			if strings.TrimSpace(first) == modulePath {
+				return dir, nil
+			}
 		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("go.mod not found above the working directory")
+		if filepath.Dir(dir) == dir {
+			return "", fmt.Errorf("no go.mod starting with %q in %s or above", modulePath, wd)
 		}
-		dir = parent
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/lib/pq"
 
 	"github.com/unwedge/unwedge/internal/envfile"
+	"github.com/unwedge/unwedge/internal/harness"
 )
 
 // Environment variables read by Load.
@@ -245,7 +246,7 @@ func waitFor(ctx context.Context, ping func(context.Context) error) error {
 
 // runStack runs scripts/stack.sh with the given arguments (which needs root).
 func runStack(ctx context.Context, args ...string) error {
-	root, err := repoRoot()
+	root, err := harness.ModuleRoot()
 	if err != nil {
 		return err
 	}
@@ -258,28 +259,6 @@ func runStack(ctx context.Context, args ...string) error {
 		return fmt.Errorf("stack.sh %s failed: %w\n%s", strings.Join(args, " "), err, out)
 	}
 	return nil
-}
-
-// modulePath is the first line of this repository's go.mod.
-const modulePath = "module github.com/unwedge/unwedge"
-
-// repoRoot returns the directory of this repository's go.mod, searching up from the working directory.
-func repoRoot() (string, error) {
-	wd, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("failed to get the working directory: %w", err)
-	}
-	for dir := wd; ; dir = filepath.Dir(dir) {
-		if data, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil {
-			first, _, _ := strings.Cut(string(data), "\n")
-			if strings.TrimSpace(first) == modulePath {
-				return dir, nil
-			}
-		}
-		if filepath.Dir(dir) == dir {
-			return "", fmt.Errorf("no go.mod starting with %q in %s or above", modulePath, wd)
-		}
-	}
 }
 
 // NewDatabase creates a fresh, uniquely named Postgres database for one test and returns its URI.

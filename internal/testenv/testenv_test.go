@@ -257,28 +257,6 @@ func TestStackControl(t *testing.T) {
 	}
 }
 
-func TestRepoRoot(t *testing.T) {
-	root, err := repoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err = os.Stat(filepath.Join(root, "scripts", "stack.sh")); err != nil {
-		t.Errorf("repoRoot() = %s, which has no scripts/stack.sh: %v", root, err)
-	}
-	// A go.mod of another module on the way up is skipped.
-	sub := filepath.Join(t.TempDir(), "other")
-	if err = os.MkdirAll(sub, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err = os.WriteFile(filepath.Join(sub, "go.mod"), []byte("module example.com/other\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	t.Chdir(sub)
-	if _, err = repoRoot(); err == nil || !strings.Contains(err.Error(), "no go.mod") {
-		t.Errorf("repoRoot() outside the repository: error = %v, want \"no go.mod\"", err)
-	}
-}
-
 func TestRequire(t *testing.T) {
 	t.Setenv(VarStackEnv, filepath.Join(t.TempDir(), "missing"))
 	for _, key := range allVars {
