@@ -31,8 +31,9 @@ type Config struct {
 	MaxRetries int           `yaml:"max_retries"`
 	MinBackoff time.Duration `yaml:"min_backoff"`
 	MaxBackoff time.Duration `yaml:"max_backoff"`
-	// Lease is how long a heal holds a device against other goroutines and replicas; a process
-	// that dies mid-heal frees the device after it.
+	// Lease is how long a heal (or recovery's hand-over of an event) holds a device (or event)
+	// against other goroutines and replicas; a process that dies mid-heal frees it after this.
+	// Heals left behind are resumed every half lease.
 	Lease time.Duration `yaml:"lease"`
 	// HistoryRetention is how long heal records are kept.
 	HistoryRetention time.Duration `yaml:"history_retention"`
