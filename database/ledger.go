@@ -118,6 +118,9 @@ const (
 	postponeDeviceQuery = `
 		UPDATE unwedge_device SET lease_until = 0
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5 AND heal_id = $6`
+	supersedeHealsQuery = `
+		UPDATE unwedge_heal SET outcome = 'failed_transient', finished_at = $6, error = $7
+		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND outcome = 'in_progress' AND id <> $5`
 	postponeHealQuery = `UPDATE unwedge_heal SET attempts = $2, error = $3 WHERE id = $1`
 	healColumns       = `id, user_id, device_id, identity_key, class, forced_by, started_at, finished_at, outcome, session_id, attempts, error`
 	listHealsQuery    = `
@@ -165,6 +168,11 @@ func (lq *LedgerQuery) Acquire(ctx context.Context, dev LedgerDevice, p AcquireP
 	}
 	if _, err = lq.db.Exec(ctx, setHealIDQuery, append(lq.deviceArgs(dev), p.Owner, grant.HealID)...); err != nil {
 		return nil, fmt.Errorf("failed to link heal to device: %w", err)
+	}
+	// An earlier heal of the device that is still in progress (left by a dead process, or
+	// waiting for the homeserver when an admin forces a new one) can no longer be resumed.
+	if _, err = lq.db.Exec(ctx, supersedeHealsQuery, append(lq.deviceArgs(dev), grant.HealID, now, fmt.Sprintf("superseded by heal %d", grant.HealID))...); err != nil {
+		return nil, fmt.Errorf("failed to close superseded heals: %w", err)
 	}
 	return grant, nil
 }

@@ -3,6 +3,7 @@ package database_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -109,9 +110,13 @@ func TestLedgerLease(t *testing.T) {
 			if g, err := lq.Acquire(ctx, testDevice, params(t0.Add(3*time.Minute), "other")); err != nil || !g.Granted {
 				t.Fatalf("acquire after the lease ran out: %+v %v", g, err)
 			}
+			// The dead holder's heal can no longer be resumed: the new one closed it.
 			unfinished, err := lq.UnfinishedHeals(ctx)
-			if err != nil || len(unfinished) != 2 {
-				t.Fatalf("unfinished heals = %d, %v", len(unfinished), err)
+			if err != nil || len(unfinished) != 1 || unfinished[0].ID == held.HealID {
+				t.Fatalf("unfinished heals = %+v, %v; want only the new one", unfinished, err)
+			}
+			if heals, _ := lq.Heals(ctx, testDevice.UserID, testDevice.DeviceID, 5); len(heals) != 2 || heals[1].Outcome != database.HealFailedTransient || !strings.Contains(heals[1].Error, "superseded") {
+				t.Fatalf("heals = %+v, want the first one closed as superseded", heals)
 			}
 			// The dead holder's late Finish must not release the new holder's lease.
 			if err = lq.Finish(ctx, testDevice, "crashed", held.HealID, database.HealFailedTransient, 1, "late", t0.Add(4*time.Minute)); err != nil {

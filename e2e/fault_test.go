@@ -238,26 +238,8 @@ func TestOutageDuringHeal(t *testing.T) {
 			// The event waits in the database for its key (recorded before the outage).
 			f.waitPending(t, ctx, 1)
 
-			down := time.Now()
-			if err := tc.stop(ctx); err != nil {
-				t.Fatal(err)
-			}
-			restarted := false
-			t.Cleanup(func() {
-				if !restarted {
-					_ = tc.start(context.Background())
-				}
-			})
-			if err := os.WriteFile(release, nil, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			f.waitLog(t, ctx, offset, 30*time.Second, `"action":"unwedge"`, tc.refused)
-			time.Sleep(time.Second) // the heal retries into the outage for a while
-			if err := tc.start(ctx); err != nil {
-				t.Fatal(err)
-			}
-			restarted = true
-			t.Logf("%s down for %s", tc.name, time.Since(down).Round(100*time.Millisecond))
+			down := f.outage(t, ctx, offset, release, tc.stop, tc.start, `"action":"unwedge"`, tc.refused)
+			t.Logf("%s down for %s", tc.name, down.Round(100*time.Millisecond))
 
 			f.bridgedOnce(t, ctx, text)
 			heals := f.sessionHeals(t, ctx)
@@ -271,6 +253,34 @@ func TestOutageDuringHeal(t *testing.T) {
 			}
 		})
 	}
+}
+
+// outage stops a service of the stack, lets the bridge held at a fault point go on (release),
+// waits until it logged a line with all of seen (it ran into the outage), and a second more, then
+// starts the service again; it returns how long the service was down. A test that ends before
+// that leaves the service started.
+func (f *faultSetup) outage(t *testing.T, ctx context.Context, offset int, release string, stop, start func(context.Context) error, seen ...string) time.Duration {
+	t.Helper()
+	down := time.Now()
+	if err := stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	restarted := false
+	t.Cleanup(func() {
+		if !restarted {
+			_ = start(context.Background())
+		}
+	})
+	if err := os.WriteFile(release, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.waitLog(t, ctx, offset, 30*time.Second, seen...)
+	time.Sleep(time.Second) // the bridge keeps running into the outage for a while
+	if err := start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	return time.Since(down)
 }
 
 // waitPending waits until at least n events wait for their keys.
@@ -357,24 +367,8 @@ func TestOutageDuringRecovery(t *testing.T) {
 	f.lateKeyMessage(t, ctx, room, text)
 	f.waitLog(t, ctx, offset, time.Minute, "Fault injection: holding")
 
-	if err := env.StopPostgres(ctx); err != nil {
-		t.Fatal(err)
-	}
-	restarted := false
-	t.Cleanup(func() {
-		if !restarted {
-			_ = env.StartPostgres(context.Background())
-		}
-	})
-	if err := os.WriteFile(release, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	f.waitLog(t, ctx, offset, 30*time.Second, "Pending event still cannot be bridged", "127.0.0.1:5432: connect: connection refused")
-	time.Sleep(2 * time.Second)
-	if err := env.StartPostgres(ctx); err != nil {
-		t.Fatal(err)
-	}
-	restarted = true
+	f.outage(t, ctx, offset, release, env.StopPostgres, env.StartPostgres,
+		"Pending event still cannot be bridged", "127.0.0.1:5432: connect: connection refused")
 	f.bridgedOnce(t, ctx, text)
 	select {
 	case <-f.bridge.Exited():
