@@ -101,7 +101,7 @@ type Recovery struct {
 	// Start; NewRecovery sets 2 minutes.
 	Lease time.Duration
 	// FaultHook, if set, is called at the named points of recovery (FaultKeyArrived,
-	// FaultEventDelivered); tests use it to crash the bridge there.
+	// FaultEventDelivered); tests use it to crash or hold the bridge there.
 	FaultHook func(point string)
 }
 
