@@ -307,11 +307,28 @@ func (e *Env) DropDatabase(ctx context.Context, name string) error {
 		return fmt.Errorf("failed to open postgres: %w", err)
 	}
 	defer db.Close()
-	if _, err = db.ExecContext(ctx, "DROP DATABASE IF EXISTS "+pq.QuoteIdentifier(name)+" WITH (FORCE)"); err != nil {
+	for attempt := 1; ; attempt++ {
+		_, err = db.ExecContext(ctx, "DROP DATABASE IF EXISTS "+pq.QuoteIdentifier(name)+" WITH (FORCE)")
+		// FORCE may not end an autovacuum worker that is busy in the new database (it belongs to
+		// the superuser: 42501 insufficient_privilege); it is done within moments.
+		var pqErr *pq.Error
+		if err == nil || !errors.As(err, &pqErr) || pqErr.Code != "42501" || attempt == dropAttempts {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("failed to drop database %s: %w", name, err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("failed to drop database %s: %w", name, err)
 	}
 	return nil
 }
+
+// dropAttempts bounds DropDatabase's attempts while an autovacuum worker holds the database.
+const dropAttempts = 25
 
 const nameAlphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
 
