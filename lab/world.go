@@ -253,17 +253,20 @@ func (w *World) BridgeLog(since time.Time) ([]logEntry, error) {
 	return entries, scanner.Err()
 }
 
-// waitForDecryptAttempts waits until the bridge has started to decrypt n different room events
-// since a time.
+// waitForDecryptAttempts waits until the bridge has tried to decrypt n different room events
+// since a time and failed (so an event without its key has been recorded for recovery).
 func (w *World) waitForDecryptAttempts(ctx context.Context, since time.Time, n int) error {
 	for {
 		entries, err := w.BridgeLog(since)
 		if err != nil {
 			return err
 		}
+		// bridgev2 logs "Decrypting received event" before it calls the helper's Decrypt, which
+		// records the event for recovery; these lines come after Decrypt returned.
 		seen := map[string]bool{}
 		for _, entry := range entries {
-			if entry.str("message") == "Decrypting received event" {
+			switch entry.str("message") {
+			case "Couldn't find session, waiting for keys to arrive...", "Failed to decrypt event":
 				seen[entry.str("event_id")] = true
 			}
 		}
