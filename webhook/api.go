@@ -68,6 +68,10 @@ type WhoamiResponse struct {
 	WebhookURL string    `json:"webhook_url,omitempty"`
 }
 
+// ErrCodeNotReady is the errcode of the 503 answer while the bridge is starting. Nothing was
+// done, so the request can be sent again after the Retry-After header's seconds.
+const ErrCodeNotReady = "M_NOT_READY"
+
 // APIError is the body of every non-2xx answer.
 type APIError struct {
 	ErrCode string `json:"errcode"`
@@ -85,6 +89,12 @@ type apiHandler func(w http.ResponseWriter, r *http.Request, login *bridgev2.Use
 
 func (c *Connector) authenticated(handler apiHandler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
+		if !c.started.Load() {
+			// Nothing was done: the client can send the same request again.
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, ErrCodeNotReady, "the bridge is starting")
+			return
+		}
 		log := c.br.Log.With().Str("component", "webhook api").Str("path", r.URL.Path).Logger()
 		r = r.WithContext(log.WithContext(r.Context()))
 		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")

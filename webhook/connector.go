@@ -10,7 +10,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net/http"
 	"sync"
+	"sync/atomic"
 
 	"go.mau.fi/util/configupgrade"
 	"go.mau.fi/util/dbutil"
@@ -31,6 +33,12 @@ type Connector struct {
 
 	tokensLock sync.RWMutex
 	tokens     map[string]networkid.UserLoginID // sha256(token) -> login
+
+	// router is the appservice HTTP server's, where Init registers the API; bridgev2 starts
+	// serving it before the network connector starts, so the API answers "not ready" until
+	// Start has finished (started).
+	router  *http.ServeMux
+	started atomic.Bool
 }
 
 var (
@@ -57,23 +65,28 @@ func (c *Connector) Init(br *bridgev2.Bridge) {
 	c.db = database.NewWebhookDB(string(br.ID), br.DB.Database,
 		dbutil.ZeroLogger(br.Log.With().Str("db_section", "webhook").Logger()))
 	c.delivery = newDeliverer(c)
+	if server, ok := br.Matrix.(bridgev2.MatrixConnectorWithServer); ok {
+		c.router = server.GetRouter()
+	}
+	if c.router != nil {
+		c.registerAPI(c.router)
+	}
 }
 
 func (c *Connector) Start(ctx context.Context) error {
 	if err := c.db.Upgrade(ctx); err != nil {
 		return bridgev2.DBUpgradeError{Err: err, Section: "webhook"}
 	}
-	server, ok := c.br.Matrix.(bridgev2.MatrixConnectorWithServer)
-	if !ok {
-		return fmt.Errorf("the Matrix connector has no HTTP server for the webhook API")
+	if c.router == nil {
+		return fmt.Errorf("the webhook API needs the appservice HTTP server: set appservice.public_address")
 	}
-	// bridgev2 loads the logins (LoadUserLogin) only after the connectors started, while the
-	// API already answers: without this, a valid token would be "unknown" for that moment.
+	// bridgev2 loads the logins (LoadUserLogin) only after the connectors started: without
+	// this, a valid token would be "unknown" for that moment.
 	if err := c.indexTokens(ctx); err != nil {
 		return err
 	}
-	c.registerAPI(server.GetRouter())
 	c.delivery.start(c.br.BackgroundCtx)
+	c.started.Store(true)
 	return nil
 }
 

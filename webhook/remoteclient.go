@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
 	"strconv"
+	"time"
 )
 
 // RemoteClient is how a remote system uses the webhook API of one login. Tests, the demo and the
@@ -27,6 +29,8 @@ func NewRemoteClient(baseURL, token string) *RemoteClient {
 // HTTPError is a non-2xx answer of the webhook API.
 type HTTPError struct {
 	StatusCode int
+	// RetryAfter is the answer's Retry-After header (1 s without one).
+	RetryAfter time.Duration
 	APIError
 }
 
@@ -60,13 +64,32 @@ func (rc *RemoteClient) Whoami(ctx context.Context) (*WhoamiResponse, error) {
 }
 
 func (rc *RemoteClient) do(ctx context.Context, method, path string, body, into any) error {
-	var reader io.Reader
+	var data []byte
 	if body != nil {
-		data, err := json.Marshal(body)
-		if err != nil {
+		var err error
+		if data, err = json.Marshal(body); err != nil {
 			return err
 		}
-		reader = bytes.NewReader(data)
+	}
+	for {
+		err := rc.doOnce(ctx, method, path, data, into)
+		var httpErr *HTTPError
+		if !errors.As(err, &httpErr) || httpErr.ErrCode != ErrCodeNotReady {
+			return err
+		}
+		// The bridge is starting and did nothing with the request: send it again.
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (while the bridge was starting: %w)", ctx.Err(), err)
+		case <-time.After(httpErr.RetryAfter):
+		}
+	}
+}
+
+func (rc *RemoteClient) doOnce(ctx context.Context, method, path string, body []byte, into any) error {
+	var reader io.Reader
+	if body != nil {
+		reader = bytes.NewReader(body)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, rc.BaseURL+APIPrefix+path, reader)
 	if err != nil {
@@ -86,9 +109,18 @@ func (rc *RemoteClient) do(ctx context.Context, method, path string, body, into 
 		return err
 	}
 	if resp.StatusCode < 200 || resp.StatusCode >= 300 {
-		httpErr := &HTTPError{StatusCode: resp.StatusCode}
+		httpErr := &HTTPError{StatusCode: resp.StatusCode, RetryAfter: retryAfter(resp.Header.Get("Retry-After"))}
 		_ = json.Unmarshal(data, &httpErr.APIError)
 		return httpErr
 	}
 	return json.Unmarshal(data, into)
+}
+
+// retryAfter reads a Retry-After header in seconds, between 100 ms and 10 s (1 s if absent).
+func retryAfter(header string) time.Duration {
+	secs, err := strconv.Atoi(header)
+	if err != nil {
+		return time.Second
+	}
+	return min(max(time.Duration(secs)*time.Second, 100*time.Millisecond), 10*time.Second)
 }

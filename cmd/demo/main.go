@@ -105,7 +105,11 @@ func run(ctx context.Context, dir string, keep bool) error {
 	}
 	say("registered the appservice with Synapse at %s", env.HomeserverURL)
 
-	// 2. The bridge, with end-to-bridge encryption on.
+	// 2. The bridge, with end-to-bridge encryption on. Its database is new, so it makes a new bot
+	// device: the one of the last run is deleted first.
+	if _, err = br.ClearBotDevices(ctx); err != nil {
+		return err
+	}
 	if err = br.Start(ctx); err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -13,11 +14,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
 	"gopkg.in/yaml.v3"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/bridgev2"
 	"maunium.net/go/mautrix/id"
 
@@ -74,13 +77,52 @@ type Bridge struct {
 	err    error
 }
 
-// StartBridge writes the bridge's config and starts it, returning once it is ready.
+// StartBridge writes the config of a new bridge (one with an empty database), deletes the bot
+// devices that earlier bridges left on the slot, and starts it, returning once it is ready.
 func StartBridge(ctx context.Context, opts BridgeOptions) (*Bridge, error) {
 	b, err := NewBridge(opts)
 	if err != nil {
 		return nil, err
 	}
+	if _, err = b.ClearBotDevices(ctx); err != nil {
+		return nil, err
+	}
 	return b, b.Start(ctx)
+}
+
+// ClearBotDevices deletes every device of the bridge's bot user and returns how many there were.
+// Each bridge that starts from an empty database creates a new bot device, and nothing deletes
+// the old ones: on a homeserver that runs the tests over and over they pile up in the hundreds,
+// every encrypted message is shared with all of them, and every appservice transaction carries
+// a one-time key count for each. Appservices delete devices without user-interactive auth
+// (MSC4190). Call it only while no process runs with the slot's bot device.
+func (b *Bridge) ClearBotDevices(ctx context.Context) (int, error) {
+	if b.Opts.Slot.ASToken == "" {
+		return 0, nil
+	}
+	client, err := mautrix.NewClient(b.Opts.HomeserverURL, b.BotMXID, b.Opts.Slot.ASToken)
+	if err != nil {
+		return 0, err
+	}
+	client.SetAppServiceUserID = true
+	resp, err := client.GetDevicesInfo(ctx)
+	if errors.Is(err, mautrix.MForbidden) {
+		return 0, nil // the bot was never registered: no bridge ran on this slot yet
+	} else if err != nil {
+		return 0, fmt.Errorf("failed to list the devices of %s: %w", b.BotMXID, err)
+	}
+	ids := make([]id.DeviceID, len(resp.Devices))
+	for i, dev := range resp.Devices {
+		ids[i] = dev.DeviceID
+	}
+	// Synapse takes about a tenth of a second per device, so a pile is deleted in batches, each
+	// of which stays deleted if ctx ends before the next.
+	for batch := range slices.Chunk(ids, 50) {
+		if err = client.DeleteDevices(ctx, &mautrix.ReqDeleteDevices[any]{Devices: batch}); err != nil {
+			return 0, fmt.Errorf("failed to delete the %d devices of %s: %w", len(ids), b.BotMXID, err)
+		}
+	}
+	return len(ids), nil
 }
 
 // NewBridge writes the bridge's config.yaml in opts.Dir without starting it. When the slot has no
