@@ -4,7 +4,9 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -87,6 +89,7 @@ func start(t *testing.T, ctx context.Context, appservice bool, dbType, webhookUR
 		}
 		if t.Failed() {
 			t.Logf("bridge log tail:\n%s", br.LogTail(60))
+			keepLog(t, br.LogPath)
 		}
 	})
 	user, err := testclient.New(ctx, testclient.Options{
@@ -197,4 +200,21 @@ func bodyIs(text string) func(*event.Event) bool {
 	return func(evt *event.Event) bool {
 		return evt.Content.AsMessage().Body == text
 	}
+}
+
+// keepLog copies a failed test's bridge log out of its temporary directory, which the test
+// removes, and says where.
+func keepLog(t *testing.T, path string) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Logf("bridge log not kept: %v", err)
+		return
+	}
+	name := strings.NewReplacer("/", "_", " ", "_").Replace(t.Name())
+	kept := filepath.Join(os.TempDir(), fmt.Sprintf("unwedge-%s-%d-bridge.log", name, time.Now().Unix()))
+	if err = os.WriteFile(kept, data, 0o600); err != nil {
+		t.Logf("bridge log not kept: %v", err)
+		return
+	}
+	t.Logf("whole bridge log: %s", kept)
 }

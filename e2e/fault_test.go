@@ -7,12 +7,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"maunium.net/go/mautrix/crypto"
-	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/bridge"
@@ -333,13 +330,7 @@ func TestCrashBetweenKeyAndBridge(t *testing.T) {
 // share it only after bridgev2's own wait, so that recovery (not bridgev2) bridges it.
 func (f *faultSetup) lateKeyMessage(t *testing.T, ctx context.Context, room id.RoomID, text string) {
 	t.Helper()
-	var allowed atomic.Pointer[id.SessionID]
-	f.user.Machine().AllowKeyShare = func(_ context.Context, _ *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
-		if session := allowed.Load(); session != nil && *session == info.SessionID {
-			return nil
-		}
-		return &crypto.KeyShareRejectNoResponse
-	}
+	allowKeyShare := f.gateKeyShare()
 	sent := time.Now()
 	_, session, err := f.user.SendWithheldText(ctx, room, text)
 	if err != nil {
@@ -347,7 +338,7 @@ func (f *faultSetup) lateKeyMessage(t *testing.T, ctx context.Context, room id.R
 	}
 	f.waitPending(t, ctx, 1)
 	sleepUntil(ctx, sent.Add(unwedge.StockWait-3*time.Second))
-	allowed.Store(&session)
+	allowKeyShare(session)
 }
 
 // TestOutageDuringRecovery stops Postgres when the key of a pending event has just arrived and

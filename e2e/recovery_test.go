@@ -21,6 +21,19 @@ import (
 // bridge's key request for the first: it is bridged after all and the notice about it is
 // redacted. The second's key never comes: after the retention the user is told it will not be
 // bridged, and nothing is left in the database.
+// gateKeyShare makes the user's device ignore every key request until allow is called with a
+// session, and then answer the requests for that session only.
+func (s *setup) gateKeyShare() (allow func(id.SessionID)) {
+	var allowed atomic.Pointer[id.SessionID]
+	s.user.Machine().AllowKeyShare = func(_ context.Context, _ *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
+		if session := allowed.Load(); session != nil && *session == info.SessionID {
+			return nil
+		}
+		return &crypto.KeyShareRejectNoResponse
+	}
+	return func(session id.SessionID) { allowed.Store(&session) }
+}
+
 func TestRecoveryAfterStockGiveUp(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
@@ -28,15 +41,8 @@ func TestRecoveryAfterStockGiveUp(t *testing.T) {
 	room := s.openPortal(t, ctx, "recovery")
 
 	const lateText, neverText = "key comes late", "key never comes"
-	var lateSession atomic.Pointer[id.SessionID]
-	mach := s.user.Machine()
 	// The user's device answers key requests for the first session only, once it is allowed to.
-	mach.AllowKeyShare = func(_ context.Context, _ *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
-		if allowed := lateSession.Load(); allowed != nil && *allowed == info.SessionID {
-			return nil
-		}
-		return &crypto.KeyShareRejectNoResponse
-	}
+	allowKeyShare := s.gateKeyShare()
 	sent := time.Now()
 	lateID, sessionID, err := s.user.SendWithheldText(ctx, room, lateText)
 	if err != nil {
@@ -57,7 +63,7 @@ func TestRecoveryAfterStockGiveUp(t *testing.T) {
 
 	// Only now does the device agree to share the key: the bridge's request after the
 	// hand-over gets it.
-	lateSession.Store(&sessionID)
+	allowKeyShare(sessionID)
 	msg := s.waitOutbox(t, ctx, lateText, nil)
 	if msg.EventID != lateID.String() {
 		t.Errorf("bridged event %s, want %s", msg.EventID, lateID)
