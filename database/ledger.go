@@ -218,6 +218,10 @@ func (lq *LedgerQuery) Finish(ctx context.Context, dev LedgerDevice, owner strin
 	})
 }
 
+// Postponed reports whether Postpone kept the heal in progress at least once (only Postpone
+// writes an error into a heal that is still in progress).
+func (h *Heal) Postponed() bool { return h.Outcome == HealInProgress && h.Error != "" }
+
 // Postpone keeps a heal in progress but gives up its lease, so that ResumeHeals (in any process)
 // finishes it later: its session exists and only m.dummy could not be sent yet.
 func (lq *LedgerQuery) Postpone(ctx context.Context, dev LedgerDevice, owner string, healID int64, attempts int, healErr string) error {

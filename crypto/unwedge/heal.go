@@ -218,6 +218,21 @@ func (u *Unwedger) ResumeHeals(ctx context.Context) {
 	}
 }
 
+// postponeResumed keeps a resumed heal in progress for the next round. A heal is counted and logged as
+// deferred once, when it is first postponed; the rounds after that log at debug level only.
+func (u *Unwedger) postponeResumed(ctx context.Context, heal *database.Heal, decision Decision, attempts int, err error) {
+	if perr := u.ledger.Postpone(context.WithoutCancel(ctx), heal.Device, u.owner, heal.ID, heal.Attempts+attempts, err.Error()); perr != nil {
+		u.log.Err(perr).Int64("heal_id", heal.ID).Msg("Failed to postpone heal in the ledger")
+	}
+	if heal.Postponed() {
+		u.log.Debug().Err(err).Int64("heal_id", heal.ID).Stringer("user_id", heal.Device.UserID).
+			Stringer("device_id", heal.Device.DeviceID).Msg("Heal still deferred")
+		return
+	}
+	decision.Action, decision.Err, decision.Detail = "deferred", err, "resuming an interrupted heal"
+	u.decide(ctx, decision)
+}
+
 func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 	dev := heal.Device
 	decision := Decision{Class: Class(heal.Class), UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey, ForcedBy: heal.ForcedBy}
@@ -247,8 +262,13 @@ func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 			}
 		}
 	}
-	if sess == nil {
-		finish(database.HealFailedPermanent, 0, fmt.Errorf("the session %s of the interrupted heal is gone: %v", heal.SessionID, err))
+	if err != nil {
+		// The device or the session could not be read (store or homeserver unreachable): that
+		// says nothing about the session, so the heal is tried again on the next round.
+		u.postponeResumed(ctx, heal, decision, 0, fmt.Errorf("failed to look up the session of the interrupted heal: %w", err))
+		return
+	} else if sess == nil {
+		finish(database.HealFailedPermanent, 0, fmt.Errorf("the session %s of the interrupted heal is gone", heal.SessionID))
 		decision.Action, decision.Err = "failed", fmt.Errorf("the replacement session of an interrupted heal is gone")
 		u.decide(ctx, decision)
 		return
@@ -274,12 +294,7 @@ func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 	if err != nil && (ctx.Err() != nil || transient(err) && time.Since(heal.StartedAt) < u.cfg.MinInterval) {
 		// Still unreachable (or stopping): tried again on the next round, until the interval
 		// would allow a new session anyway.
-		if perr := u.ledger.Postpone(context.WithoutCancel(ctx), dev, u.owner, heal.ID, heal.Attempts+attempts, err.Error()); perr != nil {
-			u.log.Err(perr).Int64("heal_id", heal.ID).Msg("Failed to postpone heal in the ledger")
-		}
-		decision.Action, decision.Err = "deferred", err
-		decision.Detail = fmt.Sprintf("resuming an interrupted heal: m.dummy over session %s failed %d time(s)", sess.ID(), attempts)
-		u.decide(ctx, decision)
+		u.postponeResumed(ctx, heal, decision, attempts, fmt.Errorf("m.dummy over session %s failed %d time(s): %w", sess.ID(), attempts, err))
 		return
 	} else if err != nil {
 		outcome := database.HealFailedTransient

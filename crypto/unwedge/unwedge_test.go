@@ -363,10 +363,23 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	if d := f.decision(); d.Action != "limited" {
 		t.Errorf("second failure while deferred: %+v, want limited", d)
 	}
-	// Still unreachable on the next round: deferred again, still in progress.
-	f.unwedger.ResumeHeals(f.ctx)
-	if d := f.decision(); d.Action != "deferred" {
-		t.Errorf("resume while unreachable: %+v, want deferred", d)
+	// Still unreachable on the next rounds: still in progress, and not counted again (the heal
+	// was counted as deferred once).
+	for range 2 {
+		f.unwedger.ResumeHeals(f.ctx)
+		f.noDecision()
+	}
+	if heals, err = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5); err != nil || len(heals) != 1 || heals[0].Outcome != database.HealInProgress || heals[0].Attempts != 6 {
+		t.Fatalf("heals = %+v, %v; want one in progress after 2+2+2 attempts", heals, err)
+	}
+	deferred := int64(0)
+	for count, n := range f.unwedger.Counts() {
+		if count.Action == "deferred" {
+			deferred += n
+		}
+	}
+	if deferred != 1 {
+		t.Errorf("deferred counted %d times, want once", deferred)
 	}
 	f.failSends.Store(0)
 	f.unwedger.ResumeHeals(f.ctx)
