@@ -49,6 +49,8 @@ type fixture struct {
 	// failSends answers the bridge's next N to-device sends with 502, as a proxy in front of a
 	// stopped homeserver does.
 	failSends atomic.Int32
+	// failQueries answers the next N device key queries with 502.
+	failQueries atomic.Int32
 
 	bridge *party
 	peer   *party
@@ -111,6 +113,11 @@ func (f *fixture) openDB() *dbutil.Database {
 func (f *fixture) serve(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/_matrix/client/v3/keys/query" {
 		f.queries.Add(1)
+		if f.failQueries.Load() > 0 {
+			f.failQueries.Add(-1)
+			http.Error(w, "homeserver unreachable", http.StatusBadGateway)
+			return
+		}
 	}
 	if r.URL.Path == "/_matrix/client/v3/keys/claim" {
 		f.claims.Add(1)

@@ -263,11 +263,19 @@ func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 		}
 	}
 	if err != nil {
-		// The device or the session could not be read (store or homeserver unreachable): that
-		// says nothing about the session, so the heal is tried again on the next round.
-		u.postponeResumed(ctx, heal, decision, 0, fmt.Errorf("failed to look up the session of the interrupted heal: %w", err))
+		err = fmt.Errorf("failed to look up the session of the interrupted heal: %w", err)
+		if time.Since(heal.StartedAt) < u.cfg.MinInterval {
+			// The store or the homeserver is unreachable, which says nothing about the session:
+			// tried again on the next round.
+			u.postponeResumed(ctx, heal, decision, 0, err)
+			return
+		}
+		finish(database.HealFailedTransient, 0, err)
+		decision.Action, decision.Err, decision.Detail = "failed", err, "resuming an interrupted heal"
+		u.decide(ctx, decision)
 		return
-	} else if sess == nil {
+	}
+	if sess == nil {
 		finish(database.HealFailedPermanent, 0, fmt.Errorf("the session %s of the interrupted heal is gone", heal.SessionID))
 		decision.Action, decision.Err = "failed", fmt.Errorf("the replacement session of an interrupted heal is gone")
 		u.decide(ctx, decision)

@@ -381,6 +381,17 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	if deferred != 1 {
 		t.Errorf("deferred counted %d times, want once", deferred)
 	}
+	// The device is no longer in the bridge's store and cannot be fetched either: the round
+	// cannot look the session up, which is no reason to give the heal up.
+	f.exec("DELETE FROM crypto_device WHERE user_id=$1", string(peerUser))
+	f.failQueries.Store(1000)
+	f.unwedger.ResumeHeals(f.ctx)
+	f.noDecision()
+	if heals, err = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5); err != nil || len(heals) != 1 || heals[0].Outcome != database.HealInProgress ||
+		!strings.Contains(heals[0].Error, "failed to look up") {
+		t.Fatalf("heals = %+v, %v; want one in progress that failed to look up its session", heals, err)
+	}
+	f.failQueries.Store(0)
 	f.failSends.Store(0)
 	f.unwedger.ResumeHeals(f.ctx)
 	if d := f.decision(); d.Action != "healed" {
