@@ -16,11 +16,6 @@ import (
 	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
-// TestRecoveryAfterStockGiveUp: two messages whose room keys never reached the bridge. bridgev2
-// gives up on both after about 25 s and tells the user so. The sender's device then answers the
-// bridge's key request for the first: it is bridged after all and the notice about it is
-// redacted. The second's key never comes: after the retention the user is told it will not be
-// bridged, and nothing is left in the database.
 // gateKeyShare makes the user's device ignore every key request until allow is called with a
 // session, and then answer the requests for that session only.
 func (s *setup) gateKeyShare() (allow func(id.SessionID)) {
@@ -34,6 +29,11 @@ func (s *setup) gateKeyShare() (allow func(id.SessionID)) {
 	return func(session id.SessionID) { allowed.Store(&session) }
 }
 
+// TestRecoveryAfterStockGiveUp: two messages whose room keys never reached the bridge. bridgev2
+// gives up on both after about 25 s and tells the user so. The sender's device then answers the
+// bridge's key request for the first: it is bridged after all and the notice about it is
+// redacted. The second's key never comes: after the retention the user is told it will not be
+// bridged, and nothing is left in the database.
 func TestRecoveryAfterStockGiveUp(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()

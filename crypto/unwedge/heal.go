@@ -218,8 +218,8 @@ func (u *Unwedger) ResumeHeals(ctx context.Context) {
 	}
 }
 
-// postponeResumed keeps a resumed heal in progress for the next round. A heal is counted and logged as
-// deferred once, when it is first postponed; the rounds after that log at debug level only.
+// postponeResumed keeps a resumed heal in progress for the next round. A heal is counted and
+// logged as deferred once, when it is first postponed; the rounds after that log at debug level.
 func (u *Unwedger) postponeResumed(ctx context.Context, heal *database.Heal, decision Decision, attempts int, err error) {
 	if perr := u.ledger.Postpone(context.WithoutCancel(ctx), heal.Device, u.owner, heal.ID, heal.Attempts+attempts, err.Error()); perr != nil {
 		u.log.Err(perr).Int64("heal_id", heal.ID).Msg("Failed to postpone heal in the ledger")
