@@ -92,7 +92,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 		decisions = u.Counts()
 	}
 	failures := map[string]int64{}
-	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0, "deferred": 0}
+	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0, "deferred": 0, "user_capped": 0}
 	var outOfScope, unknownDevice int64
 	for c, n := range decisions {
 		if c.Class != unwedge.ClassForced {
@@ -109,6 +109,8 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 			heals["rate_limited"] += n
 		case "deferred":
 			heals["deferred"] += n
+		case "capped":
+			heals["user_capped"] += n
 		case "out_of_scope":
 			outOfScope += n
 		case "unknown_device":
@@ -117,9 +119,9 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	}
 	family(out, "unwedge_olm_failures_total", "counter", "Olm to-device events that the bridge could not decrypt or that showed a wedge, by class.")
 	labelled(out, "unwedge_olm_failures_total", "class", failures)
-	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, wedges not healed because of the MSC1719 limit (rate_limited), and heals whose m.dummy waits for the homeserver (deferred; they end as succeeded or failed later).")
+	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, wedges not healed because of the MSC1719 limit (rate_limited), heals whose m.dummy waits for the homeserver (deferred; they end as succeeded or failed later), and wedges not healed because the user's devices reached unwedge.max_heals_per_user within the interval (user_capped).")
 	labelled(out, "unwedge_heals_total", "result", heals)
-	family(out, "unwedge_out_of_scope_total", "counter", "Wedged sessions of users outside unwedge.scope (not healed).")
+	family(out, "unwedge_out_of_scope_total", "counter", "Wedged sessions of users outside unwedge.scope (left to mautrix-go's own unwedging, as with the stock bridge).")
 	fmt.Fprintf(out, "unwedge_out_of_scope_total %d\n", outOfScope)
 	family(out, "unwedge_unknown_device_total", "counter", "Wedges claimed by identity keys that are no device of the sender (not healed, no key claimed).")
 	fmt.Fprintf(out, "unwedge_unknown_device_total %d\n", unknownDevice)

@@ -134,6 +134,8 @@ const (
 	countCreatedQuery = `
 		SELECT COUNT(*) FROM unwedge_heal
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND session_id <> '' AND started_at >= $4`
+	countUserHealsQuery = `
+		SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND user_id = $2 AND forced_by = '' AND started_at >= $3`
 	pruneHealsQuery   = `DELETE FROM unwedge_heal WHERE bridge_id = $1 AND started_at < $2 AND outcome <> 'in_progress'`
 	pruneDevicesQuery = `
 		DELETE FROM unwedge_device WHERE bridge_id = $1 AND last_created_at < $2 AND last_failed_at < $2 AND lease_until < $3`
@@ -186,6 +188,17 @@ func (lq *LedgerQuery) refusal(ctx context.Context, dev LedgerDevice) (*Grant, e
 	}
 	grant.LastCreatedAt, grant.LastFailedAt, grant.LeaseUntil = msTime(lastCreated), msTime(lastFailed), msTime(leaseUntil)
 	return grant, nil
+}
+
+// UserHeals counts the automatic heals of the user's devices started at or after since (forced
+// ones are not counted), for the per-user cap.
+func (lq *LedgerQuery) UserHeals(ctx context.Context, userID id.UserID, since time.Time) (int, error) {
+	var n int
+	err := lq.db.QueryRow(ctx, countUserHealsQuery, lq.BridgeID, userID, since.UnixMilli()).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("failed to count the user's heals: %w", err)
+	}
+	return n, nil
 }
 
 // RenewLease extends the lease of a heal that is still retrying.

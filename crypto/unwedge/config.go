@@ -12,6 +12,10 @@ import (
 type ScopeMode string
 
 const (
+	// ScopeRoomMembers heals devices of every Matrix user who shares a room with the bridge: its
+	// bot (a management room, including users who have not logged in yet) or a portal (relay
+	// users too). The default: nobody who talks to the bridge is left without healing.
+	ScopeRoomMembers ScopeMode = "room_members"
 	// ScopeLoggedIn heals devices of Matrix users that are logged in to the bridge (have a user login).
 	ScopeLoggedIn ScopeMode = "logged_in"
 	// ScopePortalMembers heals devices of users who share a portal room with the bridge.
@@ -25,7 +29,13 @@ type Config struct {
 	Enabled bool `yaml:"enabled"`
 	// MinInterval is MSC1719's limit: at most one new session per device per interval (1 hour).
 	MinInterval time.Duration `yaml:"min_interval"`
-	Scope       ScopeMode     `yaml:"scope"`
+	// Scope says whose devices unwedge heals. Devices of users outside it are left to mautrix-go's
+	// own unwedging, as with the stock bridge.
+	Scope ScopeMode `yaml:"scope"`
+	// MaxHealsPerUser bounds the heals started for one user's devices within MinInterval, so a
+	// user with many devices (or many fake ones) cannot make the bridge claim a key for each.
+	// Heals an admin forces do not count and are not refused.
+	MaxHealsPerUser int `yaml:"max_heals_per_user"`
 	// MaxRetries bounds attempts of one heal on transient failures (homeserver unreachable,
 	// 5xx, timeouts); the backoff doubles from MinBackoff up to MaxBackoff.
 	MaxRetries int           `yaml:"max_retries"`
@@ -70,7 +80,8 @@ func DefaultConfig() Config {
 	return Config{
 		Enabled:          true,
 		MinInterval:      time.Hour,
-		Scope:            ScopeLoggedIn,
+		Scope:            ScopeRoomMembers,
+		MaxHealsPerUser:  10,
 		MaxRetries:       6,
 		MinBackoff:       time.Second,
 		MaxBackoff:       time.Minute,
@@ -95,9 +106,12 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("unwedge.min_interval must be positive (MSC1719 uses 1h)"))
 	}
 	switch c.Scope {
-	case ScopeLoggedIn, ScopePortalMembers, ScopeEveryone:
+	case ScopeRoomMembers, ScopeLoggedIn, ScopePortalMembers, ScopeEveryone:
 	default:
-		errs = append(errs, fmt.Errorf("unwedge.scope must be logged_in, portal_members or everyone, not %q", c.Scope))
+		errs = append(errs, fmt.Errorf("unwedge.scope must be room_members, logged_in, portal_members or everyone, not %q", c.Scope))
+	}
+	if c.MaxHealsPerUser < 1 {
+		errs = append(errs, errors.New("unwedge.max_heals_per_user must be at least 1"))
 	}
 	if c.MaxRetries < 1 {
 		errs = append(errs, errors.New("unwedge.max_retries must be at least 1"))

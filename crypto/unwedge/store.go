@@ -11,12 +11,13 @@ import (
 
 // Store decorates the bridge's crypto.Store. The OlmMachine asks its store whether and which Olm
 // session to use, and tells it what it decrypted; Store uses that to
-//   - see how each Olm to-device event ended (decrypted, replayed, unreadable session), through an
-//     observation that HandleToDevice puts in the context,
+//   - see how each Olm to-device event ended (decrypted, replayed, unreadable session, a peer
+//     that went back in time), through an observation that HandleToDevice puts in the context,
 //   - make SendEncryptedToDevice create a new outbound session during a heal (a heal in the
-//     context makes HasSession false until the new session exists, and then returns only it),
-//   - switch off mautrix-go's built-in unwedge: GetNewestSessionCreationTS is called only by it,
-//     and answering "now" makes it stand down, so a wedge never gets a second session from it.
+//     context makes HasSession false until the new session exists, and then returns only it).
+//
+// mautrix-go's own unwedging is not switched off here: since v0.32 the machine asks
+// NeedsUnwedgeCallback instead of unwedging by itself, and the Unwedger sets that callback.
 //
 // Without such a context value every call goes to the wrapped store unchanged.
 type Store struct {
@@ -26,12 +27,6 @@ type Store struct {
 // NewStore wraps a crypto store.
 func NewStore(inner crypto.Store) *Store {
 	return &Store{Store: inner}
-}
-
-// GetNewestSessionCreationTS is only called by mautrix-go's built-in unwedge (checked in
-// mautrix-go v0.31.0): "a session was just created" makes it stand down, so unwedge decides alone.
-func (s *Store) GetNewestSessionCreationTS(ctx context.Context, key id.SenderKey) (time.Time, error) {
-	return time.Now(), nil
 }
 
 func (s *Store) HasSession(ctx context.Context, key id.SenderKey) bool {
@@ -121,6 +116,8 @@ type observation struct {
 	sessionsRead bool
 	sessionCount int
 	sessionsErr  error
+	// needsUnwedge: the machine said it would unwedge the sender (NeedsUnwedgeCallback).
+	needsUnwedge bool
 }
 
 func withObservation(ctx context.Context, obs *observation) context.Context {

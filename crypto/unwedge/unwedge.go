@@ -27,6 +27,8 @@ type Ledger interface {
 	Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error)
 	UnfinishedHeals(ctx context.Context) ([]*database.Heal, error)
 	Resume(ctx context.Context, heal *database.Heal, owner string, now, until time.Time) (bool, error)
+	// UserHeals counts the automatic heals of the user's devices started at or after since.
+	UserHeals(ctx context.Context, userID id.UserID, since time.Time) (int, error)
 }
 
 // Scope decides whose devices are healed.
@@ -101,7 +103,9 @@ type Decision struct {
 	UserID   id.UserID
 	DeviceID id.DeviceID
 	Key      id.SenderKey
-	// Action is one of: ignored, out_of_scope, unknown_device, limited, healed, deferred, failed.
+	// Action is one of: ignored, out_of_scope, unknown_device, limited, capped, healed, deferred,
+	// failed. out_of_scope: the device is left to mautrix-go's own unwedging. capped: the user's
+	// devices had max_heals_per_user heals within the interval.
 	// deferred: the replacement session exists but m.dummy could not be sent yet (the homeserver
 	// is unreachable); ResumeHeals sends it later.
 	Action   string
@@ -117,7 +121,8 @@ type Decision struct {
 const recentDecisions = 512
 
 // New makes an Unwedger for a loaded machine whose CryptoStore is a *Store. owner names this process in
-// the ledger's leases (unique per process, e.g. hostname and PID).
+// the ledger's leases (unique per process, e.g. hostname and PID). It takes over the machine's
+// unwedging: the machine's NeedsUnwedgeCallback is set to the Unwedger's.
 func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repairer Repairer, owner string, log zerolog.Logger) (*Unwedger, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -126,13 +131,27 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 		return nil, fmt.Errorf("the OlmMachine's store must be wrapped with unwedge.NewStore")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Unwedger{
+	u := &Unwedger{
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[healingSlot]struct{}), counts: make(map[Count]int64),
 		newSessionAt: make(map[id.SenderKey]time.Time), replacing: make(map[id.SenderKey]int), replaced: make(map[id.SenderKey]time.Time),
 		running:    make(map[int64]struct{}),
 		lookupMiss: make(map[id.UserID]time.Time),
-	}, nil
+	}
+	mach.NeedsUnwedgeCallback = u.needsUnwedge
+	return u, nil
+}
+
+// needsUnwedge is the machine's word (mautrix-go v0.32+) that it would replace the sender's
+// session now: an Olm message failed with a matching session, a normal message found none, or a
+// prekey message could not open one. During HandleToDevice it marks the event's observation, and
+// HandleToDevice decides; an event that reached the machine another way is decided here.
+func (u *Unwedger) needsUnwedge(ctx context.Context, sender id.UserID, key id.SenderKey) {
+	if obs := observationFrom(ctx); obs != nil {
+		obs.needsUnwedge = true
+		return
+	}
+	u.wedged(ctx, sender, key, ClassFailed)
 }
 
 // Start prunes the ledger now and then every pruneInterval, until Stop: heal records older than
@@ -214,7 +233,9 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 		sessions, _ = u.mach.CryptoStore.GetSessions(ctx, msg.senderKey)
 	}
 	class = classifyFailure(obs, msg, sessions)
-	if !class.Wedged() {
+	// Either side suffices: the machine knows its own failure points (and any it adds later);
+	// the detector also sees what the machine does not treat as a wedge (unreadable session rows).
+	if !class.Wedged() && !obs.needsUnwedge {
 		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Key: msg.senderKey, Action: "ignored"})
 		return
 	}
@@ -252,7 +273,25 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	}
 	if ok, err := u.scope.InScope(ctx, sender); err != nil || !ok {
 		release()
-		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "out_of_scope", Err: err})
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "out_of_scope", Err: err,
+			Detail: "left to mautrix-go's own unwedging"})
+		// Never worse than the stock bridge: what the machine would have done without unwedge.
+		u.heals.Add(1)
+		go func() {
+			defer u.heals.Done()
+			u.mach.UnwedgeDevice(log.WithContext(u.ctx), sender, key)
+		}()
+		return
+	}
+	if heals, err := u.ledger.UserHeals(ctx, sender, time.Now().Add(-u.cfg.MinInterval)); err != nil {
+		release()
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "failed",
+			Err: err})
+		return
+	} else if heals >= u.cfg.MaxHealsPerUser {
+		release()
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "capped",
+			Detail: fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals, u.cfg.MinInterval)})
 		return
 	}
 	// A sender key that is not one of the sender's devices is never healed: no key is claimed for it.
@@ -484,7 +523,7 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 	switch d.Action {
 	case "ignored":
 		level = zerolog.DebugLevel
-	case "failed", "deferred", "unknown_device":
+	case "failed", "deferred", "unknown_device", "capped":
 		level = zerolog.WarnLevel
 	}
 	evt := zerolog.Ctx(ctx).WithLevel(level).
@@ -515,6 +554,7 @@ var decisionMessages = map[string]string{
 	"out_of_scope":   "Olm session wedged, but the user is out of scope",
 	"unknown_device": "Olm session wedged, but the identity key is not a device of the sender",
 	"limited":        "Olm session wedged, not replaced: limited by the MSC1719 interval or a heal in progress",
+	"capped":         "Olm session wedged, not replaced: the user's devices had too many heals within the interval",
 	"healed":         "Replaced wedged Olm session and sent m.dummy",
 	"deferred":       "Replaced wedged Olm session; m.dummy not sent yet, it is sent when the homeserver answers",
 	"failed":         "Failed to replace wedged Olm session",
