@@ -25,7 +25,7 @@ func readGuide(t *testing.T) string {
 
 // tableNames returns the first column's `code` names of the guide's table rows with a prefix.
 func tableNames(guide, prefix string) []string {
-	re := regexp.MustCompile("(?m)^\\| `(" + regexp.QuoteMeta(prefix) + "[a-z_.]*)`(?:, `([a-z_]+)`)?")
+	re := regexp.MustCompile("(?m)^\\| `(" + regexp.QuoteMeta(prefix) + "[a-z0-9_.]*)`(?:, `([a-z_]+)`)?")
 	var names []string
 	for _, m := range re.FindAllStringSubmatch(guide, -1) {
 		names = append(names, m[1])

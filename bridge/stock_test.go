@@ -3,6 +3,7 @@ package bridge
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,28 +13,21 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/bridgev2/bridgeconfig"
 	"maunium.net/go/mautrix/bridgev2/matrix"
+	"maunium.net/go/mautrix/bridgev2/matrix/mxmain"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
 // TestStockMirror fails the day go.mod moves to a mautrix-go release other than the one stock.go
 // mirrors, and says whether the stock helper's source changed with it.
 func TestStockMirror(t *testing.T) {
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Version}}\t{{.Dir}}", "maunium.net/go/mautrix").Output()
-	if err != nil {
-		t.Fatalf("go list -m maunium.net/go/mautrix: %v", err)
-	}
-	version, dir, _ := strings.Cut(strings.TrimSpace(string(out)), "\t")
-	if dir == "" {
-		t.Fatalf("mautrix-go %s is not in the module cache (go mod download)", version)
-	}
-	data, err := os.ReadFile(filepath.Join(dir, "bridgev2", "matrix", "crypto.go"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	version, data := stockCryptoSource(t)
 	sum := sha256.Sum256(data)
 	switch got := hex.EncodeToString(sum[:]); {
 	case got != mirroredMautrix.CryptoSHA256:
@@ -42,6 +36,24 @@ func TestStockMirror(t *testing.T) {
 	case version != mirroredMautrix.Version:
 		t.Errorf("go.mod requires mautrix-go %s; bridge/stock.go mirrors %s, and crypto.go is the same in both: set mirroredMautrix.Version to %s", version, mirroredMautrix.Version, version)
 	}
+}
+
+// stockCryptoSource returns the version of mautrix-go that go.mod requires and the source of its
+// stock encryption helper.
+func stockCryptoSource(t *testing.T) (version string, source []byte) {
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Version}}\t{{.Dir}}", "maunium.net/go/mautrix").Output()
+	if err != nil {
+		t.Fatalf("go list -m maunium.net/go/mautrix: %v", err)
+	}
+	version, dir, _ := strings.Cut(strings.TrimSpace(string(out)), "\t")
+	if dir == "" {
+		t.Fatalf("mautrix-go %s is not in the module cache (go mod download)", version)
+	}
+	source, err = os.ReadFile(filepath.Join(dir, "bridgev2", "matrix", "crypto.go"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return version, source
 }
 
 // TestEncryptionOptionsReachMachine sets each `encryption:` option that belongs to the OlmMachine
@@ -103,9 +115,9 @@ func TestEncryptionOptionsReachMachine(t *testing.T) {
 	}
 }
 
-// encryptionOptions lists every option of mautrix-go's `encryption:` block, from the config type.
-func encryptionOptions(typ reflect.Type, prefix string) []string {
-	var options []string
+// encryptionOptions maps every option of mautrix-go's `encryption:` block to its Go field name,
+// from the config type.
+func encryptionOptions(typ reflect.Type, prefix string, into map[string]string) map[string]string {
 	for i := range typ.NumField() {
 		field := typ.Field(i)
 		name, _, _ := strings.Cut(field.Tag.Get("yaml"), ",")
@@ -113,20 +125,22 @@ func encryptionOptions(typ reflect.Type, prefix string) []string {
 			continue
 		}
 		if field.Type.Kind() == reflect.Struct {
-			options = append(options, encryptionOptions(field.Type, prefix+name+".")...)
+			encryptionOptions(field.Type, prefix+name+".", into)
 		} else {
-			options = append(options, prefix+name)
+			into[prefix+name] = field.Name
 		}
 	}
-	return options
+	return into
 }
 
 // TestParityTable checks the admin guide's parity table against mautrix-go: a row for every
 // option of the `encryption:` block, none for an option that does not exist, and in each row
-// either tests that exist in this repository or a refusal at startup.
+// either tests that exist in this repository, or a refusal at startup, or the word that the stock
+// helper does not read the option (checked in its source: then it works with unwedge on as without).
 func TestParityTable(t *testing.T) {
-	options := encryptionOptions(reflect.TypeFor[bridgeconfig.EncryptionConfig](), "encryption.")
-	slices.Sort(options)
+	fields := encryptionOptions(reflect.TypeFor[bridgeconfig.EncryptionConfig](), "encryption.", map[string]string{})
+	options := slices.Sorted(maps.Keys(fields))
+	_, stockSource := stockCryptoSource(t)
 	guide := readGuide(t)
 	documented := tableNames(guide, "encryption.")
 	if len(options) < 20 {
@@ -136,11 +150,19 @@ func TestParityTable(t *testing.T) {
 		t.Errorf("mautrix-go's encryption options %v,\nparity table rows %v", options, documented)
 	}
 	tests := testNames(t)
-	row := regexp.MustCompile("(?m)^\\| `encryption\\.[a-z_.]+`.*\\|([^|]*)\\|\\s*$")
+	row := regexp.MustCompile("(?m)^\\| `(encryption\\.[a-z0-9_.]+)`.*\\|([^|]*)\\|\\s*$")
 	testRef := regexp.MustCompile("`(Test[A-Za-z0-9_]+)(?:/[^`]*)?`")
 	for _, m := range row.FindAllStringSubmatch(guide, -1) {
-		refs := testRef.FindAllStringSubmatch(m[1], -1)
-		if len(refs) == 0 && !strings.Contains(m[1], "refused at startup") {
+		option, shownBy := m[1], m[2]
+		if strings.Contains(shownBy, "not read by the stock helper") {
+			// A field access, not a method of the same name (time.Duration's Milliseconds).
+			if read := regexp.MustCompile(`\.` + fields[option] + `\b(?:[^(]|$)`); read.Match(stockSource) {
+				t.Errorf("parity row says the stock helper does not read %s, but its crypto.go uses .%s", option, fields[option])
+			}
+			continue
+		}
+		refs := testRef.FindAllStringSubmatch(shownBy, -1)
+		if len(refs) == 0 && !strings.Contains(m[0], "refused at startup") {
 			t.Errorf("parity row names no test and no startup refusal: %s", m[0])
 		}
 		for _, ref := range refs {
@@ -169,4 +191,27 @@ func testNames(t *testing.T) map[string]bool {
 		t.Fatal(err)
 	}
 	return names
+}
+
+// TestInstallKeepsStock: with unwedge disabled, or encryption not allowed (bridgev2 made no
+// helper), Install leaves the Matrix connector's encryption helper as it is.
+func TestInstallKeepsStock(t *testing.T) {
+	stock := matrix.NewCryptoHelper(&matrix.Connector{Config: &bridgeconfig.Config{Encryption: bridgeconfig.EncryptionConfig{Allow: true}}, Log: new(zerolog.Nop())})
+	for _, tc := range []struct {
+		name    string
+		enabled bool
+		crypto  matrix.Crypto
+	}{
+		{"unwedge disabled", false, stock},
+		{"encryption not allowed", true, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := &mxmain.BridgeMain{Matrix: &matrix.Connector{Crypto: tc.crypto}}
+			cfg := unwedge.DefaultConfig()
+			cfg.Enabled = tc.enabled
+			if h := Install(m, &cfg); h != nil || m.Matrix.Crypto != tc.crypto {
+				t.Errorf("Install returned %v and left helper %T, want nil and %T", h, m.Matrix.Crypto, tc.crypto)
+			}
+		})
+	}
 }

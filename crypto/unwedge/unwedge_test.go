@@ -140,8 +140,7 @@ func TestWedges(t *testing.T) {
 	}
 }
 
-// TestNotWedges: replays, strangers, malformed events and users out of scope never make the
-// bridge claim a key.
+// TestNotWedges: replays, strangers and malformed events never make the bridge claim a key.
 func TestNotWedges(t *testing.T) {
 	f := newFixture(t)
 	f.establish()
@@ -240,27 +239,83 @@ func TestNotWedges(t *testing.T) {
 		}
 	})
 
-	t.Run("user out of scope", func(t *testing.T) {
-		f.scope.allowed.Store(false)
-		defer f.scope.allowed.Store(true)
-		f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
-		f.restartBridge()
-		before := f.claims.Load()
-		f.peerSends()
-		f.deliverToBridge()
-		if d := f.decision(); d.Action != "out_of_scope" || d.Class != unwedge.ClassNoSession {
-			t.Errorf("decision = %+v", d)
-		}
-		if f.claims.Load() != before {
-			t.Error("claimed a key for a user out of scope")
-		}
-	})
-	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassNoSession, Action: "out_of_scope"}]; n != 1 {
-		t.Errorf("out-of-scope count = %d", n)
-	}
 	if f.claims.Load() != claims+1 { // the stranger's own session
 		t.Errorf("%d key claims by the bridge, want none", f.claims.Load()-claims-1)
 	}
+}
+
+// TestOutOfScope: a wedged device of a user outside the scope is not healed by unwedge, but gets
+// what the stock bridge does: mautrix-go's own unwedging (one key claim, m.dummy over the new
+// session), never nothing.
+func TestOutOfScope(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	f.scope.allowed.Store(false)
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.restartBridge()
+	before := f.claims.Load()
+	f.peerSends()
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != "out_of_scope" || d.Class != unwedge.ClassNoSession {
+		t.Errorf("decision = %+v, want no_session out_of_scope", d)
+	}
+	for deadline := time.Now().Add(10 * time.Second); f.claims.Load() == before; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("mautrix-go's own unwedging claimed no key for the user out of scope")
+		}
+	}
+	f.unwedger.Stop() // waits for the stock unwedging to have sent m.dummy
+	if n := f.claims.Load() - before; n != 1 {
+		t.Errorf("%d key claims, want 1", n)
+	}
+	f.healedBothWays()
+	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassNoSession, Action: "out_of_scope"}]; n != 1 {
+		t.Errorf("out-of-scope count = %d", n)
+	}
+	if n, err := f.ledger.UserHeals(f.ctx, peerUser, time.Now().Add(-time.Hour)); err != nil || n != 0 {
+		t.Errorf("ledger has %d heals of the user (%v): the stock unwedging is not unwedge's", n, err)
+	}
+}
+
+// TestUserCap: at most max_heals_per_user heals of one user's devices within the interval; then
+// wedges are counted as capped and no key is claimed. A forced heal is neither counted nor refused.
+func TestUserCap(t *testing.T) {
+	f := newFixture(t)
+	f.cfg.MaxHealsPerUser = 1
+	f.restartBridge()
+	f.establish()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.restartBridge()
+	f.peerSends()
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != "healed" {
+		t.Fatalf("first heal: %+v", d)
+	}
+	f.healedBothWays()
+	// The same user's second device wedges within the interval.
+	second := f.newParty(peerUser, "PEER2", false)
+	if err := second.mach.SendEncryptedToDevice(f.ctx, f.device(second, bridgeUser, bridgeDevice), event.ToDeviceDummy, event.Content{}); err != nil {
+		t.Fatal(err)
+	}
+	f.unwedger.HandleToDevice(f.ctx, f.inbox(f.bridge)[0])
+	f.noDecision()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1 AND sender_key=$2", string(bridgeDevice), second.mach.OwnIdentity().IdentityKey)
+	f.restartBridge()
+	before := f.claims.Load()
+	if err := second.mach.SendEncryptedToDevice(f.ctx, f.device(second, bridgeUser, bridgeDevice), event.ToDeviceDummy, event.Content{}); err != nil {
+		t.Fatal(err)
+	}
+	f.unwedger.HandleToDevice(f.ctx, f.inbox(f.bridge)[0])
+	if d := f.decision(); d.Action != "capped" || d.UserID != peerUser {
+		t.Fatalf("second device's wedge: %+v, want capped", d)
+	}
+	if f.claims.Load() != before {
+		t.Error("claimed a key over the user's cap")
+	}
+	if outcome := f.unwedger.Heal(f.ctx, f.device(f.bridge, peerUser, "PEER2"), unwedge.ClassForced, "@admin:example.org"); outcome != database.HealHealed {
+		t.Errorf("forced heal over the cap: %s, want healed", outcome)
+	}
+	f.decision()
 }
 
 // TestBurst: a burst of undecryptable messages from one device, handled by many goroutines and
