@@ -277,6 +277,34 @@ func TestOutOfScope(t *testing.T) {
 	}
 }
 
+// TestMachineCallback: the Unwedger takes over the machine's unwedging through mautrix-go's
+// NeedsUnwedgeCallback, so an Olm event handed to the machine directly, past HandleToDevice, is
+// healed by unwedge (one key claim, recorded in the ledger), not by the machine's own unwedging.
+func TestMachineCallback(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	if f.bridge.mach.NeedsUnwedgeCallback == nil {
+		t.Fatal("the Unwedger did not set the machine's NeedsUnwedgeCallback")
+	}
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.restartBridge()
+	before := f.claims.Load()
+	f.peerSends()
+	for _, evt := range f.inbox(f.bridge) {
+		f.bridge.mach.HandleToDeviceEvent(f.ctx, evt)
+	}
+	if d := f.decision(); d.Action != "healed" || d.Class != unwedge.ClassFailed {
+		t.Fatalf("decision = %+v, want failed-class wedge healed", d)
+	}
+	if n := f.claims.Load() - before; n != 1 {
+		t.Errorf("%d key claims, want 1", n)
+	}
+	if n, err := f.ledger.UserHeals(f.ctx, peerUser, time.Now().Add(-time.Hour)); err != nil || n != 1 {
+		t.Errorf("ledger has %d heals (%v), want 1", n, err)
+	}
+	f.healedBothWays()
+}
+
 // TestUserCap: at most max_heals_per_user heals of one user's devices within the interval; then
 // wedges are counted as capped and no key is claimed. A forced heal is neither counted nor refused.
 func TestUserCap(t *testing.T) {
