@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
 	"os"
@@ -237,6 +238,18 @@ func (b *Bridge) signal(sig syscall.Signal, wait time.Duration) error {
 		<-b.exited
 		return fmt.Errorf("bridge did not stop within %s after %s", wait, sig)
 	}
+}
+
+// SetConfig changes options of the bridge's config.yaml (by dotted path, as BridgeOptions.Config
+// does) for its next Start; the generated secrets, such as the pickle key, stay the same.
+func (b *Bridge) SetConfig(config map[string]any) error {
+	merged := maps.Clone(b.Opts.Config)
+	if merged == nil {
+		merged = make(map[string]any, len(config))
+	}
+	maps.Copy(merged, config)
+	b.Opts.Config = merged
+	return b.writeConfig()
 }
 
 // PickleKey is the key the bridge's crypto store pickles Olm state with (encryption.pickle_key).
