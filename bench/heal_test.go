@@ -154,7 +154,7 @@ func (l *healLab) start(ctx context.Context, stock bool) {
 	}
 	var store crypto.Store = l.sql
 	if !stock {
-		store = unwedge.NewStore(l.sql)
+		store = unwedge.NewStore(l.sql, unwedgeDB(l.t, ctx, l.db).Shared)
 	}
 	mach := crypto.NewOlmMachine(l.client, &quiet, store, mautrix.NewMemoryStateStore().(crypto.StateStore))
 	if err := mach.Load(ctx); err != nil {

@@ -173,7 +173,7 @@ func loadBridgeMachine(t testing.TB, ctx context.Context, d *device, db *dbutil.
 	}
 	var store crypto.Store = d.sql
 	if !stock {
-		store = unwedge.NewStore(d.sql)
+		store = unwedge.NewStore(d.sql, unwedgeDB(t, ctx, db).Shared)
 	}
 	d.mach = crypto.NewOlmMachine(d.client, &quiet, store, mautrix.NewMemoryStateStore().(crypto.StateStore))
 	if err := d.mach.Load(ctx); err != nil {
@@ -252,9 +252,14 @@ func readBody(r *http.Request) ([]byte, error) {
 
 // newLedger makes unwedge's tables in db and returns its ledger.
 func newLedger(t testing.TB, ctx context.Context, db *dbutil.Database) *database.LedgerQuery {
+	return unwedgeDB(t, ctx, db).Ledger
+}
+
+// unwedgeDB upgrades and returns unwedge's tables in db.
+func unwedgeDB(t testing.TB, ctx context.Context, db *dbutil.Database) *database.UnwedgeDB {
 	udb := database.NewUnwedgeDB("bench", db, dbutil.ZeroLogger(quiet))
 	if err := udb.Upgrade(ctx); err != nil {
 		t.Fatal(err)
 	}
-	return udb.Ledger
+	return udb
 }

@@ -12,7 +12,6 @@ import (
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/beeperstream"
-	"maunium.net/go/mautrix/bridgev2"
 	"maunium.net/go/mautrix/bridgev2/matrix"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
@@ -89,14 +88,10 @@ func (h *Helper) Metrics() http.Handler { return h.metrics }
 // Machine is the OlmMachine, once Init has run.
 func (h *Helper) Machine() *crypto.OlmMachine { return h.mach }
 
-// initUnwedge starts unwedge on the loaded machine: its tables, the Unwedger (which takes over
+// initUnwedge starts unwedge on the loaded machine (its tables are upgraded): the Unwedger (which takes over
 // the machine's unwedging), metrics and recovery.
 func (h *Helper) initUnwedge(ctx context.Context) error {
 	br := h.conn.Bridge
-	h.db = database.NewUnwedgeDB(string(br.ID), br.DB.Database, h.dbLog("unwedge"))
-	if err := h.db.Upgrade(ctx); err != nil {
-		return bridgev2.DBUpgradeError{Section: "unwedge", Err: err}
-	}
 	hostname, _ := os.Hostname()
 	owner := fmt.Sprintf("%s/%d/%d", hostname, os.Getpid(), time.Now().UnixNano())
 	repairer := &unwedge.SQLRepairer{DB: h.store.DB, AccountID: string(br.ID), PickleKey: []byte(h.conn.Config.Encryption.PickleKey)}
@@ -155,31 +150,26 @@ func (h *Helper) stopUnwedge() {
 }
 
 // allowKeyShare answers key requests as the stock helper does (stockAllowKeyShare), with one
-// exception: the bridge sends one of its own Megolm sessions again to a device it had shared that
-// session with, while the device's user is still in the room, whatever the device's verification
-// level or the user's permissions. That device had the key already; it may have lost it with an
-// Olm session that wedged. Blacklisted devices get nothing.
+// exception: a device that asks for one of the bridge's own Megolm sessions that the bridge had
+// shared with it gets that session again, from the index it first got it at, while its user is
+// in the room, whatever the device's verification level or the user's permissions
+// (unwedge.AnswerOwnSession). It had the key already; it may have lost it with an Olm session that
+// wedged. Blacklisted devices get nothing, and nobody gets more than stock gives them otherwise.
 func (h *Helper) allowKeyShare(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
 	enc := h.conn.Config.Encryption
-	if enc.AllowKeySharing && device.Trust != id.TrustStateBlacklisted && h.hadOwnSession(ctx, device, info) {
-		zerolog.Ctx(ctx).Debug().Msg("Accepting key request: the bridge's own session, shared with this device before")
-		return nil
+	if enc.AllowKeySharing && device.Trust != id.TrustStateBlacklisted && h.conn.StateStore.IsInRoom(ctx, info.RoomID, device.UserID) {
+		handled, err := unwedge.AnswerOwnSession(ctx, h.mach, device, info)
+		if err != nil {
+			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to send the bridge's own room key again")
+		} else if handled {
+			zerolog.Ctx(ctx).Debug().Msg("Sent the bridge's own room key again, from the index the device had")
+		}
+		if handled {
+			// Answered here: the machine must not answer too.
+			return &crypto.KeyShareRejectNoResponse
+		}
 	}
 	return h.stockAllowKeyShare(ctx, device, info)
-}
-
-// hadOwnSession reports whether the requested session is one of the bridge's own, the bridge
-// shared it with this device, and the device's user is still in the room.
-func (h *Helper) hadOwnSession(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) bool {
-	igs, err := h.mach.CryptoStore.GetGroupSession(ctx, info.RoomID, info.SessionID)
-	if err != nil || igs == nil || igs.SenderKey != h.mach.OwnIdentity().IdentityKey {
-		return false
-	}
-	shared, err := h.mach.CryptoStore.IsOutboundGroupSessionShared(ctx, device.UserID, device.IdentityKey, info.SessionID)
-	if err != nil || !shared {
-		return false
-	}
-	return h.conn.StateStore.IsInRoom(ctx, info.RoomID, device.UserID)
 }
 
 // Decrypt decrypts a room event. An event whose Megolm session is missing is also recorded, so

@@ -25,13 +25,14 @@ import (
 	"maunium.net/go/mautrix/appservice"
 	"maunium.net/go/mautrix/beeperstream"
 	"maunium.net/go/mautrix/bridgev2"
-	"maunium.net/go/mautrix/bridgev2/database"
+	bridgedb "maunium.net/go/mautrix/bridgev2/database"
 	"maunium.net/go/mautrix/bridgev2/matrix"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/database"
 )
 
 // mirroredMautrix is the mautrix-go release whose bridgev2/matrix/crypto.go this file mirrors,
@@ -43,7 +44,7 @@ var mirroredMautrix = struct{ Version, CryptoSHA256 string }{
 
 // otkRepairNeeded is the bridgev2 kv_store key that asks the helper to repair the bot's one-time
 // keys at the next start.
-const otkRepairNeeded database.Key = "otk_repair_needed"
+const otkRepairNeeded bridgedb.Key = "otk_repair_needed"
 
 // Init sets encryption up as the stock helper does, with unwedge's store decorator under the
 // machine and unwedge started before the first to-device event can arrive.
@@ -66,8 +67,13 @@ func (h *Helper) Init(ctx context.Context) error {
 	}
 	h.log.Debug().Stringer("device_id", h.client.DeviceID).Msg("Logged in as bridge bot")
 
-	// unwedge: the machine's store is decorated, so unwedge sees how each Olm event ended.
-	h.mach = crypto.NewOlmMachine(h.client, &h.log, unwedge.NewStore(h.store), h.conn.StateStore)
+	// unwedge: the machine's store is decorated, so unwedge sees how each Olm event ended and
+	// which device got which of the bridge's room keys (in unwedge's tables).
+	h.db = database.NewUnwedgeDB(string(br.ID), br.DB.Database, h.dbLog("unwedge"))
+	if err = h.db.Upgrade(ctx); err != nil {
+		return bridgev2.DBUpgradeError{Section: "unwedge", Err: err}
+	}
+	h.mach = crypto.NewOlmMachine(h.client, &h.log, unwedge.NewStore(h.store, h.db.Shared), h.conn.StateStore)
 	h.configureMachine()
 	if enc.DeleteKeys.PeriodicallyDeleteExpired {
 		loopCtx, cancel := context.WithCancel(context.Background())
@@ -168,7 +174,7 @@ func (h *Helper) selfSign(ctx context.Context) bool {
 	log.Debug().Bool("has_keys", hasKeys).Bool("device_verified", deviceVerified).Bool("mk_verified", masterVerified).
 		Bool("usk_verified", uskVerified).Bool("ssk_verified", sskVerified).Msg("Checked verification status")
 	kv := h.conn.Bridge.DB.KV
-	stored := kv.Get(ctx, database.KeyRecoveryKey)
+	stored := kv.Get(ctx, bridgedb.KeyRecoveryKey)
 	switch {
 	case !hasKeys || stored == "overwrite":
 		if stored != "" && stored != "overwrite" {
@@ -177,7 +183,7 @@ func (h *Helper) selfSign(ctx context.Context) bool {
 		}
 		recoveryKey, err := h.mach.GenerateAndVerifyWithRecoveryKey(ctx)
 		if recoveryKey != "" {
-			kv.Set(ctx, database.KeyRecoveryKey, recoveryKey)
+			kv.Set(ctx, bridgedb.KeyRecoveryKey, recoveryKey)
 		}
 		if err != nil {
 			log.WithLevel(zerolog.FatalLevel).Err(err).Msg("Failed to generate recovery key and self-sign")

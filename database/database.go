@@ -32,17 +32,20 @@ func (db *WebhookDB) Upgrade(ctx context.Context) error {
 	return nil
 }
 
-// UnwedgeDB holds unwedge's tables: the heal ledger and the events waiting for their keys.
+// UnwedgeDB holds unwedge's tables: the heal ledger, the events waiting for their keys, and the
+// index each device got the bridge's Megolm sessions at.
 type UnwedgeDB struct {
 	*dbutil.Database
 	Ledger  *LedgerQuery
 	Pending *PendingQuery
+	Shared  *SharedQuery
 }
 
 // NewUnwedgeDB wraps the bridge's database; call Upgrade before use.
 func NewUnwedgeDB(bridgeID string, parent *dbutil.Database, log dbutil.DatabaseLogger) *UnwedgeDB {
 	db := parent.Child("unwedge_version", upgrades.Unwedge, log)
-	return &UnwedgeDB{Database: db, Ledger: &LedgerQuery{BridgeID: bridgeID, db: db}, Pending: &PendingQuery{BridgeID: bridgeID, db: db}}
+	return &UnwedgeDB{Database: db, Ledger: &LedgerQuery{BridgeID: bridgeID, db: db}, Pending: &PendingQuery{BridgeID: bridgeID, db: db},
+		Shared: &SharedQuery{BridgeID: bridgeID, db: db}}
 }
 
 // Upgrade creates or upgrades unwedge's tables.

@@ -286,8 +286,8 @@ func (lq *LedgerQuery) CountCreated(ctx context.Context, userID id.UserID, devic
 	return
 }
 
-// Prune deletes heal records older than before, and device rows whose last event is older than
-// before and that no lease holds.
+// Prune deletes heal records older than before, device rows whose last event is older than
+// before and that no lease holds, and the records of Megolm sessions shared before before.
 func (lq *LedgerQuery) Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error) {
 	res, err := lq.db.Exec(ctx, pruneHealsQuery, lq.BridgeID, before.UnixMilli())
 	if err != nil {
@@ -299,6 +299,9 @@ func (lq *LedgerQuery) Prune(ctx context.Context, before, now time.Time) (heals,
 		return heals, 0, err
 	}
 	devices, _ = res.RowsAffected()
+	if _, err = lq.db.Exec(ctx, pruneSharedQuery, lq.BridgeID, before.UnixMilli()); err != nil {
+		return heals, devices, fmt.Errorf("failed to prune shared Megolm session records: %w", err)
+	}
 	return heals, devices, nil
 }
 

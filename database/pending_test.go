@@ -146,19 +146,37 @@ func TestPending(t *testing.T) {
 }
 
 // TestPendingUpgrade upgrades a database from the first version of unwedge's tables.
-func TestPendingUpgrade(t *testing.T) {
-	for dialect, db := range openPending(t) {
-		t.Run(dialect, func(t *testing.T) {
-			ctx := context.Background()
-			for _, stmt := range []string{"DROP TABLE unwedge_pending", "UPDATE unwedge_version SET version = 1"} {
-				if _, err := db.Exec(ctx, stmt); err != nil {
+// TestUnwedgeUpgrades: a database at each earlier version of unwedge's tables upgrades to the
+// latest, and the tables the steps add work.
+func TestUnwedgeUpgrades(t *testing.T) {
+	for _, tc := range []struct {
+		from    int
+		dropped []string // the tables that versions after from added
+	}{
+		{1, []string{"unwedge_megolm_shared", "unwedge_pending"}},
+		{2, []string{"unwedge_megolm_shared"}},
+	} {
+		for dialect, db := range openPending(t) {
+			t.Run(fmt.Sprintf("from v%d/%s", tc.from, dialect), func(t *testing.T) {
+				ctx := context.Background()
+				for _, table := range tc.dropped {
+					if _, err := db.Exec(ctx, "DROP TABLE "+table); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if _, err := db.Exec(ctx, "UPDATE unwedge_version SET version = $1", tc.from); err != nil {
 					t.Fatal(err)
 				}
-			}
-			upgrade(t, db)
-			if _, err := db.Pending.Add(ctx, pendingEvent(1, "A", time.Now())); err != nil {
-				t.Fatalf("after upgrading from v1: %v", err)
-			}
-		})
+				upgrade(t, db)
+				if _, err := db.Pending.Add(ctx, pendingEvent(1, "A", time.Now())); err != nil {
+					t.Errorf("pending after upgrading: %v", err)
+				}
+				if err := db.Shared.RecordShared(ctx, "session", "key", 3); err != nil {
+					t.Errorf("shared after upgrading: %v", err)
+				} else if index, ok, err := db.Shared.FirstShared(ctx, "session", "key"); err != nil || !ok || index != 3 {
+					t.Errorf("shared index after upgrading: %d %v %v", index, ok, err)
+				}
+			})
+		}
 	}
 }

@@ -57,6 +57,7 @@ type fixture struct {
 
 	unwedger  *unwedge.Unwedger
 	ledger    *database.LedgerQuery
+	shared    *database.SharedQuery
 	cfg       unwedge.Config
 	scope     *staticScope
 	decisions chan unwedge.Decision
@@ -94,6 +95,11 @@ func newFixture(t testing.TB) *fixture {
 	f.cfg.MinBackoff, f.cfg.MaxBackoff = 20*time.Millisecond, 100*time.Millisecond
 	f.scope = &staticScope{}
 	f.scope.allowed.Store(true)
+	udb := database.NewUnwedgeDB("test", f.db, dbutil.ZeroLogger(zerolog.Nop()))
+	if err := udb.Upgrade(f.ctx); err != nil {
+		t.Fatal(err)
+	}
+	f.ledger, f.shared = udb.Ledger, udb.Shared
 	f.bridge = f.newParty(bridgeUser, bridgeDevice, true)
 	f.peer = f.newParty(peerUser, peerDevice, false)
 	f.startUnwedger()
@@ -170,7 +176,7 @@ func (f *fixture) loadMachine(p *party, wrap bool) {
 	}
 	var store crypto.Store = p.sql
 	if wrap {
-		store = unwedge.NewStore(p.sql)
+		store = unwedge.NewStore(p.sql, f.shared)
 	}
 	log := f.logger().With().Stringer("party", p.deviceID).Logger()
 	p.mach = crypto.NewOlmMachine(p.client, &log, store, mautrix.NewMemoryStateStore().(crypto.StateStore))
@@ -189,11 +195,6 @@ func (f *fixture) logger() zerolog.Logger {
 }
 
 func (f *fixture) startUnwedger() {
-	udb := database.NewUnwedgeDB("test", f.db, dbutil.ZeroLogger(zerolog.Nop()))
-	if err := udb.Upgrade(f.ctx); err != nil {
-		f.t.Fatal(err)
-	}
-	f.ledger = udb.Ledger
 	repairer := &unwedge.SQLRepairer{DB: f.bridge.sql.DB, AccountID: string(bridgeDevice), PickleKey: []byte("pickle key")}
 	u, err := unwedge.New(f.cfg, f.bridge.mach, f.ledger, f.scope, repairer, fmt.Sprintf("owner-%p", f.bridge.mach), f.logger())
 	if err != nil {

@@ -2,10 +2,12 @@ package unwedge
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
 	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/id"
 )
 
@@ -14,7 +16,9 @@ import (
 //   - see how each Olm to-device event ended (decrypted, replayed, unreadable session, a peer
 //     that went back in time), through an observation that HandleToDevice puts in the context,
 //   - make SendEncryptedToDevice create a new outbound session during a heal (a heal in the
-//     context makes HasSession false until the new session exists, and then returns only it).
+//     context makes HasSession false until the new session exists, and then returns only it),
+//   - record at which index each device got each of the bridge's Megolm sessions, so that a
+//     device asking for one again gets no more than it had (AnswerOwnSession).
 //
 // mautrix-go's own unwedging is not switched off here: since v0.32 the machine asks
 // NeedsUnwedgeCallback instead of unwedging by itself, and the Unwedger sets that callback.
@@ -22,11 +26,102 @@ import (
 // Without such a context value every call goes to the wrapped store unchanged.
 type Store struct {
 	crypto.Store
+	shared SharedIndex
+
+	// outbound holds the bridge's outbound Megolm sessions that the machine loaded or stored, by
+	// session ID (at most one per room), to read the index a share hands out.
+	outboundLock sync.Mutex
+	outbound     map[id.SessionID]*crypto.OutboundGroupSession
+	outboundRoom map[id.RoomID]id.SessionID
 }
 
-// NewStore wraps a crypto store.
-func NewStore(inner crypto.Store) *Store {
-	return &Store{Store: inner}
+// SharedIndex keeps the index at which the bridge first shared each of its own Megolm sessions
+// with a device. database.SharedQuery implements it.
+type SharedIndex interface {
+	RecordShared(ctx context.Context, sessionID id.SessionID, key id.IdentityKey, index uint32) error
+	FirstShared(ctx context.Context, sessionID id.SessionID, key id.IdentityKey) (index uint32, ok bool, err error)
+}
+
+// NewStore wraps a crypto store. shared, if not nil, records the index each device got the
+// bridge's Megolm sessions at.
+func NewStore(inner crypto.Store, shared SharedIndex) *Store {
+	return &Store{Store: inner, shared: shared, outbound: make(map[id.SessionID]*crypto.OutboundGroupSession), outboundRoom: make(map[id.RoomID]id.SessionID)}
+}
+
+// keepOutbound remembers the room's current outbound session.
+func (s *Store) keepOutbound(sess *crypto.OutboundGroupSession) {
+	if sess == nil {
+		return
+	}
+	s.outboundLock.Lock()
+	defer s.outboundLock.Unlock()
+	if old, ok := s.outboundRoom[sess.RoomID]; ok && old != sess.ID() {
+		delete(s.outbound, old)
+	}
+	s.outboundRoom[sess.RoomID] = sess.ID()
+	s.outbound[sess.ID()] = sess
+}
+
+func (s *Store) AddOutboundGroupSession(ctx context.Context, sess *crypto.OutboundGroupSession) error {
+	s.keepOutbound(sess)
+	return s.Store.AddOutboundGroupSession(ctx, sess)
+}
+
+func (s *Store) UpdateOutboundGroupSession(ctx context.Context, sess *crypto.OutboundGroupSession) error {
+	s.keepOutbound(sess)
+	return s.Store.UpdateOutboundGroupSession(ctx, sess)
+}
+
+func (s *Store) GetOutboundGroupSession(ctx context.Context, roomID id.RoomID) (*crypto.OutboundGroupSession, error) {
+	sess, err := s.Store.GetOutboundGroupSession(ctx, roomID)
+	if err == nil {
+		s.keepOutbound(sess)
+	}
+	return sess, err
+}
+
+func (s *Store) RemoveOutboundGroupSession(ctx context.Context, roomID id.RoomID) error {
+	s.outboundLock.Lock()
+	if old, ok := s.outboundRoom[roomID]; ok {
+		delete(s.outbound, old)
+		delete(s.outboundRoom, roomID)
+	}
+	s.outboundLock.Unlock()
+	return s.Store.RemoveOutboundGroupSession(ctx, roomID)
+}
+
+// MarkOutboundGroupSessionShared is called once the machine sent a device the session's key: the
+// key it sent is the session's share content (which the machine computes once per loaded
+// session, so a device may get an earlier index than the session's current one).
+func (s *Store) MarkOutboundGroupSessionShared(ctx context.Context, userID id.UserID, key id.IdentityKey, sessionID id.SessionID) error {
+	if err := s.Store.MarkOutboundGroupSessionShared(ctx, userID, key, sessionID); err != nil {
+		return err
+	}
+	if s.shared == nil {
+		return nil
+	}
+	s.outboundLock.Lock()
+	sess := s.outbound[sessionID]
+	s.outboundLock.Unlock()
+	if sess == nil {
+		// The machine shares only sessions it loaded or stored through this store.
+		return fmt.Errorf("outbound Megolm session %s shared without passing the store", sessionID)
+	}
+	index, err := sharedIndex(sess)
+	if err != nil {
+		return err
+	}
+	return s.shared.RecordShared(ctx, sessionID, key, index)
+}
+
+// sharedIndex is the first index of the key in the session's share content.
+func sharedIndex(sess *crypto.OutboundGroupSession) (uint32, error) {
+	content := sess.ShareContent()
+	igs, err := olm.NewInboundGroupSession([]byte(content.AsRoomKey().SessionKey))
+	if err != nil {
+		return 0, fmt.Errorf("failed to read the shared key of Megolm session %s: %w", sess.ID(), err)
+	}
+	return igs.FirstKnownIndex(), nil
 }
 
 func (s *Store) HasSession(ctx context.Context, key id.SenderKey) bool {

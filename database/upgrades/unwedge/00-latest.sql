@@ -1,4 +1,4 @@
--- v0 -> v2: Latest revision of unwedge's tables
+-- v0 -> v3: Latest revision of unwedge's tables
 -- One row per (user, device, identity key) that unwedge has acted on: the MSC1719 rate limit
 -- ("one new session per device per hour") is decided on this row in one statement.
 CREATE TABLE unwedge_device (
@@ -79,3 +79,18 @@ CREATE INDEX unwedge_pending_session_idx ON unwedge_pending (bridge_id, session_
 CREATE INDEX unwedge_pending_request_idx ON unwedge_pending (bridge_id, next_request);
 CREATE INDEX unwedge_pending_seen_idx ON unwedge_pending (bridge_id, first_seen);
 CREATE INDEX unwedge_pending_sender_idx ON unwedge_pending (bridge_id, sender);
+
+-- A device that asks again for one of the bridge's own sessions gets it from this index, never
+-- from an earlier one: only what it had before (matrix-rust-sdk's rule for forwarding keys).
+CREATE TABLE unwedge_megolm_shared (
+	bridge_id    TEXT   NOT NULL,
+	session_id   TEXT   NOT NULL,
+	identity_key TEXT   NOT NULL,
+	first_index  BIGINT NOT NULL,
+	-- Unix ms of the first share; rows older than unwedge.history_retention are pruned.
+	shared_at    BIGINT NOT NULL,
+
+	PRIMARY KEY (bridge_id, session_id, identity_key)
+);
+
+CREATE INDEX unwedge_megolm_shared_at_idx ON unwedge_megolm_shared (bridge_id, shared_at);

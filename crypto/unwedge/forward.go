@@ -1,0 +1,59 @@
+package unwedge
+
+import (
+	"context"
+	"fmt"
+
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// AnswerOwnSession answers a device's request (m.room_key_request) for one of the bridge's own
+// Megolm sessions that the bridge had shared with that device, such as a key lost with a wedged
+// Olm session: it forwards the session from the index the device first got it at, never from an
+// earlier one, so the device gets back only what it had (the rule matrix-rust-sdk's
+// should_share_key follows for other users' devices). handled is false when the session is not
+// the bridge's own or was never shared with the device (as far as the machine's store, a *Store
+// with a SharedIndex, recorded): then this says nothing, and the caller's own rule decides.
+// Whoever calls it checks first that the device may still have the room's keys (its user is in
+// the room, it is not blacklisted).
+func AnswerOwnSession(ctx context.Context, mach *crypto.OlmMachine, device *id.Device, info event.RequestedKeyInfo) (handled bool, err error) {
+	store, ok := mach.CryptoStore.(*Store)
+	if !ok || store.shared == nil {
+		return false, nil
+	}
+	igs, err := mach.CryptoStore.GetGroupSession(ctx, info.RoomID, info.SessionID)
+	if err != nil {
+		return false, fmt.Errorf("failed to get requested Megolm session: %w", err)
+	} else if igs == nil || igs.SenderKey != mach.OwnIdentity().IdentityKey {
+		return false, nil
+	}
+	index, shared, err := store.shared.FirstShared(ctx, info.SessionID, device.IdentityKey)
+	if err != nil || !shared {
+		return false, err
+	}
+	// A key cannot be exported from before the session's first known index (keys deleted on
+	// decrypt, for example): the device then gets less than it had, never more.
+	index = max(index, igs.Internal.FirstKnownIndex())
+	key, err := igs.Internal.Export(index)
+	if err != nil {
+		return true, fmt.Errorf("failed to export Megolm session at index %d: %w", index, err)
+	}
+	forward := &event.ForwardedRoomKeyEventContent{
+		RoomKeyEventContent: event.RoomKeyEventContent{
+			Algorithm:     id.AlgorithmMegolmV1,
+			RoomID:        igs.RoomID,
+			SessionID:     igs.ID(),
+			SessionKey:    string(key),
+			SharedHistory: igs.SharedHistory,
+		},
+		SenderKey:          igs.SenderKey,
+		SenderClaimedKey:   igs.SigningKey,
+		ForwardingKeyChain: igs.ForwardingChains,
+	}
+	if err = mach.SendEncryptedToDevice(ctx, device, event.ToDeviceForwardedRoomKey, event.Content{Parsed: forward}); err != nil {
+		return true, fmt.Errorf("failed to forward Megolm session: %w", err)
+	}
+	return true, nil
+}

@@ -1,0 +1,144 @@
+package unwedge_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+)
+
+// TestAnswerOwnSession: the bridge records at which index each device got its Megolm session, and
+// a device that asks for the session again gets it from that index, never from an earlier one
+// (Element's rule); a device it never shared the session with is not answered.
+func TestAnswerOwnSession(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	const room = id.RoomID("!portal:example.org")
+	// The bridge answers key requests with AnswerOwnSession alone, as bridge.Helper does for
+	// devices whose user is in the room. The machine handles each request in a goroutine of its
+	// own; decided says when one was.
+	answered := 0
+	decided := make(chan bool, 4)
+	answerOwn := func(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
+		handled, err := unwedge.AnswerOwnSession(ctx, f.bridge.mach, device, info)
+		if err != nil {
+			t.Errorf("AnswerOwnSession: %v", err)
+		}
+		defer func() { decided <- handled }()
+		if handled {
+			return &crypto.KeyShareRejectNoResponse
+		}
+		return &crypto.KeyShareRejection{Code: event.RoomKeyWithheldUnauthorized, Reason: "not shared with this device"}
+	}
+	shareWith := func(users ...id.UserID) id.SessionID {
+		t.Helper()
+		if err := f.bridge.mach.ShareGroupSession(f.ctx, room, users); err != nil {
+			t.Fatal(err)
+		}
+		sess, err := f.bridge.mach.CryptoStore.GetOutboundGroupSession(f.ctx, room)
+		if err != nil || sess == nil {
+			t.Fatalf("no outbound session after sharing: %v", err)
+		}
+		return sess.ID()
+	}
+	encrypt := func(n int) {
+		for range n {
+			if _, err := f.bridge.mach.EncryptMegolmEvent(f.ctx, room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "hi"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	deliver := func(p *party) {
+		for _, evt := range f.inbox(p) {
+			p.mach.HandleToDeviceEvent(f.ctx, evt)
+		}
+	}
+	firstIndex := func(p *party, sessionID id.SessionID) (uint32, bool) {
+		t.Helper()
+		igs, err := p.mach.CryptoStore.GetGroupSession(f.ctx, room, sessionID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if igs == nil {
+			return 0, false
+		}
+		return igs.Internal.FirstKnownIndex(), true
+	}
+	// request makes the device forget the session and ask the bridge for it.
+	request := func(p *party, sessionID id.SessionID) {
+		t.Helper()
+		f.exec("DELETE FROM crypto_megolm_inbound_session WHERE account_id=$1 AND session_id=$2", string(p.deviceID), sessionID)
+		if err := p.mach.SendRoomKeyRequest(f.ctx, room, f.bridgeKey(), sessionID, "", map[id.UserID][]id.DeviceID{bridgeUser: {bridgeDevice}}); err != nil {
+			t.Fatal(err)
+		}
+		f.deliverToBridge()
+		select {
+		case handled := <-decided:
+			if handled {
+				answered++
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the bridge did not decide on the key request")
+		}
+		deliver(p)
+	}
+
+	// The phone gets the session from index 0, and two messages move it on. mautrix-go shares a
+	// session once, when it is made; a later share (forced here by marking the stored session
+	// unshared after a restart) hands out the session's current index: the user's new laptop
+	// gets it from index 2.
+	sessionID := shareWith(peerUser)
+	deliver(f.peer)
+	encrypt(2)
+	f.restartBridge()
+	f.bridge.mach.AllowKeyShare = answerOwn
+	laptop := f.newParty(peerUser, "LAPTOP", false)
+	f.device(f.bridge, peerUser, "LAPTOP")
+	f.device(laptop, bridgeUser, bridgeDevice)
+	stored, err := f.bridge.mach.CryptoStore.GetOutboundGroupSession(f.ctx, room)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored.Shared = false
+	if err = f.bridge.mach.CryptoStore.AddOutboundGroupSession(f.ctx, stored); err != nil {
+		t.Fatal(err)
+	}
+	if again := shareWith(peerUser); again != sessionID {
+		t.Fatalf("the bridge rotated its session (%s, then %s)", sessionID, again)
+	}
+	deliver(f.peer)
+	deliver(laptop)
+	for _, tc := range []struct {
+		device *party
+		want   uint32
+	}{{f.peer, 0}, {laptop, 2}} {
+		if got, ok := firstIndex(tc.device, sessionID); !ok || got != tc.want {
+			t.Fatalf("%s got the session from index %d (%v), want %d", tc.device.deviceID, got, ok, tc.want)
+		}
+		request(tc.device, sessionID)
+		if got, ok := firstIndex(tc.device, sessionID); !ok || got != tc.want {
+			t.Errorf("%s got the session again from index %d (%v), want %d, what it had", tc.device.deviceID, got, ok, tc.want)
+		}
+	}
+	if answered != 2 {
+		t.Errorf("AnswerOwnSession answered %d requests, want 2", answered)
+	}
+
+	// A device the bridge never shared the session with gets nothing from this rule.
+	tablet := f.newParty(peerUser, "TABLET", false)
+	f.device(f.bridge, peerUser, "TABLET")
+	f.device(tablet, bridgeUser, bridgeDevice)
+	if err := tablet.mach.SendEncryptedToDevice(f.ctx, f.device(tablet, bridgeUser, bridgeDevice), event.ToDeviceDummy, event.Content{}); err != nil {
+		t.Fatal(err)
+	}
+	f.deliverToBridge() // an Olm session, so the bridge could answer if it wanted to
+	request(tablet, sessionID)
+	if _, ok := firstIndex(tablet, sessionID); ok || answered != 2 {
+		t.Errorf("a device the session was never shared with got it (answered %d)", answered)
+	}
+}
