@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -37,6 +38,14 @@ func TestAnswerOwnSession(t *testing.T) {
 	}
 	shareWith := func(users ...id.UserID) id.SessionID {
 		t.Helper()
+		// The users are in the room, as in a bridge: fetching their devices while sharing then
+		// invalidates the room's session, as mautrix-go does on a device change, while it is
+		// being shared.
+		for _, user := range users {
+			if err := f.bridge.mach.StateStore.(mautrix.StateStore).SetMembership(f.ctx, room, user, event.MembershipJoin); err != nil {
+				t.Fatal(err)
+			}
+		}
 		if err := f.bridge.mach.ShareGroupSession(f.ctx, room, users); err != nil {
 			t.Fatal(err)
 		}

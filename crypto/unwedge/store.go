@@ -29,7 +29,9 @@ type Store struct {
 	shared SharedIndex
 
 	// outbound holds the bridge's outbound Megolm sessions that the machine loaded or stored, by
-	// session ID (at most one per room), to read the index a share hands out.
+	// session ID (the latest one per room), to read the index a share hands out. A session the
+	// machine removes stays until the room has another: mautrix-go removes a room's session when
+	// it learns of a device change, also while it is sharing that very session.
 	outboundLock sync.Mutex
 	outbound     map[id.SessionID]*crypto.OutboundGroupSession
 	outboundRoom map[id.RoomID]id.SessionID
@@ -78,16 +80,6 @@ func (s *Store) GetOutboundGroupSession(ctx context.Context, roomID id.RoomID) (
 		s.keepOutbound(sess)
 	}
 	return sess, err
-}
-
-func (s *Store) RemoveOutboundGroupSession(ctx context.Context, roomID id.RoomID) error {
-	s.outboundLock.Lock()
-	if old, ok := s.outboundRoom[roomID]; ok {
-		delete(s.outbound, old)
-		delete(s.outboundRoom, roomID)
-	}
-	s.outboundLock.Unlock()
-	return s.Store.RemoveOutboundGroupSession(ctx, roomID)
 }
 
 // MarkOutboundGroupSessionShared is called once the machine sent a device the session's key: the
