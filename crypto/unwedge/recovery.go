@@ -20,7 +20,7 @@ import (
 )
 
 // StockWait is how long bridgev2 itself waits for a missing Megolm session before it gives up on
-// an event (3 s, a key request, then 22 s more in mautrix-go v0.31.0), plus a margin. Until then
+// an event (3 s, a key request, then 22 s more in mautrix-go v0.31.0 and v0.32.0), plus a margin. Until then
 // the event is bridgev2's; after it, Recovery's.
 const StockWait = 30 * time.Second
 
