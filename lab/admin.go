@@ -12,8 +12,8 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// Command sends a bridge command ("!wh " is added) from the wedged device in the portal room and
-// returns the text of the bot's answer that contains want.
+// Command sends a bridge command ("!wh " is added) from the wedged device in the world's room (the
+// portal, or the management room) and returns the text of the bot's answer that contains want.
 func (w *World) Command(ctx context.Context, command, want string) (string, error) {
 	seen := map[id.EventID]bool{}
 	for _, evt := range w.Wedged().Messages(w.Room) {

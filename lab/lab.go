@@ -1,7 +1,8 @@
 // Package lab is the wedge lab: it drives the real local stack (Postgres, Synapse, the reference
 // bridge, E2EE test clients) through each way an Olm session between a user's device and the
-// bridge's device breaks, while the user keeps chatting in an encrypted portal, and measures what
-// reaches the other side in both directions.
+// bridge's device breaks, while the user keeps chatting in an encrypted portal (or, with no login,
+// sends commands to the bridge bot in their management room), and measures what reaches the other
+// side in both directions.
 package lab
 
 import (
@@ -62,11 +63,14 @@ func FullConfig() Config {
 type Result struct {
 	Name string `json:"name"`
 	Mode Mode   `json:"mode"`
-	// Matrix -> remote: messages the wedged device sent, and how many reached the webhook.
+	// Matrix -> remote: messages the wedged device sent, and how many reached the webhook. In a
+	// management room (Scenario.Management): commands sent, and how many the bot handled.
 	Sent    int `json:"sent"`
 	Bridged int `json:"bridged"`
 	Lost    int `json:"lost"`
-	// Remote -> Matrix: messages posted on the webhook side, and how many the wedged device decrypted.
+	// Remote -> Matrix: messages posted on the webhook side, and how many the wedged device
+	// decrypted. In a management room: the bot's answers (one per handled command), and how many
+	// the device decrypted.
 	RemoteSent      int `json:"remote_sent"`
 	RemoteDecrypted int `json:"remote_decrypted"`
 	RemoteLost      int `json:"remote_lost"`

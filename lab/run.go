@@ -7,6 +7,9 @@ import (
 	"sync"
 	"time"
 
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
 	"github.com/unwedge/unwedge/internal/testclient"
 	"github.com/unwedge/unwedge/internal/testenv"
 	"github.com/unwedge/unwedge/webhook"
@@ -69,7 +72,7 @@ func RunScenario(ctx context.Context, env *testenv.Env, cfg Config, sc *Scenario
 }
 
 func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenario, res *Result) error {
-	w, err := newWorld(ctx, env, cfg, res.Mode, fmt.Sprintf("%s-%s-%d", sc.Name, res.Mode, time.Now().UnixNano()), max(sc.Devices, 1))
+	w, err := newWorld(ctx, env, cfg, res.Mode, fmt.Sprintf("%s-%s-%d", sc.Name, res.Mode, time.Now().UnixNano()), sc)
 	if err != nil {
 		return fmt.Errorf("setup: %w", err)
 	}
@@ -126,7 +129,9 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 	if err = w.postRemote(stepCtx, "remote-after", cfg.K); err != nil {
 		return err
 	}
-	w.waitForAll(ctx, cfg)
+	if err = w.waitForAll(ctx, cfg); err != nil {
+		return err
+	}
 	if err = w.measure(res, cfg.K, sendTimes, wedgedAt); err != nil {
 		return err
 	}
@@ -136,19 +141,32 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 	return nil
 }
 
+// sendMatrix sends the phase's K messages from the wedged device, named "<phase>-<i>"; in a
+// management room each is the phase's bot command.
 func (w *World) sendMatrix(ctx context.Context, phase string, k int, sendTimes map[string]time.Time) error {
 	for i := range k {
 		text := fmt.Sprintf("%s-%d", phase, i)
+		body := text
+		if w.Management {
+			body = managementCommands[phase].command
+		}
 		sendTimes[text] = time.Now()
-		if _, err := w.Wedged().SendText(ctx, w.Room, text); err != nil {
+		evtID, err := w.Wedged().SendText(ctx, w.Room, body)
+		if err != nil {
 			return fmt.Errorf("failed to send %s: %w", text, err)
 		}
+		w.sent[evtID] = text
 		sleep(ctx, 100*time.Millisecond)
 	}
 	return nil
 }
 
+// postRemote posts the phase's K messages on the remote side. A management room has none: the
+// other direction there is the bot's answers to the commands.
 func (w *World) postRemote(ctx context.Context, phase string, k int) error {
+	if w.Management {
+		return nil
+	}
 	for i := range k {
 		text := fmt.Sprintf("%s-%d", phase, i)
 		if _, err := w.Remote.PostMessage(ctx, &webhook.PostMessageRequest{ChatID: chatID, Sender: "bob", Text: text}); err != nil {
@@ -160,46 +178,94 @@ func (w *World) postRemote(ctx context.Context, phase string, k int) error {
 }
 
 // waitForAll waits until every message arrived on both sides, or the deadline passes.
-func (w *World) waitForAll(ctx context.Context, cfg *Config) {
+func (w *World) waitForAll(ctx context.Context, cfg *Config) error {
 	deadline := time.Now().Add(cfg.Deadline)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
-		if len(w.bridgedTexts()) == 2*cfg.K && w.remoteDecrypted(w.Wedged()) == 2*cfg.K {
-			return
+		bridged, err := w.bridgedTexts()
+		if err != nil {
+			return err
+		}
+		if len(bridged) == 2*cfg.K && w.remoteDecrypted(w.Wedged()) == 2*cfg.K {
+			return nil
 		}
 		sleep(ctx, 250*time.Millisecond)
 	}
+	return nil
 }
 
-func (w *World) bridgedTexts() map[string]time.Time {
+// bridgedTexts returns the device's messages of both phases that reached the other side, and
+// when: the webhook, or in a management room the bot's command handler.
+func (w *World) bridgedTexts() (map[string]time.Time, error) {
+	if w.Management {
+		return w.handledCommands()
+	}
 	out := map[string]time.Time{}
 	for text, at := range w.receiver.arrivals() {
 		if hasPrefixAny(text, "wedged-", "after-") {
 			out[text] = at
 		}
 	}
-	return out
+	return out, nil
 }
 
-// remoteDecrypted counts the remote messages a device decrypted, of the phases given by prefix
-// (both phases when none is given).
-func (w *World) remoteDecrypted(dev *testclient.Client, prefixes ...string) int {
-	if len(prefixes) == 0 {
-		prefixes = []string{"remote-wedged-", "remote-after-"}
+// handledCommands reads from the bridge's log which of the device's commands the bot handled, and
+// when: bridgev2 logs "Received command" for each, with the command event's ID, once it has
+// decrypted it (itself, or through unwedge's recovery). The bot answers every one it handles.
+func (w *World) handledCommands() (map[string]time.Time, error) {
+	entries, err := w.BridgeLog(w.startedWedged)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]time.Time{}
+	for _, entry := range entries {
+		if text, ok := w.sent[id.EventID(entry.str("event_id"))]; ok && entry.str("message") == "Received command" {
+			if _, seen := out[text]; !seen {
+				out[text] = entry.time()
+			}
+		}
+	}
+	return out, nil
+}
+
+// remoteDecrypted counts the remote messages a device decrypted, of the given phases ("wedged",
+// "after"; both when none is given). In a management room they are the bot's answers to the
+// phase's commands.
+func (w *World) remoteDecrypted(dev *testclient.Client, phases ...string) int {
+	if len(phases) == 0 {
+		phases = []string{"wedged", "after"}
 	}
 	n := 0
 	for _, evt := range dev.Messages(w.Room) {
-		if hasPrefixAny(evt.Content.AsMessage().Body, prefixes...) {
-			n++
+		for _, phase := range phases {
+			if w.isRemote(evt, phase) {
+				n++
+			}
 		}
 	}
 	return n
 }
 
+// isRemote tells whether a message is one of the phase's remote messages.
+func (w *World) isRemote(evt *event.Event, phase string) bool {
+	body := evt.Content.AsMessage().Body
+	if w.Management {
+		return evt.Sender == w.Bridge.BotMXID && strings.HasPrefix(body, managementCommands[phase].answer)
+	}
+	return strings.HasPrefix(body, "remote-"+phase+"-")
+}
+
 func (w *World) measure(res *Result, k int, sendTimes map[string]time.Time, wedgedAt time.Time) error {
-	bridged := w.bridgedTexts()
+	bridged, err := w.bridgedTexts()
+	if err != nil {
+		return fmt.Errorf("failed to read what was bridged: %w", err)
+	}
 	res.Sent, res.RemoteSent = 2*k, 2*k
 	res.Bridged = len(bridged)
 	res.Lost = res.Sent - res.Bridged
+	if w.Management {
+		// The bot answers each command it handled, once: those answers are what it sent.
+		res.RemoteSent = res.Bridged
+	}
 	for text := range bridged {
 		if strings.HasPrefix(text, "wedged-") {
 			res.BridgedWedged++
@@ -210,7 +276,7 @@ func (w *World) measure(res *Result, k int, sendTimes map[string]time.Time, wedg
 	res.Healed = res.BridgedAfter == k
 	res.RemoteDecrypted = w.remoteDecrypted(w.Wedged())
 	res.RemoteLost = res.RemoteSent - res.RemoteDecrypted
-	res.RemoteHealed = w.remoteDecrypted(w.Wedged(), "remote-after-") == k
+	res.RemoteHealed = w.remoteDecrypted(w.Wedged(), "after") == k
 	for _, dev := range w.Devices[1:] {
 		res.OtherDevicesRemoteLost += res.RemoteSent - w.remoteDecrypted(dev)
 	}

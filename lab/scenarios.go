@@ -17,6 +17,11 @@ type Scenario struct {
 	Description string
 	// Devices the user has; the first is the one that wedges. Zero means one.
 	Devices int
+	// Management: the user has not logged in to the bridge and talks only to the bridge bot, in
+	// an encrypted management room (a room of their own with only the bot in it). The user's messages are bot commands
+	// (managementCommands) and the other direction is the bot's answers; there is no portal and
+	// no remote side.
+	Management bool
 	// Prepare runs once the portal works, before more traffic (for example, taking a backup).
 	Prepare func(ctx context.Context, w *World) error
 	// Wedge breaks the session, after traffic has moved the ratchets on since Prepare.
@@ -32,6 +37,14 @@ var Scenarios = []*Scenario{
 		Description: "the bridge's crypto tables go back to a backup while the client kept going",
 		Prepare:     snapshotBridgeCrypto,
 		Wedge:       restoreBridgeCrypto,
+	},
+	{
+		Name: "not-logged-in",
+		Description: "as bridge-restored-from-backup, for a user with no login on the bridge who sends bot " +
+			"commands in their management room",
+		Management: true,
+		Prepare:    snapshotBridgeCrypto,
+		Wedge:      restoreBridgeCrypto,
 	},
 	{
 		Name:        "client-restored-from-backup",
@@ -90,6 +103,14 @@ var Scenarios = []*Scenario{
 		Devices:     3,
 		Wedge:       deleteBridgeSessions,
 	},
+}
+
+// managementCommands are what a Management scenario's user sends in each phase, and how the bot's
+// answer begins. Both commands work without a login (the first one's answer says there is none,
+// the second's that the room is the user's management room), and the answers tell the phases apart.
+var managementCommands = map[string]struct{ command, answer string }{
+	"wedged": {"list-logins", "You're not logged in"},
+	"after":  {"help", "This is your management room"},
 }
 
 // ScenarioByName finds a scenario.

@@ -31,13 +31,19 @@ type World struct {
 	Bridge *harness.Bridge
 	// Devices are the user's devices; Devices[0] is the one that gets wedged and sends.
 	Devices []*testclient.Client
-	Remote  *webhook.RemoteClient
-	Room    id.RoomID
-	DBURI   string
-	Dir     string
+	// Remote is the login's webhook API client; nil in a management room.
+	Remote *webhook.RemoteClient
+	// Room is the encrypted portal, or with Management the user's management room with the bot.
+	Room  id.RoomID
+	DBURI string
+	Dir   string
+	// Management: the user has no login and Room is their management room (Scenario.Management).
+	Management bool
 
 	receiver *receiver
 	cleanup  []func()
+	// sent maps the events of the measured phases that the wedged device sent to their texts.
+	sent map[id.EventID]string
 	// startedWedged is when the wedged phase's first message was sent, sentWedged how many.
 	startedWedged time.Time
 	sentWedged    int
@@ -45,10 +51,11 @@ type World struct {
 
 const chatID = "lab"
 
-// newWorld starts a bridge on a free slot with a fresh Postgres database, logs a user with
-// `devices` devices in, and opens an encrypted portal that every device has joined.
-func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, name string, devices int) (w *World, err error) {
-	w = &World{Env: env, Dir: filepath.Join(cfg.WorkDir, name)}
+// newWorld starts a bridge on a free slot with a fresh Postgres database and a user with the
+// scenario's devices, then either logs the user in and opens an encrypted portal that every
+// device has joined, or (sc.Management) opens the user's encrypted management room with the bot.
+func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, name string, sc *Scenario) (w *World, err error) {
+	w = &World{Env: env, Dir: filepath.Join(cfg.WorkDir, name), Management: sc.Management, sent: map[id.EventID]string{}}
 	defer func() {
 		if err != nil {
 			w.Close()
@@ -87,7 +94,7 @@ func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, nam
 		return nil, err
 	}
 	w.cleanup = append(w.cleanup, func() { _ = w.Bridge.Stop() })
-	for i := range devices {
+	for i := range max(sc.Devices, 1) {
 		dev, err := testclient.New(ctx, testclient.Options{
 			HomeserverURL: env.HomeserverURL, Username: username, Password: "lab password 1719",
 			DataDir: filepath.Join(w.Dir, fmt.Sprintf("device%d", i)), Log: zerolog.Nop(),
@@ -98,20 +105,50 @@ func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, nam
 		w.cleanup = append(w.cleanup, func() { _ = dev.Close() })
 		w.Devices = append(w.Devices, dev)
 	}
-	if w.Remote, err = w.Bridge.Login(ctx, userID, testenv.UniqueName("acct"), w.receiver.url); err != nil {
-		return nil, err
+	if w.Management {
+		err = w.openManagementRoom(ctx)
+	} else {
+		err = w.openPortal(ctx, userID)
 	}
-	chat, err := w.Remote.CreateChat(ctx, chatID, "Wedge lab")
 	if err != nil {
 		return nil, err
 	}
-	w.Room = chat.RoomID
 	for _, dev := range w.Devices {
 		if err = dev.WaitForJoin(ctx, w.Room); err != nil {
 			return nil, err
 		}
 	}
 	return w, nil
+}
+
+// openPortal logs the user in to the webhook network and creates the lab's chat, whose portal
+// room the bridge invites the user to.
+func (w *World) openPortal(ctx context.Context, userID id.UserID) (err error) {
+	if w.Remote, err = w.Bridge.Login(ctx, userID, testenv.UniqueName("acct"), w.receiver.url); err != nil {
+		return err
+	}
+	chat, err := w.Remote.CreateChat(ctx, chatID, "Wedge lab")
+	if err != nil {
+		return err
+	}
+	w.Room = chat.RoomID
+	return nil
+}
+
+// openManagementRoom: the user, with no login, invites the bridge bot to an encrypted room of
+// their own. The bot joins and marks it as the user's management room in its welcome message,
+// which the device must decrypt (the bridge's first room key crossed Olm).
+func (w *World) openManagementRoom(ctx context.Context) (err error) {
+	if w.Room, err = w.Wedged().CreateEncryptedRoom(ctx, w.Bridge.BotMXID); err != nil {
+		return err
+	}
+	_, err = w.Wedged().WaitForMessage(ctx, w.Room, func(evt *event.Event) bool {
+		return evt.Sender == w.Bridge.BotMXID && strings.Contains(evt.Content.AsMessage().Body, "marked as your management room")
+	})
+	if err != nil {
+		return fmt.Errorf("the bot's welcome in the management room: %w", err)
+	}
+	return nil
 }
 
 // Close stops everything the world started, in reverse order.
@@ -153,8 +190,19 @@ func (w *World) WithBridgeStopped(ctx context.Context, fn func() error) error {
 }
 
 // Exchange sends one message each way, rotating both Megolm sessions first so that room keys
-// travel over Olm in both directions, and waits until both arrived.
+// travel over Olm in both directions, and waits until both arrived. In a management room one
+// command does both: it goes in the device's new Megolm session, and the bot answers it in a new
+// one of its own (the lab's user is a bridge admin: a permission, not a login).
 func (w *World) Exchange(ctx context.Context, tag string) error {
+	if w.Management {
+		if err := w.Wedged().RotateRoomKey(ctx, w.Room); err != nil {
+			return err
+		}
+		if _, err := w.Command(ctx, "discard-megolm-session", "Successfully reset"); err != nil {
+			return fmt.Errorf("exchange %s: %w", tag, err)
+		}
+		return nil
+	}
 	if err := w.rotateBridgeKey(ctx); err != nil {
 		return err
 	}

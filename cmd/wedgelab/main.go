@@ -25,7 +25,11 @@ func main() {
 	quick := flag.Bool("quick", false, "small K and shorter waits")
 	jsonPath := flag.String("json", "", "also write the results as JSON to this path")
 	modeFlag := flag.String("mode", "both", "stock, unwedge or both")
-	only := flag.String("scenario", "", "comma-separated scenario names (default: all)")
+	names := make([]string, len(lab.Scenarios))
+	for i, sc := range lab.Scenarios {
+		names[i] = sc.Name
+	}
+	only := flag.String("scenario", "", "comma-separated scenario names (default: all): "+strings.Join(names, ", "))
 	k := flag.Int("k", 0, "messages per phase and direction (default 10, or 3 with --quick)")
 	parallel := flag.Int("parallel", 0, "scenarios at once (default 2)")
 	keep := flag.String("keep", "", "keep every run's bridge log, config and client files in this directory")
