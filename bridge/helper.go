@@ -159,13 +159,14 @@ func (h *Helper) allowKeyShare(ctx context.Context, device *id.Device, info even
 	enc := h.conn.Config.Encryption
 	if enc.AllowKeySharing && device.Trust != id.TrustStateBlacklisted && h.conn.StateStore.IsInRoom(ctx, info.RoomID, device.UserID) {
 		handled, err := unwedge.AnswerOwnSession(ctx, h.mach, device, info)
-		if err != nil {
+		switch {
+		case err != nil:
 			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to send the bridge's own room key again")
-		} else if handled {
+		case handled:
 			zerolog.Ctx(ctx).Debug().Msg("Sent the bridge's own room key again, from the index the device had")
 		}
 		if handled {
-			// Answered here: the machine must not answer too.
+			// Answered here (or failed to be): the machine must not answer as well.
 			return &crypto.KeyShareRejectNoResponse
 		}
 	}
