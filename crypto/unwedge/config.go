@@ -130,7 +130,7 @@ func (c *Config) Validate() error {
 	}
 	if r := c.Recovery; r.Enabled {
 		if r.Retention < MinRetention {
-			errs = append(errs, fmt.Errorf("unwedge.recovery.retention must be at least %s (bridgev2 itself waits %s)", MinRetention, StockWait))
+			errs = append(errs, fmt.Errorf("unwedge.recovery.retention must be at least %s (bridgev2 itself waits %s)", MinRetention, bridgeWait))
 		}
 		if r.KeyRequests < 1 {
 			errs = append(errs, errors.New("unwedge.recovery.key_requests must be at least 1"))

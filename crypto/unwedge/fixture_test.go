@@ -3,6 +3,7 @@ package unwedge_test
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -61,6 +62,8 @@ type fixture struct {
 	cfg       unwedge.Config
 	scope     *staticScope
 	decisions chan unwedge.Decision
+	// unwedgerLog, if set, is where the Unwedger logs (at debug level) from its next start.
+	unwedgerLog io.Writer
 }
 
 type party struct {
@@ -196,7 +199,11 @@ func (f *fixture) logger() zerolog.Logger {
 
 func (f *fixture) startUnwedger() {
 	repairer := &unwedge.SQLRepairer{DB: f.bridge.sql.DB, AccountID: string(bridgeDevice), PickleKey: []byte("pickle key")}
-	u, err := unwedge.New(f.cfg, f.bridge.mach, f.ledger, f.scope, repairer, fmt.Sprintf("owner-%p", f.bridge.mach), f.logger())
+	log := f.logger()
+	if f.unwedgerLog != nil {
+		log = zerolog.New(f.unwedgerLog).Level(zerolog.DebugLevel)
+	}
+	u, err := unwedge.New(f.cfg, f.bridge.mach, f.ledger, f.scope, repairer, fmt.Sprintf("owner-%p", f.bridge.mach), log)
 	if err != nil {
 		f.t.Fatal(err)
 	}

@@ -206,49 +206,65 @@ func (u *Unwedger) ResumeHeals(ctx context.Context) {
 		if u.isRunning(heal.ID) {
 			continue // this process is at it (its lease may have run out while a request hung)
 		}
+		// Every line about the heal carries the device's fields, as the heal's own lines do.
+		log := healLogger(u.log, heal)
 		now := time.Now()
 		ok, err := u.ledger.Resume(ctx, heal, u.owner, now, now.Add(u.cfg.Lease))
 		if err != nil {
-			u.log.Err(err).Int64("heal_id", heal.ID).Msg("Failed to take over an unfinished heal")
+			log.Err(err).Msg("Failed to take over an unfinished heal")
 			continue
 		} else if !ok {
 			continue // another process still holds it, or it was already taken over
 		}
-		u.resumeHeal(ctx, heal)
+		u.resumeHeal(log.WithContext(ctx), ctx, heal)
 	}
+}
+
+// healLogger is the logger of a resumed heal: the fields of the heal's device and its ID.
+func healLogger(log zerolog.Logger, heal *database.Heal) zerolog.Logger {
+	return log.With().
+		Str("action", "unwedge").
+		Stringer("user_id", heal.Device.UserID).
+		Stringer("device_id", heal.Device.DeviceID).
+		Stringer("identity_key", heal.Device.IdentityKey).
+		Str("class", heal.Class).
+		Int64("heal_id", heal.ID).
+		Logger()
 }
 
 // postponeResumed keeps a resumed heal in progress for the next round. A heal is counted and
 // logged as deferred once, when it is first postponed; the rounds after that log at debug level.
-func (u *Unwedger) postponeResumed(ctx context.Context, heal *database.Heal, decision Decision, attempts int, err error) {
+func (u *Unwedger) postponeResumed(ctx, decideCtx context.Context, heal *database.Heal, decision Decision, attempts int, err error) {
 	if perr := u.ledger.Postpone(context.WithoutCancel(ctx), heal.Device, u.owner, heal.ID, heal.Attempts+attempts, err.Error()); perr != nil {
-		u.log.Err(perr).Int64("heal_id", heal.ID).Msg("Failed to postpone heal in the ledger")
+		zerolog.Ctx(ctx).Err(perr).Msg("Failed to postpone heal in the ledger")
 	}
 	if heal.Postponed() {
-		u.log.Debug().Err(err).Int64("heal_id", heal.ID).Stringer("user_id", heal.Device.UserID).
-			Stringer("device_id", heal.Device.DeviceID).Msg("Heal still deferred")
+		zerolog.Ctx(ctx).Debug().Err(err).Msg("Heal still deferred")
 		return
 	}
 	decision.Action, decision.Err, decision.Detail = "deferred", err, "resuming an interrupted heal"
-	u.decide(ctx, decision)
+	u.decide(decideCtx, decision)
 }
 
-func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
+// resumeHeal finishes or postpones a heal found in the ledger. ctx carries the heal's logger
+// (healLogger); decisions are logged with decideCtx, as they write the device's fields themselves.
+// Its decisions are Resumed: the Olm event behind the heal was counted when it was detected.
+func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *database.Heal) {
 	dev := heal.Device
-	decision := Decision{Class: Class(heal.Class), UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey, ForcedBy: heal.ForcedBy}
+	decision := Decision{Class: Class(heal.Class), UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey, ForcedBy: heal.ForcedBy, Resumed: true}
 	finish := func(outcome database.HealOutcome, attempts int, healErr error) {
 		text := ""
 		if healErr != nil {
 			text = healErr.Error()
 		}
 		if err := u.ledger.Finish(context.WithoutCancel(ctx), dev, u.owner, heal.ID, outcome, heal.Attempts+attempts, text, time.Now()); err != nil {
-			u.log.Err(err).Int64("heal_id", heal.ID).Msg("Failed to record the outcome of a resumed heal")
+			zerolog.Ctx(ctx).Err(err).Msg("Failed to record the outcome of a resumed heal")
 		}
 	}
 	if heal.SessionID == "" {
 		finish(database.HealFailedTransient, 0, errors.New("interrupted before a session was created"))
 		decision.Action, decision.Detail = "failed", "a stopped process left this heal before creating a session; the next failure heals again"
-		u.decide(ctx, decision)
+		u.decide(decideCtx, decision)
 		return
 	}
 	device, err := u.mach.GetOrFetchDevice(ctx, dev.UserID, dev.DeviceID)
@@ -267,18 +283,18 @@ func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 		if time.Since(heal.StartedAt) < u.cfg.MinInterval {
 			// The store or the homeserver is unreachable, which says nothing about the session:
 			// tried again on the next round.
-			u.postponeResumed(ctx, heal, decision, 0, err)
+			u.postponeResumed(ctx, decideCtx, heal, decision, 0, err)
 			return
 		}
 		finish(database.HealFailedTransient, 0, err)
 		decision.Action, decision.Err, decision.Detail = "failed", err, "resuming an interrupted heal"
-		u.decide(ctx, decision)
+		u.decide(decideCtx, decision)
 		return
 	}
 	if sess == nil {
 		finish(database.HealFailedPermanent, 0, fmt.Errorf("the session %s of the interrupted heal is gone", heal.SessionID))
 		decision.Action, decision.Err = "failed", fmt.Errorf("the replacement session of an interrupted heal is gone")
-		u.decide(ctx, decision)
+		u.decide(decideCtx, decision)
 		return
 	}
 	// m.dummy over exactly the session that was created (the heal context makes the machine use it).
@@ -302,7 +318,7 @@ func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 	if err != nil && (ctx.Err() != nil || transient(err) && time.Since(heal.StartedAt) < u.cfg.MinInterval) {
 		// Still unreachable (or stopping): tried again on the next round, until the interval
 		// would allow a new session anyway.
-		u.postponeResumed(ctx, heal, decision, attempts, fmt.Errorf("m.dummy over session %s failed %d time(s): %w", sess.ID(), attempts, err))
+		u.postponeResumed(ctx, decideCtx, heal, decision, attempts, fmt.Errorf("m.dummy over session %s failed %d time(s): %w", sess.ID(), attempts, err))
 		return
 	} else if err != nil {
 		outcome := database.HealFailedTransient
@@ -311,12 +327,12 @@ func (u *Unwedger) resumeHeal(ctx context.Context, heal *database.Heal) {
 		}
 		finish(outcome, attempts, err)
 		decision.Action, decision.Err, decision.Detail = "failed", err, "resuming an interrupted heal"
-		u.decide(ctx, decision)
+		u.decide(decideCtx, decision)
 		return
 	}
 	finish(database.HealHealed, attempts, nil)
 	decision.Action, decision.Detail = "healed", fmt.Sprintf("resumed an interrupted heal: m.dummy sent over session %s", sess.ID())
-	u.decide(ctx, decision)
+	u.decide(decideCtx, decision)
 	if u.OnHealed != nil {
 		u.OnHealed(ctx, device)
 	}

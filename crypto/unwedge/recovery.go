@@ -24,6 +24,10 @@ import (
 // the event is bridgev2's; after it, Recovery's.
 const StockWait = 30 * time.Second
 
+// bridgeWait is how long bridgev2 itself waits for a missing Megolm session (3 s, then 22 s more
+// in mautrix-go v0.32.0), as texts for admins say it; StockWait adds a margin to it.
+const bridgeWait = 25 * time.Second
+
 // MinRetention is the shortest allowed recovery.retention.
 const MinRetention = time.Minute
 
@@ -335,7 +339,8 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 		decrypted, err := r.mach.DecryptMegolmEvent(ctx, p.Event)
 		if err == nil {
 			r.fault(FaultKeyArrived)
-			err = r.sink.Deliver(ctx, p.Event, decrypted, p.Requests)
+			// The sink's lines about the event carry its sender's fields too.
+			err = r.sink.Deliver(elog.WithContext(ctx), p.Event, decrypted, p.Requests)
 		}
 		if err != nil {
 			elog.Warn().Err(err).Msg("Pending event still cannot be bridged")
@@ -433,7 +438,8 @@ func (r *Recovery) cancelRequest(ctx context.Context, p *database.Pending) {
 		},
 	}}}}
 	if _, err := r.mach.Client.SendToDevice(ctx, event.ToDeviceRoomKeyRequest, req); err != nil {
-		zerolog.Ctx(ctx).Debug().Err(err).Stringer("session_id", p.SessionID).Msg("Failed to cancel key request")
+		zerolog.Ctx(ctx).Debug().Err(err).Stringer("session_id", p.SessionID).Stringer("user_id", p.Sender).Stringer("device_id", target).
+			Stringer("identity_key", p.SenderKey).Msg("Failed to cancel key request")
 	}
 }
 
@@ -450,15 +456,16 @@ func (r *Recovery) giveUp(ctx context.Context, now time.Time) {
 		return
 	}
 	for _, p := range expired {
+		elog := zerolog.Ctx(ctx).With().Stringer("event_id", p.EventID).Stringer("room_id", p.RoomID).Stringer("user_id", p.Sender).
+			Stringer("identity_key", p.SenderKey).Stringer("session_id", p.SessionID).Logger()
 		reason := fmt.Sprintf("%s (waited %s, asked %d times)", ErrGaveUp, humanDuration(r.cfg.Retention), p.Requests)
-		r.sink.GiveUp(ctx, p.Event, reason)
+		r.sink.GiveUp(elog.WithContext(ctx), p.Event, reason)
 		if err = r.store.Done(ctx, p.EventID, r.owner); err != nil {
-			zerolog.Ctx(ctx).Err(err).Stringer("event_id", p.EventID).Msg("Failed to remove given-up event")
+			elog.Err(err).Msg("Failed to remove given-up event")
 			continue
 		}
 		r.count(CountGivenUp)
-		zerolog.Ctx(ctx).Warn().Str("unwedge", "given_up").Stringer("event_id", p.EventID).Stringer("room_id", p.RoomID).Stringer("user_id", p.Sender).
-			Stringer("identity_key", p.SenderKey).Stringer("session_id", p.SessionID).Int("key_requests", p.Requests).Msg("Gave up on undecryptable event: its key never arrived")
+		elog.Warn().Str("unwedge", "given_up").Int("key_requests", p.Requests).Msg("Gave up on undecryptable event: its key never arrived")
 	}
 }
 

@@ -115,6 +115,10 @@ type Decision struct {
 	// Detail says more, for people (why a heal was limited, the new session's ID).
 	Detail string
 	Err    error
+	// Resumed marks a decision about a heal that an earlier decision already counted: a heal
+	// that waited for the homeserver (deferred) or that a stopped process left, finished or
+	// postponed by ResumeHeals. It is no new Olm event: Olm failures count only the others.
+	Resumed bool
 }
 
 // recentDecisions is how many decisions Recent can look back on.
@@ -342,6 +346,7 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 		if err != nil || device == nil {
 			return
 		}
+		ctx = u.log.With().Stringer("user_id", sender).Stringer("device_id", device.DeviceID).Stringer("identity_key", key).Logger().WithContext(ctx)
 		u.OnNewSession(ctx, device)
 	}()
 }
@@ -472,10 +477,13 @@ type healingSlot struct {
 	key    id.SenderKey
 }
 
-// Count is one kind of decision: what was detected and what unwedge did about it.
+// Count is one kind of decision: what was detected and what unwedge did about it. Resumed
+// decisions (see Decision.Resumed) are counted apart, so that the decisions that are not resumed
+// count the Olm events: one decision per undecryptable or wedge-signalling event.
 type Count struct {
-	Class  Class
-	Action string
+	Class   Class
+	Action  string
+	Resumed bool
 }
 
 // Counts returns how many decisions of each kind this Unwedger made since it started.
@@ -507,7 +515,7 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 		d.At = time.Now()
 	}
 	u.countsLock.Lock()
-	u.counts[Count{Class: d.Class, Action: d.Action}]++
+	u.counts[Count{Class: d.Class, Action: d.Action, Resumed: d.Resumed}]++
 	if d.Action != "ignored" {
 		if len(u.recent) < recentDecisions {
 			u.recent = append(u.recent, d)
@@ -542,6 +550,9 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 	}
 	if d.Detail != "" {
 		evt = evt.Str("detail", d.Detail)
+	}
+	if d.Resumed {
+		evt = evt.Bool("resumed", true)
 	}
 	evt.AnErr("error", d.Err).Msg(decisionMessages[d.Action])
 	if u.OnDecision != nil {

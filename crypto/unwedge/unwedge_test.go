@@ -1,11 +1,14 @@
 package unwedge_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/crypto/goolm/account"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -635,4 +638,89 @@ func (f *fixture) requeue(p *party, evt *event.Event) {
 	raw, _ := json.Marshal(evt.Content.Parsed)
 	evt.Content.VeryRaw = raw
 	f.ms.DeviceInbox[p.userID][p.deviceID] = append(f.ms.DeviceInbox[p.userID][p.deviceID], *evt)
+}
+
+// TestDeferredHealCountsOnce: a wedge whose heal waits for the homeserver and is finished later
+// by ResumeHeals is one Olm failure, not two: the later decision is Resumed. Every line the
+// Unwedger writes about the device carries its user_id and identity_key.
+func TestDeferredHealCountsOnce(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.cfg.MaxRetries = 1
+	var logs lockedBuffer
+	f.unwedgerLog = &logs
+	f.restartBridge()
+	// Decisions log through the context's logger, as they do under the bridge's own context.
+	ctx := zerolog.New(&logs).Level(zerolog.DebugLevel).With().Str("via", "context").Logger().WithContext(f.ctx)
+	f.failSends.Store(1000)
+	f.peerSends()
+	for _, evt := range f.inbox(f.bridge) {
+		f.unwedger.HandleToDevice(ctx, evt)
+	}
+	if d := f.decision(); d.Action != "deferred" || d.Resumed {
+		t.Fatalf("decision = %+v, want deferred, not resumed", d)
+	}
+	// A round that still cannot send is logged at debug level and decides nothing.
+	f.unwedger.ResumeHeals(ctx)
+	f.noDecision()
+	f.failSends.Store(0)
+	f.unwedger.ResumeHeals(ctx)
+	if d := f.decision(); d.Action != "healed" || !d.Resumed {
+		t.Fatalf("decision = %+v, want healed, resumed", d)
+	}
+	var failures int64
+	for c, n := range f.unwedger.Counts() {
+		if !c.Resumed && c.Class != unwedge.ClassForced {
+			failures += n
+		}
+	}
+	if failures != 1 {
+		t.Errorf("%d Olm failures counted for one wedge (counts %v)", failures, f.unwedger.Counts())
+	}
+	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassNoSession, Action: "healed", Resumed: true}]; n != 1 {
+		t.Errorf("resumed heals counted %d times, want 1 (counts %v)", n, f.unwedger.Counts())
+	}
+	f.healedBothWays()
+
+	lines := 0
+	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		var fields map[string]any
+		if err := json.Unmarshal([]byte(line), &fields); err != nil {
+			t.Fatalf("log line %q: %v", line, err)
+		}
+		if _, ok := fields["user_id"]; !ok {
+			continue
+		}
+		lines++
+		if key, _ := fields["identity_key"].(string); key != string(f.peerKey()) {
+			t.Errorf("log line about %v without the device's identity_key: %s", fields["user_id"], line)
+		}
+	}
+	for _, want := range []string{`"unwedge":"deferred"`, `"message":"Heal still deferred"`, `"unwedge":"healed"`, `"resumed":true`} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("log lacks %s:\n%s", want, logs.String())
+		}
+	}
+	if lines < 3 {
+		t.Errorf("only %d log lines about the device:\n%s", lines, logs.String())
+	}
+}
+
+// lockedBuffer is a log writer for goroutines.
+type lockedBuffer struct {
+	lock sync.Mutex
+	buf  bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.lock.Lock()
+	defer b.lock.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.lock.Lock()
+	defer b.lock.Unlock()
+	return b.buf.String()
 }
