@@ -49,30 +49,76 @@ func (m *Metrics) observe(d unwedge.Decision) {
 	m.observed++
 }
 
-// start serves /metrics on addr until stop.
+// metricsRetry is how often a metrics listener that could not listen tries again.
+var metricsRetry = time.Minute
+
+// start serves /metrics on addr until stop. A metrics listener is no reason to stop bridging: when
+// addr cannot be listened on (another bridge on the host has the port), the failure is logged as
+// an error and the listener tries again every metricsRetry, while the bridge runs without
+// unwedge's metrics. It returns an error only for an address that can never work.
 func (m *Metrics) start(addr string) error {
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return fmt.Errorf("invalid unwedge.metrics.listen %q: %w", addr, err)
+	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", m)
+	server := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	m.lock.Lock()
+	m.server = server
+	m.lock.Unlock()
 	listener, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("failed to listen for metrics on %s: %w", addr, err)
+	if err == nil {
+		m.serve(server, listener)
+		return nil
 	}
-	m.server = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	m.h.log.Error().Err(err).Str("address", addr).Stringer("retry_in", metricsRetry).
+		Msg("Failed to listen for unwedge metrics (is another bridge on this host using the port? set unwedge.metrics.listen); bridging goes on without them")
+	stopped := make(chan struct{})
+	server.RegisterOnShutdown(func() { close(stopped) })
 	go func() {
-		if err := m.server.Serve(listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		for {
+			select {
+			case <-stopped:
+				return
+			case <-time.After(metricsRetry):
+			}
+			listener, err := net.Listen("tcp", addr)
+			if err != nil {
+				m.h.log.Debug().Err(err).Str("address", addr).Msg("Still failing to listen for unwedge metrics")
+				continue
+			}
+			m.lock.Lock()
+			current := m.server == server
+			m.lock.Unlock()
+			if !current {
+				_ = listener.Close()
+				return
+			}
+			m.serve(server, listener)
+			return
+		}
+	}()
+	return nil
+}
+
+func (m *Metrics) serve(server *http.Server, listener net.Listener) {
+	go func() {
+		if err := server.Serve(listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			m.h.log.Err(err).Msg("Metrics listener stopped")
 		}
 	}()
 	m.h.log.Info().Str("address", listener.Addr().String()).Msg("Serving unwedge metrics")
-	return nil
 }
 
 func (m *Metrics) stop() {
-	if m.server != nil {
+	m.lock.Lock()
+	server := m.server
+	m.server = nil
+	m.lock.Unlock()
+	if server != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		_ = m.server.Shutdown(ctx)
-		m.server = nil
+		_ = server.Shutdown(ctx)
 	}
 }
 
@@ -91,13 +137,10 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	if u != nil {
 		decisions = u.Counts()
 	}
-	failures := map[string]int64{}
+	failures := olmFailures(decisions)
 	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0, "deferred": 0, "user_capped": 0}
 	var outOfScope, unknownDevice int64
 	for c, n := range decisions {
-		if c.Class != unwedge.ClassForced {
-			failures[string(c.Class)] += n
-		}
 		switch c.Action {
 		case "healed":
 			heals["attempted"] += n
@@ -162,6 +205,19 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 		}
 	}
 	fmt.Fprintf(out, "unwedge_pending_events %d\n", pending)
+}
+
+// olmFailures counts the Olm events that did not decrypt or showed a wedge, by class: one decision
+// per event. A heal's later decisions (Resumed: a deferred heal sent at last, or a heal a stopped
+// process left) are no new event, and a forced heal is no failure at all.
+func olmFailures(decisions map[unwedge.Count]int64) map[string]int64 {
+	failures := map[string]int64{}
+	for c, n := range decisions {
+		if c.Class != unwedge.ClassForced && !c.Resumed {
+			failures[string(c.Class)] += n
+		}
+	}
+	return failures
 }
 
 func family(out *bufio.Writer, name, kind, help string) {
