@@ -14,9 +14,10 @@ import (
 	"github.com/unwedge/unwedge/database"
 )
 
-// CommandHandler is the `unwedge` command: `status [user]`, `pending [user]` and
-// `heal <user> <device>`. Anyone may ask about their own devices; other users' devices and
-// forced heals need bridge admin permission.
+// CommandHandler is the `unwedge` command: `status [user]`, `pending [user|all]` and
+// `heal <user> <device>`. bridgev2 runs commands only for users with the `commands` permission
+// level or higher (bridge.permissions); of those, anyone may ask about their own devices, and
+// other users' devices, `pending all` and forced heals need the `admin` level.
 func (h *Helper) CommandHandler() *commands.FullHandler {
 	return &commands.FullHandler{
 		Func: h.handleCommand,
@@ -24,12 +25,12 @@ func (h *Helper) CommandHandler() *commands.FullHandler {
 		Help: commands.HelpMeta{
 			Section:     commands.HelpSectionAdmin,
 			Description: "Show and repair the bridge's encrypted sessions with your devices (admins: anyone's).",
-			Args:        "status [_user_] | pending [_user_] | heal <_user_> <_device_>",
+			Args:        "status [_user_] | pending [_user_|all] | heal <_user_> <_device_>",
 		},
 	}
 }
 
-const commandUsage = "Usage: `$cmdprefix unwedge status [user]`, `$cmdprefix unwedge pending [user]` or `$cmdprefix unwedge heal <user> <device>`"
+const commandUsage = "Usage: `$cmdprefix unwedge status [user]`, `$cmdprefix unwedge pending [user|all]` or `$cmdprefix unwedge heal <user> <device>`"
 
 func (h *Helper) handleCommand(ce *commands.Event) {
 	if h.unwedger == nil {
@@ -43,6 +44,10 @@ func (h *Helper) handleCommand(ce *commands.Event) {
 	sub, args := strings.ToLower(ce.Args[0]), ce.Args[1:]
 	switch sub {
 	case "status", "pending":
+		if len(args) > 1 || sub == "status" && len(args) == 1 && args[0] == "all" {
+			ce.Reply(commandUsage)
+			return
+		}
 		target, ok := h.commandTarget(ce, args)
 		if !ok {
 			return
@@ -86,7 +91,17 @@ func (h *Helper) commandTarget(ce *commands.Event, args []string) (id.UserID, bo
 	return target, true
 }
 
-// statusReport lists a user's devices, what unwedge saw and did lately, and their pending events.
+// statusHeals is how many of a user's heals statusReport reads from the ledger, and
+// statusEarlierHeals how many it lists per device after the last one.
+const (
+	statusHeals        = 200
+	statusEarlierHeals = 3
+)
+
+// statusReport lists a user's devices, what unwedge decided and did about each, and their pending
+// events. Heals come from the ledger (the unwedge_heal table: they survive restarts and are the
+// same on every replica); decisions that are not heals (limited, capped, out_of_scope,
+// unknown_device) only from this process's memory, since it started, and are shown when newer.
 func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "**unwedge status of %s**\n\n", userID)
@@ -94,35 +109,70 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 	if err != nil {
 		fmt.Fprintf(&b, "Failed to read devices: %v\n", err)
 	}
-	heals, err := h.db.Ledger.Heals(ctx, userID, "", 50)
+	heals, err := h.db.Ledger.Heals(ctx, userID, "", statusHeals)
 	if err != nil {
-		fmt.Fprintf(&b, "Failed to read heals: %v\n", err)
+		fmt.Fprintf(&b, "Failed to read the heal history: %v\n", err)
 	}
-	recent := h.unwedger.Recent(userID)
-	if len(devices) == 0 {
-		b.WriteString("The bridge knows no devices of this user.\n")
+	var recent []unwedge.Decision
+	if h.unwedger != nil {
+		recent = h.unwedger.Recent(userID)
 	}
-	for _, deviceID := range sortedDeviceIDs(devices) {
-		dev := devices[deviceID]
-		fmt.Fprintf(&b, "* device `%s` (identity key `%s`)\n", deviceID, dev.IdentityKey)
-		for _, d := range recent {
-			if d.Key == dev.IdentityKey {
-				fmt.Fprintf(&b, "  * last decision: %s (%s) %s ago%s\n", d.Action, d.Class, since(d.At), detail(d))
-				break
-			}
+	// The devices the bridge knows, and those only the heal history still names (deleted since).
+	keys := map[id.DeviceID]id.IdentityKey{}
+	for deviceID, dev := range devices {
+		keys[deviceID] = dev.IdentityKey
+	}
+	gone := map[id.DeviceID]bool{}
+	for _, heal := range heals {
+		if _, ok := keys[heal.Device.DeviceID]; !ok {
+			keys[heal.Device.DeviceID] = heal.Device.IdentityKey
+			gone[heal.Device.DeviceID] = true
 		}
+	}
+	if len(keys) == 0 {
+		b.WriteString("The bridge knows no devices of this user, and unwedge healed none.\n")
+	}
+	shown := map[id.SenderKey]bool{}
+	for _, deviceID := range sortedDeviceIDs(keys) {
+		key := keys[deviceID]
+		shown[key] = true
+		fmt.Fprintf(&b, "* device `%s` (identity key `%s`)", deviceID, key)
+		if gone[deviceID] {
+			b.WriteString(", no longer among the user's devices")
+		}
+		b.WriteString("\n")
+		var deviceHeals []*database.Heal
 		for _, heal := range heals {
 			if heal.Device.DeviceID == deviceID {
-				fmt.Fprintf(&b, "  * last replacement session: %s (%s) %s ago", heal.Outcome, heal.Class, since(heal.StartedAt))
-				if heal.SessionID != "" {
-					fmt.Fprintf(&b, ", session `%s`", heal.SessionID)
-				}
-				if heal.ForcedBy != "" {
-					fmt.Fprintf(&b, ", forced by %s", heal.ForcedBy)
-				}
-				b.WriteString("\n")
+				deviceHeals = append(deviceHeals, heal)
+			}
+		}
+		last, fromMemory := lastDecision(recent, key, deviceHeals)
+		if last != nil {
+			fmt.Fprintf(&b, "  * last decision: %s (%s) %s ago%s", last.Action, last.Class, since(last.At), detail(*last))
+			if fromMemory {
+				b.WriteString(" (remembered by this bridge process)")
+			}
+			b.WriteString("\n")
+		}
+		for i, heal := range deviceHeals {
+			if i > statusEarlierHeals {
+				fmt.Fprintf(&b, "  * ... %d earlier heal(s) in the heal history\n", len(deviceHeals)-i)
 				break
 			}
+			label := "last replacement session"
+			if i > 0 {
+				label = "earlier heal"
+			}
+			fmt.Fprintf(&b, "  * %s: %s\n", label, describeHeal(heal))
+		}
+	}
+	// Decisions about identity keys that are none of the devices above (unknown_device).
+	for _, d := range recent {
+		if !shown[d.Key] {
+			shown[d.Key] = true
+			fmt.Fprintf(&b, "* identity key `%s`, no known device of this user\n  * last decision: %s (%s) %s ago%s (remembered by this bridge process)\n",
+				d.Key, d.Action, d.Class, since(d.At), detail(d))
 		}
 	}
 	pending, err := h.db.Pending.List(ctx, userID, 1000)
@@ -130,6 +180,67 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 		fmt.Fprintf(&b, "\nFailed to read pending events: %v\n", err)
 	} else {
 		fmt.Fprintf(&b, "\nMessages waiting for their keys: %d\n", len(pending))
+	}
+	return b.String()
+}
+
+// lastDecision is the newest of what this process remembers deciding about the identity key and
+// the device's newest heal in the ledger (as the decision it ended with); fromMemory tells which.
+func lastDecision(recent []unwedge.Decision, key id.SenderKey, heals []*database.Heal) (last *unwedge.Decision, fromMemory bool) {
+	for i := range recent {
+		if recent[i].Key == key {
+			last, fromMemory = &recent[i], true
+			break
+		}
+	}
+	if len(heals) > 0 {
+		if d := healDecision(heals[0]); last == nil || d.At.After(last.At) {
+			return &d, false
+		}
+	}
+	return last, fromMemory
+}
+
+// healDecision is the decision a heal in the ledger ended with, or is at: healed, failed,
+// deferred (its session exists, m.dummy waits for the homeserver) or healing (still running).
+func healDecision(heal *database.Heal) unwedge.Decision {
+	d := unwedge.Decision{At: heal.StartedAt, Class: unwedge.Class(heal.Class), UserID: heal.Device.UserID, DeviceID: heal.Device.DeviceID,
+		Key: heal.Device.IdentityKey, ForcedBy: heal.ForcedBy}
+	if !heal.FinishedAt.IsZero() {
+		d.At = heal.FinishedAt
+	}
+	switch {
+	case heal.Outcome == database.HealHealed:
+		d.Action = "healed"
+		d.Detail = fmt.Sprintf("new Olm session %s after %d attempt(s)", heal.SessionID, heal.Attempts)
+	case heal.Postponed():
+		d.Action = "deferred"
+		d.Detail = fmt.Sprintf("session %s created, m.dummy not sent yet after %d attempt(s): %s", heal.SessionID, heal.Attempts, heal.Error)
+	case heal.Outcome == database.HealInProgress:
+		d.Action = "healing"
+		d.Detail = "a heal is running"
+	default:
+		d.Action = "failed"
+		d.Detail = fmt.Sprintf("%s after %d attempt(s): %s", heal.Outcome, heal.Attempts, heal.Error)
+	}
+	return d
+}
+
+// describeHeal is one heal of the history: outcome, class, when, session, who forced it, error.
+func describeHeal(heal *database.Heal) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s (%s) %s ago", heal.Outcome, heal.Class, since(heal.StartedAt))
+	if heal.SessionID != "" {
+		fmt.Fprintf(&b, ", session `%s`", heal.SessionID)
+	}
+	if heal.ForcedBy != "" {
+		fmt.Fprintf(&b, ", forced by %s", heal.ForcedBy)
+	}
+	if heal.Attempts > 0 {
+		fmt.Fprintf(&b, ", %d attempt(s)", heal.Attempts)
+	}
+	if heal.Error != "" {
+		fmt.Fprintf(&b, ", error: %s", heal.Error)
 	}
 	return b.String()
 }
