@@ -56,6 +56,12 @@ type BridgeOptions struct {
 	// Env adds environment variables (KEY=VALUE) to the bridge process; Start uses the current
 	// value, so a test can change it between restarts.
 	Env []string
+	// ExampleConfig is the example config that config.yaml is made from: the path of one that
+	// another bridge binary wrote with -e. Empty means this repository's example-config.yaml.
+	ExampleConfig string
+	// SaveConfig lets the bridge write its upgraded config back to config.yaml at start (it runs
+	// without --no-update), as a bridge run by an admin does.
+	SaveConfig bool
 }
 
 // Exited is closed when the bridge process has exited (after Start).
@@ -168,7 +174,11 @@ func (b *Bridge) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(b.Opts.Binary, "-c", b.ConfigPath, "--no-update")
+	args := []string{"-c", b.ConfigPath}
+	if !b.Opts.SaveConfig {
+		args = append(args, "--no-update")
+	}
+	cmd := exec.Command(b.Opts.Binary, args...)
 	cmd.Dir = b.Opts.Dir
 	cmd.Env = append(os.Environ(), b.Opts.Env...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
@@ -288,6 +298,28 @@ func (b *Bridge) Login(ctx context.Context, userID id.UserID, account, webhookUR
 	return webhook.NewRemoteClient(b.URL, token), nil
 }
 
+// LoginFlow logs userID in through the provisioning API with a login flow of one user-input
+// step, for any network, and returns the completed step.
+func (b *Bridge) LoginFlow(ctx context.Context, userID id.UserID, flowID string, input map[string]string) (*bridgev2.LoginStep, error) {
+	var start struct {
+		LoginID string `json:"login_id"`
+		bridgev2.LoginStep
+	}
+	query := "?user_id=" + url.QueryEscape(userID.String())
+	if err := b.provision(ctx, "/v3/login/start/"+url.PathEscape(flowID)+query, nil, &start); err != nil {
+		return nil, fmt.Errorf("failed to start login: %w", err)
+	}
+	var done bridgev2.LoginStep
+	path := fmt.Sprintf("/v3/login/step/%s/%s/user_input%s", url.PathEscape(start.LoginID), url.PathEscape(start.StepID), query)
+	if err := b.provision(ctx, path, input, &done); err != nil {
+		return nil, fmt.Errorf("failed to submit login: %w", err)
+	}
+	if done.Type != bridgev2.LoginStepTypeComplete {
+		return nil, fmt.Errorf("login did not complete: %s %q", done.Type, done.Instructions)
+	}
+	return &done, nil
+}
+
 func (b *Bridge) provision(ctx context.Context, path string, body, into any) error {
 	data, err := json.Marshal(body)
 	if err != nil {
@@ -315,7 +347,7 @@ func (b *Bridge) provision(ctx context.Context, path string, body, into any) err
 }
 
 func (b *Bridge) writeConfig() error {
-	root, err := loadExampleConfig()
+	root, err := loadExampleConfig(b.Opts.ExampleConfig)
 	if err != nil {
 		return err
 	}
@@ -377,18 +409,22 @@ func (b *Bridge) writeConfig() error {
 	return os.WriteFile(b.ConfigPath, data, 0o600)
 }
 
-func loadExampleConfig() (*yaml.Node, error) {
-	root, err := ModuleRoot()
-	if err != nil {
-		return nil, err
+// loadExampleConfig parses the example config at path, or this repository's when path is empty.
+func loadExampleConfig(path string) (*yaml.Node, error) {
+	if path == "" {
+		root, err := ModuleRoot()
+		if err != nil {
+			return nil, err
+		}
+		path = filepath.Join(root, "example-config.yaml")
 	}
-	data, err := os.ReadFile(filepath.Join(root, "example-config.yaml"))
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
 	var doc yaml.Node
 	if err = yaml.Unmarshal(data, &doc); err != nil {
-		return nil, fmt.Errorf("failed to parse example-config.yaml: %w", err)
+		return nil, fmt.Errorf("failed to parse %s: %w", path, err)
 	}
 	return &doc, nil
 }
@@ -451,15 +487,21 @@ func ModuleRoot() (string, error) {
 
 // BuildBridge builds the reference bridge binary into dir with -tags goolm.
 func BuildBridge(ctx context.Context, dir string) (string, error) {
+	return BuildBinary(ctx, dir, "./cmd/bridge", "unwedge-bridge")
+}
+
+// BuildBinary builds the main package pkg of this repository (such as "./cmd/echobridge") into
+// dir/name with -tags goolm.
+func BuildBinary(ctx context.Context, dir, pkg, name string) (string, error) {
 	root, err := ModuleRoot()
 	if err != nil {
 		return "", err
 	}
-	out := filepath.Join(dir, "unwedge-bridge")
-	cmd := exec.CommandContext(ctx, "go", "build", "-tags", "goolm", "-o", out, "./cmd/bridge")
+	out := filepath.Join(dir, name)
+	cmd := exec.CommandContext(ctx, "go", "build", "-tags", "goolm", "-o", out, pkg)
 	cmd.Dir = root
 	if output, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("failed to build bridge: %w\n%s", err, output)
+		return "", fmt.Errorf("failed to build %s: %w\n%s", pkg, err, output)
 	}
 	return out, nil
 }
