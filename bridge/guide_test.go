@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"reflect"
 	"regexp"
 	"slices"
 	"strings"
@@ -226,5 +227,32 @@ func TestExampleConfigsInSync(t *testing.T) {
 	}
 	if regexp.MustCompile(`(?m)[ (]docs/`).MatchString(ExampleConfig) {
 		t.Error("the embedded example config names a path of this repository")
+	}
+}
+
+// TestInstallDocConfig: the config block docs/install.md shows is the embedded example's.
+func TestInstallDocConfig(t *testing.T) {
+	doc, err := os.ReadFile("../docs/install.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var shown map[string]any
+	for _, block := range regexp.MustCompile("(?s)```yaml\n(.*?)```").FindAllStringSubmatch(string(doc), -1) {
+		var parsed struct {
+			Network map[string]any `yaml:"network"`
+		}
+		if yaml.Unmarshal([]byte(block[1]), &parsed) == nil && parsed.Network["unwedge"] != nil {
+			shown = parsed.Network
+		}
+	}
+	var example map[string]any
+	if err = yaml.Unmarshal([]byte(ExampleConfig), &example); err != nil {
+		t.Fatal(err)
+	}
+	if shown == nil {
+		t.Fatal("docs/install.md shows no network.unwedge block")
+	}
+	if !reflect.DeepEqual(shown["unwedge"], example["unwedge"]) {
+		t.Errorf("docs/install.md shows\n%v\nthe example config has\n%v", shown["unwedge"], example["unwedge"])
 	}
 }

@@ -52,6 +52,6 @@ func Install(m *mxmain.BridgeMain, cfg *unwedge.Config) *Helper {
 	if proc, ok := m.Bridge.Commands.(*commands.Processor); ok {
 		proc.AddHandlers(helper.CommandHandler())
 	}
-	m.Log.Info().Str("scope", string(cfg.Scope)).Stringer("min_interval", cfg.MinInterval).Msg("Installed unwedge encryption helper")
+	m.Log.Info().Str("unwedge_version", Version).Str("scope", string(cfg.Scope)).Stringer("min_interval", cfg.MinInterval).Msg("Installed unwedge encryption helper")
 	return helper
 }
