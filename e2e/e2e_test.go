@@ -83,15 +83,7 @@ func start(t *testing.T, ctx context.Context, appservice bool, dbType, webhookUR
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := br.Stop(); err != nil {
-			t.Error(err)
-		}
-		if t.Failed() {
-			t.Logf("bridge log tail:\n%s", br.LogTail(60))
-			keepLog(t, br.LogPath)
-		}
-	})
+	stopOnCleanup(t, br)
 	user, err := testclient.New(ctx, testclient.Options{
 		HomeserverURL: env.HomeserverURL,
 		Username:      testenv.UniqueName("alice"),
