@@ -91,15 +91,7 @@ func TestWrap(t *testing.T) {
 	if err = br.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := br.Stop(); err != nil {
-			t.Error(err)
-		}
-		if t.Failed() {
-			t.Logf("bridge log tail:\n%s", br.LogTail(60))
-			keepLog(t, br.LogPath)
-		}
-	})
+	stopOnCleanup(t, br)
 	installed := []string{"Installed unwedge encryption helper", `"scope":"logged_in"`, `"min_interval":"2h0m0s"`}
 	waitLogLine(t, ctx, br, 0, installed...)
 	saved := readYAML(t, br.ConfigPath)
