@@ -56,9 +56,11 @@ const chatID = "lab"
 // device has joined, or (sc.Management) opens the user's encrypted management room with the bot.
 func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, name string, sc *Scenario) (w *World, err error) {
 	w = &World{Env: env, Dir: filepath.Join(cfg.WorkDir, name), Management: sc.Management, sent: map[id.EventID]string{}}
+	// The error returns below set w to nil: the world to close is this one.
+	world := w
 	defer func() {
 		if err != nil {
-			w.Close()
+			world.Close()
 		}
 	}()
 	if err = os.MkdirAll(w.Dir, 0o700); err != nil {
