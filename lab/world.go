@@ -54,13 +54,12 @@ const chatID = "lab"
 // newWorld starts a bridge on a free slot with a fresh Postgres database and a user with the
 // scenario's devices, then either logs the user in and opens an encrypted portal that every
 // device has joined, or (sc.Management) opens the user's encrypted management room with the bot.
-func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, name string, sc *Scenario) (w *World, err error) {
-	w = &World{Env: env, Dir: filepath.Join(cfg.WorkDir, name), Management: sc.Management, sent: map[id.EventID]string{}}
-	// The error returns below set w to nil: the world to close is this one.
-	world := w
+func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, name string, sc *Scenario) (_ *World, err error) {
+	// w is no named result: the error returns must not make it nil before its cleanups run.
+	w := &World{Env: env, Dir: filepath.Join(cfg.WorkDir, name), Management: sc.Management, sent: map[id.EventID]string{}}
 	defer func() {
 		if err != nil {
-			world.Close()
+			w.Close()
 		}
 	}()
 	if err = os.MkdirAll(w.Dir, 0o700); err != nil {
