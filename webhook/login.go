@@ -70,7 +70,7 @@ func (lp *loginProcess) SubmitUserInput(ctx context.Context, input map[string]st
 	if !idPattern.MatchString(account) {
 		return nil, fmt.Errorf("invalid account %q: use 1-64 lowercase letters, digits and ._=-", account)
 	}
-	webhookURL, err := parseWebhookURL(input["webhook_url"])
+	webhookURL, err := lp.conn.checkWebhookURL(ctx, input["webhook_url"])
 	if err != nil {
 		return nil, err
 	}
@@ -109,6 +109,7 @@ func TokenFromInstructions(instructions string) (string, bool) {
 	return token, true
 }
 
+// parseWebhookURL checks the syntax of a webhook URL; checkWebhookURL also checks its address.
 func parseWebhookURL(raw string) (string, error) {
 	raw = strings.TrimSpace(raw)
 	if raw == "" || raw == "none" || raw == "-" {
