@@ -58,7 +58,7 @@ func (lp *loginProcess) Start(ctx context.Context) (*bridgev2.LoginStep, error) 
 			Type:        bridgev2.LoginInputFieldTypeURL,
 			ID:          "webhook_url",
 			Name:        "Outgoing webhook URL",
-			Description: "http(s) URL that receives your Matrix messages as JSON POSTs, or `none` to only keep them in the outbox",
+			Description: "http(s) URL on a public internet address that receives your Matrix messages as JSON POSTs, or `none` to only keep them in the outbox",
 		}}},
 	}, nil
 }
