@@ -102,6 +102,11 @@ func (s *recoverySink) moderated(ctx context.Context, evt *event.Event) (string,
 	switch {
 	case errors.Is(err, mautrix.MNotFound):
 		return "the homeserver no longer serves the event", nil
+	case errors.Is(err, mautrix.MForbidden):
+		// The bot cannot read the room (it was removed from it): the redactions it saw while up
+		// (handleRedaction) are what it knows, and the event is not kept waiting forever.
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Cannot check the late-decrypted event for a redaction: the bot may not read the room")
+		return "", nil
 	case err != nil:
 		return "", fmt.Errorf("failed to check the event on the homeserver: %w", err)
 	case redacted(served):
