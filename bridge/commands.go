@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"time"
+	"unicode"
 
 	"maunium.net/go/mautrix/bridgev2/commands"
+	"maunium.net/go/mautrix/format"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
@@ -15,9 +18,10 @@ import (
 )
 
 // CommandHandler is the `unwedge` command: `status [user]`, `pending [user|all]` and
-// `heal <user> <device>`. bridgev2 runs commands only for users with the `commands` permission
-// level or higher (bridge.permissions); of those, anyone may ask about their own devices, and
-// other users' devices, `pending all` and forced heals need the `admin` level.
+// `heal [--force] <user> <device>`. bridgev2 runs commands only for users with the `commands`
+// permission level or higher (bridge.permissions); of those, anyone may ask about their own
+// devices, and other users' devices, `pending all` and heals need the `admin` level. It answers
+// only in the sender's management room: its answers name devices, identity keys and sessions.
 func (h *Helper) CommandHandler() *commands.FullHandler {
 	return &commands.FullHandler{
 		Func: h.handleCommand,
@@ -25,14 +29,31 @@ func (h *Helper) CommandHandler() *commands.FullHandler {
 		Help: commands.HelpMeta{
 			Section:     commands.HelpSectionAdmin,
 			Description: "Show and repair the bridge's encrypted sessions with your devices (admins: anyone's).",
-			Args:        "status [_user_] | pending [_user_|all] | heal <_user_> <_device_>",
+			Args:        "status [_user_] | pending [_user_|all] | heal [--force] <_user_> <_device_>",
 		},
 	}
 }
 
-const commandUsage = "Usage: `$cmdprefix unwedge status [user]`, `$cmdprefix unwedge pending [user|all]` or `$cmdprefix unwedge heal <user> <device>`"
+const commandUsage = "Usage: `$cmdprefix unwedge status [user]`, `$cmdprefix unwedge pending [user|all]` or `$cmdprefix unwedge heal [--force] <user> <device>`"
+
+// notManagementRoom is the whole answer outside the sender's management room.
+const notManagementRoom = "Use `unwedge` in your management room (a room with only you and the bridge bot): its answers name devices and keys."
+
+// inManagementRoom reports whether a command came from the sender's management room (bridgev2:
+// the room with only the user and the bot that the bot marked when it was invited, or that
+// `set-management-room` marked), where the answer goes too (ce.OrigRoomID).
+func inManagementRoom(ce *commands.Event) bool {
+	return ce.User != nil && ce.User.User != nil && ce.User.ManagementRoom != "" &&
+		ce.OrigRoomID == ce.User.ManagementRoom && ce.RoomID == ce.User.ManagementRoom
+}
 
 func (h *Helper) handleCommand(ce *commands.Event) {
+	if !inManagementRoom(ce) {
+		// A portal's other members would read the answer: no device data, not even whether
+		// unwedge runs.
+		ce.Reply(notManagementRoom)
+		return
+	}
 	if h.unwedger == nil {
 		ce.Reply("unwedge is not running.")
 		return
@@ -53,19 +74,32 @@ func (h *Helper) handleCommand(ce *commands.Event) {
 			return
 		}
 		if sub == "status" {
-			ce.Reply(h.statusReport(ce.Ctx, target))
+			reply(ce, h.statusReport(ce.Ctx, target))
 		} else {
-			ce.Reply(h.pendingReport(ce.Ctx, target))
+			reply(ce, h.pendingReport(ce.Ctx, target))
 		}
 	case "heal":
-		if len(args) != 2 {
+		force, positional := false, make([]string, 0, len(args))
+		for _, arg := range args {
+			if arg == "--force" {
+				force = true
+			} else {
+				positional = append(positional, arg)
+			}
+		}
+		if len(positional) != 2 {
 			ce.Reply(commandUsage)
 			return
 		} else if !ce.User.Permissions.Admin {
-			ce.Reply("Only bridge admins can force a heal.")
+			ce.Reply("Only bridge admins can heal a device.")
 			return
 		}
-		h.forceHeal(ce, id.UserID(args[0]), id.DeviceID(args[1]))
+		userID := id.UserID(positional[0])
+		if _, _, err := userID.Parse(); err != nil {
+			reply(ce, fmt.Sprintf("%s is not a Matrix user ID.", escape(positional[0])))
+			return
+		}
+		h.healCommand(ce, userID, id.DeviceID(positional[1]), force)
 	default:
 		ce.Reply(commandUsage)
 	}
@@ -81,7 +115,7 @@ func (h *Helper) commandTarget(ce *commands.Event, args []string) (id.UserID, bo
 	if args[0] == "all" {
 		target = ""
 	} else if _, _, err := target.Parse(); err != nil {
-		ce.Reply("%q is not a Matrix user ID.", args[0])
+		reply(ce, fmt.Sprintf("%s is not a Matrix user ID.", escape(args[0])))
 		return "", false
 	}
 	if target != ce.User.MXID && !ce.User.Permissions.Admin {
@@ -104,14 +138,14 @@ const (
 // unknown_device) only from this process's memory, since it started, and are shown when newer.
 func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "**unwedge status of %s**\n\n", userID)
+	fmt.Fprintf(&b, "**unwedge status of %s**\n\n", escapeText(userID))
 	devices, err := h.mach.CryptoStore.GetDevices(ctx, userID)
 	if err != nil {
-		fmt.Fprintf(&b, "Failed to read devices: %v\n", err)
+		fmt.Fprintf(&b, "Failed to read devices: %s\n", escapeText(err.Error()))
 	}
 	heals, err := h.db.Ledger.Heals(ctx, userID, "", statusHeals)
 	if err != nil {
-		fmt.Fprintf(&b, "Failed to read the heal history: %v\n", err)
+		fmt.Fprintf(&b, "Failed to read the heal history: %s\n", escapeText(err.Error()))
 	}
 	var recent []unwedge.Decision
 	if h.unwedger != nil {
@@ -136,7 +170,7 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 	for _, deviceID := range sortedDeviceIDs(keys) {
 		key := keys[deviceID]
 		shown[key] = true
-		fmt.Fprintf(&b, "* device `%s` (identity key `%s`)", deviceID, key)
+		fmt.Fprintf(&b, "* device %s (identity key %s)", escape(deviceID), escape(key))
 		if gone[deviceID] {
 			b.WriteString(", no longer among the user's devices")
 		}
@@ -149,7 +183,7 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 		}
 		last, fromMemory := lastDecision(recent, key, deviceHeals)
 		if last != nil {
-			fmt.Fprintf(&b, "  * last decision: %s (%s) %s ago%s", last.Action, last.Class, since(last.At), detail(*last))
+			fmt.Fprintf(&b, "  * last decision: %s (%s) %s ago%s", escapeText(last.Action), escapeText(last.Class), since(last.At), detail(*last))
 			if fromMemory {
 				b.WriteString(" (remembered by this bridge process)")
 			}
@@ -171,13 +205,13 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 	for _, d := range recent {
 		if !shown[d.Key] {
 			shown[d.Key] = true
-			fmt.Fprintf(&b, "* identity key `%s`, no known device of this user\n  * last decision: %s (%s) %s ago%s (remembered by this bridge process)\n",
-				d.Key, d.Action, d.Class, since(d.At), detail(d))
+			fmt.Fprintf(&b, "* identity key %s, no known device of this user\n  * last decision: %s (%s) %s ago%s (remembered by this bridge process)\n",
+				escape(d.Key), escapeText(d.Action), escapeText(d.Class), since(d.At), detail(d))
 		}
 	}
 	pending, err := h.db.Pending.List(ctx, userID, 1000)
 	if err != nil {
-		fmt.Fprintf(&b, "\nFailed to read pending events: %v\n", err)
+		fmt.Fprintf(&b, "\nFailed to read pending events: %s\n", escapeText(err.Error()))
 	} else {
 		fmt.Fprintf(&b, "\nMessages waiting for their keys: %d\n", len(pending))
 	}
@@ -229,18 +263,18 @@ func healDecision(heal *database.Heal) unwedge.Decision {
 // describeHeal is one heal of the history: outcome, class, when, session, who forced it, error.
 func describeHeal(heal *database.Heal) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s (%s) %s ago", heal.Outcome, heal.Class, since(heal.StartedAt))
+	fmt.Fprintf(&b, "%s (%s) %s ago", escapeText(heal.Outcome), escapeText(heal.Class), since(heal.StartedAt))
 	if heal.SessionID != "" {
-		fmt.Fprintf(&b, ", session `%s`", heal.SessionID)
+		fmt.Fprintf(&b, ", session %s", escape(heal.SessionID))
 	}
 	if heal.ForcedBy != "" {
-		fmt.Fprintf(&b, ", forced by %s", heal.ForcedBy)
+		fmt.Fprintf(&b, ", forced by %s", escapeText(heal.ForcedBy))
 	}
 	if heal.Attempts > 0 {
 		fmt.Fprintf(&b, ", %d attempt(s)", heal.Attempts)
 	}
 	if heal.Error != "" {
-		fmt.Fprintf(&b, ", error: %s", heal.Error)
+		fmt.Fprintf(&b, ", error: %s", escapeText(heal.Error))
 	}
 	return b.String()
 }
@@ -250,11 +284,11 @@ func (h *Helper) pendingReport(ctx context.Context, userID id.UserID) string {
 	const limit = 50
 	pending, err := h.db.Pending.List(ctx, userID, limit+1)
 	if err != nil {
-		return fmt.Sprintf("Failed to read pending events: %v", err)
+		return fmt.Sprintf("Failed to read pending events: %s", escapeText(err.Error()))
 	}
 	who := "all users"
 	if userID != "" {
-		who = userID.String()
+		who = escapeText(userID)
 	}
 	if len(pending) == 0 {
 		return fmt.Sprintf("No messages of %s are waiting for their keys.", who)
@@ -266,32 +300,173 @@ func (h *Helper) pendingReport(ctx context.Context, userID id.UserID) string {
 			fmt.Fprintf(&b, "* ... and more (only the first %d are listed)\n", limit)
 			break
 		}
-		fmt.Fprintf(&b, "* `%s` in `%s` from %s, session `%s`: waiting %s, %d key request(s)", p.EventID, p.RoomID, p.Sender, p.SessionID, since(p.FirstSeen), p.Requests)
+		fmt.Fprintf(&b, "* %s in %s from %s, session %s: waiting %s, %d key request(s)", escape(p.EventID), escape(p.RoomID), escapeText(p.Sender), escape(p.SessionID), since(p.FirstSeen), p.Requests)
 		if p.LastError != "" {
-			fmt.Fprintf(&b, ", last error: %s", p.LastError)
+			fmt.Fprintf(&b, ", last error: %s", escapeText(p.LastError))
 		}
 		b.WriteString("\n")
 	}
 	return b.String()
 }
 
-// forceHeal replaces the Olm session with a device now, ignoring the MSC1719 interval; the
-// ledger records who forced it.
-func (h *Helper) forceHeal(ce *commands.Event, userID id.UserID, deviceID id.DeviceID) {
+// forcedHealWindow is how often an admin may force a heal of one device: every forced heal
+// claims one of its one-time keys, so repeating `unwedge heal --force` must not drain them.
+const forcedHealWindow = 5 * time.Minute
+
+// healCommand heals a device an admin named. Without force it is the heal a wedge would get
+// (unwedge's scope, max_heals_per_user and min_interval apply; Unwedger.HealRequested); with
+// force those are skipped and the ledger records who forced it, but a device gets at most one
+// forced heal per forcedHealWindow.
+func (h *Helper) healCommand(ce *commands.Event, userID id.UserID, deviceID id.DeviceID, force bool) {
 	device, err := h.mach.GetOrFetchDevice(ce.Ctx, userID, deviceID)
 	if err != nil || device == nil {
-		ce.Reply("Device `%s` of %s not found: %v", deviceID, userID, err)
+		why := "the homeserver does not list it"
+		if err != nil {
+			why = escapeText(err.Error())
+		}
+		reply(ce, fmt.Sprintf("Device %s of %s not found: %s", escape(deviceID), escapeText(userID), why))
 		return
 	}
-	outcome := h.unwedger.Heal(ce.Ctx, device, unwedge.ClassForced, ce.User.MXID)
-	switch outcome {
-	case database.HealHealed:
-		ce.Reply("Created a new Olm session with `%s` of %s and sent m.dummy over it; the keys the bridge was missing from it are requested again.", deviceID, userID)
-	case "":
-		ce.Reply("Not healed: another heal of this device is in progress.")
-	default:
-		ce.Reply("Heal of `%s` of %s failed (%s); see the bridge log for the error.", deviceID, userID, outcome)
+	ce.Log.Info().Stringer("requested_by", ce.User.MXID).Stringer("user_id", userID).Stringer("device_id", deviceID).
+		Bool("force", force).Msg("Admin asked for a heal")
+	dev := fmt.Sprintf("%s of %s", escape(deviceID), escapeText(userID))
+	if force {
+		release, last, err := h.reserveForcedHeal(ce.Ctx, userID, deviceID, time.Now())
+		if err != nil {
+			reply(ce, fmt.Sprintf("Not healed: failed to read the heal history: %s", escapeText(err.Error())))
+			return
+		} else if release == nil {
+			reply(ce, fmt.Sprintf("Not healed: device %s had a forced heal %s ago; a device gets at most one forced heal per %s, so that repeating it cannot use up its one-time keys.",
+				dev, since(last), forcedHealWindow))
+			return
+		}
+		outcome, d := h.unwedger.HealRequested(ce.Ctx, device, ce.User.MXID, true)
+		if outcome == "" {
+			release() // refused by the ledger (a heal holds the device): no key was claimed
+		}
+		replyHeal(ce, dev, outcome, d)
+		return
 	}
+	outcome, d := h.unwedger.HealRequested(ce.Ctx, device, ce.User.MXID, false)
+	replyHeal(ce, dev, outcome, d)
+}
+
+// replyHeal tells the admin how a heal they asked for ended, or why there was none.
+func replyHeal(ce *commands.Event, dev string, outcome database.HealOutcome, d unwedge.Decision) {
+	why := escapeText(d.Detail)
+	if d.Err != nil {
+		if why != "" {
+			why += ": "
+		}
+		why += escapeText(d.Err.Error())
+	}
+	switch {
+	case outcome == database.HealHealed:
+		reply(ce, fmt.Sprintf("Created a new Olm session with device %s and sent m.dummy over it; the keys the bridge was missing from it are requested again.", dev))
+	case d.Action == "deferred":
+		reply(ce, fmt.Sprintf("Created a new Olm session with device %s; m.dummy is not sent yet (%s), it is sent when the homeserver answers.", dev, why))
+	case d.Action == "out_of_scope":
+		reply(ce, fmt.Sprintf("Not healed: the user of device %s is outside unwedge's scope (%s). `unwedge heal --force` heals anyway.", dev, why))
+	case d.Action == "capped" || d.Action == "limited":
+		reply(ce, fmt.Sprintf("Not healed: device %s is %s: %s. (`unwedge heal --force` skips min\\_interval and max\\_heals\\_per\\_user, not a running heal, at most once per device per %s.)",
+			dev, escapeText(d.Action), why, forcedHealWindow))
+	case outcome == "":
+		reply(ce, fmt.Sprintf("Not healed: %s.", why))
+	default:
+		reply(ce, fmt.Sprintf("Heal of device %s failed (%s): %s", dev, escapeText(outcome), why))
+	}
+}
+
+type forcedHealKey struct {
+	h      *Helper
+	user   id.UserID
+	device id.DeviceID
+}
+
+// forcedHeals holds the forced heals this process started within forcedHealWindow; the ledger
+// holds those of every process (their heal rows, with forced_by).
+var forcedHeals = struct {
+	sync.Mutex
+	at map[forcedHealKey]time.Time
+}{at: map[forcedHealKey]time.Time{}}
+
+// reserveForcedHeal reserves the device's forced heal for this window, or returns a nil release
+// and when the last forced heal started: one this process reserved, or the newest in the ledger
+// with forced_by (forced by any process or replica, also before a restart). release undoes the
+// reservation, for a heal that claimed no key.
+func (h *Helper) reserveForcedHeal(ctx context.Context, userID id.UserID, deviceID id.DeviceID, now time.Time) (release func(), last time.Time, err error) {
+	forcedHeals.Lock()
+	defer forcedHeals.Unlock()
+	for key, at := range forcedHeals.at {
+		if now.Sub(at) >= forcedHealWindow {
+			delete(forcedHeals.at, key)
+		}
+	}
+	key := forcedHealKey{h, userID, deviceID}
+	if at, ok := forcedHeals.at[key]; ok {
+		return nil, at, nil
+	}
+	heals, err := h.db.Ledger.Heals(ctx, userID, deviceID, 50)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	for _, heal := range heals {
+		if now.Sub(heal.StartedAt) >= forcedHealWindow {
+			break // newest first
+		}
+		if heal.ForcedBy != "" {
+			return nil, heal.StartedAt, nil
+		}
+	}
+	forcedHeals.at[key] = now
+	return func() {
+		forcedHeals.Lock()
+		defer forcedHeals.Unlock()
+		if forcedHeals.at[key] == now {
+			delete(forcedHeals.at, key)
+		}
+	}, time.Time{}, nil
+}
+
+// reply sends a report as markdown as it is: no $cmdprefix replacement or formatting of what the
+// values in it (escaped) might contain.
+func reply(ce *commands.Event, markdown string) {
+	ce.ReplyAdvanced(markdown, true, false)
+}
+
+// escape renders a value that a remote peer, a homeserver or another user controls (device and
+// session IDs, identity keys, room and event IDs) as an inline code span: nothing in it is markdown
+// or HTML, and control characters (line breaks) become spaces, so it cannot end the code span,
+// the line or the list item.
+func escape[T ~string](s T) string {
+	return format.SafeMarkdownCode(oneLine(string(s)))
+}
+
+// markdownPunctuation is what CommonMark lets a backslash escape: all ASCII punctuation.
+const markdownPunctuation = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+// escapeText renders text that others control (error texts, the reasons in decisions, user
+// IDs, classes and outcomes read from the shared database) as literal text: every ASCII
+// punctuation character is backslash-escaped and control characters become spaces.
+func escapeText[T ~string](s T) string {
+	var b strings.Builder
+	for _, r := range oneLine(string(s)) {
+		if r < 0x80 && strings.ContainsRune(markdownPunctuation, r) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// oneLine replaces control characters and Unicode line and paragraph separators by spaces.
+func oneLine(s string) string {
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) || r == '\u2028' || r == '\u2029' {
+			return ' '
+		}
+		return r
+	}, s)
 }
 
 func sortedDeviceIDs[T any](devices map[id.DeviceID]T) []id.DeviceID {
@@ -311,5 +486,5 @@ func detail(d unwedge.Decision) string {
 	if d.Detail == "" {
 		return ""
 	}
-	return ": " + d.Detail
+	return ": " + escapeText(d.Detail)
 }

@@ -102,6 +102,9 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 	}
 	if h.metrics == nil {
 		h.metrics = newMetrics(h)
+		// Once, like the metrics (Reset runs initUnwedge again): a redaction of a pending event
+		// drops it. On appends, so bridgev2's own redaction handler still runs, first.
+		h.conn.EventProcessor.On(event.EventRedaction, h.handleRedaction)
 	}
 	h.unwedger.OnDecision = h.metrics.observe
 	if h.cfg.Metrics.Enabled {

@@ -184,8 +184,8 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	if m.h.recovery != nil {
 		recovery = m.h.recovery.Counts()
 	}
-	events := map[string]int64{"recorded": 0, "recovered": 0, "given_up": 0, "decrypted_by_bridge": 0, "not_recorded": 0}
-	for _, name := range []string{unwedge.CountRecorded, unwedge.CountRecovered, unwedge.CountGivenUp, unwedge.CountDecryptedStock, unwedge.CountNotRecorded} {
+	events := map[string]int64{"recorded": 0, "recovered": 0, "given_up": 0, "dropped": 0, "decrypted_by_bridge": 0, "not_recorded": 0}
+	for _, name := range []string{unwedge.CountRecorded, unwedge.CountRecovered, unwedge.CountGivenUp, unwedge.CountDropped, unwedge.CountDecryptedStock, unwedge.CountNotRecorded} {
 		events[name] = recovery[name]
 	}
 	requests := map[string]int64{
@@ -193,7 +193,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 		"filled":   recovery[unwedge.CountRequestsFilled],
 		"deferred": recovery[unwedge.CountRequestsDeferred],
 	}
-	family(out, "unwedge_undecryptable_events_total", "counter", "Room events without their Megolm session: recorded, recovered (bridged late), given_up (after the retention), decrypted_by_bridge (bridgev2's own wait got the key), not_recorded (over max_pending_per_user).")
+	family(out, "unwedge_undecryptable_events_total", "counter", "Room events without their Megolm session: recorded, recovered (bridged late), given_up (after the retention), dropped (not bridged: the sender left or was removed from the room, the event was redacted, or the device is not trusted enough), decrypted_by_bridge (bridgev2's own wait got the key), not_recorded (over max_pending_per_user).")
 	labelled(out, "unwedge_undecryptable_events_total", "result", events)
 	family(out, "unwedge_key_requests_total", "counter", "Room key requests by recovery: sent, filled (the key arrived), deferred (the sender's session was being replaced).")
 	labelled(out, "unwedge_key_requests_total", "result", requests)

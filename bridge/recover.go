@@ -1,14 +1,21 @@
 package bridge
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
 	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/bridgev2"
 	"maunium.net/go/mautrix/bridgev2/status"
 	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
 // recoverySink hands events that became decryptable late to bridgev2, as bridgev2 does with
@@ -35,12 +42,19 @@ func (s *recoverySink) Deliver(ctx context.Context, original, decrypted *event.E
 		log.Info().Msg("Late-decrypted event was already bridged before a restart: not bridging it again")
 		return nil
 	}
+	// The rules that held when the event arrived hold now, days later maybe: its sender is still
+	// in the room and it was not redacted meanwhile. Such an event is dropped without a status:
+	// its sender either left the room or took the message back. (encryption.require needs no
+	// check: a recovered event was encrypted by construction.)
+	if reason, err := s.moderated(ctx, original); err != nil {
+		return err
+	} else if reason != "" {
+		return &unwedge.DroppedError{Reason: reason}
+	}
 	if minLevel := conn.Config.Encryption.VerificationLevels.Send; decrypted.Mautrix.TrustState < minLevel {
 		// The same rule bridgev2 applies to events it decrypts: not bridged, and the user is told.
-		log.Warn().Stringer("device_trust", decrypted.Mautrix.TrustState).Stringer("min_trust", minLevel).
-			Msg("Dropping late-decrypted event due to insufficient verification level")
 		s.sendStatus(ctx, original, event.MessageStatusFail, fmt.Errorf("your device's verification level is too low (%s)", decrypted.Mautrix.TrustState), requests)
-		return nil
+		return &unwedge.DroppedError{Reason: fmt.Sprintf("insufficient verification level (%s, want %s)", decrypted.Mautrix.TrustState, minLevel)}
 	}
 	if scheduled, _ := original.Content.Raw["com.beeper.scheduled"].(bool); scheduled && decrypted.Content.Raw != nil {
 		decrypted.Content.Raw["com.beeper.scheduled"] = true
@@ -56,6 +70,90 @@ func (s *recoverySink) Deliver(ctx context.Context, original, decrypted *event.E
 	}
 	s.redactNotices(ctx, original)
 	return nil
+}
+
+// moderated says why an event that waited for its key must not be bridged any more, or "": its
+// sender is no longer joined to the room (kicked, banned or gone), or the event was redacted.
+// The bridge's state store is asked first; the homeserver has the last word, since the bridge may
+// have been down when the sender left or the event was redacted (an error then keeps the event
+// pending, to be checked again).
+func (s *recoverySink) moderated(ctx context.Context, evt *event.Event) (string, error) {
+	conn := s.h.conn
+	member, err := conn.StateStore.TryGetMember(ctx, evt.RoomID, evt.Sender)
+	if err != nil {
+		return "", fmt.Errorf("failed to get the sender's membership: %w", err)
+	}
+	if member == nil || member.Membership != event.MembershipJoin {
+		// The state store may lack the member or be behind: the homeserver decides.
+		var current event.MemberEventContent
+		err = conn.Bot.Client.StateEvent(ctx, evt.RoomID, event.StateMember, evt.Sender.String(), &current)
+		switch {
+		case errors.Is(err, mautrix.MNotFound):
+			return "the sender is not a member of the room", nil
+		case err != nil && member != nil:
+			return fmt.Sprintf("the sender's membership is %s", member.Membership), nil
+		case err != nil:
+			return "", fmt.Errorf("failed to get the sender's membership from the homeserver: %w", err)
+		case current.Membership != event.MembershipJoin:
+			return fmt.Sprintf("the sender's membership is %s", current.Membership), nil
+		}
+	}
+	served, err := conn.Bot.Client.GetEvent(ctx, evt.RoomID, evt.ID)
+	switch {
+	case errors.Is(err, mautrix.MNotFound):
+		return "the homeserver no longer serves the event", nil
+	case errors.Is(err, mautrix.MForbidden):
+		// The bot cannot read the room (it was removed from it): the redactions it saw while up
+		// (handleRedaction) are what it knows, and the event is not kept waiting forever.
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("Cannot check the late-decrypted event for a redaction: the bot may not read the room")
+		return "", nil
+	case err != nil:
+		return "", fmt.Errorf("failed to check the event on the homeserver: %w", err)
+	case redacted(served):
+		return "the event was redacted", nil
+	}
+	return "", nil
+}
+
+// redacted reports whether the homeserver served an event redacted: with the redaction in
+// unsigned.redacted_because, or with its content pruned (an encrypted event keeps nothing).
+func redacted(evt *event.Event) bool {
+	return evt.Unsigned.RedactedBecause != nil || len(bytes.TrimSpace(evt.Content.VeryRaw)) <= 2
+}
+
+// redactsID is the event a redaction redacts: the top-level redacts of room versions up to 10,
+// or the content's of room version 11.
+func redactsID(evt *event.Event) id.EventID {
+	if evt.Redacts != "" {
+		return evt.Redacts
+	}
+	if content, ok := evt.Content.Parsed.(*event.RedactionEventContent); ok && content.Redacts != "" {
+		return content.Redacts
+	}
+	if target, ok := evt.Content.Raw["redacts"].(string); ok {
+		return id.EventID(target)
+	}
+	var content event.RedactionEventContent
+	if len(evt.Content.VeryRaw) > 0 && json.Unmarshal(evt.Content.VeryRaw, &content) == nil {
+		return content.Redacts
+	}
+	return ""
+}
+
+// handleRedaction drops a pending event that a redaction removes, at once: it is never bridged,
+// even if its key arrives later. The sender's own redaction counts, and a moderator's (whoever
+// may redact others' events by the room's power levels).
+func (h *Helper) handleRedaction(ctx context.Context, evt *event.Event) {
+	rec := h.recovery
+	target := redactsID(evt)
+	if rec == nil || target == "" || evt.RoomID == "" {
+		return
+	}
+	moderator := false
+	if pl, err := h.conn.StateStore.GetPowerLevels(ctx, evt.RoomID); err == nil && pl != nil {
+		moderator = pl.GetUserLevel(evt.Sender) >= pl.Redact()
+	}
+	rec.Redacted(ctx, evt.RoomID, target, evt.ID, evt.Sender, moderator)
 }
 
 // bridged reports whether bridgev2 has a record of the Matrix event: messages, stickers and

@@ -4,38 +4,27 @@ import (
 	"context"
 
 	"github.com/rs/zerolog"
-	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
 // reshareRoomKeys sends a device the bridge's current outbound Megolm sessions again, over the
 // Olm session in use now, when that session replaced one the device could not read (the bridge
-// healed it, or the device opened a new one). Only sessions the bridge already shared with this
-// device (by user and identity key) are sent, so nobody gets a key they did not have. The keys
-// are at the sessions' current index: what the device missed before it can ask for, and
-// allowKeyShare answers those requests.
+// healed it, or the device opened a new one), with the checks sharing applies
+// (unwedge.ReshareOwnSessions). The keys are at the sessions' current index: what the device
+// missed before it can ask for, and allowKeyShare answers those requests from the index it had.
 func (h *Helper) reshareRoomKeys(ctx context.Context, device *id.Device) {
-	log := zerolog.Ctx(ctx).With().Stringer("user_id", device.UserID).Stringer("device_id", device.DeviceID).Logger()
+	log := zerolog.Ctx(ctx).With().Stringer("user_id", device.UserID).Stringer("device_id", device.DeviceID).
+		Stringer("identity_key", device.IdentityKey).Logger()
 	rooms, err := h.outboundRooms(ctx)
 	if err != nil {
 		log.Err(err).Msg("Failed to list outbound Megolm sessions to share again")
 		return
 	}
-	sent := 0
-	for _, roomID := range rooms {
-		sess, err := h.mach.CryptoStore.GetOutboundGroupSession(ctx, roomID)
-		if err != nil || sess == nil || !sess.Shared || sess.Expired() {
-			continue
-		}
-		shared, err := h.mach.CryptoStore.IsOutboundGroupSessionShared(ctx, device.UserID, device.IdentityKey, sess.ID())
-		if err != nil || !shared {
-			continue
-		}
-		if err = h.mach.SendEncryptedToDevice(ctx, device, event.ToDeviceRoomKey, sess.ShareContent()); err != nil {
-			log.Warn().Err(err).Stringer("room_id", roomID).Stringer("session_id", sess.ID()).Msg("Failed to share room key again")
-			continue
-		}
-		sent++
+	sent, err := unwedge.ReshareOwnSessions(ctx, h.mach, device, rooms, h.conn.StateStore.IsInvited)
+	if err != nil {
+		log.Warn().Err(err).Msg("Failed to share some room keys again")
 	}
 	if sent > 0 {
 		log.Info().Int("sessions", sent).Msg("Shared the bridge's room keys again over the new Olm session")

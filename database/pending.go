@@ -2,7 +2,9 @@ package database
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -80,6 +82,11 @@ const (
 	releasePendingQuery = `
 		UPDATE unwedge_pending SET claim_owner = '', claim_until = 0, last_error = $4
 		WHERE bridge_id = $1 AND event_id = $2 AND claim_owner = $3`
+	// A redaction removes the event whatever its claim: a hand-over in progress checks the
+	// redaction itself. An empty $4 matches any sender (a moderator's redaction).
+	deleteRedactedQuery = `
+		DELETE FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $2 AND event_id = $3 AND ($4 = '' OR sender = $4)
+		RETURNING sender`
 	deleteClaimedQuery = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2 AND claim_owner = $3`
 	listPendingQuery   = `
 		SELECT ` + pendingColumns + ` FROM unwedge_pending
@@ -195,6 +202,16 @@ func (pq *PendingQuery) Release(ctx context.Context, eventID id.EventID, owner, 
 func (pq *PendingQuery) Done(ctx context.Context, eventID id.EventID, owner string) error {
 	_, err := pq.db.Exec(ctx, deleteClaimedQuery, pq.BridgeID, eventID, owner)
 	return err
+}
+
+// DeleteRedacted removes a redacted event of the room, if it was sent by sender (any sender when
+// sender is empty), and returns its sender, or "" when no such event was pending.
+func (pq *PendingQuery) DeleteRedacted(ctx context.Context, roomID id.RoomID, eventID id.EventID, sender id.UserID) (deleted id.UserID, err error) {
+	err = pq.db.QueryRow(ctx, deleteRedactedQuery, pq.BridgeID, roomID, eventID, sender).Scan(&deleted)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", nil
+	}
+	return
 }
 
 // List lists pending events, of one sender or all when sender is empty, the oldest first.

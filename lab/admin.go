@@ -15,14 +15,19 @@ import (
 // Command sends a bridge command ("!wh " is added) from the wedged device in the world's room (the
 // portal, or the management room) and returns the text of the bot's answer that contains want.
 func (w *World) Command(ctx context.Context, command, want string) (string, error) {
+	return w.CommandIn(ctx, w.Room, command, want)
+}
+
+// CommandIn is Command in another room of the wedged device's, e.g. one from ManagementRoom.
+func (w *World) CommandIn(ctx context.Context, room id.RoomID, command, want string) (string, error) {
 	seen := map[id.EventID]bool{}
-	for _, evt := range w.Wedged().Messages(w.Room) {
+	for _, evt := range w.Wedged().Messages(room) {
 		seen[evt.ID] = true
 	}
-	if _, err := w.Wedged().SendText(ctx, w.Room, "!wh "+command); err != nil {
+	if _, err := w.Wedged().SendText(ctx, room, "!wh "+command); err != nil {
 		return "", err
 	}
-	evt, err := w.Wedged().WaitForMessage(ctx, w.Room, func(evt *event.Event) bool {
+	evt, err := w.Wedged().WaitForMessage(ctx, room, func(evt *event.Event) bool {
 		msg := evt.Content.AsMessage()
 		return !seen[evt.ID] && evt.Sender == w.Bridge.BotMXID && msg.MsgType == event.MsgNotice && strings.Contains(msg.Body, want)
 	})
@@ -30,6 +35,23 @@ func (w *World) Command(ctx context.Context, command, want string) (string, erro
 		return "", fmt.Errorf("no answer to %q containing %q: %w", command, want, err)
 	}
 	return evt.Content.AsMessage().Body, nil
+}
+
+// ManagementRoom opens the user's encrypted management room with the bridge bot from the wedged
+// device, as openManagementRoom does for a Management scenario, for the commands that answer only
+// there (`unwedge`); the world's room stays what it is.
+func (w *World) ManagementRoom(ctx context.Context) (id.RoomID, error) {
+	room, err := w.Wedged().CreateEncryptedRoom(ctx, w.Bridge.BotMXID)
+	if err != nil {
+		return "", err
+	}
+	_, err = w.Wedged().WaitForMessage(ctx, room, func(evt *event.Event) bool {
+		return evt.Sender == w.Bridge.BotMXID && strings.Contains(evt.Content.AsMessage().Body, "marked as your management room")
+	})
+	if err != nil {
+		return "", fmt.Errorf("the bot's welcome in the management room: %w", err)
+	}
+	return room, nil
 }
 
 // Metrics reads the bridge's unwedge metrics: series ("name{labels}") to value.

@@ -12,7 +12,8 @@ import (
 
 // TestLabAdmin runs a wedge scenario and checks that what an admin sees, the metrics endpoint and
 // the `unwedge` command's answers, matches what happened according to the bridge's own log and
-// the lab's measurement; then an admin forces a heal and sees it counted and recorded.
+// the lab's measurement; then an admin forces a heal and sees it counted and recorded. The
+// command answers only in the user's management room.
 func TestLabAdmin(t *testing.T) {
 	env, ctx, cfg := setupLab(t, 10*time.Minute)
 	sc, _ := ScenarioByName("expired-one-time-key")
@@ -48,10 +49,25 @@ func TestLabAdmin(t *testing.T) {
 				t.Errorf("%s: metric %v, want %v", c.what, c.got, c.want)
 			}
 		}
+		// `unwedge` answers only in the user's management room; in the portal it says so and
+		// names no device.
+		device := string(w.Wedged().DeviceID())
+		inPortal, err := w.Command(ctx, "unwedge status", "management room")
+		if err != nil {
+			return err
+		} else if strings.Contains(inPortal, device) {
+			t.Errorf("`unwedge status` in the portal names the device:\n%s", inPortal)
+		}
+		mgmt, err := w.ManagementRoom(ctx)
+		if err != nil {
+			return err
+		}
+		command := func(command, want string) (string, error) { return w.CommandIn(ctx, mgmt, command, want) }
+
 		// The pending gauge and the pending command read the same table: they must agree. (Not
 		// necessarily zero: an event the bridge was waiting for when the lab restarted it stays
 		// there until its hand-over time, then it is bridged.)
-		pendingAll, err := w.Command(ctx, "unwedge pending all", "waiting for their keys")
+		pendingAll, err := command("unwedge pending all", "waiting for their keys")
 		if err != nil {
 			return err
 		}
@@ -68,8 +84,7 @@ func TestLabAdmin(t *testing.T) {
 			t.Errorf("no prekey_unknown_otk failure in the metrics: %v", metrics)
 		}
 
-		device := string(w.Wedged().DeviceID())
-		status, err := w.Command(ctx, "unwedge status", "unwedge status of")
+		status, err := command("unwedge status", "unwedge status of")
 		if err != nil {
 			return err
 		}
@@ -79,9 +94,16 @@ func TestLabAdmin(t *testing.T) {
 			}
 		}
 
-		// An admin forces a heal within the hour: it happens, is counted and says who forced it.
+		// Within the hour a heal is limited, unless an admin forces it: then it happens, is
+		// counted and says who forced it; forced again at once, it is refused.
 		user := w.Wedged().UserID()
-		if _, err = w.Command(ctx, fmt.Sprintf("unwedge heal %s %s", user, device), "Created a new Olm session"); err != nil {
+		if _, err = command(fmt.Sprintf("unwedge heal %s %s", user, device), "Not healed"); err != nil {
+			return err
+		}
+		if _, err = command(fmt.Sprintf("unwedge heal --force %s %s", user, device), "Created a new Olm session"); err != nil {
+			return err
+		}
+		if _, err = command(fmt.Sprintf("unwedge heal --force %s %s", user, device), "at most one forced heal per"); err != nil {
 			return err
 		}
 		if metrics, err = w.Metrics(ctx); err != nil {
@@ -93,7 +115,7 @@ func TestLabAdmin(t *testing.T) {
 		if got := metrics[fmt.Sprintf(`unwedge_olm_failures_total{class=%q}`, unwedge.ClassForced)]; got != 0 {
 			t.Errorf("a forced heal counted as an Olm failure")
 		}
-		status, err = w.Command(ctx, "unwedge status "+string(user), "unwedge status of")
+		status, err = command("unwedge status "+string(user), "unwedge status of")
 		if err != nil {
 			return err
 		}

@@ -35,6 +35,9 @@ type DeliveryConfig struct {
 	MaxAttempts int           `yaml:"max_attempts"`
 	MinBackoff  time.Duration `yaml:"min_backoff"`
 	MaxBackoff  time.Duration `yaml:"max_backoff"`
+	// AllowPrivateAddresses lets webhook URLs point at loopback, private, link-local and other
+	// non-public addresses. Off, the bridge connects only to public internet addresses.
+	AllowPrivateAddresses bool `yaml:"allow_private_addresses"`
 }
 
 func upgradeConfig(helper up.Helper) {
@@ -44,6 +47,7 @@ func upgradeConfig(helper up.Helper) {
 	helper.Copy(up.Int, "delivery", "max_attempts")
 	helper.Copy(up.Str, "delivery", "min_backoff")
 	helper.Copy(up.Str, "delivery", "max_backoff")
+	helper.Copy(up.Bool, "delivery", "allow_private_addresses")
 	unwedgebridge.UpgradeConfig(helper, "unwedge")
 }
 

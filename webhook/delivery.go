@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -50,7 +49,7 @@ func newDeliverer(conn *Connector) *deliverer {
 }
 
 func (d *deliverer) start(ctx context.Context) {
-	d.http = &http.Client{Timeout: d.conn.Config.Delivery.Timeout}
+	d.http = newDeliveryClient(d.conn.Config.Delivery.Timeout, d.conn.Config.Delivery.AllowPrivateAddresses)
 	ctx, d.cancel = context.WithCancel(ctx)
 	log := d.conn.br.Log.With().Str("component", "webhook delivery").Logger()
 	d.done.Add(1)
@@ -126,14 +125,13 @@ func (d *deliverer) attempt(ctx context.Context, msg *database.OutboxMessage) er
 	if err != nil {
 		return fmt.Errorf("failed to get login %s: %w", msg.LoginID, err)
 	}
-	var deliveryErr error
-	permanent := false
+	var deliveryErr *deliveryError
 	if login == nil {
-		deliveryErr, permanent = errors.New("the login was removed"), true
+		deliveryErr = &deliveryError{public: "delivery failed: the login was removed", permanent: true}
 	} else if url := login.Metadata.(*LoginMetadata).WebhookURL; url == "" {
-		deliveryErr, permanent = errors.New("the login has no webhook URL"), true
+		deliveryErr = &deliveryError{public: "delivery failed: the login has no webhook URL", permanent: true}
 	} else {
-		deliveryErr, permanent = d.post(ctx, url, msg)
+		deliveryErr = d.post(ctx, url, msg)
 	}
 	now := time.Now()
 	if deliveryErr == nil {
@@ -143,52 +141,83 @@ func (d *deliverer) attempt(ctx context.Context, msg *database.OutboxMessage) er
 	}
 	attempts := msg.Attempts + 1
 	cfg := &d.conn.Config.Delivery
-	if permanent || attempts >= cfg.MaxAttempts {
+	// The outbox and the room notice get the generic text; the detail (dial errors name addresses
+	// and tell open ports from closed ones) is only logged, for the admin.
+	if deliveryErr.permanent || attempts >= cfg.MaxAttempts {
 		msg.Status = database.OutboxFailed
-		log.Warn().Err(deliveryErr).Int("attempt", attempts).Bool("permanent", permanent).Msg("Giving up delivering message to webhook")
-		if err = d.conn.db.Outbox.MarkAttemptFailed(ctx, msg.ID, database.OutboxFailed, now, deliveryErr.Error()); err != nil {
+		log.Warn().Err(deliveryErr).Int("attempt", attempts).Bool("permanent", deliveryErr.permanent).Msg("Giving up delivering message to webhook")
+		if err = d.conn.db.Outbox.MarkAttemptFailed(ctx, msg.ID, database.OutboxFailed, now, deliveryErr.public); err != nil {
 			return fmt.Errorf("failed to mark message %d failed: %w", msg.ID, err)
 		}
-		d.notifyFailure(ctx, login, msg, deliveryErr, attempts)
+		d.notifyFailure(ctx, login, msg, deliveryErr.public, attempts)
 		return nil
 	}
 	next := now.Add(cfg.backoff(attempts))
 	log.Debug().Err(deliveryErr).Int("attempt", attempts).Time("next_attempt", next).Msg("Webhook delivery failed, will retry")
-	return d.conn.db.Outbox.MarkAttemptFailed(ctx, msg.ID, database.OutboxPending, next, deliveryErr.Error())
+	return d.conn.db.Outbox.MarkAttemptFailed(ctx, msg.ID, database.OutboxPending, next, deliveryErr.public)
 }
 
-// post sends one message; the bool says whether a failure is permanent.
-func (d *deliverer) post(ctx context.Context, url string, msg *database.OutboxMessage) (error, bool) {
+// deliveryError is a failed delivery attempt: err is the detail for the bridge log, public the
+// text the user sees in the outbox and the room notice, which never holds addresses, ports or
+// dial errors (they would make the webhook a port scanner of the bridge's network).
+type deliveryError struct {
+	public    string
+	err       error
+	permanent bool
+}
+
+func (e *deliveryError) Error() string {
+	if e.err == nil {
+		return e.public
+	}
+	return e.err.Error()
+}
+
+func (e *deliveryError) Unwrap() error { return e.err }
+
+// errUnreachable is the public text of every failure to get an HTTP answer: refused or forbidden
+// addresses, DNS, TLS and timeouts look the same to the user.
+const errUnreachable = "delivery failed: the webhook could not be reached"
+
+// post sends one message; nil means delivered.
+func (d *deliverer) post(ctx context.Context, url string, msg *database.OutboxMessage) *deliveryError {
 	body, err := json.Marshal(&OutgoingMessage{
 		ID: msg.ID, ChatID: msg.ChatID, EventID: id.EventID(msg.EventID), Sender: id.UserID(msg.SenderMXID),
 		Text: msg.Body, Timestamp: msg.Timestamp,
 	})
 	if err != nil {
-		return fmt.Errorf("failed to encode message: %w", err), true
+		return &deliveryError{"delivery failed: the message could not be encoded", fmt.Errorf("failed to encode message: %w", err), true}
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
-		return fmt.Errorf("failed to build request: %w", err), true
+		return &deliveryError{"delivery failed: invalid webhook URL", fmt.Errorf("failed to build request: %w", err), true}
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := d.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("webhook request failed: %w", err), false
+		return &deliveryError{errUnreachable, fmt.Errorf("webhook request failed: %w", err), false}
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64*1024))
 	_ = resp.Body.Close()
+	statusErr := func(permanent bool) *deliveryError {
+		public := fmt.Sprintf("delivery failed (HTTP %d)", resp.StatusCode)
+		if resp.StatusCode >= 300 && resp.StatusCode < 400 {
+			public += ": redirects are not followed"
+		}
+		return &deliveryError{public, fmt.Errorf("webhook answered %s", resp.Status), permanent}
+	}
 	switch {
 	case resp.StatusCode >= 200 && resp.StatusCode < 300:
-		return nil, false
+		return nil
 	case resp.StatusCode == http.StatusRequestTimeout, resp.StatusCode == http.StatusTooManyRequests, resp.StatusCode >= 500:
-		return fmt.Errorf("webhook answered %s", resp.Status), false
+		return statusErr(false)
 	default:
-		return fmt.Errorf("webhook answered %s", resp.Status), true
+		return statusErr(true)
 	}
 }
 
 // notifyFailure tells the sender in the room that their message will not reach the remote side.
-func (d *deliverer) notifyFailure(ctx context.Context, login *bridgev2.UserLogin, msg *database.OutboxMessage, cause error, attempts int) {
+func (d *deliverer) notifyFailure(ctx context.Context, login *bridgev2.UserLogin, msg *database.OutboxMessage, cause string, attempts int) {
 	if login == nil {
 		return
 	}
@@ -200,7 +229,7 @@ func (d *deliverer) notifyFailure(ctx context.Context, login *bridgev2.UserLogin
 	d.conn.br.Matrix.SendMessageStatus(ctx, &bridgev2.MessageStatus{
 		Status:      event.MessageStatusFail,
 		ErrorReason: event.MessageStatusNetworkError,
-		Message:     fmt.Sprintf("Your message was not delivered to the webhook after %d attempts: %v", attempts, cause),
+		Message:     fmt.Sprintf("Your message was not delivered to the webhook after %d attempts: %s", attempts, cause),
 		IsCertain:   true,
 		SendNotice:  true,
 	}, &bridgev2.MessageStatusEventInfo{

@@ -58,7 +58,7 @@ func (lp *loginProcess) Start(ctx context.Context) (*bridgev2.LoginStep, error) 
 			Type:        bridgev2.LoginInputFieldTypeURL,
 			ID:          "webhook_url",
 			Name:        "Outgoing webhook URL",
-			Description: "http(s) URL that receives your Matrix messages as JSON POSTs, or `none` to only keep them in the outbox",
+			Description: "http(s) URL on a public internet address that receives your Matrix messages as JSON POSTs, or `none` to only keep them in the outbox",
 		}}},
 	}, nil
 }
@@ -70,7 +70,7 @@ func (lp *loginProcess) SubmitUserInput(ctx context.Context, input map[string]st
 	if !idPattern.MatchString(account) {
 		return nil, fmt.Errorf("invalid account %q: use 1-64 lowercase letters, digits and ._=-", account)
 	}
-	webhookURL, err := parseWebhookURL(input["webhook_url"])
+	webhookURL, err := lp.conn.checkWebhookURL(ctx, input["webhook_url"])
 	if err != nil {
 		return nil, err
 	}
@@ -109,6 +109,7 @@ func TokenFromInstructions(instructions string) (string, bool) {
 	return token, true
 }
 
+// parseWebhookURL checks the syntax of a webhook URL; checkWebhookURL also checks its address.
 func parseWebhookURL(raw string) (string, error) {
 	raw = strings.TrimSpace(raw)
 	if raw == "" || raw == "none" || raw == "-" {

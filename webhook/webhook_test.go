@@ -1,6 +1,7 @@
 package webhook
 
 import (
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,28 @@ func TestExampleConfigIsValid(t *testing.T) {
 	}
 	if cfg.Delivery.Timeout != 10*time.Second || cfg.Delivery.MaxBackoff != 5*time.Minute {
 		t.Errorf("durations not parsed: %+v", cfg.Delivery)
+	}
+	if cfg.Delivery.AllowPrivateAddresses || !strings.Contains(networkExample, "\n    allow_private_addresses: false\n") {
+		t.Error("the example config does not document delivery.allow_private_addresses: false")
+	}
+}
+
+// TestRootExampleConfigHasNetworkBlock: the repository's example-config.yaml holds the webhook
+// network's options as embedded (indented under network:).
+func TestRootExampleConfigHasNetworkBlock(t *testing.T) {
+	full, err := os.ReadFile("../example-config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var indented strings.Builder
+	for _, line := range strings.Split(strings.TrimRight(networkExample, "\n"), "\n") {
+		if line != "" {
+			line = "    " + line
+		}
+		indented.WriteString(line + "\n")
+	}
+	if !strings.Contains(string(full), "\nnetwork:\n"+indented.String()) {
+		t.Error("example-config.yaml does not hold webhook/example-config.yaml under network: (run scripts/gen-example-config.sh)")
 	}
 }
 

@@ -86,6 +86,9 @@ func run(ctx context.Context, dir string, keep bool) error {
 		Slot:          slot,
 		DatabaseType:  "postgres",
 		DatabaseURI:   dbURI,
+		// The echo service below listens on 127.0.0.1, a private address that webhook URLs may
+		// not point at by default.
+		Config: map[string]any{"network.delivery.allow_private_addresses": true},
 	})
 	if err != nil {
 		return err

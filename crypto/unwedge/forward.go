@@ -2,6 +2,7 @@ package unwedge
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"maunium.net/go/mautrix/crypto"
@@ -56,4 +57,47 @@ func AnswerOwnSession(ctx context.Context, mach *crypto.OlmMachine, device *id.D
 		return true, fmt.Errorf("failed to forward Megolm session: %w", err)
 	}
 	return true, nil
+}
+
+// MembershipCheck reports whether a user is joined to or invited into a room, as the bridge's
+// Matrix state store knows it: the users a room's Megolm session is shared with.
+type MembershipCheck func(ctx context.Context, roomID id.RoomID, userID id.UserID) bool
+
+// ReshareOwnSessions sends a device the bridge's current outbound Megolm sessions of rooms again,
+// over the Olm session in use now, after it replaced one the device could not read (the bridge
+// healed it, or the device opened a new one). A session goes out only if the bridge had shared it
+// with this device (by user and identity key), at its current index, so nobody gets a key they did
+// not have; and only to a device that sharing would reach today, with the checks the machine's
+// ShareGroupSession applies: not blacklisted, trusted at least at the machine's SendKeysMinTrust,
+// and its user still a member of the room. It returns how many sessions it sent; errors of single
+// rooms are joined, the other rooms still go out.
+func ReshareOwnSessions(ctx context.Context, mach *crypto.OlmMachine, device *id.Device, rooms []id.RoomID, member MembershipCheck) (int, error) {
+	if device.Trust == id.TrustStateBlacklisted {
+		return 0, nil
+	} else if trust, _ := mach.ResolveTrustContext(ctx, device); trust < mach.SendKeysMinTrust {
+		return 0, nil
+	}
+	sent := 0
+	var errs []error
+	for _, roomID := range rooms {
+		sess, err := mach.CryptoStore.GetOutboundGroupSession(ctx, roomID)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("failed to get outbound Megolm session of %s: %w", roomID, err))
+			continue
+		} else if sess == nil || !sess.Shared || sess.Expired() || !member(ctx, roomID, device.UserID) {
+			continue
+		}
+		if shared, err := mach.CryptoStore.IsOutboundGroupSessionShared(ctx, device.UserID, device.IdentityKey, sess.ID()); err != nil {
+			errs = append(errs, fmt.Errorf("failed to check whether session %s was shared: %w", sess.ID(), err))
+			continue
+		} else if !shared {
+			continue
+		}
+		if err = mach.SendEncryptedToDevice(ctx, device, event.ToDeviceRoomKey, sess.ShareContent()); err != nil {
+			errs = append(errs, fmt.Errorf("failed to share room key of %s again: %w", roomID, err))
+			continue
+		}
+		sent++
+	}
+	return sent, errors.Join(errs...)
 }

@@ -151,3 +151,66 @@ func TestAnswerOwnSession(t *testing.T) {
 		t.Errorf("a device the session was never shared with got it (answered %d)", answered)
 	}
 }
+
+// TestReshareOwnSessions: after a new Olm session, the bridge sends a device its current room
+// keys again only with the checks sharing applies: the session was shared with that device, the
+// device is not blacklisted and is trusted enough, and its user is still a member of the room.
+func TestReshareOwnSessions(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	const room = id.RoomID("!portal:example.org")
+	states := f.bridge.mach.StateStore.(mautrix.StateStore)
+	if err := states.SetMembership(f.ctx, room, peerUser, event.MembershipJoin); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.bridge.mach.ShareGroupSession(f.ctx, room, []id.UserID{peerUser}); err != nil {
+		t.Fatal(err)
+	}
+	f.deliverToPeer()
+	member := func(ctx context.Context, roomID id.RoomID, userID id.UserID) bool {
+		return states.IsInvited(ctx, roomID, userID)
+	}
+	laptop := f.newParty(peerUser, "LAPTOP", false)
+	for _, tc := range []struct {
+		name   string
+		device func() *id.Device
+		before func()
+		after  func()
+		want   int
+	}{
+		{"device that had the session", func() *id.Device { return f.device(f.bridge, peerUser, peerDevice) }, nil, nil, 1},
+		{"device the session was never shared with", func() *id.Device { return f.device(f.bridge, peerUser, "LAPTOP") }, nil, nil, 0},
+		{"user left the room", func() *id.Device { return f.device(f.bridge, peerUser, peerDevice) },
+			func() { _ = states.SetMembership(f.ctx, room, peerUser, event.MembershipLeave) },
+			func() { _ = states.SetMembership(f.ctx, room, peerUser, event.MembershipJoin) }, 0},
+		{"device below the minimum send trust", func() *id.Device { return f.device(f.bridge, peerUser, peerDevice) },
+			func() { f.bridge.mach.SendKeysMinTrust = id.TrustStateCrossSignedVerified },
+			func() { f.bridge.mach.SendKeysMinTrust = id.TrustStateUnset }, 0},
+		{"blacklisted device", func() *id.Device {
+			d := *f.device(f.bridge, peerUser, peerDevice)
+			d.Trust = id.TrustStateBlacklisted
+			return &d
+		}, nil, nil, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.before != nil {
+				tc.before()
+			}
+			if tc.after != nil {
+				defer tc.after()
+			}
+			device := tc.device()
+			sent, err := unwedge.ReshareOwnSessions(f.ctx, f.bridge.mach, device, []id.RoomID{room}, member)
+			if err != nil || sent != tc.want {
+				t.Errorf("sent %d (%v), want %d", sent, err, tc.want)
+			}
+			inbox := f.inbox(f.peer)
+			if device.DeviceID == "LAPTOP" {
+				inbox = f.inbox(laptop)
+			}
+			if len(inbox) != tc.want {
+				t.Errorf("%d to-device events reached the device, want %d", len(inbox), tc.want)
+			}
+		})
+	}
+}

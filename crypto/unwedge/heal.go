@@ -32,6 +32,12 @@ const (
 // within MinInterval, unless forcedBy names the admin who forces it). Transient failures are
 // retried with backoff and do not start the interval; permanent ones are recorded.
 func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) database.HealOutcome {
+	outcome, _ := u.heal(ctx, device, class, forcedBy)
+	return outcome
+}
+
+// heal is Heal, and also returns the decision it ended with (the reason for a refusal).
+func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) (database.HealOutcome, Decision) {
 	started := time.Now()
 	dev := database.LedgerDevice{UserID: device.UserID, DeviceID: device.DeviceID, IdentityKey: device.IdentityKey}
 	log := zerolog.Ctx(ctx).With().
@@ -53,12 +59,12 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	if err != nil {
 		decision.Action, decision.Err = "failed", fmt.Errorf("failed to ask the ledger whether the session may be replaced: %w", err)
 		u.decide(decideCtx, decision)
-		return database.HealFailedTransient
+		return database.HealFailedTransient, decision
 	} else if !grant.Granted {
 		u.noteReplaced(device.IdentityKey, grant.LastCreatedAt)
 		decision.Action, decision.Detail = "limited", grant.Reason(started, u.cfg.MinInterval)
 		u.decide(decideCtx, decision)
-		return ""
+		return "", decision
 	}
 
 	if class == ClassUnreadableSession && u.repairer != nil {
@@ -143,7 +149,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		decision.Action, decision.Err = "deferred", healErr
 		decision.Detail = fmt.Sprintf("session %s created; m.dummy failed %d time(s), retried within %s", hc.session().ID(), attempts, u.cfg.Lease/2)
 		u.decide(decideCtx, decision)
-		return outcome
+		return outcome, decision
 	}
 	if err = u.ledger.Finish(finishCtx, dev, u.owner, grant.HealID, outcome, attempts, errText, time.Now()); err != nil {
 		log.Err(err).Msg("Failed to record heal outcome in the ledger")
@@ -162,7 +168,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		decision.Detail = fmt.Sprintf("%s after %d attempt(s)", outcome, attempts)
 		u.decide(decideCtx, decision)
 	}
-	return outcome
+	return outcome, decision
 }
 
 // errCryptoStore marks a heal's failure to store the new session.

@@ -55,6 +55,7 @@ type PendingStore interface {
 	ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time) ([]*database.Pending, error)
 	Release(ctx context.Context, eventID id.EventID, owner, lastErr string) error
 	Done(ctx context.Context, eventID id.EventID, owner string) error
+	DeleteRedacted(ctx context.Context, roomID id.RoomID, eventID id.EventID, sender id.UserID) (id.UserID, error)
 }
 
 // Sink is the bridge side of recovery: it bridges events that became decryptable and tells
@@ -62,7 +63,8 @@ type PendingStore interface {
 type Sink interface {
 	// Deliver hands a late-decrypted event to the bridge (original is the encrypted event) and
 	// returns once the bridge has handled it. An error keeps the event pending, to be tried
-	// again. The same event may be delivered again after a crash between Deliver and the
+	// again; a *DroppedError deletes it without bridging it (the rules of the room no longer
+	// allow it). The same event may be delivered again after a crash between Deliver and the
 	// deletion of its row: the sink must not bridge it twice.
 	Deliver(ctx context.Context, original, decrypted *event.Event, requests int) error
 	// GiveUp tells the sender that the event will not be bridged, and why.
@@ -121,6 +123,7 @@ const (
 	CountDecryptedStock   = "decrypted_by_bridge"
 	CountRecovered        = "recovered"
 	CountGivenUp          = "given_up"
+	CountDropped          = "dropped"
 	CountRequestsSent     = "key_requests_sent"
 	CountRequestsFilled   = "key_requests_filled"
 	CountRequestsDeferred = "key_requests_deferred"
@@ -330,7 +333,7 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 		}
 		return 0
 	}
-	delivered, requested := 0, 0
+	delivered, handled, requested := 0, 0, 0
 	var last *database.Pending
 	for _, p := range claimed {
 		last = p
@@ -341,6 +344,19 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 			r.fault(FaultKeyArrived)
 			// The sink's lines about the event carry its sender's fields too.
 			err = r.sink.Deliver(elog.WithContext(ctx), p.Event, decrypted, p.Requests)
+		}
+		var dropped *DroppedError
+		if errors.As(err, &dropped) {
+			// The key came, but the room's rules no longer let the event through.
+			handled++
+			if err = r.store.Done(ctx, p.EventID, r.owner); err != nil {
+				elog.Err(err).Msg("Failed to remove dropped event from pending events")
+				continue
+			}
+			r.count(CountDropped)
+			elog.Warn().Str("unwedge", "dropped").Stringer("sender", p.Sender).Str("reason", dropped.Reason).
+				Msg("Dropped undecryptable event: it will not be bridged")
+			continue
 		}
 		if err != nil {
 			elog.Warn().Err(err).Msg("Pending event still cannot be bridged")
@@ -355,10 +371,11 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 			elog.Err(err).Msg("Failed to remove bridged event from pending events")
 		}
 		delivered++
+		handled++
 		r.count(CountRecovered)
 		elog.Info().Str("unwedge", "recovered").Dur("waited", now.Sub(p.FirstSeen)).Int("key_requests", p.Requests).Msg("Bridged event after its key arrived late")
 	}
-	if delivered > 0 && requested > 0 {
+	if handled > 0 && requested > 0 {
 		r.count(CountRequestsFilled)
 		r.cancelRequest(ctx, last)
 	}
@@ -441,6 +458,41 @@ func (r *Recovery) cancelRequest(ctx context.Context, p *database.Pending) {
 		zerolog.Ctx(ctx).Debug().Err(err).Stringer("session_id", p.SessionID).Stringer("user_id", p.Sender).Stringer("device_id", target).
 			Stringer("identity_key", p.SenderKey).Msg("Failed to cancel key request")
 	}
+}
+
+// DroppedError is what Sink.Deliver returns for an event that must not be bridged any more,
+// although its key arrived: its sender left or was removed from the room, it was redacted, or its
+// device is not trusted enough. Its row is deleted and it is counted as dropped.
+type DroppedError struct {
+	Reason string
+}
+
+func (e *DroppedError) Error() string { return "not bridged: " + e.Reason }
+
+// Redacted is told that a redaction of eventID arrived in roomID, sent by redacter. A pending
+// event that it redacts is dropped at once: it is never bridged, even if its key arrives later.
+// Unless moderator (the redacter may redact other users' events there), only the event's own
+// sender's redaction counts. It reports whether an event was dropped.
+func (r *Recovery) Redacted(ctx context.Context, roomID id.RoomID, eventID, redactionID id.EventID, redacter id.UserID, moderator bool) bool {
+	sender := redacter
+	if moderator {
+		sender = ""
+	}
+	sender, err := r.store.DeleteRedacted(ctx, roomID, eventID, sender)
+	if err != nil {
+		zerolog.Ctx(ctx).Err(err).Stringer("event_id", eventID).Stringer("room_id", roomID).Msg("Failed to remove redacted event from pending events")
+		return false
+	} else if sender == "" {
+		return false
+	}
+	r.lock.Lock()
+	delete(r.recorded, eventID)
+	r.lock.Unlock()
+	r.count(CountDropped)
+	zerolog.Ctx(ctx).Warn().Str("unwedge", "dropped").Stringer("event_id", eventID).Stringer("room_id", roomID).Stringer("sender", sender).
+		Stringer("redaction_id", redactionID).Stringer("redacted_by", redacter).Str("reason", "the event was redacted").
+		Msg("Dropped undecryptable event: it will not be bridged")
+	return true
 }
 
 // ErrGaveUp is the reason given for an event whose key never arrived.

@@ -314,6 +314,38 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	}()
 }
 
+// HealRequested heals a device on an admin's request (the bridge's `unwedge heal`), with
+// ClassForced (no Olm failure). Without force it is the heal a wedge of the device would get: the
+// user must be in scope (out_of_scope otherwise; nothing is left to mautrix-go here), the user's
+// devices must have had fewer than max_heals_per_user heals within min_interval (capped), and
+// the ledger refuses it within min_interval of the device's last session (limited); the ledger
+// records no forced_by. With force, the scope, the cap and the interval are skipped and the
+// ledger records by as forced_by (Heal with forcedBy): the caller must limit how often it does
+// that, since every forced heal claims one of the device's one-time keys. It returns the outcome
+// ("" when refused) and the decision, whose Action and Detail say why.
+func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.UserID, force bool) (database.HealOutcome, Decision) {
+	if force {
+		return u.heal(ctx, device, ClassForced, by)
+	}
+	d := Decision{Class: ClassForced, UserID: device.UserID, DeviceID: device.DeviceID, Key: device.IdentityKey}
+	if ok, err := u.scope.InScope(ctx, device.UserID); err != nil || !ok {
+		d.Action, d.Err, d.Detail = "out_of_scope", err, fmt.Sprintf("unwedge.scope is %s", u.cfg.Scope)
+		u.decide(ctx, d)
+		return "", d
+	}
+	if heals, err := u.ledger.UserHeals(ctx, device.UserID, time.Now().Add(-u.cfg.MinInterval)); err != nil {
+		d.Action, d.Err = "failed", err
+		u.decide(ctx, d)
+		return database.HealFailedTransient, d
+	} else if heals >= u.cfg.MaxHealsPerUser {
+		d.Action = "capped"
+		d.Detail = fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals, u.cfg.MinInterval)
+		u.decide(ctx, d)
+		return "", d
+	}
+	return u.heal(ctx, device, ClassForced, "")
+}
+
 // peerNewSession passes a session the peer opened to OnNewSession, for devices of users in scope,
 // at most once per device per MinInterval (a peer cannot make the bridge send room keys at will).
 func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.SenderKey) {

@@ -389,6 +389,11 @@ func (b *Bridge) writeConfig() error {
 			"writers":   []map[string]any{{"type": "stdout", "format": "json"}},
 		}, "logging"},
 	}
+	if o.ExampleConfig == "" {
+		// The tests' webhook receivers listen on 127.0.0.1, which the webhook network refuses
+		// by default (SSRF protection).
+		set = append(set, setting{true, "network.delivery.allow_private_addresses"})
+	}
 	for path, value := range o.Config {
 		set = append(set, setting{value, path})
 	}
