@@ -275,27 +275,18 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 		delete(u.healing, slot)
 		u.healingLock.Unlock()
 	}
-	if ok, err := u.scope.InScope(ctx, sender); err != nil || !ok {
+	if action, detail, err := u.admission(ctx, sender); action != "" {
 		release()
-		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "out_of_scope", Err: err,
-			Detail: "left to mautrix-go's own unwedging"})
-		// Never worse than the stock bridge: what the machine would have done without unwedge.
-		u.heals.Add(1)
-		go func() {
-			defer u.heals.Done()
-			u.mach.UnwedgeDevice(log.WithContext(u.ctx), sender, key)
-		}()
-		return
-	}
-	if heals, err := u.ledger.UserHeals(ctx, sender, time.Now().Add(-u.cfg.MinInterval)); err != nil {
-		release()
-		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "failed",
-			Err: err})
-		return
-	} else if heals >= u.cfg.MaxHealsPerUser {
-		release()
-		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "capped",
-			Detail: fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals, u.cfg.MinInterval)})
+		if action == "out_of_scope" {
+			detail = "left to mautrix-go's own unwedging"
+			// Never worse than the stock bridge: what the machine would have done without unwedge.
+			u.heals.Add(1)
+			go func() {
+				defer u.heals.Done()
+				u.mach.UnwedgeDevice(log.WithContext(u.ctx), sender, key)
+			}()
+		}
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: action, Detail: detail, Err: err})
 		return
 	}
 	// A sender key that is not one of the sender's devices is never healed: no key is claimed for it.
@@ -327,23 +318,32 @@ func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.U
 	if force {
 		return u.heal(ctx, device, ClassForced, by)
 	}
-	d := Decision{Class: ClassForced, UserID: device.UserID, DeviceID: device.DeviceID, Key: device.IdentityKey}
-	if ok, err := u.scope.InScope(ctx, device.UserID); err != nil || !ok {
-		d.Action, d.Err, d.Detail = "out_of_scope", err, fmt.Sprintf("unwedge.scope is %s", u.cfg.Scope)
+	if action, detail, err := u.admission(ctx, device.UserID); action != "" {
+		d := Decision{Class: ClassForced, UserID: device.UserID, DeviceID: device.DeviceID, Key: device.IdentityKey, Action: action, Detail: detail, Err: err}
 		u.decide(ctx, d)
-		return "", d
-	}
-	if heals, err := u.ledger.UserHeals(ctx, device.UserID, time.Now().Add(-u.cfg.MinInterval)); err != nil {
-		d.Action, d.Err = "failed", err
-		u.decide(ctx, d)
-		return database.HealFailedTransient, d
-	} else if heals >= u.cfg.MaxHealsPerUser {
-		d.Action = "capped"
-		d.Detail = fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals, u.cfg.MinInterval)
-		u.decide(ctx, d)
+		if action == "failed" {
+			return database.HealFailedTransient, d
+		}
 		return "", d
 	}
 	return u.heal(ctx, device, ClassForced, "")
+}
+
+// admission decides whether a heal of the user's devices may start now, before any lookup or key
+// claim: the user is in scope, and their devices had fewer than max_heals_per_user heals within
+// min_interval. It returns no action when it may, or the refusal's action (out_of_scope, capped,
+// or failed when the ledger could not be asked) with its detail and error.
+func (u *Unwedger) admission(ctx context.Context, userID id.UserID) (action, detail string, err error) {
+	if ok, err := u.scope.InScope(ctx, userID); err != nil || !ok {
+		return "out_of_scope", fmt.Sprintf("unwedge.scope is %s", u.cfg.Scope), err
+	}
+	heals, err := u.ledger.UserHeals(ctx, userID, time.Now().Add(-u.cfg.MinInterval))
+	if err != nil {
+		return "failed", "", err
+	} else if heals >= u.cfg.MaxHealsPerUser {
+		return "capped", fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals, u.cfg.MinInterval), nil
+	}
+	return "", "", nil
 }
 
 // peerNewSession passes a session the peer opened to OnNewSession, for devices of users in scope,
