@@ -378,32 +378,35 @@ func replyHeal(ce *commands.Event, dev string, outcome database.HealOutcome, d u
 }
 
 type forcedHealKey struct {
-	h      *Helper
 	user   id.UserID
 	device id.DeviceID
 }
 
-// forcedHeals holds the forced heals this process started within forcedHealWindow; the ledger
+// forcedHeals holds the forced heals this helper started within forcedHealWindow; the ledger
 // holds those of every process (their heal rows, with forced_by).
-var forcedHeals = struct {
+type forcedHeals struct {
 	sync.Mutex
 	at map[forcedHealKey]time.Time
-}{at: map[forcedHealKey]time.Time{}}
+}
 
 // reserveForcedHeal reserves the device's forced heal for this window, or returns a nil release
 // and when the last forced heal started: one this process reserved, or the newest in the ledger
 // with forced_by (forced by any process or replica, also before a restart). release undoes the
 // reservation, for a heal that claimed no key.
 func (h *Helper) reserveForcedHeal(ctx context.Context, userID id.UserID, deviceID id.DeviceID, now time.Time) (release func(), last time.Time, err error) {
-	forcedHeals.Lock()
-	defer forcedHeals.Unlock()
-	for key, at := range forcedHeals.at {
+	forced := &h.forcedHeals
+	forced.Lock()
+	defer forced.Unlock()
+	if forced.at == nil {
+		forced.at = make(map[forcedHealKey]time.Time)
+	}
+	for key, at := range forced.at {
 		if now.Sub(at) >= forcedHealWindow {
-			delete(forcedHeals.at, key)
+			delete(forced.at, key)
 		}
 	}
-	key := forcedHealKey{h, userID, deviceID}
-	if at, ok := forcedHeals.at[key]; ok {
+	key := forcedHealKey{userID, deviceID}
+	if at, ok := forced.at[key]; ok {
 		return nil, at, nil
 	}
 	heals, err := h.db.Ledger.Heals(ctx, userID, deviceID, 50)
@@ -418,12 +421,12 @@ func (h *Helper) reserveForcedHeal(ctx context.Context, userID id.UserID, device
 			return nil, heal.StartedAt, nil
 		}
 	}
-	forcedHeals.at[key] = now
+	forced.at[key] = now
 	return func() {
-		forcedHeals.Lock()
-		defer forcedHeals.Unlock()
-		if forcedHeals.at[key] == now {
-			delete(forcedHeals.at, key)
+		forced.Lock()
+		defer forced.Unlock()
+		if forced.at[key] == now {
+			delete(forced.at, key)
 		}
 	}, time.Time{}, nil
 }

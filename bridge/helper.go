@@ -53,6 +53,9 @@ type Helper struct {
 	// is missing was probably sent with a key lost in the wedge, so it is requested at once
 	// instead of after bridgev2's fixed wait.
 	healed map[id.SenderKey]healedDevice
+
+	// forcedHeals are the `unwedge heal --force` this helper started lately (commands.go).
+	forcedHeals forcedHeals
 }
 
 type healedDevice struct {

@@ -27,12 +27,14 @@ type Metrics struct {
 	observed uint64
 
 	server *http.Server
+	// retry is how often a listener that could not listen tries again (metricsRetry).
+	retry time.Duration
 }
 
 var healBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300}
 
 func newMetrics(h *Helper) *Metrics {
-	return &Metrics{h: h, buckets: healBuckets, counts: make([]uint64, len(healBuckets)+1)}
+	return &Metrics{h: h, buckets: healBuckets, counts: make([]uint64, len(healBuckets)+1), retry: metricsRetry}
 }
 
 // observe records a heal's duration (Unwedger.OnDecision).
@@ -50,11 +52,11 @@ func (m *Metrics) observe(d unwedge.Decision) {
 }
 
 // metricsRetry is how often a metrics listener that could not listen tries again.
-var metricsRetry = time.Minute
+const metricsRetry = time.Minute
 
 // start serves /metrics on addr until stop. A metrics listener is no reason to stop bridging: when
 // addr cannot be listened on (another bridge on the host has the port), the failure is logged as
-// an error and the listener tries again every metricsRetry, while the bridge runs without
+// an error and the listener tries again every m.retry, while the bridge runs without
 // unwedge's metrics. It returns an error only for an address that can never work.
 func (m *Metrics) start(addr string) error {
 	if _, _, err := net.SplitHostPort(addr); err != nil {
@@ -71,7 +73,7 @@ func (m *Metrics) start(addr string) error {
 		m.serve(server, listener)
 		return nil
 	}
-	m.h.log.Error().Err(err).Str("address", addr).Stringer("retry_in", metricsRetry).
+	m.h.log.Error().Err(err).Str("address", addr).Stringer("retry_in", m.retry).
 		Msg("Failed to listen for unwedge metrics (is another bridge on this host using the port? set unwedge.metrics.listen); bridging goes on without them")
 	stopped := make(chan struct{})
 	server.RegisterOnShutdown(func() { close(stopped) })
@@ -80,7 +82,7 @@ func (m *Metrics) start(addr string) error {
 			select {
 			case <-stopped:
 				return
-			case <-time.After(metricsRetry):
+			case <-time.After(m.retry):
 			}
 			listener, err := net.Listen("tcp", addr)
 			if err != nil {

@@ -67,9 +67,8 @@ func TestMetricsPortTaken(t *testing.T) {
 		defer logLock.Unlock()
 		return logs.Write(p)
 	})))}
-	defer func(d time.Duration) { metricsRetry = d }(metricsRetry)
-	metricsRetry = 50 * time.Millisecond
 	m := newMetrics(h)
+	m.retry = 50 * time.Millisecond
 	if err = m.start(addr); err != nil {
 		t.Fatalf("a taken metrics port stops the bridge: %v", err)
 	}
@@ -107,9 +106,8 @@ func TestMetricsStopWhileRetrying(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func(d time.Duration) { metricsRetry = d }(metricsRetry)
-	metricsRetry = 20 * time.Millisecond
 	m := newMetrics(&Helper{log: zerolog.Nop()})
+	m.retry = 20 * time.Millisecond
 	if err = m.start(taken.Addr().String()); err != nil {
 		t.Fatal(err)
 	}
