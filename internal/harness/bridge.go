@@ -275,25 +275,13 @@ func (b *Bridge) LogTail(n int) string {
 // Login logs userID in to the webhook network through the provisioning API and returns an API
 // client with the login's token. webhookURL may be empty (outbox only).
 func (b *Bridge) Login(ctx context.Context, userID id.UserID, account, webhookURL string) (*webhook.RemoteClient, error) {
-	var start struct {
-		LoginID string `json:"login_id"`
-		bridgev2.LoginStep
-	}
-	query := "?user_id=" + url.QueryEscape(userID.String())
-	if err := b.provision(ctx, "/v3/login/start/webhook"+query, nil, &start); err != nil {
-		return nil, fmt.Errorf("failed to start login: %w", err)
-	}
-	var done struct {
-		bridgev2.LoginStep
-	}
-	path := fmt.Sprintf("/v3/login/step/%s/%s/user_input%s", url.PathEscape(start.LoginID), url.PathEscape(start.StepID), query)
-	input := map[string]string{"account": account, "webhook_url": webhookURL}
-	if err := b.provision(ctx, path, input, &done); err != nil {
-		return nil, fmt.Errorf("failed to submit login: %w", err)
+	done, err := b.LoginFlow(ctx, userID, "webhook", map[string]string{"account": account, "webhook_url": webhookURL})
+	if err != nil {
+		return nil, err
 	}
 	token, ok := webhook.TokenFromInstructions(done.Instructions)
-	if done.Type != bridgev2.LoginStepTypeComplete || !ok {
-		return nil, fmt.Errorf("login did not complete: %s %q", done.Type, done.Instructions)
+	if !ok {
+		return nil, fmt.Errorf("login completed without a webhook API token: %q", done.Instructions)
 	}
 	return webhook.NewRemoteClient(b.URL, token), nil
 }
