@@ -1,8 +1,11 @@
 package bridge
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"html"
 	"net/http"
 	"net/http/httptest"
@@ -175,7 +178,7 @@ const (
 
 // commandFixture runs the `unwedge` command as bridgev2 would: a real OlmMachine, Unwedger and
 // ledger (SQLite), and mautrix-go's in-memory homeserver with two peers that uploaded one-time
-// keys; it counts the bridge's key claims.
+// keys; it counts the bridge's key claims and records its key requests.
 type commandFixture struct {
 	t      *testing.T
 	ctx    context.Context
@@ -186,6 +189,16 @@ type commandFixture struct {
 	claims atomic.Int32
 	phone  *id.Device // alice's
 	tablet *id.Device // bob's
+
+	keyRequestLock sync.Mutex
+	keyRequests    []keyRequest
+}
+
+// keyRequest is an m.room_key_request the bridge sent: to whom, for which session.
+type keyRequest struct {
+	to        id.UserID
+	device    id.DeviceID
+	sessionID id.SessionID
 }
 
 func newCommandFixture(t *testing.T) *commandFixture {
@@ -204,6 +217,9 @@ func newCommandFixture(t *testing.T) *commandFixture {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/_matrix/client/v3/keys/claim" {
 			f.claims.Add(1)
+		}
+		if strings.HasPrefix(r.URL.Path, "/_matrix/client/v3/sendToDevice/m.room_key_request/") {
+			f.recordKeyRequest(r)
 		}
 		serverLock.Lock()
 		defer serverLock.Unlock()
@@ -236,6 +252,39 @@ func newCommandFixture(t *testing.T) *commandFixture {
 	}
 	f.restart()
 	return f
+}
+
+// recordKeyRequest notes the key requests in a /sendToDevice request and leaves its body readable.
+func (f *commandFixture) recordKeyRequest(r *http.Request) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		f.t.Error(err)
+		return
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	var req struct {
+		Messages map[id.UserID]map[id.DeviceID]event.RoomKeyRequestEventContent `json:"messages"`
+	}
+	if err = json.Unmarshal(body, &req); err != nil {
+		f.t.Error(err)
+		return
+	}
+	f.keyRequestLock.Lock()
+	defer f.keyRequestLock.Unlock()
+	for userID, devices := range req.Messages {
+		for deviceID, content := range devices {
+			if content.Action == event.KeyRequestActionRequest {
+				f.keyRequests = append(f.keyRequests, keyRequest{userID, deviceID, content.Body.SessionID})
+			}
+		}
+	}
+}
+
+// sentKeyRequests returns the key requests sent so far.
+func (f *commandFixture) sentKeyRequests() []keyRequest {
+	f.keyRequestLock.Lock()
+	defer f.keyRequestLock.Unlock()
+	return slices.Clone(f.keyRequests)
 }
 
 // restart makes a new Helper and Unwedger on the same database and machine, as a restarted

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -45,10 +46,12 @@ type Helper struct {
 	cancelPeriodicDeleteLoop context.CancelFunc
 	syncDone                 sync.WaitGroup
 
+	// live holds the events that just failed to decrypt, until bridgev2 waits for their session.
+	live liveEvents
 	// waiting holds the Megolm sessions bridgev2 is waiting for, by the sender's identity key,
 	// so a heal of that device can re-request them at once over the new session.
 	waitingLock sync.Mutex
-	waiting     map[id.SenderKey]map[id.SessionID]id.RoomID
+	waiting     map[id.SenderKey]map[id.SessionID]waitingSession
 	// healed remembers devices healed in the last recentHeal: a Megolm event from them whose key
 	// is missing was probably sent with a key lost in the wedge, so it is requested at once
 	// instead of after bridgev2's fixed wait.
@@ -61,6 +64,14 @@ type Helper struct {
 type healedDevice struct {
 	device *id.Device
 	at     time.Time
+}
+
+// waitingSession is a session bridgev2 waits for, and the senders of its events. The sender key
+// of an event is whatever its sender wrote: a key request goes to a healed device only when its
+// user sent one of the events.
+type waitingSession struct {
+	roomID  id.RoomID
+	senders []id.UserID
 }
 
 const recentHeal = 2 * time.Minute
@@ -179,34 +190,40 @@ func (h *Helper) allowKeyShare(ctx context.Context, device *id.Device, info even
 	return h.stockAllowKeyShare(ctx, device, info)
 }
 
-// Decrypt decrypts a room event. An event whose Megolm session is missing is also recorded, so
-// it is bridged when its key arrives even after bridgev2's own wait gave up on it.
+// Decrypt decrypts a room event. An event whose Megolm session is missing is held until bridgev2
+// waits for its session (WaitForSession), which it does only for live events.
 func (h *Helper) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
 	decrypted, err := h.mach.DecryptMegolmEvent(ctx, evt)
-	if h.recovery == nil {
-		return decrypted, err
-	}
-	if err == nil {
+	if err == nil && h.recovery != nil {
 		h.recovery.Decrypted(ctx, evt.ID)
 	} else if errors.Is(err, crypto.ErrNoSessionFound) {
-		if recErr := h.recovery.Record(ctx, evt); recErr != nil {
-			zerolog.Ctx(ctx).Warn().Err(recErr).Msg("Undecryptable event not kept for recovery")
-		}
+		h.live.remember(evt, time.Now())
 	}
 	return decrypted, err
 }
 
+// WaitForSession waits for a Megolm session, as the stock helper does. The events bridgev2 waits
+// for are also recorded, so they are bridged when their key arrives even after bridgev2's own
+// wait gave up on them.
 func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, timeout time.Duration) bool {
 	h.lock.RLock()
 	defer h.lock.RUnlock()
+	fresh, senders := h.live.take(roomID, senderKey, sessionID)
+	if h.recovery != nil {
+		for _, evt := range fresh {
+			if err := h.recovery.Record(ctx, evt); err != nil {
+				zerolog.Ctx(ctx).Warn().Err(err).Stringer("event_id", evt.ID).Msg("Undecryptable event not kept for recovery")
+			}
+		}
+	}
 	h.waitingLock.Lock()
 	if h.waiting == nil {
-		h.waiting = make(map[id.SenderKey]map[id.SessionID]id.RoomID)
+		h.waiting = make(map[id.SenderKey]map[id.SessionID]waitingSession)
 	}
 	if h.waiting[senderKey] == nil {
-		h.waiting[senderKey] = make(map[id.SessionID]id.RoomID)
+		h.waiting[senderKey] = make(map[id.SessionID]waitingSession)
 	}
-	h.waiting[senderKey][sessionID] = roomID
+	h.waiting[senderKey][sessionID] = waitingSession{roomID: roomID, senders: senders}
 	healed, wasHealed := h.healed[senderKey]
 	h.waitingLock.Unlock()
 	defer func() {
@@ -217,7 +234,7 @@ func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey
 		}
 		h.waitingLock.Unlock()
 	}()
-	if wasHealed && time.Since(healed.at) < recentHeal {
+	if wasHealed && time.Since(healed.at) < recentHeal && slices.Contains(senders, healed.device.UserID) {
 		go h.RequestSession(context.WithoutCancel(ctx), roomID, senderKey, sessionID, healed.device.UserID, healed.device.DeviceID)
 	}
 	return h.mach.WaitForSession(ctx, roomID, senderKey, sessionID, timeout)
@@ -232,7 +249,8 @@ func (h *Helper) afterHeal(ctx context.Context, device *id.Device) {
 	}
 }
 
-// requestWaitingKeys asks a healed device again for the Megolm sessions bridgev2 is waiting for:
+// requestWaitingKeys asks a healed device again for the Megolm sessions bridgev2 is waiting for
+// that its user sent events with (the sender key in an event is what its sender wrote):
 // their keys were lost with the broken Olm session, and the answer to a request sent before the
 // heal came back over that session too.
 func (h *Helper) requestWaitingKeys(ctx context.Context, device *id.Device) {
@@ -248,8 +266,10 @@ func (h *Helper) requestWaitingKeys(ctx context.Context, device *id.Device) {
 	}
 	h.healed[device.IdentityKey] = healedDevice{device: device, at: now}
 	sessions := make(map[id.SessionID]id.RoomID, len(h.waiting[device.IdentityKey]))
-	for sessionID, roomID := range h.waiting[device.IdentityKey] {
-		sessions[sessionID] = roomID
+	for sessionID, waiting := range h.waiting[device.IdentityKey] {
+		if slices.Contains(waiting.senders, device.UserID) {
+			sessions[sessionID] = waiting.roomID
+		}
 	}
 	h.waitingLock.Unlock()
 	for sessionID, roomID := range sessions {

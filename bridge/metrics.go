@@ -195,8 +195,15 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 		"filled":   recovery[unwedge.CountRequestsFilled],
 		"deferred": recovery[unwedge.CountRequestsDeferred],
 	}
-	family(out, "unwedge_undecryptable_events_total", "counter", "Room events without their Megolm session: recorded, recovered (bridged late), given_up (after the retention), dropped (not bridged: the sender left or was removed from the room, the event was redacted, or the device is not trusted enough), decrypted_by_bridge (bridgev2's own wait got the key), not_recorded (over max_pending_per_user).")
+	family(out, "unwedge_undecryptable_events_total", "counter", "Room events without their Megolm session: recorded, recovered (bridged late), given_up (after the retention), dropped (not bridged: the sender left or was removed from the room, the event was redacted, or the device is not trusted enough), decrypted_by_bridge (bridgev2's own wait got the key), not_recorded (over a cap: max_pending_per_user, max_pending_per_room or max_pending).")
 	labelled(out, "unwedge_undecryptable_events_total", "result", events)
+	refused := map[string]int64{
+		"sender": recovery[unwedge.CountFullSender],
+		"room":   recovery[unwedge.CountFullRoom],
+		"total":  recovery[unwedge.CountFullTotal],
+	}
+	family(out, "unwedge_pending_refused_total", "counter", "Room events without their Megolm session not recorded, by the cap they were over: sender (max_pending_per_user), room (max_pending_per_room), total (max_pending).")
+	labelled(out, "unwedge_pending_refused_total", "cap", refused)
 	family(out, "unwedge_key_requests_total", "counter", "Room key requests by recovery: sent, filled (the key arrived), deferred (the sender's session was being replaced).")
 	labelled(out, "unwedge_key_requests_total", "result", requests)
 	family(out, "unwedge_pending_events", "gauge", "Room events waiting for their Megolm session now (all replicas).")

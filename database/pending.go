@@ -1,6 +1,7 @@
 package database
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -25,8 +26,11 @@ type Pending struct {
 	DeviceID  id.DeviceID
 	// Event is the event as received (still encrypted).
 	Event       *event.Event
-	OriginTS    time.Time
-	FirstSeen   time.Time
+	OriginTS  time.Time
+	FirstSeen time.Time
+	// Arrival orders the events as the bridge first received them (Unix ns, strictly increasing
+	// per process; Recovery sets it).
+	Arrival     int64
 	Requests    int
 	NextRequest time.Time
 	LastError   string
@@ -44,15 +48,27 @@ type PendingSession struct {
 }
 
 const (
-	pendingColumns     = `event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, requests, next_request, last_error`
+	pendingColumns = `event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, arrival, requests, next_request, last_error`
+	// The lock row serialises inserts (Postgres locks the row until the transaction ends; SQLite
+	// has one writer anyway), so the counts below stay true until the insert.
+	lockPendingQuery = `
+		INSERT INTO unwedge_pending_lock (bridge_id, records) VALUES ($1, 1)
+		ON CONFLICT (bridge_id) DO UPDATE SET records = unwedge_pending_lock.records + 1`
+	countPendingLimitsQuery = `
+		SELECT
+			(SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2),
+			(SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1 AND sender = $3),
+			(SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $4),
+			(SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1)`
+	// A session's key requests are counted per sender: another member naming the same session
+	// and sender key in their own events neither joins nor uses up the sender's requests.
 	insertPendingQuery = `
-		INSERT INTO unwedge_pending (bridge_id, event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, requests, next_request)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-			COALESCE((SELECT MAX(requests) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $3 AND session_id = $4 AND sender_key = $5), 0),
-			COALESCE((SELECT MAX(next_request) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $3 AND session_id = $4 AND sender_key = $5), $11))
+		INSERT INTO unwedge_pending (bridge_id, event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, arrival, requests, next_request)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+			COALESCE((SELECT MAX(requests) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $3 AND session_id = $4 AND sender_key = $5 AND sender = $6), 0),
+			COALESCE((SELECT MAX(next_request) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $3 AND session_id = $4 AND sender_key = $5 AND sender = $6), $12))
 		ON CONFLICT (bridge_id, event_id) DO NOTHING`
-	countPendingBySenderQuery = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1 AND sender = $2`
-	countPendingQuery         = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1`
+	countPendingQuery = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1`
 	deletePendingQuery        = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2`
 	sessionPendingQuery       = `SELECT EXISTS (SELECT 1 FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3)`
 	// Sessions whose events passed the hand-over time and whose next key request is due.
@@ -65,19 +81,28 @@ const (
 		SELECT room_id, session_id, sender_key, sender, MAX(device_id), MAX(requests), COUNT(*) FROM unwedge_pending
 		WHERE bridge_id = $1 AND first_seen <= $2
 		GROUP BY room_id, session_id, sender_key, sender
-		ORDER BY MIN(origin_ts) LIMIT $3`
+		ORDER BY MIN(arrival) LIMIT $3`
 	markRequestedQuery = `
-		UPDATE unwedge_pending SET requests = $5, next_request = $6
-		WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND sender_key = $4`
+		UPDATE unwedge_pending SET requests = $6, next_request = $7
+		WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND sender_key = $4 AND sender = $5`
 	requestNowQuery = `
-		UPDATE unwedge_pending SET next_request = $3 WHERE bridge_id = $1 AND sender_key = $2 AND next_request > $3`
+		UPDATE unwedge_pending SET next_request = $4 WHERE bridge_id = $1 AND sender = $2 AND sender_key = $3 AND next_request > $4`
+	// The claims load at most $8 (and $6) events at once, the earliest arrivals first.
 	claimSessionQuery = `
 		UPDATE unwedge_pending SET claim_owner = $4, claim_until = $5
-		WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND first_seen <= $6 AND claim_until < $7
+		WHERE bridge_id = $1 AND event_id IN (
+			SELECT event_id FROM unwedge_pending
+			WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND first_seen <= $6 AND claim_until < $7
+			ORDER BY arrival LIMIT $8
+		)
 		RETURNING ` + pendingColumns
 	claimExpiredQuery = `
 		UPDATE unwedge_pending SET claim_owner = $2, claim_until = $3
-		WHERE bridge_id = $1 AND first_seen < $4 AND claim_until < $5
+		WHERE bridge_id = $1 AND event_id IN (
+			SELECT event_id FROM unwedge_pending
+			WHERE bridge_id = $1 AND first_seen < $4 AND claim_until < $5
+			ORDER BY arrival LIMIT $6
+		)
 		RETURNING ` + pendingColumns
 	releasePendingQuery = `
 		UPDATE unwedge_pending SET claim_owner = '', claim_until = 0, last_error = $4
@@ -90,7 +115,7 @@ const (
 	deleteClaimedQuery = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2 AND claim_owner = $3`
 	listPendingQuery   = `
 		SELECT ` + pendingColumns + ` FROM unwedge_pending
-		WHERE bridge_id = $1 AND ($2 = '' OR sender = $2) ORDER BY origin_ts, event_id LIMIT $3`
+		WHERE bridge_id = $1 AND ($2 = '' OR sender = $2) ORDER BY arrival, event_id LIMIT $3`
 )
 
 // PendingQuery keeps undecryptable events until their keys arrive.
@@ -99,27 +124,72 @@ type PendingQuery struct {
 	db       *dbutil.Database
 }
 
+// PendingLimits caps the pending events: per sender, per room and in total.
+type PendingLimits struct {
+	PerSender, PerRoom, Total int
+}
+
+// PendingCap names the cap that kept an event out.
+type PendingCap string
+
+const (
+	CapSender PendingCap = "sender"
+	CapRoom   PendingCap = "room"
+	CapTotal  PendingCap = "total"
+)
+
+// PendingFullError is Add's answer for an event over one of the caps; nothing was recorded.
+type PendingFullError struct {
+	Cap     PendingCap
+	Pending int
+}
+
+func (e *PendingFullError) Error() string {
+	return fmt.Sprintf("%d events of this %s already wait for keys", e.Pending, e.Cap)
+}
+
 // Add records an undecryptable event; the first key request is due at NextRequest, unless the
-// event's session already waits, whose request count and schedule it joins. It reports false
-// when the event was already recorded.
-func (pq *PendingQuery) Add(ctx context.Context, p *Pending) (bool, error) {
+// sender's events of the same session already wait, whose request count and schedule it joins.
+// It reports false when the event was already recorded, and a *PendingFullError when the event
+// would pass one of the limits. The limits are checked and the event inserted by one writer at a
+// time, so concurrent adds (also of other replicas) never pass them.
+func (pq *PendingQuery) Add(ctx context.Context, p *Pending, limits PendingLimits) (added bool, err error) {
 	raw, err := json.Marshal(p.Event)
 	if err != nil {
 		return false, fmt.Errorf("failed to encode event %s: %w", p.EventID, err)
 	}
-	res, err := pq.db.Exec(ctx, insertPendingQuery, pq.BridgeID, p.EventID, p.RoomID, p.SessionID, p.SenderKey, p.Sender, p.DeviceID,
-		string(raw), p.OriginTS.UnixMilli(), p.FirstSeen.UnixMilli(), p.NextRequest.UnixMilli())
-	if err != nil {
+	err = pq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if _, err := pq.db.Exec(ctx, lockPendingQuery, pq.BridgeID); err != nil {
+			return err
+		}
+		var exists, bySender, byRoom, total int
+		err := pq.db.QueryRow(ctx, countPendingLimitsQuery, pq.BridgeID, p.EventID, p.Sender, p.RoomID).Scan(&exists, &bySender, &byRoom, &total)
+		switch {
+		case err != nil:
+			return err
+		case exists > 0:
+			return nil
+		case bySender >= limits.PerSender:
+			return &PendingFullError{Cap: CapSender, Pending: bySender}
+		case byRoom >= limits.PerRoom:
+			return &PendingFullError{Cap: CapRoom, Pending: byRoom}
+		case total >= limits.Total:
+			return &PendingFullError{Cap: CapTotal, Pending: total}
+		}
+		res, err := pq.db.Exec(ctx, insertPendingQuery, pq.BridgeID, p.EventID, p.RoomID, p.SessionID, p.SenderKey, p.Sender, p.DeviceID,
+			string(raw), p.OriginTS.UnixMilli(), p.FirstSeen.UnixMilli(), p.Arrival, p.NextRequest.UnixMilli())
+		if err != nil {
+			return err
+		}
+		n, _ := res.RowsAffected()
+		added = n > 0
+		return nil
+	})
+	var full *PendingFullError
+	if err != nil && !errors.As(err, &full) {
 		return false, fmt.Errorf("failed to record pending event %s: %w", p.EventID, err)
 	}
-	n, _ := res.RowsAffected()
-	return n > 0, nil
-}
-
-// CountBySender counts a user's pending events.
-func (pq *PendingQuery) CountBySender(ctx context.Context, sender id.UserID) (n int, err error) {
-	err = pq.db.QueryRow(ctx, countPendingBySenderQuery, pq.BridgeID, sender).Scan(&n)
-	return
+	return added, err
 }
 
 // Count counts all pending events.
@@ -162,16 +232,18 @@ func (pq *PendingQuery) WaitingSessions(ctx context.Context, handover time.Time,
 	return dbutil.ConvertRowFn[*PendingSession](scanPendingSession).NewRowIter(rows, err).AsList()
 }
 
-// MarkRequested records a key request for a session's events and when the next one is due.
+// MarkRequested records a key request for a session's events of its sender, and when the next
+// one is due.
 func (pq *PendingQuery) MarkRequested(ctx context.Context, s *PendingSession, requests int, next time.Time) error {
-	_, err := pq.db.Exec(ctx, markRequestedQuery, pq.BridgeID, s.RoomID, s.SessionID, s.SenderKey, requests, next.UnixMilli())
+	_, err := pq.db.Exec(ctx, markRequestedQuery, pq.BridgeID, s.RoomID, s.SessionID, s.SenderKey, s.Sender, requests, next.UnixMilli())
 	return err
 }
 
-// RequestNow makes the key requests for a device's sessions due now (its Olm session was just
-// replaced, so an answer can finally reach the bridge).
-func (pq *PendingQuery) RequestNow(ctx context.Context, senderKey id.SenderKey, now time.Time) (int64, error) {
-	res, err := pq.db.Exec(ctx, requestNowQuery, pq.BridgeID, senderKey, now.UnixMilli())
+// RequestNow makes the key requests for the sessions of a user's device due now (its Olm session
+// was just replaced, so an answer can finally reach the bridge). Events of other senders that name
+// the device's key are left alone.
+func (pq *PendingQuery) RequestNow(ctx context.Context, sender id.UserID, senderKey id.SenderKey, now time.Time) (int64, error) {
+	res, err := pq.db.Exec(ctx, requestNowQuery, pq.BridgeID, sender, senderKey, now.UnixMilli())
 	if err != nil {
 		return 0, err
 	}
@@ -180,15 +252,16 @@ func (pq *PendingQuery) RequestNow(ctx context.Context, senderKey id.SenderKey, 
 
 // ClaimSession holds a session's events that passed the hand-over time for owner until until,
 // so no other worker or replica hands them to the bridge at the same time. Events that another
-// owner holds are left out. The events come back in the order they were sent.
-func (pq *PendingQuery) ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time) ([]*Pending, error) {
-	rows, err := pq.db.Query(ctx, claimSessionQuery, pq.BridgeID, roomID, sessionID, owner, until.UnixMilli(), handover.UnixMilli(), now.UnixMilli())
+// owner holds are left out. At most limit events are claimed, the first to arrive; they come back
+// in the order they arrived.
+func (pq *PendingQuery) ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time, limit int) ([]*Pending, error) {
+	rows, err := pq.db.Query(ctx, claimSessionQuery, pq.BridgeID, roomID, sessionID, owner, until.UnixMilli(), handover.UnixMilli(), now.UnixMilli(), limit)
 	return sortPending(dbutil.ConvertRowFn[*Pending](scanPending).NewRowIter(rows, err).AsList())
 }
 
-// ClaimExpired holds the events first seen before before, to be given up.
-func (pq *PendingQuery) ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time) ([]*Pending, error) {
-	rows, err := pq.db.Query(ctx, claimExpiredQuery, pq.BridgeID, owner, until.UnixMilli(), before.UnixMilli(), now.UnixMilli())
+// ClaimExpired holds at most limit of the events first seen before before, to be given up.
+func (pq *PendingQuery) ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time, limit int) ([]*Pending, error) {
+	rows, err := pq.db.Query(ctx, claimExpiredQuery, pq.BridgeID, owner, until.UnixMilli(), before.UnixMilli(), now.UnixMilli(), limit)
 	return sortPending(dbutil.ConvertRowFn[*Pending](scanPending).NewRowIter(rows, err).AsList())
 }
 
@@ -214,7 +287,7 @@ func (pq *PendingQuery) DeleteRedacted(ctx context.Context, roomID id.RoomID, ev
 	return
 }
 
-// List lists pending events, of one sender or all when sender is empty, the oldest first.
+// List lists pending events, of one sender or all when sender is empty, in the order they arrived.
 func (pq *PendingQuery) List(ctx context.Context, sender id.UserID, limit int) ([]*Pending, error) {
 	rows, err := pq.db.Query(ctx, listPendingQuery, pq.BridgeID, sender, limit)
 	return dbutil.ConvertRowFn[*Pending](scanPending).NewRowIter(rows, err).AsList()
@@ -225,7 +298,7 @@ func scanPending(row dbutil.Scannable) (*Pending, error) {
 	var raw string
 	var originTS, firstSeen, nextRequest int64
 	err := row.Scan(&p.EventID, &p.RoomID, &p.SessionID, &p.SenderKey, &p.Sender, &p.DeviceID, &raw,
-		&originTS, &firstSeen, &p.Requests, &nextRequest, &p.LastError)
+		&originTS, &firstSeen, &p.Arrival, &p.Requests, &nextRequest, &p.LastError)
 	if err != nil {
 		return nil, err
 	}
@@ -241,13 +314,13 @@ func scanPending(row dbutil.Scannable) (*Pending, error) {
 	return &p, nil
 }
 
-// sortPending orders events as they were sent (RETURNING has no ORDER BY).
+// sortPending orders events as they arrived (RETURNING has no ORDER BY).
 func sortPending(list []*Pending, err error) ([]*Pending, error) {
 	if err != nil {
 		return nil, err
 	}
 	slices.SortStableFunc(list, func(a, b *Pending) int {
-		if c := a.OriginTS.Compare(b.OriginTS); c != 0 {
+		if c := cmp.Compare(a.Arrival, b.Arrival); c != 0 {
 			return c
 		}
 		return strings.Compare(string(a.EventID), string(b.EventID))

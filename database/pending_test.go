@@ -2,7 +2,10 @@ package database_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -36,9 +39,12 @@ func pendingEvent(n int, session id.SessionID, seen time.Time) *database.Pending
 	}
 	return &database.Pending{
 		EventID: evtID, RoomID: evt.RoomID, SessionID: session, SenderKey: content.SenderKey, Sender: evt.Sender,
-		DeviceID: "PHONE", Event: evt, OriginTS: time.UnixMilli(evt.Timestamp), FirstSeen: seen, NextRequest: seen,
+		DeviceID: "PHONE", Event: evt, OriginTS: time.UnixMilli(evt.Timestamp), FirstSeen: seen, Arrival: int64(n), NextRequest: seen,
 	}
 }
+
+// roomy are limits no test reaches.
+var roomy = database.PendingLimits{PerSender: 1000, PerRoom: 1000, Total: 1000}
 
 func TestPending(t *testing.T) {
 	t0 := time.UnixMilli(1_800_000_000_000)
@@ -49,15 +55,15 @@ func TestPending(t *testing.T) {
 			pq := db.Pending
 			// Added out of order: two events of session A, one of B, one of A seen later.
 			for _, p := range []*database.Pending{pendingEvent(3, "A", t0), pendingEvent(1, "A", t0), pendingEvent(2, "B", t0), pendingEvent(4, "A", t0.Add(time.Minute))} {
-				if added, err := pq.Add(ctx, p); err != nil || !added {
+				if added, err := pq.Add(ctx, p, roomy); err != nil || !added {
 					t.Fatalf("add %s: added=%v err=%v", p.EventID, added, err)
 				}
 			}
-			if added, err := pq.Add(ctx, pendingEvent(1, "A", t0)); err != nil || added {
+			if added, err := pq.Add(ctx, pendingEvent(1, "A", t0), roomy); err != nil || added {
 				t.Fatalf("adding a recorded event again: added=%v err=%v, want false", added, err)
 			}
-			if n, err := pq.CountBySender(ctx, "@alice:localhost"); err != nil || n != 4 {
-				t.Fatalf("count by sender = %d, %v; want 4", n, err)
+			if n, err := pq.Count(ctx); err != nil || n != 4 {
+				t.Fatalf("count = %d, %v; want 4", n, err)
 			}
 
 			// Before the hand-over time nothing is due; after it, both sessions are.
@@ -84,14 +90,14 @@ func TestPending(t *testing.T) {
 			if due, _ = pq.DueSessions(ctx, t0.Add(handover), t0, 10); len(due) != 1 || due[0].SessionID != "B" {
 				t.Fatalf("due after requesting A = %+v; want only B", due)
 			}
-			if n, err := pq.RequestNow(ctx, "curve-key-a", t0.Add(handover)); err != nil || n != 3 {
+			if n, err := pq.RequestNow(ctx, "@alice:localhost", "curve-key-a", t0.Add(handover)); err != nil || n != 3 {
 				t.Fatalf("request now = %d, %v; want the 3 rows of session A", n, err)
 			}
 
-			// Claiming session A gets its handed-over events in the order they were sent; a
+			// Claiming session A gets its handed-over events in the order they arrived; a
 			// second owner gets nothing while the claim lasts, and the released event after.
 			now := t0.Add(2 * time.Minute)
-			claimed, err := pq.ClaimSession(ctx, "!room:localhost", "A", "owner-1", now, now.Add(time.Minute), now.Add(-handover))
+			claimed, err := pq.ClaimSession(ctx, "!room:localhost", "A", "owner-1", now, now.Add(time.Minute), now.Add(-handover), 10)
 			if err != nil || len(claimed) != 3 {
 				t.Fatalf("claim = %d events, %v; want 3", len(claimed), err)
 			}
@@ -104,7 +110,7 @@ func TestPending(t *testing.T) {
 			if content.SessionID != "A" || string(content.MegolmCiphertext) != "ciphertext-1" || claimed[0].Event.RoomID != "!room:localhost" {
 				t.Fatalf("stored event did not round-trip: %+v", claimed[0].Event)
 			}
-			if other, err := pq.ClaimSession(ctx, "!room:localhost", "A", "owner-2", now, now.Add(time.Minute), now.Add(-handover)); err != nil || len(other) != 0 {
+			if other, err := pq.ClaimSession(ctx, "!room:localhost", "A", "owner-2", now, now.Add(time.Minute), now.Add(-handover), 10); err != nil || len(other) != 0 {
 				t.Fatalf("second claim = %d events, %v; want none", len(other), err)
 			}
 			if err = pq.Done(ctx, "$event1", "owner-1"); err != nil {
@@ -116,18 +122,18 @@ func TestPending(t *testing.T) {
 			if err = pq.Release(ctx, "$event3", "owner-1", "still no key"); err != nil {
 				t.Fatal(err)
 			}
-			other, err := pq.ClaimSession(ctx, "!room:localhost", "A", "owner-2", now, now.Add(time.Minute), now.Add(-handover))
+			other, err := pq.ClaimSession(ctx, "!room:localhost", "A", "owner-2", now, now.Add(time.Minute), now.Add(-handover), 10)
 			if err != nil || len(other) != 1 || other[0].EventID != "$event3" || other[0].LastError != "still no key" {
 				t.Fatalf("claim after release = %+v, %v; want $event3 with its error", other, err)
 			}
 			// $event4 is still held by owner-1 until its claim runs out.
 			later := now.Add(2 * time.Minute)
-			if other, err = pq.ClaimSession(ctx, "!room:localhost", "A", "owner-2", later, later.Add(time.Minute), later.Add(-handover)); err != nil || len(other) != 2 {
+			if other, err = pq.ClaimSession(ctx, "!room:localhost", "A", "owner-2", later, later.Add(time.Minute), later.Add(-handover), 10); err != nil || len(other) != 2 {
 				t.Fatalf("claim after the claims ran out = %d events, %v; want 2", len(other), err)
 			}
 
 			// Retention: only events first seen before the cut-off are claimed to be given up.
-			expired, err := pq.ClaimExpired(ctx, t0.Add(time.Second), "owner-3", later.Add(2*time.Minute), later.Add(3*time.Minute))
+			expired, err := pq.ClaimExpired(ctx, t0.Add(time.Second), "owner-3", later.Add(2*time.Minute), later.Add(3*time.Minute), 10)
 			if err != nil || len(expired) != 2 || expired[0].EventID != "$event2" || expired[1].EventID != "$event3" {
 				t.Fatalf("expired = %+v, %v; want $event2, $event3", expired, err)
 			}
@@ -145,16 +151,21 @@ func TestPending(t *testing.T) {
 	}
 }
 
-// TestPendingUpgrade upgrades a database from the first version of unwedge's tables.
 // TestUnwedgeUpgrades: a database at each earlier version of unwedge's tables upgrades to the
 // latest, and the tables the steps add work.
 func TestUnwedgeUpgrades(t *testing.T) {
+	// unwedge_pending as versions 2 and 3 had it (before v4 added its arrival column).
+	pendingV2, err := os.ReadFile("upgrades/unwedge/02-pending.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		from    int
-		dropped []string // the tables that versions after from added
+		dropped []string // the tables that versions after from added or changed
 	}{
-		{1, []string{"unwedge_megolm_shared", "unwedge_pending"}},
-		{2, []string{"unwedge_megolm_shared"}},
+		{1, []string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock"}},
+		{2, []string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock"}},
+		{3, []string{"unwedge_pending", "unwedge_pending_lock"}},
 	} {
 		for dialect, db := range openPending(t) {
 			t.Run(fmt.Sprintf("from v%d/%s", tc.from, dialect), func(t *testing.T) {
@@ -164,12 +175,28 @@ func TestUnwedgeUpgrades(t *testing.T) {
 						t.Fatal(err)
 					}
 				}
+				if tc.from >= 2 {
+					if _, err := db.Exec(ctx, string(pendingV2)); err != nil {
+						t.Fatal(err)
+					}
+					// A row from before v4 gets an arrival from when it was first seen.
+					if _, err := db.Exec(ctx, `INSERT INTO unwedge_pending (bridge_id, event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, next_request)
+						VALUES ('test-bridge', '$old', '!room:localhost', 'A', 'curve-key-a', '@alice:localhost', 'PHONE', '{}', 5, 7, 0)`); err != nil {
+						t.Fatal(err)
+					}
+				}
 				if _, err := db.Exec(ctx, "UPDATE unwedge_version SET version = $1", tc.from); err != nil {
 					t.Fatal(err)
 				}
 				upgrade(t, db)
-				if _, err := db.Pending.Add(ctx, pendingEvent(1, "A", time.Now())); err != nil {
+				if _, err := db.Pending.Add(ctx, pendingEvent(1, "A", time.Now()), roomy); err != nil {
 					t.Errorf("pending after upgrading: %v", err)
+				}
+				if tc.from >= 2 {
+					var arrival int64
+					if err := db.QueryRow(ctx, "SELECT arrival FROM unwedge_pending WHERE event_id = '$old'").Scan(&arrival); err != nil || arrival != 7_000_000 {
+						t.Errorf("arrival of a row from before v4 = %d, %v; want 7000000 (first_seen in ns)", arrival, err)
+					}
 				}
 				if err := db.Shared.RecordShared(ctx, "session", "key", 3); err != nil {
 					t.Errorf("shared after upgrading: %v", err)
@@ -178,5 +205,149 @@ func TestUnwedgeUpgrades(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestPendingSenders: events of another room member that name the same session and sender key
+// as a victim's are kept apart from the victim's (security finding 4). They neither join nor use
+// up the victim's key requests, a heal of the victim's device hurries only the victim's, and
+// events come back in the order they arrived, whatever origin_server_ts their senders wrote.
+func TestPendingSenders(t *testing.T) {
+	t0 := time.UnixMilli(1_800_000_000_000)
+	for dialect, db := range openPending(t) {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			pq := db.Pending
+			victim := pendingEvent(1, "A", t0)
+			// The attacker copies the session and sender key, and backdates their event.
+			attacker := pendingEvent(2, "A", t0)
+			attacker.Sender, attacker.Event.Sender = "@mallory:localhost", "@mallory:localhost"
+			attacker.OriginTS = t0.Add(-time.Hour)
+			attacker.Event.Timestamp = attacker.OriginTS.UnixMilli()
+			for _, p := range []*database.Pending{victim, attacker} {
+				if _, err := pq.Add(ctx, p, roomy); err != nil {
+					t.Fatal(err)
+				}
+			}
+			due, err := pq.DueSessions(ctx, t0, t0, 10)
+			if err != nil || len(due) != 2 {
+				t.Fatalf("due = %+v, %v; want the session twice, once per sender", due, err)
+			}
+			// The attacker's group uses up all its requests: the victim's stays due.
+			for _, s := range due {
+				if s.Sender == attacker.Sender {
+					if err = pq.MarkRequested(ctx, s, 8, t0.Add(24*time.Hour)); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			due, err = pq.DueSessions(ctx, t0, t0, 10)
+			if err != nil || len(due) != 1 || due[0].Sender != victim.Sender || due[0].Requests != 0 {
+				t.Fatalf("due after the attacker's requests = %+v, %v; want only the victim's, with 0 requests", due, err)
+			}
+			// A new attacker event joins the attacker's schedule, not the victim's.
+			third := pendingEvent(3, "A", t0)
+			third.Sender, third.Event.Sender = attacker.Sender, attacker.Sender
+			if _, err = pq.Add(ctx, third, roomy); err != nil {
+				t.Fatal(err)
+			}
+			if due, _ = pq.DueSessions(ctx, t0, t0, 10); len(due) != 1 || due[0].Sender != victim.Sender || due[0].Events != 1 {
+				t.Fatalf("due after another attacker event = %+v; want the victim's 1 event", due)
+			}
+			// A heal of the victim's device hurries the victim's events only.
+			if n, err := pq.RequestNow(ctx, attacker.Sender, "curve-key-a", t0); err != nil || n != 2 {
+				t.Fatalf("request now for the attacker = %d, %v; want their 2 rows", n, err)
+			}
+			if err = pq.MarkRequested(ctx, due[0], 1, t0.Add(time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+			if n, err := pq.RequestNow(ctx, victim.Sender, "curve-key-a", t0); err != nil || n != 1 {
+				t.Fatalf("request now for the victim = %d, %v; want 1 row", n, err)
+			}
+			// First arrival first: the victim's event, although the attacker's claims to be older.
+			claimed, err := pq.ClaimSession(ctx, victim.RoomID, "A", "owner", t0, t0.Add(time.Minute), t0, 10)
+			if err != nil || len(claimed) != 3 || claimed[0].EventID != victim.EventID {
+				t.Fatalf("claimed = %+v, %v; want 3 events, the victim's first", claimed, err)
+			}
+			list, err := pq.List(ctx, "", 10)
+			if err != nil || len(list) != 3 || list[0].EventID != victim.EventID {
+				t.Fatalf("list = %+v, %v; want the victim's event first", list, err)
+			}
+		})
+	}
+}
+
+// TestPendingLimits: the caps per sender, per room and in total hold (security finding 2), also
+// when many events are added at once from separate connections, as replicas would.
+func TestPendingLimits(t *testing.T) {
+	t0 := time.UnixMilli(1_800_000_000_000)
+	limits := database.PendingLimits{PerSender: 3, PerRoom: 5, Total: 7}
+	event := func(n int, sender id.UserID, room id.RoomID) *database.Pending {
+		p := pendingEvent(n, "A", t0)
+		p.Sender, p.Event.Sender, p.RoomID, p.Event.RoomID = sender, sender, room, room
+		return p
+	}
+	full := func(err error) database.PendingCap {
+		var fullErr *database.PendingFullError
+		if errors.As(err, &fullErr) {
+			return fullErr.Cap
+		}
+		return ""
+	}
+	for dialect, db := range openPending(t) {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			pq := db.Pending
+			steps := []struct {
+				sender id.UserID
+				room   id.RoomID
+				want   database.PendingCap
+			}{
+				{"@a:x", "!r1:x", ""}, {"@a:x", "!r1:x", ""}, {"@a:x", "!r1:x", ""},
+				{"@a:x", "!r1:x", database.CapSender},
+				{"@b:x", "!r1:x", ""}, {"@b:x", "!r1:x", ""},
+				{"@c:x", "!r1:x", database.CapRoom},
+				{"@c:x", "!r2:x", ""}, {"@c:x", "!r2:x", ""},
+				{"@d:x", "!r3:x", database.CapTotal},
+			}
+			for i, step := range steps {
+				added, err := pq.Add(ctx, event(100+i, step.sender, step.room), limits)
+				if got := full(err); got != step.want || (step.want == "" && (err != nil || !added)) {
+					t.Fatalf("event %d of %s in %s: added=%v err=%v; want cap %q", i, step.sender, step.room, added, err, step.want)
+				}
+			}
+			if n, err := pq.Count(ctx); err != nil || n != limits.Total {
+				t.Fatalf("count = %d, %v; want %d", n, err, limits.Total)
+			}
+			// An event already recorded is not refused by a full table: it is simply there.
+			if added, err := pq.Add(ctx, event(100, "@a:x", "!r1:x"), limits); err != nil || added {
+				t.Fatalf("re-adding a recorded event: added=%v err=%v", added, err)
+			}
+
+			// Concurrent adds over separate connections (as from replicas) never pass the total.
+			fresh := database.NewUnwedgeDB("other-bridge", db.Database, dbutil.ZeroLogger(zerolog.Nop())).Pending
+			var wg sync.WaitGroup
+			var lock sync.Mutex
+			added := 0
+			for i := range 20 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					ok, err := fresh.Add(ctx, event(200+i, id.UserID(fmt.Sprintf("@u%d:x", i)), id.RoomID(fmt.Sprintf("!r%d:x", i))), limits)
+					if err != nil && full(err) == "" {
+						t.Error(err)
+					}
+					if ok {
+						lock.Lock()
+						added++
+						lock.Unlock()
+					}
+				}()
+			}
+			wg.Wait()
+			if n, err := fresh.Count(ctx); err != nil || n != limits.Total || added != limits.Total {
+				t.Fatalf("after 20 concurrent adds: %d rows (%v), %d added; want %d", n, err, added, limits.Total)
+			}
+		})
 	}
 }

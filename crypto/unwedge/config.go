@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/unwedge/unwedge/database"
 	"github.com/unwedge/unwedge/internal/backoff"
 )
 
@@ -71,8 +72,15 @@ type RecoveryConfig struct {
 	KeyRequests int           `yaml:"key_requests"`
 	MinBackoff  time.Duration `yaml:"min_backoff"`
 	MaxBackoff  time.Duration `yaml:"max_backoff"`
-	// MaxPendingPerUser bounds the events kept for one sender; more are not kept (stock behaviour).
+	// MaxPendingPerUser, MaxPendingPerRoom and MaxPending bound the events kept for one sender,
+	// in one room and in total; more are not kept (stock behaviour).
 	MaxPendingPerUser int `yaml:"max_pending_per_user"`
+	MaxPendingPerRoom int `yaml:"max_pending_per_room"`
+	MaxPending        int `yaml:"max_pending"`
+}
+
+func (r *RecoveryConfig) limits() database.PendingLimits {
+	return database.PendingLimits{PerSender: r.MaxPendingPerUser, PerRoom: r.MaxPendingPerRoom, Total: r.MaxPending}
 }
 
 // DefaultConfig is the configuration example-config.yaml documents.
@@ -94,6 +102,8 @@ func DefaultConfig() Config {
 			MinBackoff:        30 * time.Second,
 			MaxBackoff:        time.Hour,
 			MaxPendingPerUser: 1000,
+			MaxPendingPerRoom: 5000,
+			MaxPending:        20000,
 		},
 		Metrics: MetricsConfig{Enabled: false, Listen: "127.0.0.1:8001"},
 	}
@@ -138,8 +148,8 @@ func (c *Config) Validate() error {
 		if r.MinBackoff <= 0 || r.MaxBackoff < r.MinBackoff {
 			errs = append(errs, errors.New("unwedge.recovery.min_backoff must be positive and not above unwedge.recovery.max_backoff"))
 		}
-		if r.MaxPendingPerUser < 1 {
-			errs = append(errs, errors.New("unwedge.recovery.max_pending_per_user must be at least 1"))
+		if r.MaxPendingPerUser < 1 || r.MaxPendingPerRoom < r.MaxPendingPerUser || r.MaxPending < r.MaxPendingPerRoom {
+			errs = append(errs, errors.New("unwedge.recovery.max_pending_per_user must be at least 1, max_pending_per_room at least max_pending_per_user, and max_pending at least max_pending_per_room"))
 		}
 	}
 	return errors.Join(errs...)

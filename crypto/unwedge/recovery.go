@@ -43,16 +43,15 @@ const (
 // PendingStore keeps undecryptable events until their keys arrive; database.PendingQuery
 // implements it.
 type PendingStore interface {
-	Add(ctx context.Context, p *database.Pending) (bool, error)
-	CountBySender(ctx context.Context, sender id.UserID) (int, error)
+	Add(ctx context.Context, p *database.Pending, limits database.PendingLimits) (bool, error)
 	Delete(ctx context.Context, eventID id.EventID) (bool, error)
 	Waiting(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (bool, error)
 	DueSessions(ctx context.Context, now, handover time.Time, limit int) ([]*database.PendingSession, error)
 	WaitingSessions(ctx context.Context, handover time.Time, limit int) ([]*database.PendingSession, error)
 	MarkRequested(ctx context.Context, s *database.PendingSession, requests int, next time.Time) error
-	RequestNow(ctx context.Context, senderKey id.SenderKey, now time.Time) (int64, error)
-	ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time) ([]*database.Pending, error)
-	ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time) ([]*database.Pending, error)
+	RequestNow(ctx context.Context, sender id.UserID, senderKey id.SenderKey, now time.Time) (int64, error)
+	ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time, limit int) ([]*database.Pending, error)
+	ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time, limit int) ([]*database.Pending, error)
 	Release(ctx context.Context, eventID id.EventID, owner, lastErr string) error
 	Done(ctx context.Context, eventID id.EventID, owner string) error
 	DeleteRedacted(ctx context.Context, roomID id.RoomID, eventID id.EventID, sender id.UserID) (id.UserID, error)
@@ -92,9 +91,12 @@ type Recovery struct {
 	wake   chan struct{}
 
 	lock sync.Mutex
-	// recorded holds the events recorded by this process, so that a later successful decrypt by
-	// bridgev2 removes the row without a database query on every decrypt.
-	recorded map[id.EventID]struct{}
+	// recorded holds the latest events recorded by this process (at most maxRecorded), so that a
+	// later successful decrypt by bridgev2 removes the row without a database query on every
+	// decrypt. An event that fell out is handed over later; the sink knows it was bridged.
+	recorded recentSet[id.EventID]
+	// arrival is the last arrival stamp given to a recorded event.
+	arrival int64
 	// received holds Megolm sessions that arrived, until their events were handed over.
 	received map[receivedSession]time.Time
 	counts   map[string]int64
@@ -118,8 +120,12 @@ type receivedSession struct {
 
 // Recovery counters, as returned by Counts.
 const (
-	CountRecorded         = "recorded"
-	CountNotRecorded      = "not_recorded"
+	CountRecorded    = "recorded"
+	CountNotRecorded = "not_recorded"
+	// Events not recorded because of each cap (also counted in CountNotRecorded).
+	CountFullSender       = "not_recorded_sender_cap"
+	CountFullRoom         = "not_recorded_room_cap"
+	CountFullTotal        = "not_recorded_total_cap"
 	CountDecryptedStock   = "decrypted_by_bridge"
 	CountRecovered        = "recovered"
 	CountGivenUp          = "given_up"
@@ -134,7 +140,13 @@ const (
 	sweepInterval = 30 * time.Second
 	defaultLease  = 2 * time.Minute
 	batchLimit    = 200
+	maxRecorded   = 10000
 )
+
+// fullCounts is the counter of each cap.
+var fullCounts = map[database.PendingCap]string{
+	database.CapSender: CountFullSender, database.CapRoom: CountFullRoom, database.CapTotal: CountFullTotal,
+}
 
 // NewRecovery makes a Recovery. healing reports whether a device's Olm session is being replaced
 // right now (Unwedger.Healing); owner names this process in claims, like the ledger's leases.
@@ -143,36 +155,41 @@ func NewRecovery(cfg RecoveryConfig, mach *crypto.OlmMachine, store PendingStore
 	return &Recovery{
 		cfg: cfg, mach: mach, store: store, sink: sink, healing: healing, owner: owner, log: log,
 		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
-		recorded: make(map[id.EventID]struct{}), received: make(map[receivedSession]time.Time), counts: make(map[string]int64),
+		recorded: newRecentSet[id.EventID](maxRecorded), received: make(map[receivedSession]time.Time), counts: make(map[string]int64),
 		now: time.Now, Lease: defaultLease,
 	}
 }
 
-// Record keeps an event that could not be decrypted because its Megolm session is missing.
-// Events of a sender over MaxPendingPerUser are not kept.
+// Record keeps an event that could not be decrypted because its Megolm session is missing. The
+// caller must have received it live from the homeserver (not fetched it later), from a user
+// allowed to send. Events over MaxPendingPerUser of their sender, MaxPendingPerRoom of their room
+// or MaxPending in total are not kept.
 func (r *Recovery) Record(ctx context.Context, evt *event.Event) error {
 	content, ok := evt.Content.Parsed.(*event.EncryptedEventContent)
-	if !ok || content.Algorithm != id.AlgorithmMegolmV1 || content.SessionID == "" || evt.ID == "" || evt.RoomID == "" {
+	if !ok || content.Algorithm != id.AlgorithmMegolmV1 || content.SessionID == "" || evt.ID == "" || evt.RoomID == "" || evt.Sender == "" {
 		return fmt.Errorf("event %s is not a Megolm event", evt.ID)
 	}
-	if n, err := r.store.CountBySender(ctx, evt.Sender); err != nil {
-		return fmt.Errorf("failed to count pending events of %s: %w", evt.Sender, err)
-	} else if n >= r.cfg.MaxPendingPerUser {
-		r.count(CountNotRecorded)
-		return fmt.Errorf("%s already has %d events waiting for keys", evt.Sender, n)
-	}
 	now := r.now()
+	r.lock.Lock()
+	r.arrival = max(r.arrival+1, now.UnixNano())
+	arrival := r.arrival
+	r.lock.Unlock()
 	//lint:ignore SA1019 the deprecated fields are the only hint at the sending device
 	senderKey, deviceID := content.SenderKey, content.DeviceID
 	added, err := r.store.Add(ctx, &database.Pending{
 		EventID: evt.ID, RoomID: evt.RoomID, SessionID: content.SessionID, SenderKey: senderKey, Sender: evt.Sender,
-		DeviceID: deviceID, Event: evt, OriginTS: time.UnixMilli(evt.Timestamp), FirstSeen: now, NextRequest: now,
-	})
-	if err != nil {
+		DeviceID: deviceID, Event: evt, OriginTS: time.UnixMilli(evt.Timestamp), FirstSeen: now, Arrival: arrival, NextRequest: now,
+	}, r.cfg.limits())
+	var full *database.PendingFullError
+	if errors.As(err, &full) {
+		r.count(CountNotRecorded)
+		r.count(fullCounts[full.Cap])
+		return err
+	} else if err != nil {
 		return err
 	}
 	r.lock.Lock()
-	r.recorded[evt.ID] = struct{}{}
+	r.recorded.add(evt.ID)
 	r.lock.Unlock()
 	if added {
 		r.count(CountRecorded)
@@ -185,8 +202,7 @@ func (r *Recovery) Record(ctx context.Context, evt *event.Event) error {
 // Decrypted is told that the bridge decrypted an event itself (bridgev2's own wait got the key).
 func (r *Recovery) Decrypted(ctx context.Context, eventID id.EventID) {
 	r.lock.Lock()
-	_, ok := r.recorded[eventID]
-	delete(r.recorded, eventID)
+	ok := r.recorded.remove(eventID)
 	r.lock.Unlock()
 	if !ok {
 		return
@@ -206,14 +222,25 @@ func (r *Recovery) SessionReceived(roomID id.RoomID, sessionID id.SessionID) {
 	r.poke()
 }
 
-// DeviceHealed is told that a device's Olm session was replaced: its sessions' keys are requested
-// again now, since an answer can finally reach the bridge.
+// DeviceHealed is told that a device's Olm session was replaced: the keys of its user's sessions
+// that name the device are requested again now, since an answer can finally reach the bridge.
 func (r *Recovery) DeviceHealed(ctx context.Context, device *id.Device) {
-	if n, err := r.store.RequestNow(ctx, device.IdentityKey, r.now()); err != nil {
+	if n, err := r.store.RequestNow(ctx, device.UserID, device.IdentityKey, r.now()); err != nil {
 		zerolog.Ctx(ctx).Err(err).Msg("Failed to schedule key requests after heal")
 	} else if n > 0 {
 		r.poke()
 	}
+}
+
+// finish removes a claimed event that was bridged, dropped or given up.
+func (r *Recovery) finish(ctx context.Context, eventID id.EventID) error {
+	if err := r.store.Done(ctx, eventID, r.owner); err != nil {
+		return err
+	}
+	r.lock.Lock()
+	r.recorded.remove(eventID)
+	r.lock.Unlock()
+	return nil
 }
 
 func (r *Recovery) fault(point string) {
@@ -326,7 +353,7 @@ func (r *Recovery) hasSession(ctx context.Context, roomID id.RoomID, sessionID i
 // bridge in the order they were sent; it returns how many it bridged.
 func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, now, handover time.Time) int {
 	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("session_id", sessionID).Logger()
-	claimed, err := r.store.ClaimSession(ctx, roomID, sessionID, r.owner, now, now.Add(r.Lease), handover)
+	claimed, err := r.store.ClaimSession(ctx, roomID, sessionID, r.owner, now, now.Add(r.Lease), handover, batchLimit)
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Err(err).Msg("Failed to claim pending events")
@@ -349,7 +376,7 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 		if errors.As(err, &dropped) {
 			// The key came, but the room's rules no longer let the event through.
 			handled++
-			if err = r.store.Done(ctx, p.EventID, r.owner); err != nil {
+			if err = r.finish(ctx, p.EventID); err != nil {
 				elog.Err(err).Msg("Failed to remove dropped event from pending events")
 				continue
 			}
@@ -366,7 +393,7 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 			continue
 		}
 		r.fault(FaultEventDelivered)
-		if err = r.store.Done(ctx, p.EventID, r.owner); err != nil {
+		if err = r.finish(ctx, p.EventID); err != nil {
 			// The claim runs out and the event is handed over again; the sink knows it was bridged.
 			elog.Err(err).Msg("Failed to remove bridged event from pending events")
 		}
@@ -486,7 +513,7 @@ func (r *Recovery) Redacted(ctx context.Context, roomID id.RoomID, eventID, reda
 		return false
 	}
 	r.lock.Lock()
-	delete(r.recorded, eventID)
+	r.recorded.remove(eventID)
 	r.lock.Unlock()
 	r.count(CountDropped)
 	zerolog.Ctx(ctx).Warn().Str("unwedge", "dropped").Stringer("event_id", eventID).Stringer("room_id", roomID).Stringer("sender", sender).
@@ -500,7 +527,7 @@ var ErrGaveUp = errors.New("the bridge never received the keys to decrypt it")
 
 // giveUp removes events that waited longer than the retention, telling their senders.
 func (r *Recovery) giveUp(ctx context.Context, now time.Time) {
-	expired, err := r.store.ClaimExpired(ctx, now.Add(-r.cfg.Retention), r.owner, now, now.Add(r.Lease))
+	expired, err := r.store.ClaimExpired(ctx, now.Add(-r.cfg.Retention), r.owner, now, now.Add(r.Lease), batchLimit)
 	if err != nil {
 		if ctx.Err() == nil {
 			zerolog.Ctx(ctx).Err(err).Msg("Failed to list expired pending events")
@@ -512,7 +539,7 @@ func (r *Recovery) giveUp(ctx context.Context, now time.Time) {
 			Stringer("identity_key", p.SenderKey).Stringer("session_id", p.SessionID).Logger()
 		reason := fmt.Sprintf("%s (waited %s, asked %d times)", ErrGaveUp, humanDuration(r.cfg.Retention), p.Requests)
 		r.sink.GiveUp(elog.WithContext(ctx), p.Event, reason)
-		if err = r.store.Done(ctx, p.EventID, r.owner); err != nil {
+		if err = r.finish(ctx, p.EventID); err != nil {
 			elog.Err(err).Msg("Failed to remove given-up event")
 			continue
 		}

@@ -2,6 +2,7 @@ package unwedge_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -175,14 +176,15 @@ func (f *recoveryFixture) pendingCount() int {
 
 // TestRecoveryLateKey: the key arrives long after bridgev2 gave up. Nothing is requested while
 // bridgev2 still waits; then the key is requested, arrives as a forwarded key, and the events are
-// bridged in the order they were sent, once, and the request is cancelled.
+// bridged in the order they arrived, once, and the request is cancelled.
 func TestRecoveryLateKey(t *testing.T) {
 	f := newRecoveryFixture(t, nil)
 	t0 := f.clock
-	// Recorded out of order: the second message's failure is seen first.
-	f.undecryptable("second", t0.Add(-time.Second))
-	f.undecryptable("first", t0.Add(-2*time.Second))
-	f.undecryptable("third", t0)
+	// Their origin_server_ts says another order: a sender (or its homeserver) writes what it
+	// likes there. The order of arrival is the homeserver's.
+	f.undecryptable("first", t0.Add(-time.Second))
+	f.undecryptable("second", t0.Add(-2*time.Second))
+	f.undecryptable("third", t0.Add(-3*time.Second))
 
 	f.pass(10 * time.Second)
 	if reqs := f.keyRequests(); len(reqs) != 0 {
@@ -356,8 +358,12 @@ func TestRecoveryLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = f.rec.Record(f.ctx, &event.Event{ID: "$three", RoomID: testRoom, Sender: peerUser, Type: event.EventEncrypted, Content: event.Content{Parsed: content}})
-	if err == nil || f.pendingCount() != 2 {
-		t.Fatalf("third event: err=%v, %d rows; want an error and 2 rows", err, f.pendingCount())
+	var full *database.PendingFullError
+	if !errors.As(err, &full) || full.Cap != database.CapSender || f.pendingCount() != 2 {
+		t.Fatalf("third event: err=%v, %d rows; want the sender cap and 2 rows", err, f.pendingCount())
+	}
+	if counts := f.rec.Counts(); counts[unwedge.CountNotRecorded] != 1 || counts[unwedge.CountFullSender] != 1 {
+		t.Fatalf("counts = %v; want 1 not recorded, over the sender cap", counts)
 	}
 	// Not Megolm: refused with an error, nothing stored.
 	if err = f.rec.Record(f.ctx, &event.Event{ID: "$plain", RoomID: testRoom, Sender: "@bob:example.org", Content: event.Content{Parsed: &event.MessageEventContent{}}}); err == nil {

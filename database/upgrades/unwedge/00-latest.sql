@@ -1,4 +1,4 @@
--- v0 -> v3: Latest revision of unwedge's tables
+-- v0 -> v4: Latest revision of unwedge's tables
 -- One row per (user, device, identity key) that unwedge has acted on: the MSC1719 rate limit
 -- ("one new session per device per hour") is decided on this row in one statement.
 CREATE TABLE unwedge_device (
@@ -71,6 +71,10 @@ CREATE TABLE unwedge_pending (
 	claim_owner   TEXT    NOT NULL DEFAULT '',
 	claim_until   BIGINT  NOT NULL DEFAULT 0,
 	last_error    TEXT    NOT NULL DEFAULT '',
+	-- The order in which the bridge first received the event (Unix ns, strictly increasing per
+	-- process): events are handed over and listed in this order, not by the sender-controlled
+	-- origin_server_ts.
+	arrival       BIGINT  NOT NULL DEFAULT 0,
 
 	PRIMARY KEY (bridge_id, event_id)
 );
@@ -79,6 +83,15 @@ CREATE INDEX unwedge_pending_session_idx ON unwedge_pending (bridge_id, session_
 CREATE INDEX unwedge_pending_request_idx ON unwedge_pending (bridge_id, next_request);
 CREATE INDEX unwedge_pending_seen_idx ON unwedge_pending (bridge_id, first_seen);
 CREATE INDEX unwedge_pending_sender_idx ON unwedge_pending (bridge_id, sender);
+CREATE INDEX unwedge_pending_room_idx ON unwedge_pending (bridge_id, room_id);
+
+-- One row per bridge: every insert into unwedge_pending first writes it, so the caps on pending
+-- events (per sender, per room, in total) are checked and kept by one writer at a time, also
+-- across replicas. records counts the inserts tried.
+CREATE TABLE unwedge_pending_lock (
+	bridge_id TEXT   NOT NULL PRIMARY KEY,
+	records   BIGINT NOT NULL DEFAULT 0
+);
 
 -- A device that asks again for one of the bridge's own sessions gets it from this index, never
 -- from an earlier one: only what it had before (matrix-rust-sdk's rule for forwarding keys).
