@@ -125,3 +125,42 @@ func TestKeyRequestsFollowSender(t *testing.T) {
 		}
 	}
 }
+
+// TestLiveEventsBounded: what the helper holds between a failed decrypt and bridgev2's wait stays
+// within its bounds, whatever is sent (security finding 2: in-memory sets are bounded), and the
+// events come out once while their senders stay known for bridgev2's second wait.
+func TestLiveEventsBounded(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		name     string
+		sessions int // distinct sessions, the events spread over them
+		events   int
+	}{
+		{"many sessions", 3 * maxLiveSessions, 3 * maxLiveSessions},
+		{"one session", 1, 3 * maxLiveEvents},
+		{"some sessions", 10, 3 * maxLiveEvents},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var l liveEvents
+			for i := range tc.events {
+				evt := megolmEvent(i, cmdAlice, "key", session(fmt.Sprint(i%tc.sessions)))
+				l.remember(evt, now.Add(time.Duration(i)*time.Millisecond))
+				if len(l.sessions) > maxLiveSessions || l.held > maxLiveEvents {
+					t.Fatalf("after %d events: %d sessions, %d events held", i+1, len(l.sessions), l.held)
+				}
+			}
+		})
+	}
+
+	var l liveEvents
+	l.remember(megolmEvent(1, cmdAlice, "key", session("s")), now)
+	l.remember(megolmEvent(2, cmdBob, "key", session("s")), now)
+	fresh, senders := l.take(cmdPortal, "key", session("s"))
+	if len(fresh) != 2 || !slices.Equal(senders, []id.UserID{cmdAlice, cmdBob}) {
+		t.Fatalf("first take: %d events, senders %v", len(fresh), senders)
+	}
+	fresh, senders = l.take(cmdPortal, "key", session("s"))
+	if len(fresh) != 0 || len(senders) != 2 || l.held != 0 {
+		t.Fatalf("second take: %d events, senders %v, %d held", len(fresh), senders, l.held)
+	}
+}
