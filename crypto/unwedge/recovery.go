@@ -75,7 +75,7 @@ type Sink interface {
 // restarts: undecryptable events are kept in the database, their keys are requested from the
 // sending device with backoff (not while that device's Olm session is being replaced, since the
 // answer would come back over the broken session), and when the session arrives the events are
-// decrypted and handed to the bridge in the order they were sent.
+// decrypted and handed to the bridge in the order they arrived.
 type Recovery struct {
 	cfg     RecoveryConfig
 	mach    *crypto.OlmMachine
@@ -350,7 +350,7 @@ func (r *Recovery) hasSession(ctx context.Context, roomID id.RoomID, sessionID i
 }
 
 // deliverSession decrypts the handed-over events of a session that arrived and gives them to the
-// bridge in the order they were sent; it returns how many it bridged.
+// bridge in the order they arrived; it returns how many it bridged.
 func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, now, handover time.Time) int {
 	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("session_id", sessionID).Logger()
 	claimed, err := r.store.ClaimSession(ctx, roomID, sessionID, r.owner, now, now.Add(r.Lease), handover, batchLimit)
