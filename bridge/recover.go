@@ -74,29 +74,28 @@ func (s *recoverySink) Deliver(ctx context.Context, original, decrypted *event.E
 
 // moderated says why an event that waited for its key must not be bridged any more, or "": its
 // sender is no longer joined to the room (kicked, banned or gone), or the event was redacted.
-// The bridge's state store is asked first; the homeserver has the last word, since the bridge may
-// have been down when the sender left or the event was redacted (an error then keeps the event
-// pending, to be checked again).
+// The homeserver is asked, not the bridge's state store: the store may be behind (a kick still
+// queued behind other events, or one made while the bridge was down), and a moderator's action
+// must not be outrun by a key. An error keeps the event pending, to be checked again. Only when
+// the bot may not read the room any more does the state store decide.
 func (s *recoverySink) moderated(ctx context.Context, evt *event.Event) (string, error) {
 	conn := s.h.conn
-	member, err := conn.StateStore.TryGetMember(ctx, evt.RoomID, evt.Sender)
-	if err != nil {
-		return "", fmt.Errorf("failed to get the sender's membership: %w", err)
-	}
-	if member == nil || member.Membership != event.MembershipJoin {
-		// The state store may lack the member or be behind: the homeserver decides.
-		var current event.MemberEventContent
-		err = conn.Bot.Client.StateEvent(ctx, evt.RoomID, event.StateMember, evt.Sender.String(), &current)
-		switch {
-		case errors.Is(err, mautrix.MNotFound):
-			return "the sender is not a member of the room", nil
-		case err != nil && member != nil:
-			return fmt.Sprintf("the sender's membership is %s", member.Membership), nil
-		case err != nil:
-			return "", fmt.Errorf("failed to get the sender's membership from the homeserver: %w", err)
-		case current.Membership != event.MembershipJoin:
-			return fmt.Sprintf("the sender's membership is %s", current.Membership), nil
+	var current event.MemberEventContent
+	err := conn.Bot.Client.StateEvent(ctx, evt.RoomID, event.StateMember, evt.Sender.String(), &current)
+	switch {
+	case errors.Is(err, mautrix.MNotFound):
+		return "the sender is not a member of the room", nil
+	case errors.Is(err, mautrix.MForbidden):
+		member, storeErr := conn.StateStore.TryGetMember(ctx, evt.RoomID, evt.Sender)
+		if storeErr != nil {
+			return "", fmt.Errorf("failed to get the sender's membership: %w", storeErr)
+		} else if member == nil || member.Membership != event.MembershipJoin {
+			return "the sender is not joined to the room", nil
 		}
+	case err != nil:
+		return "", fmt.Errorf("failed to get the sender's membership from the homeserver: %w", err)
+	case current.Membership != event.MembershipJoin:
+		return fmt.Sprintf("the sender's membership is %s", current.Membership), nil
 	}
 	served, err := conn.Bot.Client.GetEvent(ctx, evt.RoomID, evt.ID)
 	switch {
