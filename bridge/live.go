@@ -57,7 +57,6 @@ func (l *liveEvents) remember(evt *event.Event, now time.Time) {
 	if l.sessions == nil {
 		l.sessions = make(map[liveKey]*liveSession)
 	}
-	//lint:ignore SA1019 bridgev2 waits for the session by the deprecated sender key too
 	key := liveKey{evt.RoomID, content.SenderKey, content.SessionID}
 	l.prune(now, key)
 	sess := l.sessions[key]

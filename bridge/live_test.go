@@ -31,7 +31,7 @@ func megolmEvent(n int, sender id.UserID, senderKey id.SenderKey, sessionID id.S
 		ID: id.EventID(fmt.Sprintf("$live%d", n)), RoomID: cmdPortal, Sender: sender, Type: event.EventEncrypted,
 		Timestamp: time.Now().UnixMilli(),
 		Content: event.Content{Parsed: &event.EncryptedEventContent{
-			Algorithm: id.AlgorithmMegolmV1, SenderKey: senderKey, DeviceID: "PHONE", SessionID: sessionID,
+			Algorithm: id.AlgorithmMegolmV1, SenderKey: senderKey, SessionID: sessionID,
 			MegolmCiphertext: []byte("Aw" + strings.Repeat("A", 198)),
 		}},
 	}
@@ -45,7 +45,6 @@ func (f *commandFixture) receive(evt *event.Event, wait time.Duration) {
 		f.t.Fatalf("decrypt %s: %v, want no session", evt.ID, err)
 	}
 	content := evt.Content.AsEncrypted()
-	//lint:ignore SA1019 bridgev2 passes the deprecated sender key
 	f.h.WaitForSession(f.ctx, evt.RoomID, content.SenderKey, content.SessionID, wait)
 }
 

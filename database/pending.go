@@ -25,7 +25,7 @@ type Pending struct {
 	Sender    id.UserID
 	DeviceID  id.DeviceID
 	// Event is the event as received (still encrypted).
-	Event       *event.Event
+	Event     *event.Event
 	OriginTS  time.Time
 	FirstSeen time.Time
 	// Arrival orders the events as the bridge first received them (Unix ns, strictly increasing
@@ -68,9 +68,9 @@ const (
 			COALESCE((SELECT MAX(requests) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $3 AND session_id = $4 AND sender_key = $5 AND sender = $6), 0),
 			COALESCE((SELECT MAX(next_request) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $3 AND session_id = $4 AND sender_key = $5 AND sender = $6), $12))
 		ON CONFLICT (bridge_id, event_id) DO NOTHING`
-	countPendingQuery = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1`
-	deletePendingQuery        = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2`
-	sessionPendingQuery       = `SELECT EXISTS (SELECT 1 FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3)`
+	countPendingQuery   = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1`
+	deletePendingQuery  = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2`
+	sessionPendingQuery = `SELECT EXISTS (SELECT 1 FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3)`
 	// Sessions whose events passed the hand-over time and whose next key request is due.
 	dueSessionsQuery = `
 		SELECT room_id, session_id, sender_key, sender, MAX(device_id), MAX(requests), COUNT(*) FROM unwedge_pending
