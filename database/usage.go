@@ -10,6 +10,8 @@ import (
 // The webhook network's creation limits count rows of bridgev2's own tables, which it only reads:
 // a login's portals have it as receiver, and its ghosts have IDs that start with its namespace.
 // Counting the rows themselves needs no table of ours, survives restarts and follows deletions.
+// Both counts scan the bridge's rows (LIKE cannot use the ghost key under a non-C collation), and
+// run only when a login creates a chat or posts as a sender it had not had before.
 const (
 	countReceiverPortalsQuery = `SELECT COUNT(*) FROM portal WHERE bridge_id = $1 AND receiver = $2`
 	countGhostsByPrefixQuery  = `SELECT COUNT(*) FROM ghost WHERE bridge_id = $1 AND id LIKE $2 ESCAPE '\'`

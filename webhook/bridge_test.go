@@ -36,20 +36,15 @@ import (
 // Postgres when the test stack runs), with the Matrix side replaced by fakeMatrix, which records
 // what the bridge did in Matrix: rooms, display names, messages and who sent them.
 
-// testDatabases returns a database URI by dialect: a fresh SQLite file always, a fresh Postgres
-// database when the stack runs.
-func testDatabases(t *testing.T) map[string]string {
-	dbs := map[string]string{"sqlite3-fk-wal": "file:" + filepath.Join(t.TempDir(), "bridge.db") + "?_txlock=immediate"}
-	if os.Getenv(testenv.VarRequireStack) == "1" {
-		dbs["postgres"] = testenv.Require(t).NewDatabase(t)
-	} else if env, err := testenv.Load(); err == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if env.Ping(ctx) == nil {
-			dbs["postgres"] = env.NewDatabase(t)
-		}
-	}
-	return dbs
+// forEachDatabase runs test on a fresh SQLite file, and on a fresh Postgres database of the test
+// stack (skipped without it, failed with UNWEDGE_REQUIRE_STACK=1).
+func forEachDatabase(t *testing.T, test func(t *testing.T, dialect, uri string)) {
+	t.Run("sqlite", func(t *testing.T) {
+		test(t, "sqlite3-fk-wal", "file:"+filepath.Join(t.TempDir(), "bridge.db")+"?_txlock=immediate")
+	})
+	t.Run("postgres", func(t *testing.T) {
+		test(t, "postgres", testenv.Require(t).NewDatabase(t))
+	})
 }
 
 // testConfig is the example config's network section with the given limits.
