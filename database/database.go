@@ -12,16 +12,18 @@ import (
 	"github.com/unwedge/unwedge/database/upgrades"
 )
 
-// WebhookDB holds the reference bridge's webhook network tables.
+// WebhookDB holds the reference bridge's webhook network tables, and the counts of what its
+// logins created in bridgev2's tables.
 type WebhookDB struct {
 	*dbutil.Database
 	Outbox *OutboxQuery
+	Usage  *UsageQuery
 }
 
 // NewWebhookDB wraps the bridge's database; call Upgrade before use.
 func NewWebhookDB(bridgeID string, parent *dbutil.Database, log dbutil.DatabaseLogger) *WebhookDB {
 	db := parent.Child("webhook_version", upgrades.Webhook, log)
-	return &WebhookDB{Database: db, Outbox: &OutboxQuery{BridgeID: bridgeID, db: db}}
+	return &WebhookDB{Database: db, Outbox: &OutboxQuery{BridgeID: bridgeID, db: db}, Usage: &UsageQuery{BridgeID: bridgeID, db: db}}
 }
 
 // Upgrade creates or upgrades the webhook tables.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix/bridgev2/networkid"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -170,7 +171,13 @@ func TestEncryptedRoundTrip(t *testing.T) {
 			if !evt.Mautrix.WasEncrypted {
 				t.Error("webhook message reached the client unencrypted")
 			}
-			if want := id.NewUserID(strings.ReplaceAll(s.slot.UsernameTemplate, "{{.}}", "bob"), s.env.Domain); evt.Sender != want {
+			// Each login has its own ghosts: the login's "bob".
+			who, err := s.remote.Whoami(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ghost := id.EncodeUserLocalpart(string(webhook.GhostID(networkid.UserLoginID(who.LoginID), "bob")))
+			if want := id.NewUserID(strings.ReplaceAll(s.slot.UsernameTemplate, "{{.}}", ghost), s.env.Domain); evt.Sender != want {
 				t.Errorf("sender = %s, want ghost %s", evt.Sender, want)
 			}
 

@@ -42,7 +42,8 @@ type CreateChatResponse struct {
 // PostMessageRequest is the body of POST /_webhook/v1/messages.
 type PostMessageRequest struct {
 	ChatID string `json:"chat_id"`
-	// Sender is the remote user ID of the author; a ghost user represents them in Matrix.
+	// Sender is the remote user ID of the author; a ghost user represents them in Matrix. Each
+	// login has its own senders: another login's "bob" is another ghost (see GhostID).
 	Sender     string `json:"sender"`
 	SenderName string `json:"sender_name,omitempty"`
 	// ID makes the post idempotent: a message ID that was bridged already is not bridged again.
@@ -132,9 +133,13 @@ func (c *Connector) postChat(w http.ResponseWriter, r *http.Request, login *brid
 		req.Name = req.ChatID
 	}
 	ctx := r.Context()
-	portal, err := c.br.GetPortalByKey(ctx, portalKey(login, req.ChatID))
-	if err != nil {
-		zerolog.Ctx(ctx).Err(err).Msg("Failed to get portal")
+	portal, err := c.chatPortal(ctx, login, req.ChatID)
+	var limitErr *limitError
+	if errors.As(err, &limitErr) {
+		writeError(w, http.StatusForbidden, ErrCodeLimitExceeded, limitErr.Error())
+		return
+	} else if err != nil {
+		zerolog.Ctx(ctx).Err(err).Str("chat_id", req.ChatID).Msg("Failed to get portal")
 		writeError(w, http.StatusInternalServerError, "M_UNKNOWN", "failed to get portal")
 		return
 	}
@@ -160,6 +165,10 @@ func (c *Connector) postMessage(w http.ResponseWriter, r *http.Request, login *b
 		return
 	}
 	ctx := r.Context()
+	if len(c.br.Matrix.FormatGhostMXID(GhostID(login.ID, req.Sender))) > id.UserIDMaxLength {
+		writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "sender is too long: with the login ID its Matrix user ID would exceed 255 bytes")
+		return
+	}
 	key := portalKey(login, req.ChatID)
 	portal, err := c.br.GetExistingPortalByKey(ctx, key)
 	if err != nil {
@@ -173,16 +182,26 @@ func (c *Connector) postMessage(w http.ResponseWriter, r *http.Request, login *b
 	if req.ID == "" {
 		req.ID = randomMessageID()
 	}
-	if err = c.updateGhostName(ctx, req.Sender, req.SenderName); err != nil {
-		zerolog.Ctx(ctx).Err(err).Str("sender", req.Sender).Msg("Failed to update ghost")
+	ghost, err := c.senderGhost(ctx, login, req.Sender)
+	var limitErr *limitError
+	if errors.As(err, &limitErr) {
+		writeError(w, http.StatusForbidden, ErrCodeLimitExceeded, limitErr.Error())
+		return
+	} else if err != nil {
+		zerolog.Ctx(ctx).Err(err).Str("sender", req.Sender).Msg("Failed to get ghost")
 		writeError(w, http.StatusInternalServerError, "M_UNKNOWN", "failed to prepare sender")
 		return
 	}
+	name := req.SenderName
+	if name == "" {
+		name = req.Sender
+	}
+	ghost.UpdateInfo(ctx, &bridgev2.UserInfo{Name: &name})
 	res := login.QueueRemoteEvent(&simplevent.Message[string]{
 		EventMeta: simplevent.EventMeta{
 			Type:      bridgev2.RemoteEventMessage,
 			PortalKey: key,
-			Sender:    bridgev2.EventSender{Sender: networkid.UserID(req.Sender)},
+			Sender:    bridgev2.EventSender{Sender: ghost.ID},
 			Timestamp: time.Now(),
 			LogContext: func(c zerolog.Context) zerolog.Context {
 				return c.Str("chat_id", req.ChatID).Str("message_id", req.ID)
@@ -225,18 +244,6 @@ func convertText(ctx context.Context, portal *bridgev2.Portal, intent bridgev2.M
 		Type:    event.EventMessage,
 		Content: &event.MessageEventContent{MsgType: event.MsgText, Body: text},
 	}}}, nil
-}
-
-func (c *Connector) updateGhostName(ctx context.Context, sender, name string) error {
-	ghost, err := c.br.GetGhostByID(ctx, networkid.UserID(sender))
-	if err != nil {
-		return fmt.Errorf("failed to get ghost: %w", err)
-	}
-	if name == "" {
-		name = sender
-	}
-	ghost.UpdateInfo(ctx, &bridgev2.UserInfo{Name: &name})
-	return nil
 }
 
 const maxOutboxPage = 500

@@ -36,7 +36,7 @@ func (cl *client) LogoutRemote(ctx context.Context) {
 }
 
 func (cl *client) IsThisUser(ctx context.Context, userID networkid.UserID) bool {
-	return string(userID) == string(cl.login.ID)
+	return userID == selfID(cl.login.ID)
 }
 
 func (cl *client) GetChatInfo(ctx context.Context, portal *bridgev2.Portal) (*bridgev2.ChatInfo, error) {
@@ -58,7 +58,8 @@ func chatInfo(name string) *bridgev2.ChatInfo {
 	}
 }
 
-// GetUserInfo returns nothing new: ghost names come with each posted message (see the API).
+// GetUserInfo returns nothing new: ghost names come with each posted message (see the API). The
+// sender is in the ghost's ID, but naming the ghost after it here would undo a sender_name.
 func (cl *client) GetUserInfo(ctx context.Context, ghost *bridgev2.Ghost) (*bridgev2.UserInfo, error) {
 	return nil, nil
 }
@@ -101,7 +102,7 @@ func (cl *client) HandleMatrixMessage(ctx context.Context, msg *bridgev2.MatrixM
 	}
 	return &bridgev2.MatrixMessageResponse{DB: &bridgedb.Message{
 		ID:        outboxMessageID(stored.ID),
-		SenderID:  networkid.UserID(cl.login.ID),
+		SenderID:  selfID(cl.login.ID),
 		Timestamp: time.UnixMilli(stored.Timestamp),
 	}}, nil
 }

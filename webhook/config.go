@@ -23,10 +23,14 @@ var ExampleConfig = networkExample + unwedgebridge.ExampleConfig
 
 // Config is the `network:` section of the bridge config.
 type Config struct {
-	MaxBodyBytes int64          `yaml:"max_body_bytes"`
-	MaxTextBytes int            `yaml:"max_text_bytes"`
-	Delivery     DeliveryConfig `yaml:"delivery"`
-	Unwedge      unwedge.Config `yaml:"unwedge"`
+	MaxBodyBytes int64 `yaml:"max_body_bytes"`
+	MaxTextBytes int   `yaml:"max_text_bytes"`
+	// MaxChatsPerLogin and MaxSendersPerLogin bound the portals and ghosts one login's token can
+	// make the bridge create.
+	MaxChatsPerLogin   int            `yaml:"max_chats_per_login"`
+	MaxSendersPerLogin int            `yaml:"max_senders_per_login"`
+	Delivery           DeliveryConfig `yaml:"delivery"`
+	Unwedge            unwedge.Config `yaml:"unwedge"`
 }
 
 // DeliveryConfig controls delivery of Matrix messages to outgoing webhooks.
@@ -43,6 +47,8 @@ type DeliveryConfig struct {
 func upgradeConfig(helper up.Helper) {
 	helper.Copy(up.Int, "max_body_bytes")
 	helper.Copy(up.Int, "max_text_bytes")
+	helper.Copy(up.Int, "max_chats_per_login")
+	helper.Copy(up.Int, "max_senders_per_login")
 	helper.Copy(up.Str, "delivery", "timeout")
 	helper.Copy(up.Int, "delivery", "max_attempts")
 	helper.Copy(up.Str, "delivery", "min_backoff")
@@ -58,6 +64,10 @@ func (c *Config) Validate() error {
 		return errors.New("network.max_body_bytes must be at least 1024")
 	case c.MaxTextBytes < 1 || int64(c.MaxTextBytes) > c.MaxBodyBytes:
 		return errors.New("network.max_text_bytes must be between 1 and max_body_bytes")
+	case c.MaxChatsPerLogin < 1:
+		return errors.New("network.max_chats_per_login must be at least 1")
+	case c.MaxSendersPerLogin < 1:
+		return errors.New("network.max_senders_per_login must be at least 1")
 	case c.Delivery.Timeout <= 0:
 		return errors.New("network.delivery.timeout must be positive")
 	case c.Delivery.MaxAttempts < 1:

@@ -34,6 +34,9 @@ type Connector struct {
 	tokensLock sync.RWMutex
 	tokens     map[string]networkid.UserLoginID // sha256(token) -> login
 
+	// creating serialises each login's creation of chats and ghosts with its limit checks.
+	creating loginLocks
+
 	// router is the appservice HTTP server's, where Init registers the API; bridgev2 starts
 	// serving it before the network connector starts, so the API answers "not ready" until
 	// Start has finished (started).

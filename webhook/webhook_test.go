@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	up "go.mau.fi/util/configupgrade"
 	"gopkg.in/yaml.v3"
 )
 
@@ -16,6 +17,9 @@ func TestExampleConfigIsValid(t *testing.T) {
 	}
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("example config invalid: %v", err)
+	}
+	if cfg.MaxChatsPerLogin != 1000 || cfg.MaxSendersPerLogin != 1000 {
+		t.Errorf("creation limits %d chats, %d senders, want 1000 and 1000", cfg.MaxChatsPerLogin, cfg.MaxSendersPerLogin)
 	}
 	if cfg.Delivery.Timeout != 10*time.Second || cfg.Delivery.MaxBackoff != 5*time.Minute {
 		t.Errorf("durations not parsed: %+v", cfg.Delivery)
@@ -44,9 +48,36 @@ func TestRootExampleConfigHasNetworkBlock(t *testing.T) {
 	}
 }
 
+// TestConfigUpgrade: a config from before the creation limits gets the example's; set ones are kept.
+func TestConfigUpgrade(t *testing.T) {
+	cases := []struct {
+		name, config   string
+		chats, senders int
+	}{
+		{"before the limits", "max_body_bytes: 2048\nmax_text_bytes: 1024\n", 1000, 1000},
+		{"limits set", "max_chats_per_login: 5\nmax_senders_per_login: 7\n", 5, 7},
+	}
+	example, _, upgrader := (&Connector{}).GetConfig()
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := up.DoBytes([]byte(tc.config), up.MergeUpgraders(example, upgrader))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cfg Config
+			if err = yaml.Unmarshal(out, &cfg); err != nil {
+				t.Fatal(err)
+			}
+			if cfg.MaxChatsPerLogin != tc.chats || cfg.MaxSendersPerLogin != tc.senders || cfg.Validate() != nil {
+				t.Errorf("upgraded to %d chats, %d senders (%v), want %d and %d", cfg.MaxChatsPerLogin, cfg.MaxSendersPerLogin, cfg.Validate(), tc.chats, tc.senders)
+			}
+		})
+	}
+}
+
 func TestConfigValidate(t *testing.T) {
 	valid := func() Config {
-		return Config{MaxBodyBytes: 65536, MaxTextBytes: 16384, Delivery: DeliveryConfig{
+		return Config{MaxBodyBytes: 65536, MaxTextBytes: 16384, MaxChatsPerLogin: 10, MaxSendersPerLogin: 10, Delivery: DeliveryConfig{
 			Timeout: time.Second, MaxAttempts: 3, MinBackoff: time.Second, MaxBackoff: time.Minute}}
 	}
 	cases := []struct {
@@ -57,6 +88,8 @@ func TestConfigValidate(t *testing.T) {
 		{"valid", func(*Config) {}, ""},
 		{"tiny body", func(c *Config) { c.MaxBodyBytes = 10 }, "max_body_bytes"},
 		{"text above body", func(c *Config) { c.MaxTextBytes = 70000 }, "max_text_bytes"},
+		{"no chats", func(c *Config) { c.MaxChatsPerLogin = 0 }, "max_chats_per_login"},
+		{"no senders", func(c *Config) { c.MaxSendersPerLogin = 0 }, "max_senders_per_login"},
 		{"no timeout", func(c *Config) { c.Delivery.Timeout = 0 }, "timeout"},
 		{"no attempts", func(c *Config) { c.Delivery.MaxAttempts = 0 }, "max_attempts"},
 		{"backoff inverted", func(c *Config) { c.Delivery.MaxBackoff = time.Millisecond }, "min_backoff"},
