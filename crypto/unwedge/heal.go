@@ -128,7 +128,7 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 			outcome = database.HealFailedPermanent
 			break
 		}
-		if claimed && sess == nil && !unhandled(healErr) {
+		if claimed && sess == nil && !refused(healErr) {
 			// The claim request failed after it may have reached the homeserver, which may have
 			// handed out a key whose answer is lost: claiming again could spend a second one.
 			claimLost = true
@@ -194,12 +194,12 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 // errCryptoStore marks a heal's failure to store the new session.
 var errCryptoStore = errors.New("the crypto store could not keep the new session")
 
-// unhandled reports whether a failed request certainly did not make the homeserver act: the
+// refused reports whether a failed request was refused before the homeserver acted on it: the
 // connection was never made (refused, unresolvable, unreachable: the dial failed), or the
 // homeserver or a proxy in front of it turned the request away (429, and 503, which load
-// balancers and rate limiters answer without forwarding). A timeout, a dropped connection or
-// another 5xx (a proxy's 502 or 504 may come after the homeserver did the work) may not.
-func unhandled(err error) bool {
+// balancers and rate limiters answer without forwarding). After a timeout, a dropped connection
+// or another 5xx (a proxy's 502 or 504 may come after the homeserver did the work) it may have.
+func refused(err error) bool {
 	var httpErr mautrix.HTTPError
 	if errors.As(err, &httpErr) && httpErr.Response != nil {
 		code := httpErr.Response.StatusCode

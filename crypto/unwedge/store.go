@@ -260,7 +260,8 @@ type healContext struct {
 	onCreated func(*crypto.OlmSession)
 }
 
-// claiming reports whether the heal has a replacement session; if not, the machine claims a key now.
+// claiming reports whether the machine must claim a key (the heal has no replacement session
+// yet), and notes the claim.
 func (h *healContext) claiming() bool {
 	h.lock.Lock()
 	defer h.lock.Unlock()

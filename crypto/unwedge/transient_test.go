@@ -13,10 +13,10 @@ import (
 	"maunium.net/go/mautrix"
 )
 
-// TestUnhandled: the failures a heal may retry a key claim after are those that prove the
-// homeserver did nothing. Every failure here is transient; only some are unhandled. The errors are
+// TestRefused: the failures a heal may retry a key claim after are those that prove the
+// homeserver did nothing. Every failure here is transient; only some are refused. The errors are
 // the client's own, from real requests.
-func TestUnhandled(t *testing.T) {
+func TestRefused(t *testing.T) {
 	stop := make(chan struct{})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch path := strings.TrimPrefix(r.URL.Path, "/"); path {
@@ -40,7 +40,7 @@ func TestUnhandled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	refused := "http://" + closed.Addr().String()
+	closedURL := "http://" + closed.Addr().String()
 	_ = closed.Close()
 
 	cli, err := mautrix.NewClient(srv.URL, "", "")
@@ -49,13 +49,13 @@ func TestUnhandled(t *testing.T) {
 	}
 	cli.Client = &http.Client{Timeout: 200 * time.Millisecond}
 	cases := []struct {
-		name      string
-		url       string
-		unhandled bool
+		name    string
+		url     string
+		refused bool
 	}{
 		{"rate limited", srv.URL + "/429", true},
 		{"service unavailable", srv.URL + "/503", true},
-		{"connection refused", refused + "/claim", true},
+		{"connection refused", closedURL + "/claim", true},
 		{"bad gateway", srv.URL + "/502", false},
 		{"gateway timeout", srv.URL + "/504", false},
 		{"internal server error", srv.URL + "/500", false},
@@ -71,8 +71,8 @@ func TestUnhandled(t *testing.T) {
 			if !transient(err) {
 				t.Errorf("%v is not transient", err)
 			}
-			if got := unhandled(err); got != tc.unhandled {
-				t.Errorf("unhandled(%v) = %v, want %v", err, got, tc.unhandled)
+			if got := refused(err); got != tc.refused {
+				t.Errorf("refused(%v) = %v, want %v", err, got, tc.refused)
 			}
 		})
 	}
