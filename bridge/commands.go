@@ -367,8 +367,8 @@ func replyHeal(ce *commands.Event, dev string, outcome database.HealOutcome, d u
 		reply(ce, fmt.Sprintf("Created a new Olm session with device %s; m.dummy is not sent yet (%s), it is sent when the homeserver answers.", dev, why))
 	case d.Action == "out_of_scope":
 		reply(ce, fmt.Sprintf("Not healed: the user of device %s is outside unwedge's scope (%s). `unwedge heal --force` heals anyway.", dev, why))
-	case d.Action == "capped" || d.Action == "limited":
-		reply(ce, fmt.Sprintf("Not healed: device %s is %s: %s. (`unwedge heal --force` skips min\\_interval and max\\_heals\\_per\\_user, not a running heal, at most once per device per %s.)",
+	case d.Action == "capped" || d.Action == "limited" || d.Action == "throttled":
+		reply(ce, fmt.Sprintf("Not healed: device %s is %s: %s. (`unwedge heal --force` skips min\\_interval, max\\_heals\\_per\\_user and max\\_heals\\_per\\_minute, not a running heal, at most once per device per %s.)",
 			dev, escapeText(d.Action), why, forcedHealWindow))
 	case outcome == "":
 		reply(ce, fmt.Sprintf("Not healed: %s.", why))

@@ -23,6 +23,7 @@ func UpgradeConfig(helper up.Helper, prefix ...string) {
 	helper.Copy(up.Str, path("min_interval")...)
 	helper.Copy(up.Str, path("scope")...)
 	helper.Copy(up.Int, path("max_heals_per_user")...)
+	helper.Copy(up.Int, path("max_heals_per_minute")...)
 	helper.Copy(up.Int, path("max_retries")...)
 	helper.Copy(up.Str, path("min_backoff")...)
 	helper.Copy(up.Str, path("max_backoff")...)

@@ -140,7 +140,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 		decisions = u.Counts()
 	}
 	failures := olmFailures(decisions)
-	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0, "deferred": 0, "user_capped": 0}
+	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0, "deferred": 0, "user_capped": 0, "throttled": 0}
 	var outOfScope, unknownDevice int64
 	for c, n := range decisions {
 		switch c.Action {
@@ -156,6 +156,8 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 			heals["deferred"] += n
 		case "capped":
 			heals["user_capped"] += n
+		case "throttled":
+			heals["throttled"] += n
 		case "out_of_scope":
 			outOfScope += n
 		case "unknown_device":
@@ -164,7 +166,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	}
 	family(out, "unwedge_olm_failures_total", "counter", "Olm to-device events that the bridge could not decrypt or that showed a wedge, by class.")
 	labelled(out, "unwedge_olm_failures_total", "class", failures)
-	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, wedges not healed because of the MSC1719 limit (rate_limited), heals whose m.dummy waits for the homeserver (deferred; they end as succeeded or failed later), and wedges not healed because the user's devices reached unwedge.max_heals_per_user within the interval (user_capped).")
+	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, wedges not healed because of the MSC1719 limit (rate_limited), heals whose m.dummy waits for the homeserver (deferred; they end as succeeded or failed later), wedges not healed because the user's devices reached unwedge.max_heals_per_user within the interval (user_capped), and wedges not healed because the bridge started unwedge.max_heals_per_minute heals within the last minute (throttled).")
 	labelled(out, "unwedge_heals_total", "result", heals)
 	family(out, "unwedge_out_of_scope_total", "counter", "Wedged sessions of users outside unwedge.scope (left to mautrix-go's own unwedging, as with the stock bridge).")
 	fmt.Fprintf(out, "unwedge_out_of_scope_total %d\n", outOfScope)

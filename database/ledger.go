@@ -136,6 +136,7 @@ const (
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND session_id <> '' AND started_at >= $4`
 	countUserHealsQuery = `
 		SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND user_id = $2 AND forced_by = '' AND started_at >= $3`
+	countHealsQuery   = `SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND started_at >= $2`
 	pruneHealsQuery   = `DELETE FROM unwedge_heal WHERE bridge_id = $1 AND started_at < $2 AND outcome <> 'in_progress'`
 	pruneDevicesQuery = `
 		DELETE FROM unwedge_device WHERE bridge_id = $1 AND last_created_at < $2 AND last_failed_at < $2 AND lease_until < $3`
@@ -197,6 +198,17 @@ func (lq *LedgerQuery) UserHeals(ctx context.Context, userID id.UserID, since ti
 	err := lq.db.QueryRow(ctx, countUserHealsQuery, lq.BridgeID, userID, since.UnixMilli()).Scan(&n)
 	if err != nil {
 		return 0, fmt.Errorf("failed to count the user's heals: %w", err)
+	}
+	return n, nil
+}
+
+// HealsSince counts the heals of all devices, automatic and forced, started at or after since (by
+// every replica on the database), for the bridge's cap on heals per minute.
+func (lq *LedgerQuery) HealsSince(ctx context.Context, since time.Time) (int, error) {
+	var n int
+	err := lq.db.QueryRow(ctx, countHealsQuery, lq.BridgeID, since.UnixMilli()).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("failed to count recent heals: %w", err)
 	}
 	return n, nil
 }

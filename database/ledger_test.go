@@ -187,3 +187,39 @@ func TestLedgerPrune(t *testing.T) {
 		})
 	}
 }
+
+// TestLedgerHealsSince: the bridge's cap on heals per minute counts every heal it started within
+// the window, automatic and forced, of any device, on any replica; not older ones, nor another
+// bridge's on the same database.
+func TestLedgerHealsSince(t *testing.T) {
+	t0 := time.UnixMilli(1_800_000_000_000)
+	for dialect, uri := range databaseURIs(t) {
+		t.Run(dialect, func(t *testing.T) {
+			lq, replica := openLedger(t, dialect, uri), openLedger(t, dialect, uri)
+			otherDB := database.NewUnwedgeDB("other-bridge", open(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
+			upgrade(t, otherDB)
+			heals := []struct {
+				lq     *database.LedgerQuery
+				device id.DeviceID
+				at     time.Duration
+				force  bool
+			}{
+				{lq, "PHONE", 0, false},
+				{replica, "TABLET", 10 * time.Second, true},
+				{lq, "LAPTOP", -2 * time.Minute, false},
+				{otherDB.Ledger, "PHONE", 20 * time.Second, false},
+			}
+			for _, h := range heals {
+				dev := database.LedgerDevice{UserID: testDevice.UserID, DeviceID: h.device, IdentityKey: id.IdentityKey("key-" + h.device)}
+				p := params(t0.Add(h.at), "bridge")
+				p.Force = h.force
+				if g, err := h.lq.Acquire(context.Background(), dev, p); err != nil || !g.Granted {
+					t.Fatalf("heal of %s: %+v, %v", h.device, g, err)
+				}
+			}
+			if n, err := lq.HealsSince(context.Background(), t0.Add(30*time.Second-time.Minute)); err != nil || n != 2 {
+				t.Errorf("heals within the minute = %d, %v; want 2 (this bridge's automatic and forced ones)", n, err)
+			}
+		})
+	}
+}

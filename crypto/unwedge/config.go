@@ -37,6 +37,10 @@ type Config struct {
 	// user with many devices (or many fake ones) cannot make the bridge claim a key for each.
 	// Heals an admin forces do not count and are not refused.
 	MaxHealsPerUser int `yaml:"max_heals_per_user"`
+	// MaxHealsPerMinute bounds the heals of all users' devices started within a minute, across
+	// replicas (forced heals count, but are not refused): each heal claims at most one one-time
+	// key, so this bounds the claims the bridge makes, whatever many users wedge.
+	MaxHealsPerMinute int `yaml:"max_heals_per_minute"`
 	// MaxRetries bounds attempts of one heal on transient failures (homeserver unreachable,
 	// 5xx, timeouts); the backoff doubles from MinBackoff up to MaxBackoff.
 	MaxRetries int           `yaml:"max_retries"`
@@ -86,15 +90,16 @@ func (r *RecoveryConfig) limits() database.PendingLimits {
 // DefaultConfig is the configuration example-config.yaml documents.
 func DefaultConfig() Config {
 	return Config{
-		Enabled:          true,
-		MinInterval:      time.Hour,
-		Scope:            ScopeRoomMembers,
-		MaxHealsPerUser:  10,
-		MaxRetries:       6,
-		MinBackoff:       time.Second,
-		MaxBackoff:       time.Minute,
-		Lease:            2 * time.Minute,
-		HistoryRetention: 30 * 24 * time.Hour,
+		Enabled:           true,
+		MinInterval:       time.Hour,
+		Scope:             ScopeRoomMembers,
+		MaxHealsPerUser:   10,
+		MaxHealsPerMinute: 1200,
+		MaxRetries:        6,
+		MinBackoff:        time.Second,
+		MaxBackoff:        time.Minute,
+		Lease:             2 * time.Minute,
+		HistoryRetention:  30 * 24 * time.Hour,
 		Recovery: RecoveryConfig{
 			Enabled:           true,
 			Retention:         7 * 24 * time.Hour,
@@ -122,6 +127,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxHealsPerUser < 1 {
 		errs = append(errs, errors.New("unwedge.max_heals_per_user must be at least 1"))
+	}
+	if c.MaxHealsPerMinute < 1 {
+		errs = append(errs, errors.New("unwedge.max_heals_per_minute must be at least 1"))
 	}
 	if c.MaxRetries < 1 {
 		errs = append(errs, errors.New("unwedge.max_retries must be at least 1"))

@@ -18,6 +18,8 @@ func TestConfigValidate(t *testing.T) {
 		{"default", func(*Config) {}, nil},
 		{"no interval", func(c *Config) { c.MinInterval = 0 }, []string{"unwedge.min_interval"}},
 		{"unknown scope", func(c *Config) { c.Scope = "friends" }, []string{`unwedge.scope`, `"friends"`}},
+		{"no heals per user", func(c *Config) { c.MaxHealsPerUser = 0 }, []string{"unwedge.max_heals_per_user"}},
+		{"no heals per minute", func(c *Config) { c.MaxHealsPerMinute = 0 }, []string{"unwedge.max_heals_per_minute"}},
 		{"no retries", func(c *Config) { c.MaxRetries = 0 }, []string{"unwedge.max_retries"}},
 		{"backoff inverted", func(c *Config) { c.MaxBackoff = time.Millisecond }, []string{"unwedge.min_backoff"}},
 		{"short lease", func(c *Config) { c.Lease = time.Second }, []string{"unwedge.lease"}},

@@ -10,3 +10,6 @@ func SetClock(r *Recovery, now func() time.Time) { r.now = now }
 
 // Pass runs one recovery round synchronously, as the loop does.
 func Pass(ctx context.Context, r *Recovery, sweep bool) { r.pass(ctx, sweep) }
+
+// ErrCryptoStore marks a heal's failure to store its new session.
+var ErrCryptoStore = errCryptoStore

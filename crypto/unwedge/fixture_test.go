@@ -47,6 +47,11 @@ type fixture struct {
 	queries    atomic.Int32
 	// failClaims answers the next N key claims with 503.
 	failClaims atomic.Int32
+	// loseClaims passes the next N key claims to the homeserver, which hands out a key, and then
+	// answers with lostAnswer instead of the homeserver's answer (a proxy's 504, a connection
+	// dropped): the key is spent, and the bridge does not learn it. Set lostAnswer first.
+	loseClaims atomic.Int32
+	lostAnswer func(w http.ResponseWriter)
 	// failSends answers the bridge's next N to-device sends with 502, as a proxy in front of a
 	// stopped homeserver does.
 	failSends atomic.Int32
@@ -64,6 +69,9 @@ type fixture struct {
 	decisions chan unwedge.Decision
 	// unwedgerLog, if set, is where the Unwedger logs (at debug level) from its next start.
 	unwedgerLog io.Writer
+	// wrapStore, if set, wraps the bridge's SQL crypto store (under unwedge's Store) from the next
+	// loadMachine, for faults of the database that a real one cannot produce on demand.
+	wrapStore func(crypto.Store) crypto.Store
 }
 
 type party struct {
@@ -135,6 +143,14 @@ func (f *fixture) serve(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, `{"errcode":"M_UNKNOWN","error":"overloaded"}`, http.StatusServiceUnavailable)
 			return
 		}
+		if f.loseClaims.Load() > 0 {
+			f.loseClaims.Add(-1)
+			f.serverLock.Lock()
+			f.ms.Router.ServeHTTP(httptest.NewRecorder(), r)
+			f.serverLock.Unlock()
+			f.lostAnswer(w)
+			return
+		}
 	}
 	if strings.HasPrefix(r.URL.Path, "/_matrix/client/v3/sendToDevice/") && f.failSends.Load() > 0 &&
 		r.Header.Get("Authorization") == "Bearer "+f.bridge.client.AccessToken {
@@ -179,7 +195,10 @@ func (f *fixture) loadMachine(p *party, wrap bool) {
 	}
 	var store crypto.Store = p.sql
 	if wrap {
-		store = unwedge.NewStore(p.sql, f.shared)
+		if f.wrapStore != nil {
+			store = f.wrapStore(store)
+		}
+		store = unwedge.NewStore(store, f.shared)
 	}
 	log := f.logger().With().Stringer("party", p.deviceID).Logger()
 	p.mach = crypto.NewOlmMachine(p.client, &log, store, mautrix.NewMemoryStateStore().(crypto.StateStore))
@@ -302,6 +321,13 @@ func (f *fixture) establish() {
 	f.noDecision()
 	f.bridgeSends()
 	f.deliverToPeer()
+}
+
+// oneTimeKeys counts the one-time keys of a party's device that the homeserver has left to hand out.
+func (f *fixture) oneTimeKeys(p *party) int {
+	f.serverLock.Lock()
+	defer f.serverLock.Unlock()
+	return len(f.ms.OneTimeKeys[p.userID][p.deviceID])
 }
 
 // sessions counts the bridge's stored sessions with the peer.

@@ -30,7 +30,9 @@ const (
 // create a new outbound session and send m.dummy over it, so the device learns the new session.
 // The ledger first decides whether a new session may be created now (not if unwedge created one
 // within MinInterval, unless forcedBy names the admin who forces it). Transient failures are
-// retried with backoff and do not start the interval; permanent ones are recorded.
+// retried with backoff and do not start the interval; permanent ones are recorded. A heal claims
+// at most one key: its retries reuse the session the claim gave, and a claim whose answer was
+// lost is not repeated.
 func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) database.HealOutcome {
 	outcome, _ := u.heal(ctx, device, class, forcedBy)
 	return outcome
@@ -75,10 +77,11 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 		}
 	}
 
-	// The session is recorded in the ledger the moment it exists, before m.dummy goes out: the
-	// interval runs from its creation (the peer learns it from whatever is sent over it next),
-	// and a process that dies before sending m.dummy leaves a heal that ResumeHeals finishes
-	// over this very session instead of making a second one.
+	// The session is recorded in the ledger the moment it exists, before m.dummy goes out and
+	// even if the crypto store failed to keep it (its key is spent either way): the interval
+	// runs from its creation (the peer learns it from whatever is sent over it next), and a
+	// process that dies before sending m.dummy leaves a heal that ResumeHeals finishes over this
+	// very session instead of making a second one.
 	recorded := false
 	hc := &healContext{key: device.IdentityKey, onCreated: func(sess *crypto.OlmSession) {
 		createdAt := time.Now()
@@ -96,17 +99,19 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 	if u.FaultHook != nil {
 		u.FaultHook(FaultHealGranted)
 	}
+	// One HTTP request per attempt: the client's own retries (bridgev2 sets
+	// homeserver.retry_limit) would claim again after a claim whose answer was lost, and this loop
+	// retries a claim only when its failure proves that no key was handed out.
+	sendCtx := withHeal(mautrix.WithMaxRetries(ctx, 0), hc)
 	// Until the loop ends, key requests to the device wait (Healing).
 	u.setReplacing(device.IdentityKey, 1)
-	outcome, attempts, healErr := database.HealFailedTransient, 0, error(nil)
+	outcome, attempts, healErr, claimLost := database.HealFailedTransient, 0, error(nil), false
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
-		healErr = u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{})
-		if storeErr := hc.takeStoreErr(); storeErr != nil && healErr != nil {
-			// The machine reports only "no session": the database failed, not the device.
-			healErr = fmt.Errorf("%w: %w", errCryptoStore, storeErr)
-		}
-		if sess := hc.session(); sess != nil && !recorded {
+		healErr = u.mach.SendEncryptedToDevice(sendCtx, device, event.ToDeviceDummy, event.Content{})
+		claimed := hc.takeClaimed()
+		sess, _ := hc.replacement()
+		if sess != nil && !recorded {
 			// The ledger was unreachable when the session was made: try again.
 			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), time.Now()); err == nil {
 				recorded = true
@@ -121,6 +126,12 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 		}
 		if !transient(healErr) {
 			outcome = database.HealFailedPermanent
+			break
+		}
+		if claimed && sess == nil && !refused(healErr) {
+			// The claim request failed after it may have reached the homeserver, which may have
+			// handed out a key whose answer is lost: claiming again could spend a second one.
+			claimLost = true
 			break
 		}
 		wait := u.cfg.backoff(attempts)
@@ -139,7 +150,8 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 	// A stopping bridge leaves the heal to the lease and the next failure; it is not a failure.
 	finishCtx := context.WithoutCancel(ctx)
 	decision.Duration = time.Since(started)
-	if outcome == database.HealFailedTransient && recorded {
+	sess, stored := hc.replacement()
+	if outcome == database.HealFailedTransient && recorded && stored {
 		// The session exists and the ledger counts it, so finishing as failed would leave the
 		// device wedged for the whole interval: the heal stays in progress without a lease, and
 		// ResumeHeals sends m.dummy over this session once the homeserver answers again.
@@ -147,32 +159,55 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 			log.Err(err).Msg("Failed to postpone heal in the ledger")
 		}
 		decision.Action, decision.Err = "deferred", healErr
-		decision.Detail = fmt.Sprintf("session %s created; m.dummy failed %d time(s), retried within %s", hc.session().ID(), attempts, u.cfg.Lease/2)
+		decision.Detail = fmt.Sprintf("session %s created; m.dummy failed %d time(s), retried within %s", sess.ID(), attempts, u.cfg.Lease/2)
 		u.decide(decideCtx, decision)
 		return outcome, decision
 	}
 	if err = u.ledger.Finish(finishCtx, dev, u.owner, grant.HealID, outcome, attempts, errText, time.Now()); err != nil {
 		log.Err(err).Msg("Failed to record heal outcome in the ledger")
 	}
-	if outcome == database.HealHealed {
+	switch {
+	case outcome == database.HealHealed:
 		decision.Action = "healed"
-		if sess := hc.session(); sess != nil {
+		if sess != nil {
 			decision.Detail = fmt.Sprintf("new Olm session %s after %d attempt(s)", sess.ID(), attempts)
 		}
 		u.decide(decideCtx, decision)
 		if u.OnHealed != nil {
 			u.OnHealed(ctx, device)
 		}
-	} else {
-		decision.Action, decision.Err = "failed", healErr
+		return outcome, decision
+	case claimLost:
+		decision.Detail = fmt.Sprintf("%s after %d attempt(s): the answer to the key claim was lost and the homeserver may have handed out a key, so this heal claims no other", outcome, attempts)
+	case sess != nil && !stored:
+		// The session dies with this process; its key is spent, and the ledger, which recorded
+		// the session, gives the device no new one within the interval.
+		decision.Detail = fmt.Sprintf("%s after %d attempt(s): the crypto store never kept session %s", outcome, attempts, sess.ID())
+	default:
 		decision.Detail = fmt.Sprintf("%s after %d attempt(s)", outcome, attempts)
-		u.decide(decideCtx, decision)
 	}
+	decision.Action, decision.Err = "failed", healErr
+	u.decide(decideCtx, decision)
 	return outcome, decision
 }
 
 // errCryptoStore marks a heal's failure to store the new session.
 var errCryptoStore = errors.New("the crypto store could not keep the new session")
+
+// refused reports whether a failed request was refused before the homeserver acted on it: the
+// connection was never made (refused, unresolvable, unreachable: the dial failed), or the
+// homeserver or a proxy in front of it turned the request away (429, and 503, which load
+// balancers and rate limiters answer without forwarding). After a timeout, a dropped connection
+// or another 5xx (a proxy's 502 or 504 may come after the homeserver did the work) it may have.
+func refused(err error) bool {
+	var httpErr mautrix.HTTPError
+	if errors.As(err, &httpErr) && httpErr.Response != nil {
+		code := httpErr.Response.StatusCode
+		return code == http.StatusTooManyRequests || code == http.StatusServiceUnavailable
+	}
+	var opErr *net.OpError
+	return errors.As(err, &opErr) && opErr.Op == "dial"
+}
 
 // transient reports whether a failure may go away by itself: the homeserver could not be reached,
 // timed out, or answered 429/5xx, or the database failed. Everything else (no one-time key to
@@ -304,7 +339,7 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *database.Hea
 		return
 	}
 	// m.dummy over exactly the session that was created (the heal context makes the machine use it).
-	hc := &healContext{key: dev.IdentityKey, created: sess}
+	hc := &healContext{key: dev.IdentityKey, session: sess, stored: true}
 	attempts := 0
 	release := u.hold(ctx, dev, heal.ID)
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {

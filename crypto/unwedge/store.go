@@ -3,6 +3,7 @@ package unwedge
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -17,6 +18,8 @@ import (
 //     that went back in time), through an observation that HandleToDevice puts in the context,
 //   - make SendEncryptedToDevice create a new outbound session during a heal (a heal in the
 //     context makes HasSession false until the new session exists, and then returns only it),
+//     with one one-time key claimed per heal: a session the crypto store failed to keep stays
+//     in the heal and is stored on its next attempt, instead of being lost with its key,
 //   - record at which index each device got each of the bridge's Megolm sessions, so that a
 //     device asking for one again gets no more than it had (AnswerOwnSession).
 //
@@ -116,40 +119,66 @@ func sharedIndex(sess *crypto.OutboundGroupSession) (uint32, error) {
 	return igs.FirstKnownIndex(), nil
 }
 
+// HasSession in a heal says whether the heal has its replacement session yet. The machine claims
+// one of the device's one-time keys when told false, so false is said only until a claim gave one
+// (whether or not the store could keep the session it made), and is noted as a claim.
 func (s *Store) HasSession(ctx context.Context, key id.SenderKey) bool {
 	if h := healFrom(ctx, key); h != nil {
-		return h.session() != nil
+		return !h.claiming()
 	}
 	return s.Store.HasSession(ctx, key)
 }
 
+// GetLatestSession in a heal returns only the replacement session, and only once the store has
+// it: if no one-time key could be claimed, SendEncryptedToDevice fails instead of sending m.dummy
+// over the broken session, and no message goes over a session that a restart would lose. A
+// session the store failed to keep when it was made is stored now, or the attempt fails.
 func (s *Store) GetLatestSession(ctx context.Context, key id.SenderKey) (*crypto.OlmSession, error) {
 	if h := healFrom(ctx, key); h != nil {
-		// Only the replacement session: if no one-time key could be claimed, SendEncryptedToDevice
-		// fails instead of sending m.dummy over the broken session.
-		return h.session(), nil
+		sess, stored := h.replacement()
+		if sess == nil || stored {
+			return sess, nil
+		}
+		if err := s.keep(ctx, key, sess); err != nil {
+			return nil, fmt.Errorf("%w: %w", errCryptoStore, err)
+		}
+		h.setStored()
+		return sess, nil
 	}
 	return s.Store.GetLatestSession(ctx, key)
 }
 
+// keep stores a replacement session that the store failed to keep when it was made. The first
+// insert may have been written although it reported an error (a connection that broke after the
+// commit), so a session the store already holds counts as kept.
+func (s *Store) keep(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
+	err := s.Store.AddSession(ctx, key, sess)
+	if err == nil {
+		return nil
+	}
+	if sessions, listErr := s.Store.GetSessions(ctx, key); listErr == nil && slices.ContainsFunc(sessions, func(stored *crypto.OlmSession) bool {
+		return stored.ID() == sess.ID()
+	}) {
+		return nil
+	}
+	return fmt.Errorf("failed to store replacement Olm session %s: %w", sess.ID(), err)
+}
+
 func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypto.OlmSession) error {
 	err := s.Store.AddSession(ctx, key, session)
-	if err != nil {
-		if h := healFrom(ctx, key); h != nil {
-			// The machine only logs this; the heal must know the failure was the database's.
-			h.setStoreErr(err)
-		}
-		return err
-	}
 	if h := healFrom(ctx, key); h != nil {
-		h.setSession(session)
+		// The machine only logs a failure here and would forget the session, whose one-time key
+		// is spent: the heal keeps it, and its next attempt stores it instead of claiming again.
+		h.created(session, err == nil)
 		if h.onCreated != nil {
 			h.onCreated(session)
 		}
-	} else if obs := observationFrom(ctx); obs != nil {
+		return err
+	}
+	if obs := observationFrom(ctx); obs != nil && err == nil {
 		obs.newInbound = true
 	}
-	return nil
+	return err
 }
 
 func (s *Store) UpdateSession(ctx context.Context, key id.SenderKey, session *crypto.OlmSession) error {
@@ -216,40 +245,58 @@ func observationFrom(ctx context.Context) *observation {
 	return obs
 }
 
-// healContext marks a heal of one device: the machine must create a new session with it.
+// healContext marks a heal of one device: the machine must create a new session with it, with at
+// most one one-time key claimed for the whole heal.
 type healContext struct {
-	key     id.SenderKey
-	lock    sync.Mutex
-	created *crypto.OlmSession
-	// storeErr is why the crypto store could not keep a new session, until takeStoreErr.
-	storeErr error
-	// onCreated is called once the new session is stored.
+	key  id.SenderKey
+	lock sync.Mutex
+	// session is the replacement session once a claim gave one, and stored whether the crypto
+	// store has it.
+	session *crypto.OlmSession
+	stored  bool
+	// claimed is set when the machine is about to claim a one-time key, until takeClaimed.
+	claimed bool
+	// onCreated is called once the new session exists, stored or not: its key is spent.
 	onCreated func(*crypto.OlmSession)
 }
 
-func (h *healContext) setStoreErr(err error) {
+// claiming reports whether the machine must claim a key (the heal has no replacement session
+// yet), and notes the claim.
+func (h *healContext) claiming() bool {
 	h.lock.Lock()
-	h.storeErr = err
+	defer h.lock.Unlock()
+	if h.session != nil {
+		return false
+	}
+	h.claimed = true
+	return true
+}
+
+// takeClaimed reports whether the machine claimed a key since the last call.
+func (h *healContext) takeClaimed() bool {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	claimed := h.claimed
+	h.claimed = false
+	return claimed
+}
+
+// replacement returns the replacement session (nil until a claim gave one) and whether it is stored.
+func (h *healContext) replacement() (*crypto.OlmSession, bool) {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	return h.session, h.stored
+}
+
+func (h *healContext) created(sess *crypto.OlmSession, stored bool) {
+	h.lock.Lock()
+	h.session, h.stored = sess, stored
 	h.lock.Unlock()
 }
 
-func (h *healContext) takeStoreErr() error {
+func (h *healContext) setStored() {
 	h.lock.Lock()
-	defer h.lock.Unlock()
-	err := h.storeErr
-	h.storeErr = nil
-	return err
-}
-
-func (h *healContext) session() *crypto.OlmSession {
-	h.lock.Lock()
-	defer h.lock.Unlock()
-	return h.created
-}
-
-func (h *healContext) setSession(sess *crypto.OlmSession) {
-	h.lock.Lock()
-	h.created = sess
+	h.stored = true
 	h.lock.Unlock()
 }
 

@@ -29,6 +29,8 @@ type Ledger interface {
 	Resume(ctx context.Context, heal *database.Heal, owner string, now, until time.Time) (bool, error)
 	// UserHeals counts the automatic heals of the user's devices started at or after since.
 	UserHeals(ctx context.Context, userID id.UserID, since time.Time) (int, error)
+	// HealsSince counts the heals of all devices, forced ones too, started at or after since.
+	HealsSince(ctx context.Context, since time.Time) (int, error)
 }
 
 // Scope decides whose devices are healed.
@@ -103,9 +105,10 @@ type Decision struct {
 	UserID   id.UserID
 	DeviceID id.DeviceID
 	Key      id.SenderKey
-	// Action is one of: ignored, out_of_scope, unknown_device, limited, capped, healed, deferred,
-	// failed. out_of_scope: the device is left to mautrix-go's own unwedging. capped: the user's
-	// devices had max_heals_per_user heals within the interval.
+	// Action is one of: ignored, out_of_scope, unknown_device, limited, capped, throttled, healed,
+	// deferred, failed. out_of_scope: the device is left to mautrix-go's own unwedging. capped: the
+	// user's devices had max_heals_per_user heals within the interval. throttled: the bridge
+	// started max_heals_per_minute heals within the last minute.
 	// deferred: the replacement session exists but m.dummy could not be sent yet (the homeserver
 	// is unreachable); ResumeHeals sends it later.
 	Action   string
@@ -308,11 +311,13 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 // HealRequested heals a device on an admin's request (the bridge's `unwedge heal`), with
 // ClassForced (no Olm failure). Without force it is the heal a wedge of the device would get: the
 // user must be in scope (out_of_scope otherwise; nothing is left to mautrix-go here), the user's
-// devices must have had fewer than max_heals_per_user heals within min_interval (capped), and
-// the ledger refuses it within min_interval of the device's last session (limited); the ledger
-// records no forced_by. With force, the scope, the cap and the interval are skipped and the
-// ledger records by as forced_by (Heal with forcedBy): the caller must limit how often it does
-// that, since every forced heal claims one of the device's one-time keys. It returns the outcome
+// devices must have had fewer than max_heals_per_user heals within min_interval (capped), the
+// bridge fewer than max_heals_per_minute heals within the last minute (throttled), and the ledger
+// refuses it within min_interval of the device's last session (limited); the ledger records no
+// forced_by. With force, the scope, the caps and the interval are skipped (the heal still counts
+// towards max_heals_per_minute) and the ledger records by as forced_by (Heal with forcedBy): the
+// caller must limit how often it does that, since every forced heal claims one of the device's
+// one-time keys. It returns the outcome
 // ("" when refused) and the decision, whose Action and Detail say why.
 func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.UserID, force bool) (database.HealOutcome, Decision) {
 	if force {
@@ -330,18 +335,27 @@ func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.U
 }
 
 // admission decides whether a heal of the user's devices may start now, before any lookup or key
-// claim: the user is in scope, and their devices had fewer than max_heals_per_user heals within
-// min_interval. It returns no action when it may, or the refusal's action (out_of_scope, capped,
-// or failed when the ledger could not be asked) with its detail and error.
+// claim: the user is in scope, their devices had fewer than max_heals_per_user heals within
+// min_interval, and the bridge (every replica on the database) started fewer than
+// max_heals_per_minute heals within the last minute. It returns no action when it may, or the
+// refusal's action (out_of_scope, capped, throttled, or failed when the ledger could not be
+// asked) with its detail and error. Both caps are counted in the ledger before the heal's row
+// exists, so heals admitted at the same instant can each start one more.
 func (u *Unwedger) admission(ctx context.Context, userID id.UserID) (action, detail string, err error) {
 	if ok, err := u.scope.InScope(ctx, userID); err != nil || !ok {
 		return "out_of_scope", fmt.Sprintf("unwedge.scope is %s", u.cfg.Scope), err
 	}
-	heals, err := u.ledger.UserHeals(ctx, userID, time.Now().Add(-u.cfg.MinInterval))
+	now := time.Now()
+	heals, err := u.ledger.UserHeals(ctx, userID, now.Add(-u.cfg.MinInterval))
 	if err != nil {
 		return "failed", "", err
 	} else if heals >= u.cfg.MaxHealsPerUser {
 		return "capped", fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals, u.cfg.MinInterval), nil
+	}
+	if heals, err = u.ledger.HealsSince(ctx, now.Add(-time.Minute)); err != nil {
+		return "failed", "", err
+	} else if heals >= u.cfg.MaxHealsPerMinute {
+		return "throttled", fmt.Sprintf("%d heals of all users' devices within the last minute (max_heals_per_minute)", heals), nil
 	}
 	return "", "", nil
 }
@@ -563,7 +577,7 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 	switch d.Action {
 	case "ignored":
 		level = zerolog.DebugLevel
-	case "failed", "deferred", "unknown_device", "capped":
+	case "failed", "deferred", "unknown_device", "capped", "throttled":
 		level = zerolog.WarnLevel
 	}
 	evt := zerolog.Ctx(ctx).WithLevel(level).
@@ -598,6 +612,7 @@ var decisionMessages = map[string]string{
 	"unknown_device": "Olm session wedged, but the identity key is not a device of the sender",
 	"limited":        "Olm session wedged, not replaced: limited by the MSC1719 interval or a heal in progress",
 	"capped":         "Olm session wedged, not replaced: the user's devices had too many heals within the interval",
+	"throttled":      "Olm session wedged, not replaced: the bridge started too many heals within the last minute",
 	"healed":         "Replaced wedged Olm session and sent m.dummy",
 	"deferred":       "Replaced wedged Olm session; m.dummy not sent yet, it is sent when the homeserver answers",
 	"failed":         "Failed to replace wedged Olm session",

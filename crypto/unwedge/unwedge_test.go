@@ -400,8 +400,9 @@ func TestBurst(t *testing.T) {
 	}
 }
 
-// TestTransientFailure: the homeserver fails the key claim twice; the heal retries and succeeds,
-// and the hour is not burnt by the failures.
+// TestTransientFailure: the homeserver turns the key claim away twice (503: no key was handed
+// out, so the claim may be repeated); the heal retries and succeeds, and the hour is not burnt by
+// the failures.
 func TestTransientFailure(t *testing.T) {
 	f := newFixture(t)
 	f.establish()

@@ -1,0 +1,207 @@
+package unwedge_test
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/database"
+)
+
+// flakyStore fails AddSession while fail is above zero, as a database that is down does: before
+// writing the row, or after writing it (a connection that broke after the commit).
+type flakyStore struct {
+	crypto.Store
+	fail       *atomic.Int32
+	afterWrite bool
+}
+
+func (s *flakyStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
+	if s.fail.Load() <= 0 {
+		return s.Store.AddSession(ctx, key, sess)
+	}
+	s.fail.Add(-1)
+	if s.afterWrite {
+		if err := s.Store.AddSession(ctx, key, sess); err != nil {
+			return err
+		}
+	}
+	return errors.New("database is down")
+}
+
+// TestHealStoreFailure: the claim gives a key and the session is made, but the crypto store fails
+// to keep it. The heal keeps the session and stores it on its next attempt instead of claiming
+// another key: one key for the heal, and the session survives a restart. A store that stays down
+// for the whole heal still costs one key, and the ledger gives the device no second one within
+// the interval.
+func TestHealStoreFailure(t *testing.T) {
+	cases := []struct {
+		name       string
+		failures   int32
+		afterWrite bool
+		healed     bool
+	}{
+		{name: "store fails once before writing", failures: 1, healed: true},
+		{name: "store writes and reports a failure", failures: 1, afterWrite: true, healed: true},
+		{name: "store fails three times", failures: 3, healed: true},
+		{name: "store down for the whole heal", failures: 1000},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			f.establish()
+			fail := &atomic.Int32{}
+			f.wrapStore = func(inner crypto.Store) crypto.Store {
+				return &flakyStore{Store: inner, fail: fail, afterWrite: tc.afterWrite}
+			}
+			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+			f.restartBridge()
+			keys := f.oneTimeKeys(f.peer)
+			fail.Store(tc.failures)
+			f.peerSends()
+			f.deliverToBridge()
+			d := f.decision()
+			if n := keys - f.oneTimeKeys(f.peer); n != 1 {
+				t.Errorf("the heal claimed %d one-time keys, want 1", n)
+			}
+			heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
+			if err != nil || len(heals) != 1 || heals[0].SessionID == "" {
+				t.Fatalf("heals = %+v, %v; want one with its session recorded", heals, err)
+			}
+			if !tc.healed {
+				if d.Action != "failed" || !errors.Is(d.Err, unwedge.ErrCryptoStore) || heals[0].Outcome != database.HealFailedTransient {
+					t.Fatalf("decision = %+v, heal %+v; want failed for the crypto store", d, heals[0])
+				}
+				f.peerSends()
+				f.deliverToBridge()
+				if d := f.decision(); d.Action != "limited" || f.oneTimeKeys(f.peer) != keys-1 {
+					t.Errorf("next wedge: %+v, %d more keys claimed; want limited, none", d, keys-1-f.oneTimeKeys(f.peer))
+				}
+				return
+			}
+			if d.Action != "healed" || heals[0].Outcome != database.HealHealed {
+				t.Fatalf("decision = %+v, heal %+v; want healed", d, heals[0])
+			}
+			stored, err := f.bridge.sql.GetSessions(f.ctx, f.peerKey())
+			if err != nil || len(stored) != 1 || stored[0].ID() != heals[0].SessionID {
+				t.Fatalf("stored sessions %v (%v), want only the recorded %s", stored, err, heals[0].SessionID)
+			}
+			// The session is in the database, not only in memory: it works after a restart.
+			f.restartBridge()
+			f.healedBothWays()
+		})
+	}
+}
+
+// TestLostClaimAnswer: the homeserver hands out a key, but the bridge never gets the answer (a
+// proxy in front of it times out, or the connection drops). The heal does not claim again, also
+// with the client's own retries on (bridgev2's homeserver.retry_limit): one key, one request, and
+// the heal ends as a transient failure.
+func TestLostClaimAnswer(t *testing.T) {
+	cases := []struct {
+		name   string
+		answer func(w http.ResponseWriter)
+	}{
+		{"gateway timeout", func(w http.ResponseWriter) {
+			http.Error(w, "upstream timed out", http.StatusGatewayTimeout)
+		}},
+		{"internal server error", func(w http.ResponseWriter) {
+			http.Error(w, `{"errcode":"M_UNKNOWN","error":"internal error"}`, http.StatusInternalServerError)
+		}},
+		{"connection dropped", func(w http.ResponseWriter) {
+			conn, _, err := w.(http.Hijacker).Hijack()
+			if err == nil {
+				_ = conn.Close()
+			}
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			f.establish()
+			f.bridge.client.DefaultHTTPRetries, f.bridge.client.DefaultHTTPBackoff = 4, time.Millisecond
+			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+			f.restartBridge()
+			keys, requests := f.oneTimeKeys(f.peer), f.claims.Load()
+			f.lostAnswer = tc.answer
+			f.loseClaims.Store(1000)
+			f.peerSends()
+			f.deliverToBridge()
+			if d := f.decision(); d.Action != "failed" || d.Err == nil {
+				t.Fatalf("decision = %+v, want failed", d)
+			}
+			if n := keys - f.oneTimeKeys(f.peer); n != 1 {
+				t.Errorf("the heal spent %d one-time keys, want 1", n)
+			}
+			if n := f.claims.Load() - requests; n != 1 {
+				t.Errorf("the heal made %d claim requests, want 1", n)
+			}
+			heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
+			if err != nil || len(heals) != 1 || heals[0].Outcome != database.HealFailedTransient || heals[0].Attempts != 1 {
+				t.Fatalf("heals = %+v, %v; want one failed_transient after 1 attempt", heals, err)
+			}
+			if got := f.inbox(f.peer); len(got) != 0 {
+				t.Errorf("the bridge sent %d events to the peer without a new session", len(got))
+			}
+		})
+	}
+}
+
+// TestHealsPerMinute: at most max_heals_per_minute heals of all users' devices start within a
+// minute. Over it a wedge is throttled (no key claimed), and so is an admin's heal without force;
+// a forced heal is not refused, and counts.
+func TestHealsPerMinute(t *testing.T) {
+	f := newFixture(t)
+	f.cfg.MaxHealsPerMinute = 1
+	f.restartBridge()
+	f.establish()
+	second := f.newParty("@bob:example.org", "TABLET", false)
+	toBridge := f.device(second, bridgeUser, bridgeDevice)
+	if err := second.mach.SendEncryptedToDevice(f.ctx, toBridge, event.ToDeviceDummy, event.Content{}); err != nil {
+		t.Fatal(err)
+	}
+	f.deliverToBridge()
+	f.noDecision()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.restartBridge()
+
+	f.peerSends()
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != "healed" {
+		t.Fatalf("first wedge: %+v, want healed", d)
+	}
+	claims := f.claims.Load()
+	if err := second.mach.SendEncryptedToDevice(f.ctx, toBridge, event.ToDeviceDummy, event.Content{}); err != nil {
+		t.Fatal(err)
+	}
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != "throttled" || d.UserID != second.userID {
+		t.Fatalf("another user's wedge within the minute: %+v, want throttled", d)
+	}
+	bob := f.device(f.bridge, second.userID, second.deviceID)
+	if _, d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", false); d.Action != "throttled" {
+		t.Errorf("admin's heal within the minute: %+v, want throttled", d)
+	}
+	f.decision()
+	if f.claims.Load() != claims {
+		t.Error("claimed a key over the cap")
+	}
+	if outcome, d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", true); outcome != database.HealHealed {
+		t.Errorf("forced heal over the cap: %s (%+v), want healed", outcome, d)
+	}
+	f.decision()
+	if n, err := f.ledger.HealsSince(f.ctx, time.Now().Add(-time.Minute)); err != nil || n != 2 {
+		t.Errorf("ledger counts %d heals in the last minute (%v), want 2 (the forced one too)", n, err)
+	}
+	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassForced, Action: "throttled"}]; n != 1 {
+		t.Errorf("throttled admin heals counted %d times, want 1", n)
+	}
+}
