@@ -13,6 +13,7 @@ import (
 	_ "go.mau.fi/util/dbutil/litestream"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
 	"github.com/unwedge/unwedge/internal/testenv"
 )
@@ -71,13 +72,13 @@ func runLedger(t *testing.T, dialect, uri string, rows int) LedgerResult {
 	rng := rand.New(rand.NewPCG(1, 2))
 	durations := make([]time.Duration, 0, ledgerDecisions)
 	for i := range ledgerDecisions {
-		dev := database.LedgerDevice{UserID: id.UserID(fmt.Sprintf("@new%d:example.org", i)), DeviceID: "PHONE", IdentityKey: id.IdentityKey(fmt.Sprintf("new%d", i))}
+		dev := unwedge.LedgerDevice{UserID: id.UserID(fmt.Sprintf("@new%d:example.org", i)), DeviceID: "PHONE", IdentityKey: id.IdentityKey(fmt.Sprintf("new%d", i))}
 		if i%2 == 0 {
 			g := rng.IntN(rows) + 1
-			dev = database.LedgerDevice{UserID: id.UserID(fmt.Sprintf("@user%d:example.org", g)), DeviceID: "PHONE", IdentityKey: id.IdentityKey(fmt.Sprintf("key%d", g))}
+			dev = unwedge.LedgerDevice{UserID: id.UserID(fmt.Sprintf("@user%d:example.org", g)), DeviceID: "PHONE", IdentityKey: id.IdentityKey(fmt.Sprintf("key%d", g))}
 		}
 		started := time.Now()
-		_, err = udb.Ledger.Acquire(ctx, dev, database.AcquireParams{
+		_, err = udb.Ledger.Acquire(ctx, dev, unwedge.AcquireParams{
 			Now: now, MinInterval: time.Hour, Owner: "bench", Lease: time.Minute, Class: "no_session",
 		})
 		durations = append(durations, time.Since(started))

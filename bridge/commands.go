@@ -14,7 +14,6 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
-	"github.com/unwedge/unwedge/database"
 )
 
 // CommandHandler is the `unwedge` command: `status [user]`, `pending [user|all]` and
@@ -175,7 +174,7 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 			b.WriteString(", no longer among the user's devices")
 		}
 		b.WriteString("\n")
-		var deviceHeals []*database.Heal
+		var deviceHeals []*unwedge.Heal
 		for _, heal := range heals {
 			if heal.Device.DeviceID == deviceID {
 				deviceHeals = append(deviceHeals, heal)
@@ -220,7 +219,7 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 
 // lastDecision is the newest of what this process remembers deciding about the identity key and
 // the device's newest heal in the ledger (as the decision it ended with); fromMemory tells which.
-func lastDecision(recent []unwedge.Decision, key id.SenderKey, heals []*database.Heal) (last *unwedge.Decision, fromMemory bool) {
+func lastDecision(recent []unwedge.Decision, key id.SenderKey, heals []*unwedge.Heal) (last *unwedge.Decision, fromMemory bool) {
 	for i := range recent {
 		if recent[i].Key == key {
 			last, fromMemory = &recent[i], true
@@ -237,20 +236,20 @@ func lastDecision(recent []unwedge.Decision, key id.SenderKey, heals []*database
 
 // healDecision is the decision a heal in the ledger ended with, or is at: healed, failed,
 // deferred (its session exists, m.dummy waits for the homeserver) or healing (still running).
-func healDecision(heal *database.Heal) unwedge.Decision {
+func healDecision(heal *unwedge.Heal) unwedge.Decision {
 	d := unwedge.Decision{At: heal.StartedAt, Class: unwedge.Class(heal.Class), UserID: heal.Device.UserID, DeviceID: heal.Device.DeviceID,
 		Key: heal.Device.IdentityKey, ForcedBy: heal.ForcedBy}
 	if !heal.FinishedAt.IsZero() {
 		d.At = heal.FinishedAt
 	}
 	switch {
-	case heal.Outcome == database.HealHealed:
+	case heal.Outcome == unwedge.HealHealed:
 		d.Action = "healed"
 		d.Detail = fmt.Sprintf("new Olm session %s after %d attempt(s)", heal.SessionID, heal.Attempts)
 	case heal.Postponed():
 		d.Action = "deferred"
 		d.Detail = fmt.Sprintf("session %s created, m.dummy not sent yet after %d attempt(s): %s", heal.SessionID, heal.Attempts, heal.Error)
-	case heal.Outcome == database.HealInProgress:
+	case heal.Outcome == unwedge.HealInProgress:
 		d.Action = "healing"
 		d.Detail = "a heal is running"
 	default:
@@ -261,7 +260,7 @@ func healDecision(heal *database.Heal) unwedge.Decision {
 }
 
 // describeHeal is one heal of the history: outcome, class, when, session, who forced it, error.
-func describeHeal(heal *database.Heal) string {
+func describeHeal(heal *unwedge.Heal) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s (%s) %s ago", escapeText(heal.Outcome), escapeText(heal.Class), since(heal.StartedAt))
 	if heal.SessionID != "" {
@@ -352,7 +351,7 @@ func (h *Helper) healCommand(ce *commands.Event, userID id.UserID, deviceID id.D
 }
 
 // replyHeal tells the admin how a heal they asked for ended, or why there was none.
-func replyHeal(ce *commands.Event, dev string, outcome database.HealOutcome, d unwedge.Decision) {
+func replyHeal(ce *commands.Event, dev string, outcome unwedge.HealOutcome, d unwedge.Decision) {
 	why := escapeText(d.Detail)
 	if d.Err != nil {
 		if why != "" {
@@ -361,7 +360,7 @@ func replyHeal(ce *commands.Event, dev string, outcome database.HealOutcome, d u
 		why += escapeText(d.Err.Error())
 	}
 	switch {
-	case outcome == database.HealHealed:
+	case outcome == unwedge.HealHealed:
 		reply(ce, fmt.Sprintf("Created a new Olm session with device %s and sent m.dummy over it; the keys the bridge was missing from it are requested again.", dev))
 	case d.Action == "deferred":
 		reply(ce, fmt.Sprintf("Created a new Olm session with device %s; m.dummy is not sent yet (%s), it is sent when the homeserver answers.", dev, why))

@@ -58,32 +58,32 @@ func TestStatusFromLedger(t *testing.T) {
 	const alice = id.UserID("@alice:example.org")
 	phone := &id.Device{UserID: alice, DeviceID: "PHONE", IdentityKey: "phoneKey"}
 	laptop := &id.Device{UserID: alice, DeviceID: "LAPTOP", IdentityKey: "laptopKey"}
-	old := database.LedgerDevice{UserID: alice, DeviceID: "OLD", IdentityKey: "oldKey"}
-	dev := func(d *id.Device) database.LedgerDevice {
-		return database.LedgerDevice{UserID: d.UserID, DeviceID: d.DeviceID, IdentityKey: d.IdentityKey}
+	old := unwedge.LedgerDevice{UserID: alice, DeviceID: "OLD", IdentityKey: "oldKey"}
+	dev := func(d *id.Device) unwedge.LedgerDevice {
+		return unwedge.LedgerDevice{UserID: d.UserID, DeviceID: d.DeviceID, IdentityKey: d.IdentityKey}
 	}
 	// A previous bridge process healed PHONE twice, failed LAPTOP for good, and healed a device
 	// that is gone since.
-	heal := func(d database.LedgerDevice, at time.Time, class string, session id.SessionID, outcome database.HealOutcome, healErr string) {
+	heal := func(d unwedge.LedgerDevice, at time.Time, class unwedge.Class, session id.SessionID, outcome unwedge.HealOutcome, healErr string) {
 		t.Helper()
-		grant, err := udb.Ledger.Acquire(ctx, d, database.AcquireParams{Now: at, MinInterval: time.Hour, Force: true, Owner: "old-process", Lease: time.Minute, Class: class})
+		grant, err := udb.Ledger.Acquire(ctx, d, unwedge.AcquireParams{Now: at, MinInterval: time.Hour, Force: true, Owner: "old-process", Lease: time.Minute, Class: class})
 		if err != nil || !grant.Granted {
 			t.Fatalf("acquire: %+v, %v", grant, err)
 		}
 		if session != "" {
-			if err = udb.Ledger.SessionCreated(ctx, d, "old-process", grant.HealID, session, at); err != nil {
+			if err = udb.Ledger.SessionCreated(ctx, unwedge.HealRef{Device: d, Owner: "old-process", HealID: grant.HealID}, session, at); err != nil {
 				t.Fatal(err)
 			}
 		}
-		if err = udb.Ledger.Finish(ctx, d, "old-process", grant.HealID, outcome, 1, healErr, at.Add(time.Second)); err != nil {
+		if err = udb.Ledger.Finish(ctx, unwedge.HealRef{Device: d, Owner: "old-process", HealID: grant.HealID}, unwedge.HealEnd{Outcome: outcome, Attempts: 1, Err: healErr, At: at.Add(time.Second)}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	now := time.Now()
-	heal(dev(phone), now.Add(-3*time.Hour), "bad_mac", "firstSession", database.HealHealed, "")
-	heal(dev(phone), now.Add(-10*time.Minute), "prekey_unknown_otk", "secondSession", database.HealHealed, "")
-	heal(dev(laptop), now.Add(-5*time.Minute), "no_session", "", database.HealFailedPermanent, "no one-time keys")
-	heal(old, now.Add(-20*time.Hour), "no_session", "oldSession", database.HealHealed, "")
+	heal(dev(phone), now.Add(-3*time.Hour), "bad_mac", "firstSession", unwedge.HealHealed, "")
+	heal(dev(phone), now.Add(-10*time.Minute), "prekey_unknown_otk", "secondSession", unwedge.HealHealed, "")
+	heal(dev(laptop), now.Add(-5*time.Minute), "no_session", "", unwedge.HealFailedPermanent, "no one-time keys")
+	heal(old, now.Add(-20*time.Hour), "no_session", "oldSession", unwedge.HealHealed, "")
 
 	// The restarted bridge: its memory is empty, its store knows PHONE and LAPTOP.
 	client, err := mautrix.NewClient("https://matrix.example.org", "@bridgebot:example.org", "token")
@@ -331,16 +331,16 @@ func (f *commandFixture) run(room id.RoomID, args ...string) string {
 // healedBefore records a heal of the device that created a session ago.
 func (f *commandFixture) healedBefore(d *id.Device, ago time.Duration) {
 	f.t.Helper()
-	dev := database.LedgerDevice{UserID: d.UserID, DeviceID: d.DeviceID, IdentityKey: d.IdentityKey}
+	dev := unwedge.LedgerDevice{UserID: d.UserID, DeviceID: d.DeviceID, IdentityKey: d.IdentityKey}
 	at := time.Now().Add(-ago)
-	grant, err := f.udb.Ledger.Acquire(f.ctx, dev, database.AcquireParams{Now: at, MinInterval: time.Hour, Owner: "earlier", Lease: time.Minute, Class: "bad_mac"})
+	grant, err := f.udb.Ledger.Acquire(f.ctx, dev, unwedge.AcquireParams{Now: at, MinInterval: time.Hour, Owner: "earlier", Lease: time.Minute, Class: "bad_mac"})
 	if err != nil || !grant.Granted {
 		f.t.Fatalf("acquire: %+v, %v", grant, err)
 	}
-	if err = f.udb.Ledger.SessionCreated(f.ctx, dev, "earlier", grant.HealID, "earlierSession", at); err != nil {
+	if err = f.udb.Ledger.SessionCreated(f.ctx, unwedge.HealRef{Device: dev, Owner: "earlier", HealID: grant.HealID}, "earlierSession", at); err != nil {
 		f.t.Fatal(err)
 	}
-	if err = f.udb.Ledger.Finish(f.ctx, dev, "earlier", grant.HealID, database.HealHealed, 1, "", at.Add(time.Second)); err != nil {
+	if err = f.udb.Ledger.Finish(f.ctx, unwedge.HealRef{Device: dev, Owner: "earlier", HealID: grant.HealID}, unwedge.HealEnd{Outcome: unwedge.HealHealed, Attempts: 1, At: at.Add(time.Second)}); err != nil {
 		f.t.Fatal(err)
 	}
 }
@@ -481,12 +481,12 @@ func TestStatusEscapes(t *testing.T) {
 	if err := f.mach.CryptoStore.PutDevices(f.ctx, cmdAlice, map[id.DeviceID]*id.Device{f.phone.DeviceID: f.phone, evil.DeviceID: evil}); err != nil {
 		t.Fatal(err)
 	}
-	dev := database.LedgerDevice{UserID: cmdAlice, DeviceID: evil.DeviceID, IdentityKey: evil.IdentityKey}
-	grant, err := f.udb.Ledger.Acquire(f.ctx, dev, database.AcquireParams{Now: time.Now(), MinInterval: time.Hour, Owner: "o", Lease: time.Minute, Class: hostile[2]})
+	dev := unwedge.LedgerDevice{UserID: cmdAlice, DeviceID: evil.DeviceID, IdentityKey: evil.IdentityKey}
+	grant, err := f.udb.Ledger.Acquire(f.ctx, dev, unwedge.AcquireParams{Now: time.Now(), MinInterval: time.Hour, Owner: "o", Lease: time.Minute, Class: unwedge.Class(hostile[2])})
 	if err != nil || !grant.Granted {
 		t.Fatalf("acquire: %+v, %v", grant, err)
 	}
-	if err = f.udb.Ledger.Finish(f.ctx, dev, "o", grant.HealID, database.HealFailedPermanent, 1, hostile[3]+hostile[7]+hostile[8], time.Now()); err != nil {
+	if err = f.udb.Ledger.Finish(f.ctx, unwedge.HealRef{Device: dev, Owner: "o", HealID: grant.HealID}, unwedge.HealEnd{Outcome: unwedge.HealFailedPermanent, Attempts: 1, Err: hostile[3] + hostile[7] + hostile[8], At: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	f.bot.answers = nil

@@ -9,78 +9,9 @@ import (
 
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
 )
-
-// LedgerDevice identifies a peer device: a user's device with the identity key it had when
-// unwedge acted on it (a re-created device with the same ID is another row).
-type LedgerDevice struct {
-	UserID      id.UserID
-	DeviceID    id.DeviceID
-	IdentityKey id.IdentityKey
-}
-
-// AcquireParams is what a heal asks the ledger for.
-type AcquireParams struct {
-	Now time.Time
-	// MinInterval is the MSC1719 limit: no new session if unwedge created one (or failed for
-	// good) within it. Force skips it (an admin's explicit heal), never the lease.
-	MinInterval time.Duration
-	Force       bool
-	// Owner holds the device for Lease; another owner cannot heal it meanwhile.
-	Owner string
-	Lease time.Duration
-	// Class and ForcedBy are recorded with the heal.
-	Class    string
-	ForcedBy id.UserID
-}
-
-// Grant is the ledger's answer. When Granted is false, LastCreatedAt, LastFailedAt and LeaseOwner
-// say why (read after the decision, for reporting only).
-type Grant struct {
-	Granted       bool
-	HealID        int64
-	LastCreatedAt time.Time
-	LastFailedAt  time.Time
-	LeaseOwner    string
-	LeaseUntil    time.Time
-}
-
-// Reason says, for people, why the ledger refused a heal at now.
-func (g *Grant) Reason(now time.Time, minInterval time.Duration) string {
-	switch {
-	case g.LeaseUntil.After(now):
-		return fmt.Sprintf("a heal by %s holds the device until %s", g.LeaseOwner, g.LeaseUntil.Format(time.RFC3339))
-	case !g.LastCreatedAt.IsZero() && now.Sub(g.LastCreatedAt) < minInterval:
-		return fmt.Sprintf("a replacement session was created %s ago (at most one per %s)", now.Sub(g.LastCreatedAt).Round(time.Second), minInterval)
-	case !g.LastFailedAt.IsZero() && now.Sub(g.LastFailedAt) < minInterval:
-		return fmt.Sprintf("the last heal failed for good %s ago (retried after %s)", now.Sub(g.LastFailedAt).Round(time.Second), minInterval)
-	}
-	return "refused by the ledger"
-}
-
-// HealOutcome is how a heal ended.
-type HealOutcome string
-
-const (
-	HealInProgress      HealOutcome = "in_progress"
-	HealHealed          HealOutcome = "healed"
-	HealFailedTransient HealOutcome = "failed_transient"
-	HealFailedPermanent HealOutcome = "failed_permanent"
-)
-
-// Heal is one row of the heal history.
-type Heal struct {
-	ID         int64
-	Device     LedgerDevice
-	Class      string
-	ForcedBy   id.UserID
-	StartedAt  time.Time
-	FinishedAt time.Time
-	Outcome    HealOutcome
-	SessionID  id.SessionID
-	Attempts   int
-	Error      string
-}
 
 const (
 	// The MSC1719 decision in one statement: the row is created or taken over only when no live
@@ -148,13 +79,13 @@ type LedgerQuery struct {
 	db       *dbutil.Database
 }
 
-func (lq *LedgerQuery) deviceArgs(dev LedgerDevice) []any {
+func (lq *LedgerQuery) deviceArgs(dev unwedge.LedgerDevice) []any {
 	return []any{lq.BridgeID, dev.UserID, dev.DeviceID, dev.IdentityKey}
 }
 
 // Acquire decides whether unwedge may create a new session with the device now and, if so,
 // holds the device for the lease and opens a heal record.
-func (lq *LedgerQuery) Acquire(ctx context.Context, dev LedgerDevice, p AcquireParams) (*Grant, error) {
+func (lq *LedgerQuery) Acquire(ctx context.Context, dev unwedge.LedgerDevice, p unwedge.AcquireParams) (*unwedge.Grant, error) {
 	now := p.Now.UnixMilli()
 	args := append(lq.deviceArgs(dev), p.Owner, p.Now.Add(p.Lease).UnixMilli(), now, p.Force, p.Now.Add(-p.MinInterval).UnixMilli())
 	var lastCreated int64
@@ -164,7 +95,7 @@ func (lq *LedgerQuery) Acquire(ctx context.Context, dev LedgerDevice, p AcquireP
 	} else if err != nil {
 		return nil, fmt.Errorf("failed to acquire device: %w", err)
 	}
-	grant := &Grant{Granted: true, LastCreatedAt: msTime(lastCreated)}
+	grant := &unwedge.Grant{Granted: true, LastCreatedAt: msTime(lastCreated)}
 	err = lq.db.QueryRow(ctx, insertHealQuery, append(lq.deviceArgs(dev), p.Class, p.ForcedBy, now)...).Scan(&grant.HealID)
 	if err != nil {
 		return nil, fmt.Errorf("failed to record heal: %w", err)
@@ -180,9 +111,9 @@ func (lq *LedgerQuery) Acquire(ctx context.Context, dev LedgerDevice, p AcquireP
 	return grant, nil
 }
 
-func (lq *LedgerQuery) refusal(ctx context.Context, dev LedgerDevice) (*Grant, error) {
+func (lq *LedgerQuery) refusal(ctx context.Context, dev unwedge.LedgerDevice) (*unwedge.Grant, error) {
 	var lastCreated, lastFailed, leaseUntil int64
-	grant := &Grant{}
+	grant := &unwedge.Grant{}
 	err := lq.db.QueryRow(ctx, getDeviceQuery, lq.deviceArgs(dev)...).Scan(&lastCreated, &lastFailed, &grant.LeaseOwner, &leaseUntil)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("failed to read device after refusal: %w", err)
@@ -214,53 +145,49 @@ func (lq *LedgerQuery) HealsSince(ctx context.Context, since time.Time) (int, er
 }
 
 // RenewLease extends the lease of a heal that is still retrying.
-func (lq *LedgerQuery) RenewLease(ctx context.Context, dev LedgerDevice, owner string, until time.Time) error {
-	_, err := lq.db.Exec(ctx, renewLeaseQuery, append(lq.deviceArgs(dev), owner, until.UnixMilli())...)
+func (lq *LedgerQuery) RenewLease(ctx context.Context, ref unwedge.HealRef, until time.Time) error {
+	_, err := lq.db.Exec(ctx, renewLeaseQuery, append(lq.deviceArgs(ref.Device), ref.Owner, until.UnixMilli())...)
 	return err
 }
 
 // SessionCreated records that unwedge created a replacement session: from now the interval runs.
-func (lq *LedgerQuery) SessionCreated(ctx context.Context, dev LedgerDevice, owner string, healID int64, sessionID id.SessionID, at time.Time) error {
+func (lq *LedgerQuery) SessionCreated(ctx context.Context, ref unwedge.HealRef, sessionID id.SessionID, at time.Time) error {
 	return lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		if _, err := lq.db.Exec(ctx, sessionCreatedDeviceQuery, append(lq.deviceArgs(dev), owner, at.UnixMilli(), sessionID)...); err != nil {
+		if _, err := lq.db.Exec(ctx, sessionCreatedDeviceQuery, append(lq.deviceArgs(ref.Device), ref.Owner, at.UnixMilli(), sessionID)...); err != nil {
 			return err
 		}
-		_, err := lq.db.Exec(ctx, sessionCreatedHealQuery, healID, sessionID)
+		_, err := lq.db.Exec(ctx, sessionCreatedHealQuery, ref.HealID, sessionID)
 		return err
 	})
 }
 
 // Finish releases the device and records how the heal ended. A permanent failure also starts the
 // interval, so the device is not retried until it passes.
-func (lq *LedgerQuery) Finish(ctx context.Context, dev LedgerDevice, owner string, healID int64, outcome HealOutcome, attempts int, healErr string, at time.Time) error {
+func (lq *LedgerQuery) Finish(ctx context.Context, ref unwedge.HealRef, end unwedge.HealEnd) error {
 	return lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		permanent := outcome == HealFailedPermanent
-		if _, err := lq.db.Exec(ctx, finishDeviceQuery, append(lq.deviceArgs(dev), owner, permanent, at.UnixMilli())...); err != nil {
+		permanent := end.Outcome == unwedge.HealFailedPermanent
+		if _, err := lq.db.Exec(ctx, finishDeviceQuery, append(lq.deviceArgs(ref.Device), ref.Owner, permanent, end.At.UnixMilli())...); err != nil {
 			return err
 		}
-		_, err := lq.db.Exec(ctx, finishHealQuery, healID, outcome, at.UnixMilli(), attempts, healErr)
+		_, err := lq.db.Exec(ctx, finishHealQuery, ref.HealID, end.Outcome, end.At.UnixMilli(), end.Attempts, end.Err)
 		return err
 	})
 }
-
-// Postponed reports whether Postpone kept the heal in progress at least once (only Postpone
-// writes an error into a heal that is still in progress).
-func (h *Heal) Postponed() bool { return h.Outcome == HealInProgress && h.Error != "" }
 
 // Postpone keeps a heal in progress but gives up its lease, so that ResumeHeals (in any process)
 // finishes it later: its session exists and only m.dummy could not be sent yet.
-func (lq *LedgerQuery) Postpone(ctx context.Context, dev LedgerDevice, owner string, healID int64, attempts int, healErr string) error {
+func (lq *LedgerQuery) Postpone(ctx context.Context, ref unwedge.HealRef, attempts int, healErr string) error {
 	return lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		if _, err := lq.db.Exec(ctx, postponeDeviceQuery, append(lq.deviceArgs(dev), owner, healID)...); err != nil {
+		if _, err := lq.db.Exec(ctx, postponeDeviceQuery, append(lq.deviceArgs(ref.Device), ref.Owner, ref.HealID)...); err != nil {
 			return err
 		}
-		_, err := lq.db.Exec(ctx, postponeHealQuery, healID, attempts, healErr)
+		_, err := lq.db.Exec(ctx, postponeHealQuery, ref.HealID, attempts, healErr)
 		return err
 	})
 }
 
-func scanHeal(row dbutil.Scannable) (*Heal, error) {
-	var h Heal
+func scanHeal(row dbutil.Scannable) (*unwedge.Heal, error) {
+	var h unwedge.Heal
 	var started, finished int64
 	err := row.Scan(&h.ID, &h.Device.UserID, &h.Device.DeviceID, &h.Device.IdentityKey, &h.Class, &h.ForcedBy,
 		&started, &finished, &h.Outcome, &h.SessionID, &h.Attempts, &h.Error)
@@ -272,18 +199,18 @@ func scanHeal(row dbutil.Scannable) (*Heal, error) {
 }
 
 // Heals lists the newest heals of a user (all devices when deviceID is empty).
-func (lq *LedgerQuery) Heals(ctx context.Context, userID id.UserID, deviceID id.DeviceID, limit int) ([]*Heal, error) {
-	return dbutil.ConvertRowFn[*Heal](scanHeal).NewRowIter(lq.db.Query(ctx, listHealsQuery, lq.BridgeID, userID, deviceID, limit)).AsList()
+func (lq *LedgerQuery) Heals(ctx context.Context, userID id.UserID, deviceID id.DeviceID, limit int) ([]*unwedge.Heal, error) {
+	return dbutil.ConvertRowFn[*unwedge.Heal](scanHeal).NewRowIter(lq.db.Query(ctx, listHealsQuery, lq.BridgeID, userID, deviceID, limit)).AsList()
 }
 
 // UnfinishedHeals lists heals that a stopped process left in progress.
-func (lq *LedgerQuery) UnfinishedHeals(ctx context.Context) ([]*Heal, error) {
-	return dbutil.ConvertRowFn[*Heal](scanHeal).NewRowIter(lq.db.Query(ctx, unfinishedHealsQuery, lq.BridgeID)).AsList()
+func (lq *LedgerQuery) UnfinishedHeals(ctx context.Context) ([]*unwedge.Heal, error) {
+	return dbutil.ConvertRowFn[*unwedge.Heal](scanHeal).NewRowIter(lq.db.Query(ctx, unfinishedHealsQuery, lq.BridgeID)).AsList()
 }
 
 // Resume takes over the device of a heal that a stopped process left in progress, once that
 // process's lease ran out; it reports whether owner now holds the device for the heal.
-func (lq *LedgerQuery) Resume(ctx context.Context, heal *Heal, owner string, now, until time.Time) (bool, error) {
+func (lq *LedgerQuery) Resume(ctx context.Context, heal *unwedge.Heal, owner string, now, until time.Time) (bool, error) {
 	res, err := lq.db.Exec(ctx, resumeQuery, append(lq.deviceArgs(heal.Device), heal.ID, owner, until.UnixMilli(), now.UnixMilli())...)
 	if err != nil {
 		return false, fmt.Errorf("failed to take over heal %d: %w", heal.ID, err)

@@ -13,10 +13,11 @@ import (
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
 )
 
-var testDevice = database.LedgerDevice{UserID: "@alice:localhost", DeviceID: "PHONE", IdentityKey: "curve-key-a"}
+var testDevice = unwedge.LedgerDevice{UserID: "@alice:localhost", DeviceID: "PHONE", IdentityKey: "curve-key-a"}
 
 func openLedger(t *testing.T, dialect, uri string) *database.LedgerQuery {
 	db := database.NewUnwedgeDB("test-bridge", open(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
@@ -24,12 +25,12 @@ func openLedger(t *testing.T, dialect, uri string) *database.LedgerQuery {
 	return db.Ledger
 }
 
-func params(now time.Time, owner string) database.AcquireParams {
-	return database.AcquireParams{Now: now, MinInterval: time.Hour, Owner: owner, Lease: 2 * time.Minute, Class: "no_session"}
+func params(now time.Time, owner string) unwedge.AcquireParams {
+	return unwedge.AcquireParams{Now: now, MinInterval: time.Hour, Owner: owner, Lease: 2 * time.Minute, Class: "no_session"}
 }
 
 // heal runs one heal to its end and reports whether it was granted.
-func heal(t *testing.T, lq *database.LedgerQuery, p database.AcquireParams, outcome database.HealOutcome) bool {
+func heal(t *testing.T, lq *database.LedgerQuery, p unwedge.AcquireParams, outcome unwedge.HealOutcome) bool {
 	t.Helper()
 	ctx := context.Background()
 	grant, err := lq.Acquire(ctx, testDevice, p)
@@ -39,12 +40,12 @@ func heal(t *testing.T, lq *database.LedgerQuery, p database.AcquireParams, outc
 	if !grant.Granted {
 		return false
 	}
-	if outcome == database.HealHealed {
-		if err = lq.SessionCreated(ctx, testDevice, p.Owner, grant.HealID, id.SessionID("session-"+p.Owner), p.Now); err != nil {
+	if outcome == unwedge.HealHealed {
+		if err = lq.SessionCreated(ctx, unwedge.HealRef{Device: testDevice, Owner: p.Owner, HealID: grant.HealID}, id.SessionID("session-"+p.Owner), p.Now); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err = lq.Finish(ctx, testDevice, p.Owner, grant.HealID, outcome, 1, "", p.Now); err != nil {
+	if err = lq.Finish(ctx, unwedge.HealRef{Device: testDevice, Owner: p.Owner, HealID: grant.HealID}, unwedge.HealEnd{Outcome: outcome, Attempts: 1, At: p.Now}); err != nil {
 		t.Fatal(err)
 	}
 	return true
@@ -56,17 +57,17 @@ func TestLedgerLimit(t *testing.T) {
 		name    string
 		at      time.Duration
 		force   bool
-		outcome database.HealOutcome
+		outcome unwedge.HealOutcome
 		granted bool
 	}{
-		{"first wedge heals", 0, false, database.HealHealed, true},
-		{"again within the hour is limited", 30 * time.Minute, false, database.HealHealed, false},
-		{"an admin may force within the hour", 31 * time.Minute, true, database.HealHealed, true},
-		{"the forced session restarts the hour", 89 * time.Minute, false, database.HealHealed, false},
-		{"after the hour a transient failure", 92 * time.Minute, false, database.HealFailedTransient, true},
-		{"does not burn the hour", 93 * time.Minute, false, database.HealFailedPermanent, true},
-		{"a permanent failure waits the hour", 100 * time.Minute, false, database.HealHealed, false},
-		{"and then may try again", 154 * time.Minute, false, database.HealHealed, true},
+		{"first wedge heals", 0, false, unwedge.HealHealed, true},
+		{"again within the hour is limited", 30 * time.Minute, false, unwedge.HealHealed, false},
+		{"an admin may force within the hour", 31 * time.Minute, true, unwedge.HealHealed, true},
+		{"the forced session restarts the hour", 89 * time.Minute, false, unwedge.HealHealed, false},
+		{"after the hour a transient failure", 92 * time.Minute, false, unwedge.HealFailedTransient, true},
+		{"does not burn the hour", 93 * time.Minute, false, unwedge.HealFailedPermanent, true},
+		{"a permanent failure waits the hour", 100 * time.Minute, false, unwedge.HealHealed, false},
+		{"and then may try again", 154 * time.Minute, false, unwedge.HealHealed, true},
 	}
 	for dialect, uri := range databaseURIs(t) {
 		t.Run(dialect, func(t *testing.T) {
@@ -83,7 +84,7 @@ func TestLedgerLimit(t *testing.T) {
 				t.Errorf("created sessions = %d, %v; want 3", n, err)
 			}
 			heals, err := lq.Heals(context.Background(), testDevice.UserID, "", 100)
-			if err != nil || len(heals) != 5 || heals[0].Outcome != database.HealHealed || heals[1].Outcome != database.HealFailedPermanent {
+			if err != nil || len(heals) != 5 || heals[0].Outcome != unwedge.HealHealed || heals[1].Outcome != unwedge.HealFailedPermanent {
 				t.Errorf("heal history = %d rows, %v", len(heals), err)
 			}
 		})
@@ -115,11 +116,11 @@ func TestLedgerLease(t *testing.T) {
 			if err != nil || len(unfinished) != 1 || unfinished[0].ID == held.HealID {
 				t.Fatalf("unfinished heals = %+v, %v; want only the new one", unfinished, err)
 			}
-			if heals, _ := lq.Heals(ctx, testDevice.UserID, testDevice.DeviceID, 5); len(heals) != 2 || heals[1].Outcome != database.HealFailedTransient || !strings.Contains(heals[1].Error, "superseded") {
+			if heals, _ := lq.Heals(ctx, testDevice.UserID, testDevice.DeviceID, 5); len(heals) != 2 || heals[1].Outcome != unwedge.HealFailedTransient || !strings.Contains(heals[1].Error, "superseded") {
 				t.Fatalf("heals = %+v, want the first one closed as superseded", heals)
 			}
 			// The dead holder's late Finish must not release the new holder's lease.
-			if err = lq.Finish(ctx, testDevice, "crashed", held.HealID, database.HealFailedTransient, 1, "late", t0.Add(4*time.Minute)); err != nil {
+			if err = lq.Finish(ctx, unwedge.HealRef{Device: testDevice, Owner: "crashed", HealID: held.HealID}, unwedge.HealEnd{Outcome: unwedge.HealFailedTransient, Attempts: 1, Err: "late", At: t0.Add(4 * time.Minute)}); err != nil {
 				t.Fatal(err)
 			}
 			if g, _ := lq.Acquire(ctx, testDevice, params(t0.Add(4*time.Minute), "third")); g.Granted {
@@ -151,8 +152,8 @@ func TestLedgerConcurrency(t *testing.T) {
 					}
 					if g.Granted {
 						granted.Add(1)
-						_ = lq.SessionCreated(context.Background(), testDevice, p.Owner, g.HealID, "s", t0)
-						_ = lq.Finish(context.Background(), testDevice, p.Owner, g.HealID, database.HealHealed, 1, "", t0)
+						_ = lq.SessionCreated(context.Background(), unwedge.HealRef{Device: testDevice, Owner: p.Owner, HealID: g.HealID}, "s", t0)
+						_ = lq.Finish(context.Background(), unwedge.HealRef{Device: testDevice, Owner: p.Owner, HealID: g.HealID}, unwedge.HealEnd{Outcome: unwedge.HealHealed, Attempts: 1, At: t0})
 					}
 				}()
 			}
@@ -174,8 +175,8 @@ func TestLedgerPrune(t *testing.T) {
 	for dialect, uri := range databaseURIs(t) {
 		t.Run(dialect, func(t *testing.T) {
 			lq := openLedger(t, dialect, uri)
-			heal(t, lq, params(t0, "a"), database.HealHealed)
-			heal(t, lq, params(t0.Add(2*time.Hour), "a"), database.HealHealed)
+			heal(t, lq, params(t0, "a"), unwedge.HealHealed)
+			heal(t, lq, params(t0.Add(2*time.Hour), "a"), unwedge.HealHealed)
 			heals, devices, err := lq.Prune(context.Background(), t0.Add(time.Hour), t0.Add(3*time.Hour))
 			if err != nil || heals != 1 || devices != 0 {
 				t.Fatalf("prune = %d heals, %d devices, %v; want 1, 0 (the device healed recently)", heals, devices, err)
@@ -210,7 +211,7 @@ func TestLedgerHealsSince(t *testing.T) {
 				{otherDB.Ledger, "PHONE", 20 * time.Second, false},
 			}
 			for _, h := range heals {
-				dev := database.LedgerDevice{UserID: testDevice.UserID, DeviceID: h.device, IdentityKey: id.IdentityKey("key-" + h.device)}
+				dev := unwedge.LedgerDevice{UserID: testDevice.UserID, DeviceID: h.device, IdentityKey: id.IdentityKey("key-" + h.device)}
 				p := params(t0.Add(h.at), "bridge")
 				p.Force = h.force
 				if g, err := h.lq.Acquire(context.Background(), dev, p); err != nil || !g.Granted {

@@ -14,38 +14,9 @@ import (
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
 )
-
-// Pending is a room event the bridge could not decrypt for lack of its Megolm session.
-type Pending struct {
-	EventID   id.EventID
-	RoomID    id.RoomID
-	SessionID id.SessionID
-	SenderKey id.SenderKey
-	Sender    id.UserID
-	DeviceID  id.DeviceID
-	// Event is the event as received (still encrypted).
-	Event     *event.Event
-	OriginTS  time.Time
-	FirstSeen time.Time
-	// Arrival orders the events as the bridge first received them (Unix ns, strictly increasing
-	// per process; Recovery sets it).
-	Arrival     int64
-	Requests    int
-	NextRequest time.Time
-	LastError   string
-}
-
-// PendingSession is a Megolm session that pending events wait for.
-type PendingSession struct {
-	RoomID    id.RoomID
-	SessionID id.SessionID
-	SenderKey id.SenderKey
-	Sender    id.UserID
-	DeviceID  id.DeviceID
-	Requests  int
-	Events    int
-}
 
 const (
 	pendingColumns = `event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, arrival, requests, next_request, last_error`
@@ -124,36 +95,12 @@ type PendingQuery struct {
 	db       *dbutil.Database
 }
 
-// PendingLimits caps the pending events: per sender, per room and in total.
-type PendingLimits struct {
-	PerSender, PerRoom, Total int
-}
-
-// PendingCap names the cap that kept an event out.
-type PendingCap string
-
-const (
-	CapSender PendingCap = "sender"
-	CapRoom   PendingCap = "room"
-	CapTotal  PendingCap = "total"
-)
-
-// PendingFullError is Add's answer for an event over one of the caps; nothing was recorded.
-type PendingFullError struct {
-	Cap     PendingCap
-	Pending int
-}
-
-func (e *PendingFullError) Error() string {
-	return fmt.Sprintf("%d events of this %s already wait for keys", e.Pending, e.Cap)
-}
-
 // Add records an undecryptable event; the first key request is due at NextRequest, unless the
 // sender's events of the same session already wait, whose request count and schedule it joins.
-// It reports false when the event was already recorded, and a *PendingFullError when the event
+// It reports false when the event was already recorded, and a *unwedge.PendingFullError when the event
 // would pass one of the limits. The limits are checked and the event inserted by one writer at a
 // time, so concurrent adds (also of other replicas) never pass them.
-func (pq *PendingQuery) Add(ctx context.Context, p *Pending, limits PendingLimits) (added bool, err error) {
+func (pq *PendingQuery) Add(ctx context.Context, p *unwedge.Pending, limits unwedge.PendingLimits) (added bool, err error) {
 	raw, err := json.Marshal(p.Event)
 	if err != nil {
 		return false, fmt.Errorf("failed to encode event %s: %w", p.EventID, err)
@@ -170,11 +117,11 @@ func (pq *PendingQuery) Add(ctx context.Context, p *Pending, limits PendingLimit
 		case exists > 0:
 			return nil
 		case bySender >= limits.PerSender:
-			return &PendingFullError{Cap: CapSender, Pending: bySender}
+			return &unwedge.PendingFullError{Cap: unwedge.CapSender, Pending: bySender}
 		case byRoom >= limits.PerRoom:
-			return &PendingFullError{Cap: CapRoom, Pending: byRoom}
+			return &unwedge.PendingFullError{Cap: unwedge.CapRoom, Pending: byRoom}
 		case total >= limits.Total:
-			return &PendingFullError{Cap: CapTotal, Pending: total}
+			return &unwedge.PendingFullError{Cap: unwedge.CapTotal, Pending: total}
 		}
 		res, err := pq.db.Exec(ctx, insertPendingQuery, pq.BridgeID, p.EventID, p.RoomID, p.SessionID, p.SenderKey, p.Sender, p.DeviceID,
 			string(raw), p.OriginTS.UnixMilli(), p.FirstSeen.UnixMilli(), p.Arrival, p.NextRequest.UnixMilli())
@@ -185,7 +132,7 @@ func (pq *PendingQuery) Add(ctx context.Context, p *Pending, limits PendingLimit
 		added = n > 0
 		return nil
 	})
-	var full *PendingFullError
+	var full *unwedge.PendingFullError
 	if err != nil && !errors.As(err, &full) {
 		return false, fmt.Errorf("failed to record pending event %s: %w", p.EventID, err)
 	}
@@ -214,27 +161,27 @@ func (pq *PendingQuery) Waiting(ctx context.Context, roomID id.RoomID, sessionID
 	return
 }
 
-func scanPendingSession(row dbutil.Scannable) (*PendingSession, error) {
-	var s PendingSession
+func scanPendingSession(row dbutil.Scannable) (*unwedge.PendingSession, error) {
+	var s unwedge.PendingSession
 	return &s, row.Scan(&s.RoomID, &s.SessionID, &s.SenderKey, &s.Sender, &s.DeviceID, &s.Requests, &s.Events)
 }
 
 // DueSessions lists sessions whose events were first seen before handover and whose next key
 // request is due at now, the longest-waiting first.
-func (pq *PendingQuery) DueSessions(ctx context.Context, now, handover time.Time, limit int) ([]*PendingSession, error) {
+func (pq *PendingQuery) DueSessions(ctx context.Context, now, handover time.Time, limit int) ([]*unwedge.PendingSession, error) {
 	rows, err := pq.db.Query(ctx, dueSessionsQuery, pq.BridgeID, now.UnixMilli(), handover.UnixMilli(), limit)
-	return dbutil.ConvertRowFn[*PendingSession](scanPendingSession).NewRowIter(rows, err).AsList()
+	return dbutil.ConvertRowFn[*unwedge.PendingSession](scanPendingSession).NewRowIter(rows, err).AsList()
 }
 
 // WaitingSessions lists sessions with events first seen before handover, the oldest first.
-func (pq *PendingQuery) WaitingSessions(ctx context.Context, handover time.Time, limit int) ([]*PendingSession, error) {
+func (pq *PendingQuery) WaitingSessions(ctx context.Context, handover time.Time, limit int) ([]*unwedge.PendingSession, error) {
 	rows, err := pq.db.Query(ctx, waitingSessionsQuery, pq.BridgeID, handover.UnixMilli(), limit)
-	return dbutil.ConvertRowFn[*PendingSession](scanPendingSession).NewRowIter(rows, err).AsList()
+	return dbutil.ConvertRowFn[*unwedge.PendingSession](scanPendingSession).NewRowIter(rows, err).AsList()
 }
 
 // MarkRequested records a key request for a session's events of its sender, and when the next
 // one is due.
-func (pq *PendingQuery) MarkRequested(ctx context.Context, s *PendingSession, requests int, next time.Time) error {
+func (pq *PendingQuery) MarkRequested(ctx context.Context, s *unwedge.PendingSession, requests int, next time.Time) error {
 	_, err := pq.db.Exec(ctx, markRequestedQuery, pq.BridgeID, s.RoomID, s.SessionID, s.SenderKey, s.Sender, requests, next.UnixMilli())
 	return err
 }
@@ -254,15 +201,15 @@ func (pq *PendingQuery) RequestNow(ctx context.Context, sender id.UserID, sender
 // so no other worker or replica hands them to the bridge at the same time. Events that another
 // owner holds are left out. At most limit events are claimed, the first to arrive; they come back
 // in the order they arrived.
-func (pq *PendingQuery) ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time, limit int) ([]*Pending, error) {
+func (pq *PendingQuery) ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time, limit int) ([]*unwedge.Pending, error) {
 	rows, err := pq.db.Query(ctx, claimSessionQuery, pq.BridgeID, roomID, sessionID, owner, until.UnixMilli(), handover.UnixMilli(), now.UnixMilli(), limit)
-	return sortPending(dbutil.ConvertRowFn[*Pending](scanPending).NewRowIter(rows, err).AsList())
+	return sortPending(dbutil.ConvertRowFn[*unwedge.Pending](scanPending).NewRowIter(rows, err).AsList())
 }
 
 // ClaimExpired holds at most limit of the events first seen before before, to be given up.
-func (pq *PendingQuery) ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time, limit int) ([]*Pending, error) {
+func (pq *PendingQuery) ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time, limit int) ([]*unwedge.Pending, error) {
 	rows, err := pq.db.Query(ctx, claimExpiredQuery, pq.BridgeID, owner, until.UnixMilli(), before.UnixMilli(), now.UnixMilli(), limit)
-	return sortPending(dbutil.ConvertRowFn[*Pending](scanPending).NewRowIter(rows, err).AsList())
+	return sortPending(dbutil.ConvertRowFn[*unwedge.Pending](scanPending).NewRowIter(rows, err).AsList())
 }
 
 // Release gives a claimed event back, with the error that kept it pending.
@@ -288,13 +235,13 @@ func (pq *PendingQuery) DeleteRedacted(ctx context.Context, roomID id.RoomID, ev
 }
 
 // List lists pending events, of one sender or all when sender is empty, in the order they arrived.
-func (pq *PendingQuery) List(ctx context.Context, sender id.UserID, limit int) ([]*Pending, error) {
+func (pq *PendingQuery) List(ctx context.Context, sender id.UserID, limit int) ([]*unwedge.Pending, error) {
 	rows, err := pq.db.Query(ctx, listPendingQuery, pq.BridgeID, sender, limit)
-	return dbutil.ConvertRowFn[*Pending](scanPending).NewRowIter(rows, err).AsList()
+	return dbutil.ConvertRowFn[*unwedge.Pending](scanPending).NewRowIter(rows, err).AsList()
 }
 
-func scanPending(row dbutil.Scannable) (*Pending, error) {
-	var p Pending
+func scanPending(row dbutil.Scannable) (*unwedge.Pending, error) {
+	var p unwedge.Pending
 	var raw string
 	var originTS, firstSeen, nextRequest int64
 	err := row.Scan(&p.EventID, &p.RoomID, &p.SessionID, &p.SenderKey, &p.Sender, &p.DeviceID, &raw,
@@ -315,11 +262,11 @@ func scanPending(row dbutil.Scannable) (*Pending, error) {
 }
 
 // sortPending orders events as they arrived (RETURNING has no ORDER BY).
-func sortPending(list []*Pending, err error) ([]*Pending, error) {
+func sortPending(list []*unwedge.Pending, err error) ([]*unwedge.Pending, error) {
 	if err != nil {
 		return nil, err
 	}
-	slices.SortStableFunc(list, func(a, b *Pending) int {
+	slices.SortStableFunc(list, func(a, b *unwedge.Pending) int {
 		if c := cmp.Compare(a.Arrival, b.Arrival); c != 0 {
 			return c
 		}

@@ -14,6 +14,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
 )
 
@@ -27,7 +28,7 @@ func openPending(t *testing.T) map[string]*database.UnwedgeDB {
 	return dbs
 }
 
-func pendingEvent(n int, session id.SessionID, seen time.Time) *database.Pending {
+func pendingEvent(n int, session id.SessionID, seen time.Time) *unwedge.Pending {
 	evtID := id.EventID(fmt.Sprintf("$event%d", n))
 	content := &event.EncryptedEventContent{
 		Algorithm: id.AlgorithmMegolmV1, SenderKey: "curve-key-a", SessionID: session,
@@ -37,14 +38,14 @@ func pendingEvent(n int, session id.SessionID, seen time.Time) *database.Pending
 		ID: evtID, RoomID: "!room:localhost", Sender: "@alice:localhost", Type: event.EventEncrypted,
 		Timestamp: seen.Add(-time.Duration(10-n) * time.Second).UnixMilli(), Content: event.Content{Parsed: content},
 	}
-	return &database.Pending{
+	return &unwedge.Pending{
 		EventID: evtID, RoomID: evt.RoomID, SessionID: session, SenderKey: content.SenderKey, Sender: evt.Sender,
 		DeviceID: "PHONE", Event: evt, OriginTS: time.UnixMilli(evt.Timestamp), FirstSeen: seen, Arrival: int64(n), NextRequest: seen,
 	}
 }
 
 // roomy are limits no test reaches.
-var roomy = database.PendingLimits{PerSender: 1000, PerRoom: 1000, Total: 1000}
+var roomy = unwedge.PendingLimits{PerSender: 1000, PerRoom: 1000, Total: 1000}
 
 func TestPending(t *testing.T) {
 	t0 := time.UnixMilli(1_800_000_000_000)
@@ -54,7 +55,7 @@ func TestPending(t *testing.T) {
 			ctx := context.Background()
 			pq := db.Pending
 			// Added out of order: two events of session A, one of B, one of A seen later.
-			for _, p := range []*database.Pending{pendingEvent(3, "A", t0), pendingEvent(1, "A", t0), pendingEvent(2, "B", t0), pendingEvent(4, "A", t0.Add(time.Minute))} {
+			for _, p := range []*unwedge.Pending{pendingEvent(3, "A", t0), pendingEvent(1, "A", t0), pendingEvent(2, "B", t0), pendingEvent(4, "A", t0.Add(time.Minute))} {
 				if added, err := pq.Add(ctx, p, roomy); err != nil || !added {
 					t.Fatalf("add %s: added=%v err=%v", p.EventID, added, err)
 				}
@@ -74,7 +75,7 @@ func TestPending(t *testing.T) {
 			if err != nil || len(due) != 2 {
 				t.Fatalf("due after hand-over = %v, %v; want 2 sessions", due, err)
 			}
-			var sessA *database.PendingSession
+			var sessA *unwedge.PendingSession
 			for _, s := range due {
 				if s.SessionID == "A" {
 					sessA = s
@@ -224,7 +225,7 @@ func TestPendingSenders(t *testing.T) {
 			attacker.Sender, attacker.Event.Sender = "@mallory:localhost", "@mallory:localhost"
 			attacker.OriginTS = t0.Add(-time.Hour)
 			attacker.Event.Timestamp = attacker.OriginTS.UnixMilli()
-			for _, p := range []*database.Pending{victim, attacker} {
+			for _, p := range []*unwedge.Pending{victim, attacker} {
 				if _, err := pq.Add(ctx, p, roomy); err != nil {
 					t.Fatal(err)
 				}
@@ -281,14 +282,14 @@ func TestPendingSenders(t *testing.T) {
 // when many events are added at once from separate connections, as replicas would.
 func TestPendingLimits(t *testing.T) {
 	t0 := time.UnixMilli(1_800_000_000_000)
-	limits := database.PendingLimits{PerSender: 3, PerRoom: 5, Total: 7}
-	event := func(n int, sender id.UserID, room id.RoomID) *database.Pending {
+	limits := unwedge.PendingLimits{PerSender: 3, PerRoom: 5, Total: 7}
+	event := func(n int, sender id.UserID, room id.RoomID) *unwedge.Pending {
 		p := pendingEvent(n, "A", t0)
 		p.Sender, p.Event.Sender, p.RoomID, p.Event.RoomID = sender, sender, room, room
 		return p
 	}
-	full := func(err error) database.PendingCap {
-		var fullErr *database.PendingFullError
+	full := func(err error) unwedge.PendingCap {
+		var fullErr *unwedge.PendingFullError
 		if errors.As(err, &fullErr) {
 			return fullErr.Cap
 		}
@@ -301,14 +302,14 @@ func TestPendingLimits(t *testing.T) {
 			steps := []struct {
 				sender id.UserID
 				room   id.RoomID
-				want   database.PendingCap
+				want   unwedge.PendingCap
 			}{
 				{"@a:x", "!r1:x", ""}, {"@a:x", "!r1:x", ""}, {"@a:x", "!r1:x", ""},
-				{"@a:x", "!r1:x", database.CapSender},
+				{"@a:x", "!r1:x", unwedge.CapSender},
 				{"@b:x", "!r1:x", ""}, {"@b:x", "!r1:x", ""},
-				{"@c:x", "!r1:x", database.CapRoom},
+				{"@c:x", "!r1:x", unwedge.CapRoom},
 				{"@c:x", "!r2:x", ""}, {"@c:x", "!r2:x", ""},
-				{"@d:x", "!r3:x", database.CapTotal},
+				{"@d:x", "!r3:x", unwedge.CapTotal},
 			}
 			for i, step := range steps {
 				added, err := pq.Add(ctx, event(100+i, step.sender, step.room), limits)

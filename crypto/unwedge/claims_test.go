@@ -13,7 +13,6 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
-	"github.com/unwedge/unwedge/database"
 )
 
 // flakyStore fails AddSession while fail is above zero, as a database that is down does: before
@@ -77,7 +76,7 @@ func TestHealStoreFailure(t *testing.T) {
 				t.Fatalf("heals = %+v, %v; want one with its session recorded", heals, err)
 			}
 			if !tc.healed {
-				if d.Action != "failed" || !errors.Is(d.Err, unwedge.ErrCryptoStore) || heals[0].Outcome != database.HealFailedTransient {
+				if d.Action != "failed" || !errors.Is(d.Err, unwedge.ErrCryptoStore) || heals[0].Outcome != unwedge.HealFailedTransient {
 					t.Fatalf("decision = %+v, heal %+v; want failed for the crypto store", d, heals[0])
 				}
 				f.peerSends()
@@ -87,7 +86,7 @@ func TestHealStoreFailure(t *testing.T) {
 				}
 				return
 			}
-			if d.Action != "healed" || heals[0].Outcome != database.HealHealed {
+			if d.Action != "healed" || heals[0].Outcome != unwedge.HealHealed {
 				t.Fatalf("decision = %+v, heal %+v; want healed", d, heals[0])
 			}
 			stored, err := f.bridge.sql.GetSessions(f.ctx, f.peerKey())
@@ -145,7 +144,7 @@ func TestLostClaimAnswer(t *testing.T) {
 				t.Errorf("the heal made %d claim requests, want 1", n)
 			}
 			heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
-			if err != nil || len(heals) != 1 || heals[0].Outcome != database.HealFailedTransient || heals[0].Attempts != 1 {
+			if err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealFailedTransient || heals[0].Attempts != 1 {
 				t.Fatalf("heals = %+v, %v; want one failed_transient after 1 attempt", heals, err)
 			}
 			if got := f.inbox(f.peer); len(got) != 0 {
@@ -194,7 +193,7 @@ func TestHealsPerMinute(t *testing.T) {
 	if f.claims.Load() != claims {
 		t.Error("claimed a key over the cap")
 	}
-	if outcome, d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", true); outcome != database.HealHealed {
+	if outcome, d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", true); outcome != unwedge.HealHealed {
 		t.Errorf("forced heal over the cap: %s (%+v), want healed", outcome, d)
 	}
 	f.decision()

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/unwedge/unwedge/database"
 	"github.com/unwedge/unwedge/internal/backoff"
 )
 
@@ -83,8 +82,8 @@ type RecoveryConfig struct {
 	MaxPending        int `yaml:"max_pending"`
 }
 
-func (r *RecoveryConfig) limits() database.PendingLimits {
-	return database.PendingLimits{PerSender: r.MaxPendingPerUser, PerRoom: r.MaxPendingPerRoom, Total: r.MaxPending}
+func (r *RecoveryConfig) limits() PendingLimits {
+	return PendingLimits{PerSender: r.MaxPendingPerUser, PerRoom: r.MaxPendingPerRoom, Total: r.MaxPending}
 }
 
 // DefaultConfig is the configuration example-config.yaml documents.

@@ -14,8 +14,6 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
-
-	"github.com/unwedge/unwedge/database"
 )
 
 // Points of a heal for Unwedger.FaultHook.
@@ -33,15 +31,15 @@ const (
 // retried with backoff and do not start the interval; permanent ones are recorded. A heal claims
 // at most one key: its retries reuse the session the claim gave, and a claim whose answer was
 // lost is not repeated.
-func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) database.HealOutcome {
+func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) HealOutcome {
 	outcome, _ := u.heal(ctx, device, class, forcedBy)
 	return outcome
 }
 
 // heal is Heal, and also returns the decision it ended with (the reason for a refusal).
-func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) (database.HealOutcome, Decision) {
+func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) (HealOutcome, Decision) {
 	started := time.Now()
-	dev := database.LedgerDevice{UserID: device.UserID, DeviceID: device.DeviceID, IdentityKey: device.IdentityKey}
+	dev := LedgerDevice{UserID: device.UserID, DeviceID: device.DeviceID, IdentityKey: device.IdentityKey}
 	log := zerolog.Ctx(ctx).With().
 		Str("action", "unwedge").
 		Stringer("user_id", device.UserID).
@@ -54,20 +52,21 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 	ctx = log.WithContext(ctx)
 	decision := Decision{Class: class, UserID: device.UserID, DeviceID: device.DeviceID, Key: device.IdentityKey, ForcedBy: forcedBy}
 
-	grant, err := u.ledger.Acquire(ctx, dev, database.AcquireParams{
+	grant, err := u.ledger.Acquire(ctx, dev, AcquireParams{
 		Now: started, MinInterval: u.cfg.MinInterval, Force: forcedBy != "", Owner: u.owner, Lease: u.cfg.Lease,
-		Class: string(class), ForcedBy: forcedBy,
+		Class: class, ForcedBy: forcedBy,
 	})
 	if err != nil {
 		decision.Action, decision.Err = "failed", fmt.Errorf("failed to ask the ledger whether the session may be replaced: %w", err)
 		u.decide(decideCtx, decision)
-		return database.HealFailedTransient, decision
+		return HealFailedTransient, decision
 	} else if !grant.Granted {
 		u.noteReplaced(device.IdentityKey, grant.LastCreatedAt)
 		decision.Action, decision.Detail = "limited", grant.Reason(started, u.cfg.MinInterval)
 		u.decide(decideCtx, decision)
 		return "", decision
 	}
+	ref := HealRef{Device: dev, Owner: u.owner, HealID: grant.HealID}
 
 	if class == ClassUnreadableSession && u.repairer != nil {
 		if n, err := u.repairer.DeleteUnreadableSessions(ctx, device.IdentityKey); err != nil {
@@ -86,7 +85,7 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 	hc := &healContext{key: device.IdentityKey, onCreated: func(sess *crypto.OlmSession) {
 		createdAt := time.Now()
 		u.noteReplaced(device.IdentityKey, createdAt)
-		if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), createdAt); err != nil {
+		if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), ref, sess.ID(), createdAt); err != nil {
 			log.Err(err).Msg("Failed to record replacement session in the ledger")
 		} else {
 			recorded = true
@@ -95,7 +94,7 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 			u.FaultHook(FaultSessionCreated)
 		}
 	}}
-	release := u.hold(ctx, dev, grant.HealID)
+	release := u.hold(ctx, ref)
 	if u.FaultHook != nil {
 		u.FaultHook(FaultHealGranted)
 	}
@@ -105,7 +104,7 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 	sendCtx := withHeal(mautrix.WithMaxRetries(ctx, 0), hc)
 	// Until the loop ends, key requests to the device wait (Healing).
 	u.setReplacing(device.IdentityKey, 1)
-	outcome, attempts, healErr, claimLost := database.HealFailedTransient, 0, error(nil), false
+	outcome, attempts, healErr, claimLost := HealFailedTransient, 0, error(nil), false
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
 		healErr = u.mach.SendEncryptedToDevice(sendCtx, device, event.ToDeviceDummy, event.Content{})
@@ -113,19 +112,19 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 		sess, _ := hc.replacement()
 		if sess != nil && !recorded {
 			// The ledger was unreachable when the session was made: try again.
-			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), dev, u.owner, grant.HealID, sess.ID(), time.Now()); err == nil {
+			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), ref, sess.ID(), time.Now()); err == nil {
 				recorded = true
 			}
 		}
 		if healErr == nil {
-			outcome = database.HealHealed
+			outcome = HealHealed
 			break
 		}
 		if ctx.Err() != nil {
 			break // the bridge is stopping: not the device's fault
 		}
 		if !transient(healErr) {
-			outcome = database.HealFailedPermanent
+			outcome = HealFailedPermanent
 			break
 		}
 		if claimed && sess == nil && !refused(healErr) {
@@ -144,18 +143,18 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 	u.setReplacing(device.IdentityKey, -1)
 	release()
 	errText := ""
-	if outcome != database.HealHealed && healErr != nil {
+	if outcome != HealHealed && healErr != nil {
 		errText = healErr.Error()
 	}
 	// A stopping bridge leaves the heal to the lease and the next failure; it is not a failure.
 	finishCtx := context.WithoutCancel(ctx)
 	decision.Duration = time.Since(started)
 	sess, stored := hc.replacement()
-	if outcome == database.HealFailedTransient && recorded && stored {
+	if outcome == HealFailedTransient && recorded && stored {
 		// The session exists and the ledger counts it, so finishing as failed would leave the
 		// device wedged for the whole interval: the heal stays in progress without a lease, and
 		// ResumeHeals sends m.dummy over this session once the homeserver answers again.
-		if err = u.ledger.Postpone(finishCtx, dev, u.owner, grant.HealID, attempts, errText); err != nil {
+		if err = u.ledger.Postpone(finishCtx, ref, attempts, errText); err != nil {
 			log.Err(err).Msg("Failed to postpone heal in the ledger")
 		}
 		decision.Action, decision.Err = "deferred", healErr
@@ -163,11 +162,11 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 		u.decide(decideCtx, decision)
 		return outcome, decision
 	}
-	if err = u.ledger.Finish(finishCtx, dev, u.owner, grant.HealID, outcome, attempts, errText, time.Now()); err != nil {
+	if err = u.ledger.Finish(finishCtx, ref, HealEnd{Outcome: outcome, Attempts: attempts, Err: errText, At: time.Now()}); err != nil {
 		log.Err(err).Msg("Failed to record heal outcome in the ledger")
 	}
 	switch {
-	case outcome == database.HealHealed:
+	case outcome == HealHealed:
 		decision.Action = "healed"
 		if sess != nil {
 			decision.Detail = fmt.Sprintf("new Olm session %s after %d attempt(s)", sess.ID(), attempts)
@@ -262,21 +261,21 @@ func (u *Unwedger) ResumeHeals(ctx context.Context) {
 }
 
 // healLogger is the logger of a resumed heal: the fields of the heal's device and its ID.
-func healLogger(log zerolog.Logger, heal *database.Heal) zerolog.Logger {
+func healLogger(log zerolog.Logger, heal *Heal) zerolog.Logger {
 	return log.With().
 		Str("action", "unwedge").
 		Stringer("user_id", heal.Device.UserID).
 		Stringer("device_id", heal.Device.DeviceID).
 		Stringer("identity_key", heal.Device.IdentityKey).
-		Str("class", heal.Class).
+		Str("class", string(heal.Class)).
 		Int64("heal_id", heal.ID).
 		Logger()
 }
 
 // postponeResumed keeps a resumed heal in progress for the next round. A heal is counted and
 // logged as deferred once, when it is first postponed; the rounds after that log at debug level.
-func (u *Unwedger) postponeResumed(ctx, decideCtx context.Context, heal *database.Heal, decision Decision, attempts int, err error) {
-	if perr := u.ledger.Postpone(context.WithoutCancel(ctx), heal.Device, u.owner, heal.ID, heal.Attempts+attempts, err.Error()); perr != nil {
+func (u *Unwedger) postponeResumed(ctx, decideCtx context.Context, heal *Heal, decision Decision, attempts int, err error) {
+	if perr := u.ledger.Postpone(context.WithoutCancel(ctx), HealRef{Device: heal.Device, Owner: u.owner, HealID: heal.ID}, heal.Attempts+attempts, err.Error()); perr != nil {
 		zerolog.Ctx(ctx).Err(perr).Msg("Failed to postpone heal in the ledger")
 	}
 	if heal.Postponed() {
@@ -290,20 +289,20 @@ func (u *Unwedger) postponeResumed(ctx, decideCtx context.Context, heal *databas
 // resumeHeal finishes or postpones a heal found in the ledger. ctx carries the heal's logger
 // (healLogger); decisions are logged with decideCtx, as they write the device's fields themselves.
 // Its decisions are Resumed: the Olm event behind the heal was counted when it was detected.
-func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *database.Heal) {
+func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *Heal) {
 	dev := heal.Device
-	decision := Decision{Class: Class(heal.Class), UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey, ForcedBy: heal.ForcedBy, Resumed: true}
-	finish := func(outcome database.HealOutcome, attempts int, healErr error) {
+	decision := Decision{Class: heal.Class, UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey, ForcedBy: heal.ForcedBy, Resumed: true}
+	finish := func(outcome HealOutcome, attempts int, healErr error) {
 		text := ""
 		if healErr != nil {
 			text = healErr.Error()
 		}
-		if err := u.ledger.Finish(context.WithoutCancel(ctx), dev, u.owner, heal.ID, outcome, heal.Attempts+attempts, text, time.Now()); err != nil {
+		if err := u.ledger.Finish(context.WithoutCancel(ctx), HealRef{Device: dev, Owner: u.owner, HealID: heal.ID}, HealEnd{Outcome: outcome, Attempts: heal.Attempts + attempts, Err: text, At: time.Now()}); err != nil {
 			zerolog.Ctx(ctx).Err(err).Msg("Failed to record the outcome of a resumed heal")
 		}
 	}
 	if heal.SessionID == "" {
-		finish(database.HealFailedTransient, 0, errors.New("interrupted before a session was created"))
+		finish(HealFailedTransient, 0, errors.New("interrupted before a session was created"))
 		decision.Action, decision.Detail = "failed", "a stopped process left this heal before creating a session; the next failure heals again"
 		u.decide(decideCtx, decision)
 		return
@@ -327,13 +326,13 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *database.Hea
 			u.postponeResumed(ctx, decideCtx, heal, decision, 0, err)
 			return
 		}
-		finish(database.HealFailedTransient, 0, err)
+		finish(HealFailedTransient, 0, err)
 		decision.Action, decision.Err, decision.Detail = "failed", err, "resuming an interrupted heal"
 		u.decide(decideCtx, decision)
 		return
 	}
 	if sess == nil {
-		finish(database.HealFailedPermanent, 0, fmt.Errorf("the session %s of the interrupted heal is gone", heal.SessionID))
+		finish(HealFailedPermanent, 0, fmt.Errorf("the session %s of the interrupted heal is gone", heal.SessionID))
 		decision.Action, decision.Err = "failed", fmt.Errorf("the replacement session of an interrupted heal is gone")
 		u.decide(decideCtx, decision)
 		return
@@ -341,7 +340,7 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *database.Hea
 	// m.dummy over exactly the session that was created (the heal context makes the machine use it).
 	hc := &healContext{key: dev.IdentityKey, session: sess, stored: true}
 	attempts := 0
-	release := u.hold(ctx, dev, heal.ID)
+	release := u.hold(ctx, HealRef{Device: dev, Owner: u.owner, HealID: heal.ID})
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
 		if err = u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{}); err == nil || !transient(err) {
@@ -362,16 +361,16 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *database.Hea
 		u.postponeResumed(ctx, decideCtx, heal, decision, attempts, fmt.Errorf("m.dummy over session %s failed %d time(s): %w", sess.ID(), attempts, err))
 		return
 	} else if err != nil {
-		outcome := database.HealFailedTransient
+		outcome := HealFailedTransient
 		if !transient(err) {
-			outcome = database.HealFailedPermanent
+			outcome = HealFailedPermanent
 		}
 		finish(outcome, attempts, err)
 		decision.Action, decision.Err, decision.Detail = "failed", err, "resuming an interrupted heal"
 		u.decide(decideCtx, decision)
 		return
 	}
-	finish(database.HealHealed, attempts, nil)
+	finish(HealHealed, attempts, nil)
 	decision.Action, decision.Detail = "healed", fmt.Sprintf("resumed an interrupted heal: m.dummy sent over session %s", sess.ID())
 	u.decide(decideCtx, decision)
 	if u.OnHealed != nil {

@@ -15,8 +15,6 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
-
-	"github.com/unwedge/unwedge/database"
 )
 
 // StockWait is how long bridgev2 itself waits for a missing Megolm session before it gives up on
@@ -39,23 +37,6 @@ const (
 	// FaultEventDelivered is after the bridge took the event, before its row is deleted.
 	FaultEventDelivered = "event_delivered"
 )
-
-// PendingStore keeps undecryptable events until their keys arrive; database.PendingQuery
-// implements it.
-type PendingStore interface {
-	Add(ctx context.Context, p *database.Pending, limits database.PendingLimits) (bool, error)
-	Delete(ctx context.Context, eventID id.EventID) (bool, error)
-	Waiting(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (bool, error)
-	DueSessions(ctx context.Context, now, handover time.Time, limit int) ([]*database.PendingSession, error)
-	WaitingSessions(ctx context.Context, handover time.Time, limit int) ([]*database.PendingSession, error)
-	MarkRequested(ctx context.Context, s *database.PendingSession, requests int, next time.Time) error
-	RequestNow(ctx context.Context, sender id.UserID, senderKey id.SenderKey, now time.Time) (int64, error)
-	ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time, limit int) ([]*database.Pending, error)
-	ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time, limit int) ([]*database.Pending, error)
-	Release(ctx context.Context, eventID id.EventID, owner, lastErr string) error
-	Done(ctx context.Context, eventID id.EventID, owner string) error
-	DeleteRedacted(ctx context.Context, roomID id.RoomID, eventID id.EventID, sender id.UserID) (id.UserID, error)
-}
 
 // Sink is the bridge side of recovery: it bridges events that became decryptable and tells
 // users about events that never did.
@@ -144,8 +125,8 @@ const (
 )
 
 // fullCounts is the counter of each cap.
-var fullCounts = map[database.PendingCap]string{
-	database.CapSender: CountFullSender, database.CapRoom: CountFullRoom, database.CapTotal: CountFullTotal,
+var fullCounts = map[PendingCap]string{
+	CapSender: CountFullSender, CapRoom: CountFullRoom, CapTotal: CountFullTotal,
 }
 
 // NewRecovery makes a Recovery. healing reports whether a device's Olm session is being replaced
@@ -176,11 +157,11 @@ func (r *Recovery) Record(ctx context.Context, evt *event.Event) error {
 	r.lock.Unlock()
 	//lint:ignore SA1019 the deprecated fields are the only hint at the sending device
 	senderKey, deviceID := content.SenderKey, content.DeviceID
-	added, err := r.store.Add(ctx, &database.Pending{
+	added, err := r.store.Add(ctx, &Pending{
 		EventID: evt.ID, RoomID: evt.RoomID, SessionID: content.SessionID, SenderKey: senderKey, Sender: evt.Sender,
 		DeviceID: deviceID, Event: evt, OriginTS: time.UnixMilli(evt.Timestamp), FirstSeen: now, Arrival: arrival, NextRequest: now,
 	}, r.cfg.limits())
-	var full *database.PendingFullError
+	var full *PendingFullError
 	if errors.As(err, &full) {
 		r.count(CountNotRecorded)
 		r.count(fullCounts[full.Cap])
@@ -361,7 +342,7 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 		return 0
 	}
 	delivered, handled, requested := 0, 0, 0
-	var last *database.Pending
+	var last *Pending
 	for _, p := range claimed {
 		last = p
 		requested = max(requested, p.Requests)
@@ -474,7 +455,7 @@ func (r *Recovery) requestID(sessionID id.SessionID) string {
 }
 
 // cancelRequest withdraws the key request of a session that arrived.
-func (r *Recovery) cancelRequest(ctx context.Context, p *database.Pending) {
+func (r *Recovery) cancelRequest(ctx context.Context, p *Pending) {
 	target := r.requestTarget(ctx, p.Sender, p.SenderKey, p.DeviceID)
 	req := &mautrix.ReqSendToDevice{Messages: map[id.UserID]map[id.DeviceID]*event.Content{p.Sender: {target: {
 		Parsed: &event.RoomKeyRequestEventContent{

@@ -358,8 +358,8 @@ func TestRecoveryLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = f.rec.Record(f.ctx, &event.Event{ID: "$three", RoomID: testRoom, Sender: peerUser, Type: event.EventEncrypted, Content: event.Content{Parsed: content}})
-	var full *database.PendingFullError
-	if !errors.As(err, &full) || full.Cap != database.CapSender || f.pendingCount() != 2 {
+	var full *unwedge.PendingFullError
+	if !errors.As(err, &full) || full.Cap != unwedge.CapSender || f.pendingCount() != 2 {
 		t.Fatalf("third event: err=%v, %d rows; want the sender cap and 2 rows", err, f.pendingCount())
 	}
 	if counts := f.rec.Counts(); counts[unwedge.CountNotRecorded] != 1 || counts[unwedge.CountFullSender] != 1 {

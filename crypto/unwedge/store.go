@@ -41,7 +41,7 @@ type Store struct {
 }
 
 // SharedIndex keeps the index at which the bridge first shared each of its own Megolm sessions
-// with a device. database.SharedQuery implements it.
+// with a device. SharedQuery implements it.
 type SharedIndex interface {
 	RecordShared(ctx context.Context, sessionID id.SessionID, key id.IdentityKey, index uint32) error
 	FirstShared(ctx context.Context, sessionID id.SessionID, key id.IdentityKey) (index uint32, ok bool, err error)

@@ -11,27 +11,7 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
-
-	"github.com/unwedge/unwedge/database"
 )
-
-// Ledger records the replacement sessions unwedge creates and decides, atomically across
-// goroutines, restarts and replicas, whether a device may get a new one now.
-// database.LedgerQuery implements it on Postgres and SQLite.
-type Ledger interface {
-	Acquire(ctx context.Context, dev database.LedgerDevice, p database.AcquireParams) (*database.Grant, error)
-	RenewLease(ctx context.Context, dev database.LedgerDevice, owner string, until time.Time) error
-	SessionCreated(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, sessionID id.SessionID, at time.Time) error
-	Finish(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, outcome database.HealOutcome, attempts int, healErr string, at time.Time) error
-	Postpone(ctx context.Context, dev database.LedgerDevice, owner string, healID int64, attempts int, healErr string) error
-	Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error)
-	UnfinishedHeals(ctx context.Context) ([]*database.Heal, error)
-	Resume(ctx context.Context, heal *database.Heal, owner string, now, until time.Time) (bool, error)
-	// UserHeals counts the automatic heals of the user's devices started at or after since.
-	UserHeals(ctx context.Context, userID id.UserID, since time.Time) (int, error)
-	// HealsSince counts the heals of all devices, forced ones too, started at or after since.
-	HealsSince(ctx context.Context, since time.Time) (int, error)
-}
 
 // Scope decides whose devices are healed.
 type Scope interface {
@@ -319,7 +299,7 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 // caller must limit how often it does that, since every forced heal claims one of the device's
 // one-time keys. It returns the outcome
 // ("" when refused) and the decision, whose Action and Detail say why.
-func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.UserID, force bool) (database.HealOutcome, Decision) {
+func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.UserID, force bool) (HealOutcome, Decision) {
 	if force {
 		return u.heal(ctx, device, ClassForced, by)
 	}
@@ -327,7 +307,7 @@ func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.U
 		d := Decision{Class: ClassForced, UserID: device.UserID, DeviceID: device.DeviceID, Key: device.IdentityKey, Action: action, Detail: detail, Err: err}
 		u.decide(ctx, d)
 		if action == "failed" {
-			return database.HealFailedTransient, d
+			return HealFailedTransient, d
 		}
 		return "", d
 	}
@@ -450,9 +430,9 @@ func (u *Unwedger) setReplacing(key id.SenderKey, delta int) {
 // third of the lease, also while a request to the homeserver hangs), so that neither this
 // process's ResumeHeals nor another replica takes it over; release undoes both and returns once
 // no renewal can happen any more.
-func (u *Unwedger) hold(ctx context.Context, dev database.LedgerDevice, healID int64) (release func()) {
+func (u *Unwedger) hold(ctx context.Context, ref HealRef) (release func()) {
 	u.healingLock.Lock()
-	u.running[healID] = struct{}{}
+	u.running[ref.HealID] = struct{}{}
 	u.healingLock.Unlock()
 	stop, stopped := make(chan struct{}), make(chan struct{})
 	go func() {
@@ -465,7 +445,7 @@ func (u *Unwedger) hold(ctx context.Context, dev database.LedgerDevice, healID i
 				return
 			case <-time.After(u.cfg.Lease / 3):
 			}
-			if err := u.ledger.RenewLease(ctx, dev, u.owner, time.Now().Add(u.cfg.Lease)); err != nil && ctx.Err() == nil {
+			if err := u.ledger.RenewLease(ctx, ref, time.Now().Add(u.cfg.Lease)); err != nil && ctx.Err() == nil {
 				zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to renew the lease of a running heal")
 			}
 		}
@@ -474,7 +454,7 @@ func (u *Unwedger) hold(ctx context.Context, dev database.LedgerDevice, healID i
 		close(stop)
 		<-stopped
 		u.healingLock.Lock()
-		delete(u.running, healID)
+		delete(u.running, ref.HealID)
 		u.healingLock.Unlock()
 	}
 }

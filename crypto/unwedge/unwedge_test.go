@@ -14,7 +14,6 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
-	"github.com/unwedge/unwedge/database"
 )
 
 // TestWedges makes each kind of wedge happen between two real machines, and checks that the
@@ -124,7 +123,7 @@ func TestWedges(t *testing.T) {
 			_ = claimsBefore
 			f.healedBothWays()
 			heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 10)
-			if err != nil || len(heals) != 1 || heals[0].Outcome != database.HealHealed || heals[0].SessionID == "" || heals[0].Class != string(tc.class) {
+			if err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealHealed || heals[0].SessionID == "" || heals[0].Class != tc.class {
 				t.Fatalf("ledger = %+v, %v", heals, err)
 			}
 			// MSC1719: the same device wedging again within the hour gets no second session.
@@ -343,7 +342,7 @@ func TestUserCap(t *testing.T) {
 	if f.claims.Load() != before {
 		t.Error("claimed a key over the user's cap")
 	}
-	if outcome := f.unwedger.Heal(f.ctx, f.device(f.bridge, peerUser, "PEER2"), unwedge.ClassForced, "@admin:example.org"); outcome != database.HealHealed {
+	if outcome := f.unwedger.Heal(f.ctx, f.device(f.bridge, peerUser, "PEER2"), unwedge.ClassForced, "@admin:example.org"); outcome != unwedge.HealHealed {
 		t.Errorf("forced heal over the cap: %s, want healed", outcome)
 	}
 	f.decision()
@@ -415,7 +414,7 @@ func TestTransientFailure(t *testing.T) {
 		t.Fatalf("decision = %+v", d)
 	}
 	heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 1)
-	if err != nil || len(heals) != 1 || heals[0].Attempts != 3 || heals[0].Outcome != database.HealHealed {
+	if err != nil || len(heals) != 1 || heals[0].Attempts != 3 || heals[0].Outcome != unwedge.HealHealed {
 		t.Fatalf("heal = %+v, %v; want healed on the third attempt", heals, err)
 	}
 	f.healedBothWays()
@@ -439,7 +438,7 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 		t.Fatalf("decision = %+v, want deferred with the send error", d)
 	}
 	heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
-	if err != nil || len(heals) != 1 || heals[0].Outcome != database.HealInProgress || heals[0].SessionID == "" || heals[0].Attempts != 2 {
+	if err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealInProgress || heals[0].SessionID == "" || heals[0].Attempts != 2 {
 		t.Fatalf("heals = %+v, %v; want one in progress with its session after 2 attempts", heals, err)
 	}
 	session := heals[0].SessionID
@@ -456,7 +455,7 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 		f.unwedger.ResumeHeals(f.ctx)
 		f.noDecision()
 	}
-	if heals, err = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5); err != nil || len(heals) != 1 || heals[0].Outcome != database.HealInProgress || heals[0].Attempts != 6 {
+	if heals, err = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5); err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealInProgress || heals[0].Attempts != 6 {
 		t.Fatalf("heals = %+v, %v; want one in progress after 2+2+2 attempts", heals, err)
 	}
 	deferred := int64(0)
@@ -474,7 +473,7 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	f.failQueries.Store(1000)
 	f.unwedger.ResumeHeals(f.ctx)
 	f.noDecision()
-	if heals, err = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5); err != nil || len(heals) != 1 || heals[0].Outcome != database.HealInProgress ||
+	if heals, err = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5); err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealInProgress ||
 		!strings.Contains(heals[0].Error, "failed to look up") {
 		t.Fatalf("heals = %+v, %v; want one in progress that failed to look up its session", heals, err)
 	}
@@ -485,7 +484,7 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 		t.Fatalf("resume after the homeserver returned: %+v, want healed", d)
 	}
 	heals, _ = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
-	if len(heals) != 1 || heals[0].Outcome != database.HealHealed || heals[0].SessionID != session {
+	if len(heals) != 1 || heals[0].Outcome != unwedge.HealHealed || heals[0].SessionID != session {
 		t.Fatalf("heals = %+v, want the one heal healed over %s", heals, session)
 	}
 	if n := f.claims.Load() - claims; n != 1 {
@@ -510,7 +509,7 @@ func TestPermanentFailure(t *testing.T) {
 		t.Fatalf("decision = %+v", d)
 	}
 	heals, _ := f.ledger.Heals(f.ctx, peerUser, peerDevice, 1)
-	if len(heals) != 1 || heals[0].Outcome != database.HealFailedPermanent || heals[0].Error == "" {
+	if len(heals) != 1 || heals[0].Outcome != unwedge.HealFailedPermanent || heals[0].Error == "" {
 		t.Fatalf("heal = %+v", heals)
 	}
 	if got := f.inbox(f.peer); len(got) != 0 {
