@@ -15,13 +15,14 @@ import (
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/testenv"
 )
 
 var testDevice = unwedge.LedgerDevice{UserID: "@alice:localhost", DeviceID: "PHONE", IdentityKey: "curve-key-a"}
 
 func openLedger(t *testing.T, dialect, uri string) *database.LedgerQuery {
-	db := database.NewUnwedgeDB("test-bridge", open(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
-	upgrade(t, db)
+	db := database.NewUnwedgeDB("test-bridge", testenv.OpenDatabase(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
+	testenv.Upgrade(t, db)
 	return db.Ledger
 }
 
@@ -69,7 +70,7 @@ func TestLedgerLimit(t *testing.T) {
 		{"a permanent failure waits the hour", 100 * time.Minute, false, unwedge.HealHealed, false},
 		{"and then may try again", 154 * time.Minute, false, unwedge.HealHealed, true},
 	}
-	for dialect, uri := range databaseURIs(t) {
+	for dialect, uri := range testenv.Databases(t) {
 		t.Run(dialect, func(t *testing.T) {
 			lq := openLedger(t, dialect, uri)
 			for _, step := range steps {
@@ -93,7 +94,7 @@ func TestLedgerLimit(t *testing.T) {
 
 func TestLedgerLease(t *testing.T) {
 	t0 := time.UnixMilli(1_800_000_000_000)
-	for dialect, uri := range databaseURIs(t) {
+	for dialect, uri := range testenv.Databases(t) {
 		t.Run(dialect, func(t *testing.T) {
 			ctx := context.Background()
 			lq := openLedger(t, dialect, uri)
@@ -134,7 +135,7 @@ func TestLedgerLease(t *testing.T) {
 // database) race for the same wedged device; exactly one gets to create a session.
 func TestLedgerConcurrency(t *testing.T) {
 	t0 := time.Now()
-	for dialect, uri := range databaseURIs(t) {
+	for dialect, uri := range testenv.Databases(t) {
 		t.Run(dialect, func(t *testing.T) {
 			replicas := []*database.LedgerQuery{openLedger(t, dialect, uri), openLedger(t, dialect, uri)}
 			var granted atomic.Int32
@@ -172,7 +173,7 @@ func TestLedgerConcurrency(t *testing.T) {
 
 func TestLedgerPrune(t *testing.T) {
 	t0 := time.UnixMilli(1_800_000_000_000)
-	for dialect, uri := range databaseURIs(t) {
+	for dialect, uri := range testenv.Databases(t) {
 		t.Run(dialect, func(t *testing.T) {
 			lq := openLedger(t, dialect, uri)
 			heal(t, lq, params(t0, "a"), unwedge.HealHealed)
@@ -194,11 +195,11 @@ func TestLedgerPrune(t *testing.T) {
 // bridge's on the same database.
 func TestLedgerHealsSince(t *testing.T) {
 	t0 := time.UnixMilli(1_800_000_000_000)
-	for dialect, uri := range databaseURIs(t) {
+	for dialect, uri := range testenv.Databases(t) {
 		t.Run(dialect, func(t *testing.T) {
 			lq, replica := openLedger(t, dialect, uri), openLedger(t, dialect, uri)
-			otherDB := database.NewUnwedgeDB("other-bridge", open(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
-			upgrade(t, otherDB)
+			otherDB := database.NewUnwedgeDB("other-bridge", testenv.OpenDatabase(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
+			testenv.Upgrade(t, otherDB)
 			heals := []struct {
 				lq     *database.LedgerQuery
 				device id.DeviceID

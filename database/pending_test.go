@@ -16,13 +16,14 @@ import (
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/testenv"
 )
 
 func openPending(t *testing.T) map[string]*database.UnwedgeDB {
 	dbs := map[string]*database.UnwedgeDB{}
-	for dialect, uri := range databaseURIs(t) {
-		db := database.NewUnwedgeDB("test-bridge", open(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
-		upgrade(t, db)
+	for dialect, uri := range testenv.Databases(t) {
+		db := database.NewUnwedgeDB("test-bridge", testenv.OpenDatabase(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
+		testenv.Upgrade(t, db)
 		dbs[dialect] = db
 	}
 	return dbs
@@ -189,7 +190,7 @@ func TestUnwedgeUpgrades(t *testing.T) {
 				if _, err := db.Exec(ctx, "UPDATE unwedge_version SET version = $1", tc.from); err != nil {
 					t.Fatal(err)
 				}
-				upgrade(t, db)
+				testenv.Upgrade(t, db)
 				if _, err := db.Pending.Add(ctx, pendingEvent(1, "A", time.Now()), roomy); err != nil {
 					t.Errorf("pending after upgrading: %v", err)
 				}

@@ -17,11 +17,11 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
-	"github.com/unwedge/unwedge/database"
 	"github.com/unwedge/unwedge/internal/harness"
 	"github.com/unwedge/unwedge/internal/testclient"
 	"github.com/unwedge/unwedge/internal/testenv"
 	"github.com/unwedge/unwedge/webhook"
+	"github.com/unwedge/unwedge/webhook/store"
 )
 
 var (
@@ -120,7 +120,7 @@ func (s *setup) openPortal(t *testing.T, ctx context.Context, chatID string) id.
 }
 
 // waitOutbox polls the outbox until a message with the text is there.
-func (s *setup) waitOutbox(t *testing.T, ctx context.Context, text string, done func(*database.OutboxMessage) bool) *database.OutboxMessage {
+func (s *setup) waitOutbox(t *testing.T, ctx context.Context, text string, done func(*store.OutboxMessage) bool) *store.OutboxMessage {
 	t.Helper()
 	for {
 		resp, err := s.remote.Outbox(ctx, 0, 500)
@@ -188,7 +188,7 @@ func TestEncryptedRoundTrip(t *testing.T) {
 				t.Fatal(err)
 			}
 			msg := s.waitOutbox(t, ctx, outbound, nil)
-			if msg.EventID != evtID.String() || msg.SenderMXID != s.user.UserID().String() || msg.Status != database.OutboxStored {
+			if msg.EventID != evtID.String() || msg.SenderMXID != s.user.UserID().String() || msg.Status != store.OutboxStored {
 				t.Errorf("outbox message = %+v, want event %s from %s, stored", msg, evtID, s.user.UserID())
 			}
 		})

@@ -13,8 +13,8 @@ import (
 
 	"maunium.net/go/mautrix/event"
 
-	"github.com/unwedge/unwedge/database"
 	"github.com/unwedge/unwedge/webhook"
+	"github.com/unwedge/unwedge/webhook/store"
 )
 
 // flakyWebhook answers 503 to the first failures posts, then 200, and records what it got.
@@ -55,7 +55,7 @@ func TestWebhookDeliveryRetries(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	msg := s.waitOutbox(t, ctx, text, func(m *database.OutboxMessage) bool { return m.Status == database.OutboxDelivered })
+	msg := s.waitOutbox(t, ctx, text, func(m *store.OutboxMessage) bool { return m.Status == store.OutboxDelivered })
 	if msg.Attempts != 3 {
 		t.Errorf("delivered after %d attempts, want 3 (two 503s, then 204)", msg.Attempts)
 	}
@@ -151,7 +151,7 @@ func TestWebhookDeliveryGivesUpWithNotice(t *testing.T) {
 	if _, err := s.user.SendText(ctx, room, text); err != nil {
 		t.Fatal(err)
 	}
-	msg := s.waitOutbox(t, ctx, text, func(m *database.OutboxMessage) bool { return m.Status == database.OutboxFailed })
+	msg := s.waitOutbox(t, ctx, text, func(m *store.OutboxMessage) bool { return m.Status == store.OutboxFailed })
 	if msg.Attempts != 1 || !strings.Contains(msg.LastError, "403") {
 		t.Errorf("failed message = %+v, want one attempt with the 403", msg)
 	}

@@ -20,7 +20,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
-	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/webhook/store"
 )
 
 // APIPrefix is where the webhook API is served on the bridge's appservice listener.
@@ -58,8 +58,8 @@ type PostMessageResponse struct {
 
 // OutboxResponse answers GET /_webhook/v1/outbox.
 type OutboxResponse struct {
-	Messages  []*database.OutboxMessage `json:"messages"`
-	NextAfter int64                     `json:"next_after"`
+	Messages  []*store.OutboxMessage `json:"messages"`
+	NextAfter int64                  `json:"next_after"`
 }
 
 // WhoamiResponse answers GET /_webhook/v1/whoami.

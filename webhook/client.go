@@ -11,7 +11,7 @@ import (
 	"maunium.net/go/mautrix/bridgev2/status"
 	"maunium.net/go/mautrix/event"
 
-	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/webhook/store"
 )
 
 // client is the bridgev2.NetworkAPI of one webhook login. The remote side talks to the bridge, not
@@ -81,11 +81,11 @@ func (cl *client) HandleMatrixMessage(ctx context.Context, msg *bridgev2.MatrixM
 		return nil, fmt.Errorf("%w: text longer than %d bytes", bridgev2.ErrUnsupportedMessageType, cl.conn.Config.MaxTextBytes)
 	}
 	meta := cl.login.Metadata.(*LoginMetadata)
-	status := database.OutboxPending
+	status := store.OutboxPending
 	if meta.WebhookURL == "" {
-		status = database.OutboxStored
+		status = store.OutboxStored
 	}
-	stored, err := cl.conn.db.Outbox.Insert(ctx, &database.OutboxMessage{
+	stored, err := cl.conn.db.Outbox.Insert(ctx, &store.OutboxMessage{
 		LoginID:    string(cl.login.ID),
 		ChatID:     string(msg.Portal.ID),
 		EventID:    string(msg.Event.ID),
@@ -97,7 +97,7 @@ func (cl *client) HandleMatrixMessage(ctx context.Context, msg *bridgev2.MatrixM
 	if err != nil {
 		return nil, fmt.Errorf("failed to store message in outbox: %w", err)
 	}
-	if stored.Status == database.OutboxPending {
+	if stored.Status == store.OutboxPending {
 		cl.conn.delivery.wake()
 	}
 	return &bridgev2.MatrixMessageResponse{DB: &bridgedb.Message{

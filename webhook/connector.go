@@ -20,7 +20,7 @@ import (
 	bridgedb "maunium.net/go/mautrix/bridgev2/database"
 	"maunium.net/go/mautrix/bridgev2/networkid"
 
-	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/webhook/store"
 )
 
 // Connector implements bridgev2.NetworkConnector for the webhook network.
@@ -28,7 +28,7 @@ type Connector struct {
 	Config Config
 
 	br       *bridgev2.Bridge
-	db       *database.WebhookDB
+	db       *store.DB
 	delivery *deliverer
 
 	tokensLock sync.RWMutex
@@ -65,7 +65,7 @@ type PortalMetadata struct {
 func (c *Connector) Init(br *bridgev2.Bridge) {
 	c.br = br
 	c.tokens = make(map[string]networkid.UserLoginID)
-	c.db = database.NewWebhookDB(string(br.ID), br.DB.Database,
+	c.db = store.New(string(br.ID), br.DB.Database,
 		dbutil.ZeroLogger(br.Log.With().Str("db_section", "webhook").Logger()))
 	c.delivery = newDeliverer(c)
 	if server, ok := br.Matrix.(bridgev2.MatrixConnectorWithServer); ok {

@@ -15,7 +15,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
-	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/webhook/store"
 )
 
 // OutgoingMessage is the JSON body POSTed to a login's webhook URL for each Matrix message.
@@ -111,7 +111,7 @@ func (d *deliverer) deliverDue(ctx context.Context) error {
 		}
 		if err = d.attempt(ctx, msg); err != nil {
 			return err
-		} else if msg.Status == database.OutboxPending {
+		} else if msg.Status == store.OutboxPending {
 			held[chat] = true
 		}
 	}
@@ -119,7 +119,7 @@ func (d *deliverer) deliverDue(ctx context.Context) error {
 }
 
 // attempt posts one message and records the outcome, updating msg.Status.
-func (d *deliverer) attempt(ctx context.Context, msg *database.OutboxMessage) error {
+func (d *deliverer) attempt(ctx context.Context, msg *store.OutboxMessage) error {
 	log := zerolog.Ctx(ctx).With().Int64("outbox_id", msg.ID).Str("login_id", msg.LoginID).Str("chat_id", msg.ChatID).Logger()
 	login, err := d.conn.br.GetExistingUserLoginByID(ctx, bridgeLoginID(msg.LoginID))
 	if err != nil {
@@ -135,7 +135,7 @@ func (d *deliverer) attempt(ctx context.Context, msg *database.OutboxMessage) er
 	}
 	now := time.Now()
 	if deliveryErr == nil {
-		msg.Status = database.OutboxDelivered
+		msg.Status = store.OutboxDelivered
 		log.Debug().Int("attempt", msg.Attempts+1).Msg("Delivered message to webhook")
 		return d.conn.db.Outbox.MarkDelivered(ctx, msg.ID, now)
 	}
@@ -144,9 +144,9 @@ func (d *deliverer) attempt(ctx context.Context, msg *database.OutboxMessage) er
 	// The outbox and the room notice get the generic text; the detail (dial errors name addresses
 	// and tell open ports from closed ones) is only logged, for the admin.
 	if deliveryErr.permanent || attempts >= cfg.MaxAttempts {
-		msg.Status = database.OutboxFailed
+		msg.Status = store.OutboxFailed
 		log.Warn().Err(deliveryErr).Int("attempt", attempts).Bool("permanent", deliveryErr.permanent).Msg("Giving up delivering message to webhook")
-		if err = d.conn.db.Outbox.MarkAttemptFailed(ctx, msg.ID, database.OutboxFailed, now, deliveryErr.public); err != nil {
+		if err = d.conn.db.Outbox.MarkAttemptFailed(ctx, msg.ID, store.OutboxFailed, now, deliveryErr.public); err != nil {
 			return fmt.Errorf("failed to mark message %d failed: %w", msg.ID, err)
 		}
 		d.notifyFailure(ctx, login, msg, deliveryErr.public, attempts)
@@ -154,7 +154,7 @@ func (d *deliverer) attempt(ctx context.Context, msg *database.OutboxMessage) er
 	}
 	next := now.Add(cfg.backoff(attempts))
 	log.Debug().Err(deliveryErr).Int("attempt", attempts).Time("next_attempt", next).Msg("Webhook delivery failed, will retry")
-	return d.conn.db.Outbox.MarkAttemptFailed(ctx, msg.ID, database.OutboxPending, next, deliveryErr.public)
+	return d.conn.db.Outbox.MarkAttemptFailed(ctx, msg.ID, store.OutboxPending, next, deliveryErr.public)
 }
 
 // deliveryError is a failed delivery attempt: err is the detail for the bridge log, public the
@@ -180,7 +180,7 @@ func (e *deliveryError) Unwrap() error { return e.err }
 const errUnreachable = "delivery failed: the webhook could not be reached"
 
 // post sends one message; nil means delivered.
-func (d *deliverer) post(ctx context.Context, url string, msg *database.OutboxMessage) *deliveryError {
+func (d *deliverer) post(ctx context.Context, url string, msg *store.OutboxMessage) *deliveryError {
 	body, err := json.Marshal(&OutgoingMessage{
 		ID: msg.ID, ChatID: msg.ChatID, EventID: id.EventID(msg.EventID), Sender: id.UserID(msg.SenderMXID),
 		Text: msg.Body, Timestamp: msg.Timestamp,
@@ -217,7 +217,7 @@ func (d *deliverer) post(ctx context.Context, url string, msg *database.OutboxMe
 }
 
 // notifyFailure tells the sender in the room that their message will not reach the remote side.
-func (d *deliverer) notifyFailure(ctx context.Context, login *bridgev2.UserLogin, msg *database.OutboxMessage, cause string, attempts int) {
+func (d *deliverer) notifyFailure(ctx context.Context, login *bridgev2.UserLogin, msg *store.OutboxMessage, cause string, attempts int) {
 	if login == nil {
 		return
 	}

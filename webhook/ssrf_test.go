@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/webhook/store"
 )
 
 // TestCheckAddress: only public internet addresses pass. Nothing is dialed.
@@ -153,7 +153,7 @@ func TestDeliveryNoRedirects(t *testing.T) {
 			http.Redirect(w, r, target.URL+"/elsewhere", code)
 		})
 		d := &deliverer{http: newDeliveryClient(5*time.Second, true)}
-		derr := d.post(context.Background(), redirector.URL, &database.OutboxMessage{ID: 1, ChatID: "c", Body: "hi"})
+		derr := d.post(context.Background(), redirector.URL, &store.OutboxMessage{ID: 1, ChatID: "c", Body: "hi"})
 		if derr == nil || !derr.permanent || !strings.Contains(derr.public, fmt.Sprintf("(HTTP %d)", code)) ||
 			!strings.Contains(derr.public, "redirects are not followed") {
 			t.Errorf("%d redirect: %+v, want a permanent failure that names no redirect target", code, derr)
@@ -202,7 +202,7 @@ func TestDeliveryErrorText(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			d := &deliverer{http: newDeliveryClient(5*time.Second, tc.allowPrivate)}
-			derr := d.post(context.Background(), tc.url, &database.OutboxMessage{ID: 1, ChatID: "c", Body: "hi"})
+			derr := d.post(context.Background(), tc.url, &store.OutboxMessage{ID: 1, ChatID: "c", Body: "hi"})
 			if derr == nil {
 				t.Fatal("delivered")
 			}

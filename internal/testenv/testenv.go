@@ -114,22 +114,30 @@ const stackWait = 15 * time.Second
 // skipping, so that CI can never skip silently.
 func Require(t testing.TB) *Env {
 	t.Helper()
-	fail := t.Skipf
-	if os.Getenv(VarRequireStack) == "1" {
-		fail = t.Fatalf
+	env, err := available()
+	if err != nil {
+		if os.Getenv(VarRequireStack) == "1" {
+			t.Fatalf("%v", err)
+		} else {
+			t.Skipf("%v", err)
+		}
+		return nil
 	}
+	return env
+}
+
+// available returns the stack's Env when it is configured and answering.
+func available() (*Env, error) {
 	env, err := Load()
 	if err != nil {
-		fail("local Synapse/Postgres stack not available: %v", err)
-		return nil
+		return nil, fmt.Errorf("local Synapse/Postgres stack not available: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), stackWait)
 	defer cancel()
 	if err = env.Ping(ctx); err != nil {
-		fail("local Synapse/Postgres stack configured in %s but not answering: %v", StackEnvPath(), err)
-		return nil
+		return nil, fmt.Errorf("local Synapse/Postgres stack configured in %s but not answering: %w", StackEnvPath(), err)
 	}
-	return env
+	return env, nil
 }
 
 // RequireFaults is Require for tests that stop the homeserver or Postgres (StopHomeserver and
