@@ -237,23 +237,23 @@ func lastDecision(recent []unwedge.Decision, key id.SenderKey, heals []*unwedge.
 // healDecision is the decision a heal in the ledger ended with, or is at: healed, failed,
 // deferred (its session exists, m.dummy waits for the homeserver) or healing (still running).
 func healDecision(heal *unwedge.Heal) unwedge.Decision {
-	d := unwedge.Decision{At: heal.StartedAt, Class: unwedge.Class(heal.Class), UserID: heal.Device.UserID, DeviceID: heal.Device.DeviceID,
+	d := unwedge.Decision{At: heal.StartedAt, Class: heal.Class, UserID: heal.Device.UserID, DeviceID: heal.Device.DeviceID,
 		Key: heal.Device.IdentityKey, ForcedBy: heal.ForcedBy}
 	if !heal.FinishedAt.IsZero() {
 		d.At = heal.FinishedAt
 	}
 	switch {
 	case heal.Outcome == unwedge.HealHealed:
-		d.Action = "healed"
+		d.Action = unwedge.ActionHealed
 		d.Detail = fmt.Sprintf("new Olm session %s after %d attempt(s)", heal.SessionID, heal.Attempts)
 	case heal.Postponed():
-		d.Action = "deferred"
+		d.Action = unwedge.ActionDeferred
 		d.Detail = fmt.Sprintf("session %s created, m.dummy not sent yet after %d attempt(s): %s", heal.SessionID, heal.Attempts, heal.Error)
 	case heal.Outcome == unwedge.HealInProgress:
-		d.Action = "healing"
+		d.Action = unwedge.ActionHealing
 		d.Detail = "a heal is running"
 	default:
-		d.Action = "failed"
+		d.Action = unwedge.ActionFailed
 		d.Detail = fmt.Sprintf("%s after %d attempt(s): %s", heal.Outcome, heal.Attempts, heal.Error)
 	}
 	return d
@@ -339,19 +339,18 @@ func (h *Helper) healCommand(ce *commands.Event, userID id.UserID, deviceID id.D
 				dev, since(last), forcedHealWindow))
 			return
 		}
-		outcome, d := h.unwedger.HealRequested(ce.Ctx, device, ce.User.MXID, true)
-		if outcome == "" {
+		d := h.unwedger.HealRequested(ce.Ctx, device, ce.User.MXID, true)
+		if d.Action.Refused() {
 			release() // refused by the ledger (a heal holds the device): no key was claimed
 		}
-		replyHeal(ce, dev, outcome, d)
+		replyHeal(ce, dev, d)
 		return
 	}
-	outcome, d := h.unwedger.HealRequested(ce.Ctx, device, ce.User.MXID, false)
-	replyHeal(ce, dev, outcome, d)
+	replyHeal(ce, dev, h.unwedger.HealRequested(ce.Ctx, device, ce.User.MXID, false))
 }
 
 // replyHeal tells the admin how a heal they asked for ended, or why there was none.
-func replyHeal(ce *commands.Event, dev string, outcome unwedge.HealOutcome, d unwedge.Decision) {
+func replyHeal(ce *commands.Event, dev string, d unwedge.Decision) {
 	why := escapeText(d.Detail)
 	if d.Err != nil {
 		if why != "" {
@@ -359,20 +358,18 @@ func replyHeal(ce *commands.Event, dev string, outcome unwedge.HealOutcome, d un
 		}
 		why += escapeText(d.Err.Error())
 	}
-	switch {
-	case outcome == unwedge.HealHealed:
+	switch d.Action {
+	case unwedge.ActionHealed:
 		reply(ce, fmt.Sprintf("Created a new Olm session with device %s and sent m.dummy over it; the keys the bridge was missing from it are requested again.", dev))
-	case d.Action == "deferred":
+	case unwedge.ActionDeferred:
 		reply(ce, fmt.Sprintf("Created a new Olm session with device %s; m.dummy is not sent yet (%s), it is sent when the homeserver answers.", dev, why))
-	case d.Action == "out_of_scope":
+	case unwedge.ActionOutOfScope:
 		reply(ce, fmt.Sprintf("Not healed: the user of device %s is outside unwedge's scope (%s). `unwedge heal --force` heals anyway.", dev, why))
-	case d.Action == "capped" || d.Action == "limited" || d.Action == "throttled":
+	case unwedge.ActionCapped, unwedge.ActionLimited, unwedge.ActionThrottled:
 		reply(ce, fmt.Sprintf("Not healed: device %s is %s: %s. (`unwedge heal --force` skips min\\_interval, max\\_heals\\_per\\_user and max\\_heals\\_per\\_minute, not a running heal, at most once per device per %s.)",
-			dev, escapeText(d.Action), why, forcedHealWindow))
-	case outcome == "":
-		reply(ce, fmt.Sprintf("Not healed: %s.", why))
+			dev, escapeText(string(d.Action)), why, forcedHealWindow))
 	default:
-		reply(ce, fmt.Sprintf("Heal of device %s failed (%s): %s", dev, escapeText(outcome), why))
+		reply(ce, fmt.Sprintf("Heal of device %s failed: %s", dev, why))
 	}
 }
 

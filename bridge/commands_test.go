@@ -127,8 +127,8 @@ func TestStatusFromLedger(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if outcome := h.unwedger.Heal(ctx, phone, unwedge.ClassNoMatchingSession, ""); outcome != "" {
-		t.Fatalf("heal within the interval: %q, want refused", outcome)
+	if d := h.unwedger.Heal(ctx, phone, unwedge.ClassNoMatchingSession, ""); d.Action != unwedge.ActionLimited {
+		t.Fatalf("heal within the interval: %s, want limited", d.Action)
 	}
 	status = rendered(h.statusReport(ctx, alice)).Body
 	for _, want := range []string{

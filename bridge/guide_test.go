@@ -136,13 +136,22 @@ func TestGuideLogMessages(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	block := regexp.MustCompile(`(?s)var decisionMessages = map\[string\]string\{(.*?)\n\}`).FindSubmatch(src)
+	block := regexp.MustCompile(`(?s)var decisionMessages = map\[Action\]string\{(.*?)\n\}`).FindSubmatch(src)
 	if block == nil {
 		t.Fatal("decisionMessages not found")
 	}
+	// The actions' constants, then their messages by the constants' values.
+	values := map[string]string{}
+	for _, m := range regexp.MustCompile(`(Action\w+)\s+Action = "([a-z_]+)"`).FindAllSubmatch(src, -1) {
+		values[string(m[1])] = string(m[2])
+	}
 	messages := map[string]string{}
-	for _, m := range regexp.MustCompile(`"([a-z_]+)":\s*"([^"]+)"`).FindAllSubmatch(block[1], -1) {
-		messages[string(m[1])] = string(m[2])
+	for _, m := range regexp.MustCompile(`(Action\w+):\s*"([^"]+)"`).FindAllSubmatch(block[1], -1) {
+		value, ok := values[string(m[1])]
+		if !ok {
+			t.Fatalf("no constant %s", m[1])
+		}
+		messages[value] = string(m[2])
 	}
 	if len(messages) < 8 {
 		t.Fatalf("only %d decision messages: %v", len(messages), messages)

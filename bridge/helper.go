@@ -283,7 +283,7 @@ func (h *Helper) RequestSession(ctx context.Context, roomID id.RoomID, senderKey
 	if deviceID == "" {
 		deviceID = "*"
 	}
-	if h.unwedger != nil && h.unwedger.Healing(userID, senderKey) {
+	if h.unwedger != nil && h.unwedger.Healing(senderKey) {
 		// The answer would come over the broken Olm session; the heal asks again when it is done
 		// (requestWaitingKeys), over the new one.
 		h.log.Debug().Stringer("user_id", userID).Stringer("device_id", deviceID).Stringer("session_id", sessionID).Stringer("room_id", roomID).

@@ -39,7 +39,7 @@ func newMetrics(h *Helper) *Metrics {
 
 // observe records a heal's duration (Unwedger.OnDecision).
 func (m *Metrics) observe(d unwedge.Decision) {
-	if d.Action != "healed" {
+	if d.Action != unwedge.ActionHealed {
 		return
 	}
 	seconds := d.Duration.Seconds()
@@ -144,23 +144,23 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	var outOfScope, unknownDevice int64
 	for c, n := range decisions {
 		switch c.Action {
-		case "healed":
+		case unwedge.ActionHealed:
 			heals["attempted"] += n
 			heals["succeeded"] += n
-		case "failed":
+		case unwedge.ActionFailed:
 			heals["attempted"] += n
 			heals["failed"] += n
-		case "limited":
+		case unwedge.ActionLimited:
 			heals["rate_limited"] += n
-		case "deferred":
+		case unwedge.ActionDeferred:
 			heals["deferred"] += n
-		case "capped":
+		case unwedge.ActionCapped:
 			heals["user_capped"] += n
-		case "throttled":
+		case unwedge.ActionThrottled:
 			heals["throttled"] += n
-		case "out_of_scope":
+		case unwedge.ActionOutOfScope:
 			outOfScope += n
-		case "unknown_device":
+		case unwedge.ActionUnknownDevice:
 			unknownDevice += n
 		}
 	}

@@ -21,11 +21,11 @@ import (
 func TestMetricsHistogram(t *testing.T) {
 	m := newMetrics(&Helper{})
 	for _, d := range []unwedge.Decision{
-		{Action: "healed", Duration: 40 * time.Millisecond},
-		{Action: "healed", Duration: 300 * time.Millisecond},
-		{Action: "healed", Duration: 10 * time.Minute},
-		{Action: "failed", Duration: time.Second}, // not a heal duration
-		{Action: "limited"},
+		{Action: unwedge.ActionHealed, Duration: 40 * time.Millisecond},
+		{Action: unwedge.ActionHealed, Duration: 300 * time.Millisecond},
+		{Action: unwedge.ActionHealed, Duration: 10 * time.Minute},
+		{Action: unwedge.ActionFailed, Duration: time.Second}, // not a heal duration
+		{Action: unwedge.ActionLimited},
 	} {
 		m.observe(d)
 	}
@@ -131,13 +131,13 @@ func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 // resumed healed) but is one failure; a forced heal is none. Heals still count both ends.
 func TestOlmFailuresCountEvents(t *testing.T) {
 	counts := map[unwedge.Count]int64{
-		{Class: unwedge.ClassNoSession, Action: "deferred"}:              1,
-		{Class: unwedge.ClassNoSession, Action: "healed", Resumed: true}: 1,
-		{Class: unwedge.ClassNoSession, Action: "limited"}:               2,
-		{Class: unwedge.ClassBadMAC, Action: "failed", Resumed: true}:    1,
-		{Class: unwedge.ClassBadMAC, Action: "deferred"}:                 1,
-		{Class: unwedge.ClassForced, Action: "healed"}:                   1,
-		{Class: unwedge.ClassDuplicate, Action: "ignored"}:               3,
+		{Class: unwedge.ClassNoSession, Action: unwedge.ActionDeferred}:              1,
+		{Class: unwedge.ClassNoSession, Action: unwedge.ActionHealed, Resumed: true}: 1,
+		{Class: unwedge.ClassNoSession, Action: unwedge.ActionLimited}:               2,
+		{Class: unwedge.ClassBadMAC, Action: unwedge.ActionFailed, Resumed: true}:    1,
+		{Class: unwedge.ClassBadMAC, Action: unwedge.ActionDeferred}:                 1,
+		{Class: unwedge.ClassForced, Action: unwedge.ActionHealed}:                   1,
+		{Class: unwedge.ClassDuplicate, Action: unwedge.ActionIgnored}:               3,
 	}
 	got := olmFailures(counts)
 	want := map[string]int64{"no_session": 3, "bad_mac": 1, "duplicate": 3}

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
 // TestAbuseGarbageFlood: a real device of a user in scope sends the bridge Olm garbage as fast as
@@ -18,7 +20,7 @@ func TestAbuseGarbageFlood(t *testing.T) {
 	claims := f.claims.Load()
 	const flood = 200
 	// Decisions are collected as they come (the fixture's channel holds fewer than the flood).
-	decided := map[string]int{}
+	decided := map[unwedge.Action]int{}
 	collected := make(chan struct{})
 	go func() {
 		defer close(collected)
@@ -40,7 +42,7 @@ func TestAbuseGarbageFlood(t *testing.T) {
 	if got := f.claims.Load() - claims; got != 1 {
 		t.Errorf("%d key claims for a flood from one device, want 1", got)
 	}
-	if decided["healed"] != 1 || decided["healed"]+decided["limited"]+decided["ignored"] != flood {
+	if decided[unwedge.ActionHealed] != 1 || decided[unwedge.ActionHealed]+decided[unwedge.ActionLimited]+decided[unwedge.ActionIgnored] != flood {
 		t.Errorf("decisions %v for %d messages, want 1 healed and the rest limited or ignored", decided, flood)
 	}
 	if n, err := f.ledger.CountCreated(f.ctx, peerUser, peerDevice, time.Time{}); err != nil || n != 1 {
@@ -62,7 +64,7 @@ func TestAbuseFakeIdentityKeys(t *testing.T) {
 		content := evt.Content.AsEncrypted()
 		content.SenderKey = id.SenderKey(randomBase64(32))
 		f.unwedger.HandleToDevice(f.ctx, evt)
-		if d := f.decision(); d.Action != "unknown_device" && d.Action != "ignored" {
+		if d := f.decision(); d.Action != unwedge.ActionUnknownDevice && d.Action != unwedge.ActionIgnored {
 			t.Fatalf("decision %+v for a fake identity key", d)
 		}
 	}
@@ -75,7 +77,7 @@ func TestAbuseFakeIdentityKeys(t *testing.T) {
 	counts := f.unwedger.Counts()
 	var unknown int64
 	for c, n := range counts {
-		if c.Action == "unknown_device" {
+		if c.Action == unwedge.ActionUnknownDevice {
 			unknown += n
 		}
 	}

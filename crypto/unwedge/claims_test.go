@@ -76,17 +76,17 @@ func TestHealStoreFailure(t *testing.T) {
 				t.Fatalf("heals = %+v, %v; want one with its session recorded", heals, err)
 			}
 			if !tc.healed {
-				if d.Action != "failed" || !errors.Is(d.Err, unwedge.ErrCryptoStore) || heals[0].Outcome != unwedge.HealFailedTransient {
+				if d.Action != unwedge.ActionFailed || !errors.Is(d.Err, unwedge.ErrCryptoStore) || heals[0].Outcome != unwedge.HealFailedTransient {
 					t.Fatalf("decision = %+v, heal %+v; want failed for the crypto store", d, heals[0])
 				}
 				f.peerSends()
 				f.deliverToBridge()
-				if d := f.decision(); d.Action != "limited" || f.oneTimeKeys(f.peer) != keys-1 {
+				if d := f.decision(); d.Action != unwedge.ActionLimited || f.oneTimeKeys(f.peer) != keys-1 {
 					t.Errorf("next wedge: %+v, %d more keys claimed; want limited, none", d, keys-1-f.oneTimeKeys(f.peer))
 				}
 				return
 			}
-			if d.Action != "healed" || heals[0].Outcome != unwedge.HealHealed {
+			if d.Action != unwedge.ActionHealed || heals[0].Outcome != unwedge.HealHealed {
 				t.Fatalf("decision = %+v, heal %+v; want healed", d, heals[0])
 			}
 			stored, err := f.bridge.sql.GetSessions(f.ctx, f.peerKey())
@@ -134,7 +134,7 @@ func TestLostClaimAnswer(t *testing.T) {
 			f.loseClaims.Store(1000)
 			f.peerSends()
 			f.deliverToBridge()
-			if d := f.decision(); d.Action != "failed" || d.Err == nil {
+			if d := f.decision(); d.Action != unwedge.ActionFailed || d.Err == nil {
 				t.Fatalf("decision = %+v, want failed", d)
 			}
 			if n := keys - f.oneTimeKeys(f.peer); n != 1 {
@@ -174,7 +174,7 @@ func TestHealsPerMinute(t *testing.T) {
 
 	f.peerSends()
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != "healed" {
+	if d := f.decision(); d.Action != unwedge.ActionHealed {
 		t.Fatalf("first wedge: %+v, want healed", d)
 	}
 	claims := f.claims.Load()
@@ -182,25 +182,25 @@ func TestHealsPerMinute(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != "throttled" || d.UserID != second.userID {
+	if d := f.decision(); d.Action != unwedge.ActionThrottled || d.UserID != second.userID {
 		t.Fatalf("another user's wedge within the minute: %+v, want throttled", d)
 	}
 	bob := f.device(f.bridge, second.userID, second.deviceID)
-	if _, d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", false); d.Action != "throttled" {
+	if d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", false); d.Action != unwedge.ActionThrottled {
 		t.Errorf("admin's heal within the minute: %+v, want throttled", d)
 	}
 	f.decision()
 	if f.claims.Load() != claims {
 		t.Error("claimed a key over the cap")
 	}
-	if outcome, d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", true); outcome != unwedge.HealHealed {
-		t.Errorf("forced heal over the cap: %s (%+v), want healed", outcome, d)
+	if d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", true); d.Action != unwedge.ActionHealed {
+		t.Errorf("forced heal over the cap: %s (%+v), want healed", d.Action, d)
 	}
 	f.decision()
 	if n, err := f.ledger.HealsSince(f.ctx, time.Now().Add(-time.Minute)); err != nil || n != 2 {
 		t.Errorf("ledger counts %d heals in the last minute (%v), want 2 (the forced one too)", n, err)
 	}
-	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassForced, Action: "throttled"}]; n != 1 {
+	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassForced, Action: unwedge.ActionThrottled}]; n != 1 {
 		t.Errorf("throttled admin heals counted %d times, want 1", n)
 	}
 }

@@ -30,14 +30,9 @@ const (
 // within MinInterval, unless forcedBy names the admin who forces it). Transient failures are
 // retried with backoff and do not start the interval; permanent ones are recorded. A heal claims
 // at most one key: its retries reuse the session the claim gave, and a claim whose answer was
-// lost is not repeated.
-func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) HealOutcome {
-	outcome, _ := u.heal(ctx, device, class, forcedBy)
-	return outcome
-}
-
-// heal is Heal, and also returns the decision it ended with (the reason for a refusal).
-func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) (HealOutcome, Decision) {
+// lost is not repeated. The decision it returns says how it ended (healed, deferred, failed) or why
+// there was none (limited).
+func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) Decision {
 	started := time.Now()
 	dev := LedgerDevice{UserID: device.UserID, DeviceID: device.DeviceID, IdentityKey: device.IdentityKey}
 	log := zerolog.Ctx(ctx).With().
@@ -57,14 +52,14 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 		Class: class, ForcedBy: forcedBy,
 	})
 	if err != nil {
-		decision.Action, decision.Err = "failed", fmt.Errorf("failed to ask the ledger whether the session may be replaced: %w", err)
+		decision.Action, decision.Err = ActionFailed, fmt.Errorf("failed to ask the ledger whether the session may be replaced: %w", err)
 		u.decide(decideCtx, decision)
-		return HealFailedTransient, decision
+		return decision
 	} else if !grant.Granted {
 		u.noteReplaced(device.IdentityKey, grant.LastCreatedAt)
-		decision.Action, decision.Detail = "limited", grant.Reason(started, u.cfg.MinInterval)
+		decision.Action, decision.Detail = ActionLimited, grant.Reason(started, u.cfg.MinInterval)
 		u.decide(decideCtx, decision)
-		return "", decision
+		return decision
 	}
 	ref := HealRef{Device: dev, Owner: u.owner, HealID: grant.HealID}
 
@@ -157,17 +152,17 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 		if err = u.ledger.Postpone(finishCtx, ref, attempts, errText); err != nil {
 			log.Err(err).Msg("Failed to postpone heal in the ledger")
 		}
-		decision.Action, decision.Err = "deferred", healErr
+		decision.Action, decision.Err = ActionDeferred, healErr
 		decision.Detail = fmt.Sprintf("session %s created; m.dummy failed %d time(s), retried within %s", sess.ID(), attempts, u.cfg.Lease/2)
 		u.decide(decideCtx, decision)
-		return outcome, decision
+		return decision
 	}
 	if err = u.ledger.Finish(finishCtx, ref, HealEnd{Outcome: outcome, Attempts: attempts, Err: errText, At: time.Now()}); err != nil {
 		log.Err(err).Msg("Failed to record heal outcome in the ledger")
 	}
 	switch {
 	case outcome == HealHealed:
-		decision.Action = "healed"
+		decision.Action = ActionHealed
 		if sess != nil {
 			decision.Detail = fmt.Sprintf("new Olm session %s after %d attempt(s)", sess.ID(), attempts)
 		}
@@ -175,7 +170,7 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 		if u.OnHealed != nil {
 			u.OnHealed(ctx, device)
 		}
-		return outcome, decision
+		return decision
 	case claimLost:
 		decision.Detail = fmt.Sprintf("%s after %d attempt(s): the answer to the key claim was lost and the homeserver may have handed out a key, so this heal claims no other", outcome, attempts)
 	case sess != nil && !stored:
@@ -185,9 +180,9 @@ func (u *Unwedger) heal(ctx context.Context, device *id.Device, class Class, for
 	default:
 		decision.Detail = fmt.Sprintf("%s after %d attempt(s)", outcome, attempts)
 	}
-	decision.Action, decision.Err = "failed", healErr
+	decision.Action, decision.Err = ActionFailed, healErr
 	u.decide(decideCtx, decision)
-	return outcome, decision
+	return decision
 }
 
 // errCryptoStore marks a heal's failure to store the new session.
@@ -282,7 +277,7 @@ func (u *Unwedger) postponeResumed(ctx, decideCtx context.Context, heal *Heal, d
 		zerolog.Ctx(ctx).Debug().Err(err).Msg("Heal still deferred")
 		return
 	}
-	decision.Action, decision.Err, decision.Detail = "deferred", err, "resuming an interrupted heal"
+	decision.Action, decision.Err, decision.Detail = ActionDeferred, err, "resuming an interrupted heal"
 	u.decide(decideCtx, decision)
 }
 
@@ -303,7 +298,7 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *Heal) {
 	}
 	if heal.SessionID == "" {
 		finish(HealFailedTransient, 0, errors.New("interrupted before a session was created"))
-		decision.Action, decision.Detail = "failed", "a stopped process left this heal before creating a session; the next failure heals again"
+		decision.Action, decision.Detail = ActionFailed, "a stopped process left this heal before creating a session; the next failure heals again"
 		u.decide(decideCtx, decision)
 		return
 	}
@@ -327,13 +322,13 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *Heal) {
 			return
 		}
 		finish(HealFailedTransient, 0, err)
-		decision.Action, decision.Err, decision.Detail = "failed", err, "resuming an interrupted heal"
+		decision.Action, decision.Err, decision.Detail = ActionFailed, err, "resuming an interrupted heal"
 		u.decide(decideCtx, decision)
 		return
 	}
 	if sess == nil {
 		finish(HealFailedPermanent, 0, fmt.Errorf("the session %s of the interrupted heal is gone", heal.SessionID))
-		decision.Action, decision.Err = "failed", fmt.Errorf("the replacement session of an interrupted heal is gone")
+		decision.Action, decision.Err = ActionFailed, fmt.Errorf("the replacement session of an interrupted heal is gone")
 		u.decide(decideCtx, decision)
 		return
 	}
@@ -366,12 +361,12 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *Heal) {
 			outcome = HealFailedPermanent
 		}
 		finish(outcome, attempts, err)
-		decision.Action, decision.Err, decision.Detail = "failed", err, "resuming an interrupted heal"
+		decision.Action, decision.Err, decision.Detail = ActionFailed, err, "resuming an interrupted heal"
 		u.decide(decideCtx, decision)
 		return
 	}
 	finish(HealHealed, attempts, nil)
-	decision.Action, decision.Detail = "healed", fmt.Sprintf("resumed an interrupted heal: m.dummy sent over session %s", sess.ID())
+	decision.Action, decision.Detail = ActionHealed, fmt.Sprintf("resumed an interrupted heal: m.dummy sent over session %s", sess.ID())
 	u.decide(decideCtx, decision)
 	if u.OnHealed != nil {
 		u.OnHealed(ctx, device)

@@ -31,7 +31,7 @@ func (s *droppingSink) Deliver(ctx context.Context, original, decrypted *event.E
 // withSink replaces the fixture's Recovery by one that hands events to sink.
 func (f *recoveryFixture) withSink(sink unwedge.Sink) {
 	log := zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel)
-	f.rec = unwedge.NewRecovery(f.cfg.Recovery, f.bridge.mach, f.pending, sink, func(id.UserID, id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), log)
+	f.rec = unwedge.NewRecovery(f.cfg.Recovery, f.bridge.mach, f.pending, sink, func(id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), log)
 	unwedge.SetClock(f.rec, func() time.Time { return f.clock })
 }
 

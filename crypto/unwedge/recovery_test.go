@@ -81,7 +81,7 @@ func newRecoveryFixture(t *testing.T, mutate func(*unwedge.RecoveryConfig)) *rec
 // startRecovery makes a Recovery on the bridge's machine, as a bridge start does.
 func (f *recoveryFixture) startRecovery(cfg unwedge.RecoveryConfig) {
 	log := zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel)
-	f.rec = unwedge.NewRecovery(cfg, f.bridge.mach, f.pending, f.sink, func(id.UserID, id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), log)
+	f.rec = unwedge.NewRecovery(cfg, f.bridge.mach, f.pending, f.sink, func(id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), log)
 	unwedge.SetClock(f.rec, func() time.Time { return f.clock })
 	f.bridge.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
 		f.rec.SessionReceived(roomID, sessionID)

@@ -42,19 +42,19 @@ type Unwedger struct {
 	heals  sync.WaitGroup
 	// healing holds the devices with a heal running in this process, so a burst of failures
 	// from one device makes one ledger request, not one per event.
-	healingLock sync.Mutex
-	healing     map[healingSlot]struct{}
+	healing lockedMap[healingSlot, struct{}]
 	// replacing counts the heals that hold a ledger grant for a device, by identity key.
-	replacing map[id.SenderKey]int
+	replacing lockedMap[id.SenderKey, int]
 	// running holds the ledger IDs of the heals this process is running, which ResumeHeals
 	// must not take for abandoned ones.
-	running map[int64]struct{}
+	running lockedMap[int64, struct{}]
 	// replaced remembers when this process last created a session with a device (or learned
 	// from the ledger that one was created), by identity key, for at most MinInterval.
-	replaced map[id.SenderKey]time.Time
+	replaced lockedMap[id.SenderKey, time.Time]
 	// lookupMiss remembers when a sender's devices were last fetched for an unknown identity key.
-	lookupMiss map[id.UserID]time.Time
+	lookupMiss lockedMap[id.UserID, time.Time]
 
+	// countsLock guards the record of decisions: their counts and the recent ones.
 	countsLock sync.Mutex
 	counts     map[Count]int64
 	// recent is a ring of the last decisions that were not ignored, for admins.
@@ -74,8 +74,46 @@ type Unwedger struct {
 	// to send it again the room keys that went over the old session.
 	OnNewSession func(ctx context.Context, device *id.Device)
 
-	newSessionLock sync.Mutex
-	newSessionAt   map[id.SenderKey]time.Time
+	// newSessionAt remembers when a device last opened a new session with the bridge.
+	newSessionAt lockedMap[id.SenderKey, time.Time]
+}
+
+// Action is what unwedge did about one Olm event or heal.
+type Action string
+
+const (
+	// ActionIgnored: the event is no wedge (it decrypted, is a replay, or is malformed).
+	ActionIgnored Action = "ignored"
+	// ActionOutOfScope: the user is outside unwedge.scope; the device is left to mautrix-go's
+	// own unwedging.
+	ActionOutOfScope Action = "out_of_scope"
+	// ActionUnknownDevice: the identity key is no device of the sender; nothing is claimed.
+	ActionUnknownDevice Action = "unknown_device"
+	// ActionLimited: the ledger refused a new session (MSC1719's interval, or a running heal).
+	ActionLimited Action = "limited"
+	// ActionCapped: the user's devices had max_heals_per_user heals within the interval.
+	ActionCapped Action = "capped"
+	// ActionThrottled: the bridge started max_heals_per_minute heals within the last minute.
+	ActionThrottled Action = "throttled"
+	// ActionHealed: a replacement session exists and m.dummy went out over it.
+	ActionHealed Action = "healed"
+	// ActionDeferred: the replacement session exists but m.dummy could not be sent yet (the
+	// homeserver is unreachable); ResumeHeals sends it later.
+	ActionDeferred Action = "deferred"
+	// ActionFailed: the heal failed (the ledger could not be asked, no one-time key, ...).
+	ActionFailed Action = "failed"
+	// ActionHealing: a heal is running (only in the heal history, never decided).
+	ActionHealing Action = "healing"
+)
+
+// Refused reports whether the action is a heal that did not start: a refusal by the scope, the
+// caps or the ledger.
+func (a Action) Refused() bool {
+	switch a {
+	case ActionOutOfScope, ActionLimited, ActionCapped, ActionThrottled:
+		return true
+	}
+	return false
 }
 
 // Decision is what unwedge did about one Olm event or heal.
@@ -85,13 +123,7 @@ type Decision struct {
 	UserID   id.UserID
 	DeviceID id.DeviceID
 	Key      id.SenderKey
-	// Action is one of: ignored, out_of_scope, unknown_device, limited, capped, throttled, healed,
-	// deferred, failed. out_of_scope: the device is left to mautrix-go's own unwedging. capped: the
-	// user's devices had max_heals_per_user heals within the interval. throttled: the bridge
-	// started max_heals_per_minute heals within the last minute.
-	// deferred: the replacement session exists but m.dummy could not be sent yet (the homeserver
-	// is unreachable); ResumeHeals sends it later.
-	Action   string
+	Action   Action
 	Duration time.Duration
 	// ForcedBy is the admin who forced a heal.
 	ForcedBy id.UserID
@@ -120,10 +152,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 	ctx, cancel := context.WithCancel(context.Background())
 	u := &Unwedger{
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
-		log: log, ctx: log.WithContext(ctx), cancel: cancel, healing: make(map[healingSlot]struct{}), counts: make(map[Count]int64),
-		newSessionAt: make(map[id.SenderKey]time.Time), replacing: make(map[id.SenderKey]int), replaced: make(map[id.SenderKey]time.Time),
-		running:    make(map[int64]struct{}),
-		lookupMiss: make(map[id.UserID]time.Time),
+		log: log, ctx: log.WithContext(ctx), cancel: cancel, counts: make(map[Count]int64),
 	}
 	mach.NeedsUnwedgeCallback = u.needsUnwedge
 	return u, nil
@@ -197,14 +226,14 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 	msg, class := parseOlm(evt, u.ownKey)
 	if msg == nil {
 		// The machine would only log these; it is not given malformed input at all.
-		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Action: "ignored"})
+		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Action: ActionIgnored})
 		return
 	}
 	obs := &observation{hash: msg.hash, ratchet: msg.ratchet}
 	u.mach.HandleToDeviceEvent(withObservation(ctx, obs), evt)
 	switch {
 	case obs.duplicate:
-		u.decide(ctx, Decision{Class: ClassDuplicate, UserID: evt.Sender, Key: msg.senderKey, Action: "ignored"})
+		u.decide(ctx, Decision{Class: ClassDuplicate, UserID: evt.Sender, Key: msg.senderKey, Action: ActionIgnored})
 		return
 	case obs.decrypted && obs.wentBack:
 		u.wedged(ctx, evt.Sender, msg.senderKey, ClassPeerRestored)
@@ -223,7 +252,7 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 	// Either side suffices: the machine knows its own failure points (and any it adds later);
 	// the detector also sees what the machine does not treat as a wedge (unreadable session rows).
 	if !class.Wedged() && !obs.needsUnwedge {
-		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Key: msg.senderKey, Action: "ignored"})
+		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Key: msg.senderKey, Action: ActionIgnored})
 		return
 	}
 	u.wedged(ctx, evt.Sender, msg.senderKey, class)
@@ -236,31 +265,26 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	// is refused without asking it (or the homeserver): a storm of failures from devices that
 	// are not online yet to learn their new sessions stays cheap.
 	if at, ok := u.recentlyReplaced(key); ok {
-		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "limited",
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: ActionLimited,
 			Detail: fmt.Sprintf("this bridge replaced the session %s ago (at most one per %s)", time.Since(at).Round(time.Second), u.cfg.MinInterval)})
 		return
 	}
 	// A burst of failures from one device makes one heal: the rest stop here, before the scope
 	// and device lookups (which may query the homeserver).
 	slot := healingSlot{sender, key}
-	u.healingLock.Lock()
-	_, running := u.healing[slot]
-	if !running {
-		u.healing[slot] = struct{}{}
-	}
-	u.healingLock.Unlock()
+	running := false
+	u.healing.update(slot, func(_ struct{}, ok bool) (struct{}, bool) {
+		running = ok
+		return struct{}{}, true
+	})
 	if running {
-		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: "limited", Detail: "a heal of this device is running"})
+		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: ActionLimited, Detail: "a heal of this device is running"})
 		return
 	}
-	release := func() {
-		u.healingLock.Lock()
-		delete(u.healing, slot)
-		u.healingLock.Unlock()
-	}
+	release := func() { u.healing.delete(slot) }
 	if action, detail, err := u.admission(ctx, sender); action != "" {
 		release()
-		if action == "out_of_scope" {
+		if action == ActionOutOfScope {
 			detail = "left to mautrix-go's own unwedging"
 			// Never worse than the stock bridge: what the machine would have done without unwedge.
 			u.heals.Add(1)
@@ -276,7 +300,7 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 	device, err := u.lookupDevice(ctx, sender, key)
 	if err != nil || device == nil {
 		release()
-		u.decide(ctx, Decision{Class: ClassUnknownDevice, UserID: sender, Key: key, Action: "unknown_device", Err: err})
+		u.decide(ctx, Decision{Class: ClassUnknownDevice, UserID: sender, Key: key, Action: ActionUnknownDevice, Err: err})
 		return
 	}
 	log.Info().Stringer("device_id", device.DeviceID).Msg("Olm session wedged, healing")
@@ -297,21 +321,18 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 // forced_by. With force, the scope, the caps and the interval are skipped (the heal still counts
 // towards max_heals_per_minute) and the ledger records by as forced_by (Heal with forcedBy): the
 // caller must limit how often it does that, since every forced heal claims one of the device's
-// one-time keys. It returns the outcome
-// ("" when refused) and the decision, whose Action and Detail say why.
-func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.UserID, force bool) (HealOutcome, Decision) {
+// one-time keys. It returns the decision, whose Action, Detail and Err say how it ended or why
+// there was no heal.
+func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.UserID, force bool) Decision {
 	if force {
-		return u.heal(ctx, device, ClassForced, by)
+		return u.Heal(ctx, device, ClassForced, by)
 	}
 	if action, detail, err := u.admission(ctx, device.UserID); action != "" {
 		d := Decision{Class: ClassForced, UserID: device.UserID, DeviceID: device.DeviceID, Key: device.IdentityKey, Action: action, Detail: detail, Err: err}
 		u.decide(ctx, d)
-		if action == "failed" {
-			return HealFailedTransient, d
-		}
-		return "", d
+		return d
 	}
-	return u.heal(ctx, device, ClassForced, "")
+	return u.Heal(ctx, device, ClassForced, "")
 }
 
 // admission decides whether a heal of the user's devices may start now, before any lookup or key
@@ -321,21 +342,21 @@ func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.U
 // refusal's action (out_of_scope, capped, throttled, or failed when the ledger could not be
 // asked) with its detail and error. Both caps are counted in the ledger before the heal's row
 // exists, so heals admitted at the same instant can each start one more.
-func (u *Unwedger) admission(ctx context.Context, userID id.UserID) (action, detail string, err error) {
+func (u *Unwedger) admission(ctx context.Context, userID id.UserID) (action Action, detail string, err error) {
 	if ok, err := u.scope.InScope(ctx, userID); err != nil || !ok {
-		return "out_of_scope", fmt.Sprintf("unwedge.scope is %s", u.cfg.Scope), err
+		return ActionOutOfScope, fmt.Sprintf("unwedge.scope is %s", u.cfg.Scope), err
 	}
 	now := time.Now()
 	heals, err := u.ledger.UserHeals(ctx, userID, now.Add(-u.cfg.MinInterval))
 	if err != nil {
-		return "failed", "", err
+		return ActionFailed, "", err
 	} else if heals >= u.cfg.MaxHealsPerUser {
-		return "capped", fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals, u.cfg.MinInterval), nil
+		return ActionCapped, fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals, u.cfg.MinInterval), nil
 	}
 	if heals, err = u.ledger.HealsSince(ctx, now.Add(-time.Minute)); err != nil {
-		return "failed", "", err
+		return ActionFailed, "", err
 	} else if heals >= u.cfg.MaxHealsPerMinute {
-		return "throttled", fmt.Sprintf("%d heals of all users' devices within the last minute (max_heals_per_minute)", heals), nil
+		return ActionThrottled, fmt.Sprintf("%d heals of all users' devices within the last minute (max_heals_per_minute)", heals), nil
 	}
 	return "", "", nil
 }
@@ -347,17 +368,14 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 		return
 	}
 	now := time.Now()
-	u.newSessionLock.Lock()
-	for k, at := range u.newSessionAt {
-		if now.Sub(at) >= u.cfg.MinInterval {
-			delete(u.newSessionAt, k)
+	u.newSessionAt.prune(1024, func(_ id.SenderKey, at time.Time) bool { return now.Sub(at) >= u.cfg.MinInterval })
+	recent := false
+	u.newSessionAt.update(key, func(at time.Time, ok bool) (time.Time, bool) {
+		if recent = ok && now.Sub(at) < u.cfg.MinInterval; recent {
+			return at, true
 		}
-	}
-	_, recent := u.newSessionAt[key]
-	if !recent {
-		u.newSessionAt[key] = now
-	}
-	u.newSessionLock.Unlock()
+		return now, true
+	})
 	if recent {
 		return
 	}
@@ -380,22 +398,17 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 // Healing reports whether this process is replacing the device's Olm session right now (from
 // the ledger's grant until m.dummy was sent or the heal failed): a key request sent meanwhile
 // would be answered over the broken session.
-func (u *Unwedger) Healing(_ id.UserID, key id.SenderKey) bool {
-	u.healingLock.Lock()
-	defer u.healingLock.Unlock()
-	return u.replacing[key] > 0
+func (u *Unwedger) Healing(key id.SenderKey) bool {
+	n, _ := u.replacing.get(key)
+	return n > 0
 }
 
 // recentlyReplaced reports when the device's session was last replaced, if within MinInterval.
 func (u *Unwedger) recentlyReplaced(key id.SenderKey) (time.Time, bool) {
-	u.healingLock.Lock()
-	defer u.healingLock.Unlock()
-	at, ok := u.replaced[key]
-	if ok && time.Since(at) >= u.cfg.MinInterval {
-		delete(u.replaced, key)
-		return time.Time{}, false
-	}
-	return at, ok
+	at := u.replaced.update(key, func(at time.Time, ok bool) (time.Time, bool) {
+		return at, ok && time.Since(at) < u.cfg.MinInterval
+	})
+	return at, !at.IsZero() && time.Since(at) < u.cfg.MinInterval
 }
 
 // noteReplaced remembers a replacement session created at at, dropping expired entries now and
@@ -404,26 +417,17 @@ func (u *Unwedger) noteReplaced(key id.SenderKey, at time.Time) {
 	if at.IsZero() || time.Since(at) >= u.cfg.MinInterval {
 		return
 	}
-	u.healingLock.Lock()
-	defer u.healingLock.Unlock()
-	if len(u.replaced) >= 1024 && len(u.replaced)%1024 == 0 {
-		for k, t := range u.replaced {
-			if time.Since(t) >= u.cfg.MinInterval {
-				delete(u.replaced, k)
-			}
+	u.replaced.prune(1024, func(_ id.SenderKey, t time.Time) bool { return time.Since(t) >= u.cfg.MinInterval })
+	u.replaced.update(key, func(old time.Time, _ bool) (time.Time, bool) {
+		if at.After(old) {
+			return at, true
 		}
-	}
-	if at.After(u.replaced[key]) {
-		u.replaced[key] = at
-	}
+		return old, true
+	})
 }
 
 func (u *Unwedger) setReplacing(key id.SenderKey, delta int) {
-	u.healingLock.Lock()
-	defer u.healingLock.Unlock()
-	if u.replacing[key] += delta; u.replacing[key] <= 0 {
-		delete(u.replacing, key)
-	}
+	u.replacing.update(key, func(n int, _ bool) (int, bool) { return n + delta, n+delta > 0 })
 }
 
 // hold marks a heal as running in this process and keeps its ledger lease fresh (renewed every
@@ -431,9 +435,7 @@ func (u *Unwedger) setReplacing(key id.SenderKey, delta int) {
 // process's ResumeHeals nor another replica takes it over; release undoes both and returns once
 // no renewal can happen any more.
 func (u *Unwedger) hold(ctx context.Context, ref HealRef) (release func()) {
-	u.healingLock.Lock()
-	u.running[ref.HealID] = struct{}{}
-	u.healingLock.Unlock()
+	u.running.update(ref.HealID, func(struct{}, bool) (struct{}, bool) { return struct{}{}, true })
 	stop, stopped := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(stopped)
@@ -453,16 +455,12 @@ func (u *Unwedger) hold(ctx context.Context, ref HealRef) (release func()) {
 	return func() {
 		close(stop)
 		<-stopped
-		u.healingLock.Lock()
-		delete(u.running, ref.HealID)
-		u.healingLock.Unlock()
+		u.running.delete(ref.HealID)
 	}
 }
 
 func (u *Unwedger) isRunning(healID int64) bool {
-	u.healingLock.Lock()
-	defer u.healingLock.Unlock()
-	_, ok := u.running[healID]
+	_, ok := u.running.get(healID)
 	return ok
 }
 
@@ -474,9 +472,7 @@ const unknownKeyBackoff = time.Minute
 // lookupDevice finds the sender's device with the identity key, asking the homeserver at most
 // once per unknownKeyBackoff per sender when the key is not among the stored devices.
 func (u *Unwedger) lookupDevice(ctx context.Context, sender id.UserID, key id.SenderKey) (*id.Device, error) {
-	u.healingLock.Lock()
-	missedAt, missed := u.lookupMiss[sender]
-	u.healingLock.Unlock()
+	missedAt, missed := u.lookupMiss.get(sender)
 	if missed && time.Since(missedAt) < unknownKeyBackoff {
 		return u.mach.CryptoStore.FindDeviceByKey(ctx, sender, key)
 	}
@@ -484,16 +480,8 @@ func (u *Unwedger) lookupDevice(ctx context.Context, sender id.UserID, key id.Se
 	if err == nil && device != nil {
 		return device, nil
 	}
-	u.healingLock.Lock()
-	if len(u.lookupMiss) >= 4096 {
-		for user, at := range u.lookupMiss {
-			if time.Since(at) >= unknownKeyBackoff {
-				delete(u.lookupMiss, user)
-			}
-		}
-	}
-	u.lookupMiss[sender] = time.Now()
-	u.healingLock.Unlock()
+	u.lookupMiss.prune(4096, func(_ id.UserID, at time.Time) bool { return time.Since(at) >= unknownKeyBackoff })
+	u.lookupMiss.update(sender, func(time.Time, bool) (time.Time, bool) { return time.Now(), true })
 	return device, err
 }
 
@@ -508,7 +496,7 @@ type healingSlot struct {
 // count the Olm events: one decision per undecryptable or wedge-signalling event.
 type Count struct {
 	Class   Class
-	Action  string
+	Action  Action
 	Resumed bool
 }
 
@@ -542,7 +530,7 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 	}
 	u.countsLock.Lock()
 	u.counts[Count{Class: d.Class, Action: d.Action, Resumed: d.Resumed}]++
-	if d.Action != "ignored" {
+	if d.Action != ActionIgnored {
 		if len(u.recent) < recentDecisions {
 			u.recent = append(u.recent, d)
 			u.recentNext = len(u.recent) % recentDecisions
@@ -555,13 +543,13 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 
 	level := zerolog.InfoLevel
 	switch d.Action {
-	case "ignored":
+	case ActionIgnored:
 		level = zerolog.DebugLevel
-	case "failed", "deferred", "unknown_device", "capped", "throttled":
+	case ActionFailed, ActionDeferred, ActionUnknownDevice, ActionCapped, ActionThrottled:
 		level = zerolog.WarnLevel
 	}
 	evt := zerolog.Ctx(ctx).WithLevel(level).
-		Str("unwedge", d.Action).
+		Str("unwedge", string(d.Action)).
 		Str("class", string(d.Class)).
 		Stringer("user_id", d.UserID).
 		Stringer("identity_key", d.Key)
@@ -586,14 +574,14 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 	}
 }
 
-var decisionMessages = map[string]string{
-	"ignored":        "Undecryptable Olm event is not a wedge",
-	"out_of_scope":   "Olm session wedged, but the user is out of scope",
-	"unknown_device": "Olm session wedged, but the identity key is not a device of the sender",
-	"limited":        "Olm session wedged, not replaced: limited by the MSC1719 interval or a heal in progress",
-	"capped":         "Olm session wedged, not replaced: the user's devices had too many heals within the interval",
-	"throttled":      "Olm session wedged, not replaced: the bridge started too many heals within the last minute",
-	"healed":         "Replaced wedged Olm session and sent m.dummy",
-	"deferred":       "Replaced wedged Olm session; m.dummy not sent yet, it is sent when the homeserver answers",
-	"failed":         "Failed to replace wedged Olm session",
+var decisionMessages = map[Action]string{
+	ActionIgnored:       "Undecryptable Olm event is not a wedge",
+	ActionOutOfScope:    "Olm session wedged, but the user is out of scope",
+	ActionUnknownDevice: "Olm session wedged, but the identity key is not a device of the sender",
+	ActionLimited:       "Olm session wedged, not replaced: limited by the MSC1719 interval or a heal in progress",
+	ActionCapped:        "Olm session wedged, not replaced: the user's devices had too many heals within the interval",
+	ActionThrottled:     "Olm session wedged, not replaced: the bridge started too many heals within the last minute",
+	ActionHealed:        "Replaced wedged Olm session and sent m.dummy",
+	ActionDeferred:      "Replaced wedged Olm session; m.dummy not sent yet, it is sent when the homeserver answers",
+	ActionFailed:        "Failed to replace wedged Olm session",
 }

@@ -114,7 +114,7 @@ func TestWedges(t *testing.T) {
 			tc.wedge(f)
 			claimsWedge := f.claims.Load()
 			f.deliverToBridge()
-			if d := f.decision(); d.Class != tc.class || d.Action != "healed" || d.DeviceID != peerDevice {
+			if d := f.decision(); d.Class != tc.class || d.Action != unwedge.ActionHealed || d.DeviceID != peerDevice {
 				t.Fatalf("decision = %+v, want %s healed for %s", d, tc.class, peerDevice)
 			}
 			if n := f.claims.Load() - claimsWedge; n != 1 {
@@ -132,7 +132,7 @@ func TestWedges(t *testing.T) {
 			claims := f.claims.Load()
 			f.peerSends()
 			f.deliverToBridge()
-			if d := f.decision(); d.Action != "limited" {
+			if d := f.decision(); d.Action != unwedge.ActionLimited {
 				t.Fatalf("second wedge within the hour: %+v, want limited", d)
 			}
 			if f.claims.Load() != claims {
@@ -155,7 +155,7 @@ func TestNotWedges(t *testing.T) {
 	f.noDecision()
 	replay := *evt
 	f.unwedger.HandleToDevice(f.ctx, &replay)
-	if d := f.decision(); d.Class != unwedge.ClassDuplicate || d.Action != "ignored" {
+	if d := f.decision(); d.Class != unwedge.ClassDuplicate || d.Action != unwedge.ActionIgnored {
 		t.Errorf("replay: %+v", d)
 	}
 
@@ -195,7 +195,7 @@ func TestNotWedges(t *testing.T) {
 			evt := f.inbox(f.bridge)[0]
 			tc.mutate(evt.Content.AsEncrypted())
 			f.unwedger.HandleToDevice(f.ctx, evt)
-			if d := f.decision(); d.Class != tc.class || d.Action != "ignored" {
+			if d := f.decision(); d.Class != tc.class || d.Action != unwedge.ActionIgnored {
 				t.Errorf("decision = %+v, want %s ignored", d, tc.class)
 			}
 		})
@@ -210,10 +210,10 @@ func TestNotWedges(t *testing.T) {
 
 	counts := f.unwedger.Counts()
 	for count, want := range map[unwedge.Count]int64{
-		{Class: unwedge.ClassDuplicate, Action: "ignored"}:            1,
-		{Class: unwedge.ClassMalformed, Action: "ignored"}:            6,
-		{Class: unwedge.ClassNotForUs, Action: "ignored"}:             1,
-		{Class: unwedge.ClassUnsupportedAlgorithm, Action: "ignored"}: 1,
+		{Class: unwedge.ClassDuplicate, Action: unwedge.ActionIgnored}:            1,
+		{Class: unwedge.ClassMalformed, Action: unwedge.ActionIgnored}:            6,
+		{Class: unwedge.ClassNotForUs, Action: unwedge.ActionIgnored}:             1,
+		{Class: unwedge.ClassUnsupportedAlgorithm, Action: unwedge.ActionIgnored}: 1,
 	} {
 		if counts[count] != want {
 			t.Errorf("count %v = %d, want %d (all: %v)", count, counts[count], want, counts)
@@ -233,7 +233,7 @@ func TestNotWedges(t *testing.T) {
 		f.restartBridge()
 		before := f.claims.Load()
 		f.unwedger.HandleToDevice(f.ctx, evt)
-		if d := f.decision(); d.Class != unwedge.ClassUnknownDevice || d.Action != "unknown_device" {
+		if d := f.decision(); d.Class != unwedge.ClassUnknownDevice || d.Action != unwedge.ActionUnknownDevice {
 			t.Errorf("decision = %+v", d)
 		}
 		if f.claims.Load() != before {
@@ -258,7 +258,7 @@ func TestOutOfScope(t *testing.T) {
 	before := f.claims.Load()
 	f.peerSends()
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != "out_of_scope" || d.Class != unwedge.ClassNoSession {
+	if d := f.decision(); d.Action != unwedge.ActionOutOfScope || d.Class != unwedge.ClassNoSession {
 		t.Errorf("decision = %+v, want no_session out_of_scope", d)
 	}
 	for deadline := time.Now().Add(10 * time.Second); f.claims.Load() == before; time.Sleep(10 * time.Millisecond) {
@@ -271,7 +271,7 @@ func TestOutOfScope(t *testing.T) {
 		t.Errorf("%d key claims, want 1", n)
 	}
 	f.healedBothWays()
-	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassNoSession, Action: "out_of_scope"}]; n != 1 {
+	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassNoSession, Action: unwedge.ActionOutOfScope}]; n != 1 {
 		t.Errorf("out-of-scope count = %d", n)
 	}
 	if n, err := f.ledger.UserHeals(f.ctx, peerUser, time.Now().Add(-time.Hour)); err != nil || n != 0 {
@@ -295,7 +295,7 @@ func TestMachineCallback(t *testing.T) {
 	for _, evt := range f.inbox(f.bridge) {
 		f.bridge.mach.HandleToDeviceEvent(f.ctx, evt)
 	}
-	if d := f.decision(); d.Action != "healed" || d.Class != unwedge.ClassFailed {
+	if d := f.decision(); d.Action != unwedge.ActionHealed || d.Class != unwedge.ClassFailed {
 		t.Fatalf("decision = %+v, want failed-class wedge healed", d)
 	}
 	if n := f.claims.Load() - before; n != 1 {
@@ -318,7 +318,7 @@ func TestUserCap(t *testing.T) {
 	f.restartBridge()
 	f.peerSends()
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != "healed" {
+	if d := f.decision(); d.Action != unwedge.ActionHealed {
 		t.Fatalf("first heal: %+v", d)
 	}
 	f.healedBothWays()
@@ -336,14 +336,14 @@ func TestUserCap(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.unwedger.HandleToDevice(f.ctx, f.inbox(f.bridge)[0])
-	if d := f.decision(); d.Action != "capped" || d.UserID != peerUser {
+	if d := f.decision(); d.Action != unwedge.ActionCapped || d.UserID != peerUser {
 		t.Fatalf("second device's wedge: %+v, want capped", d)
 	}
 	if f.claims.Load() != before {
 		t.Error("claimed a key over the user's cap")
 	}
-	if outcome := f.unwedger.Heal(f.ctx, f.device(f.bridge, peerUser, "PEER2"), unwedge.ClassForced, "@admin:example.org"); outcome != unwedge.HealHealed {
-		t.Errorf("forced heal over the cap: %s, want healed", outcome)
+	if d := f.unwedger.Heal(f.ctx, f.device(f.bridge, peerUser, "PEER2"), unwedge.ClassForced, "@admin:example.org"); d.Action != unwedge.ActionHealed {
+		t.Errorf("forced heal over the cap: %s, want healed", d.Action)
 	}
 	f.decision()
 }
@@ -382,9 +382,9 @@ func TestBurst(t *testing.T) {
 	}
 	healed := 0
 	for healed == 0 {
-		if d := f.decision(); d.Action == "healed" {
+		if d := f.decision(); d.Action == unwedge.ActionHealed {
 			healed++
-		} else if d.Action != "limited" {
+		} else if d.Action != unwedge.ActionLimited {
 			t.Fatalf("decision = %+v", d)
 		}
 	}
@@ -410,7 +410,7 @@ func TestTransientFailure(t *testing.T) {
 	f.failClaims.Store(2)
 	f.peerSends()
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != "healed" {
+	if d := f.decision(); d.Action != unwedge.ActionHealed {
 		t.Fatalf("decision = %+v", d)
 	}
 	heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 1)
@@ -434,7 +434,7 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	f.failSends.Store(1000)
 	f.peerSends()
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != "deferred" || d.Err == nil {
+	if d := f.decision(); d.Action != unwedge.ActionDeferred || d.Err == nil {
 		t.Fatalf("decision = %+v, want deferred with the send error", d)
 	}
 	heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
@@ -446,7 +446,7 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	// While it waits, another failure from the device makes no new session.
 	f.peerSends()
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != "limited" {
+	if d := f.decision(); d.Action != unwedge.ActionLimited {
 		t.Errorf("second failure while deferred: %+v, want limited", d)
 	}
 	// Still unreachable on the next rounds: still in progress, and not counted again (the heal
@@ -460,7 +460,7 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	}
 	deferred := int64(0)
 	for count, n := range f.unwedger.Counts() {
-		if count.Action == "deferred" {
+		if count.Action == unwedge.ActionDeferred {
 			deferred += n
 		}
 	}
@@ -480,7 +480,7 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	f.failQueries.Store(0)
 	f.failSends.Store(0)
 	f.unwedger.ResumeHeals(f.ctx)
-	if d := f.decision(); d.Action != "healed" {
+	if d := f.decision(); d.Action != unwedge.ActionHealed {
 		t.Fatalf("resume after the homeserver returned: %+v, want healed", d)
 	}
 	heals, _ = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
@@ -505,7 +505,7 @@ func TestPermanentFailure(t *testing.T) {
 	f.serverLock.Unlock()
 	f.peerSends()
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != "failed" {
+	if d := f.decision(); d.Action != unwedge.ActionFailed {
 		t.Fatalf("decision = %+v", d)
 	}
 	heals, _ := f.ledger.Heals(f.ctx, peerUser, peerDevice, 1)
@@ -518,7 +518,7 @@ func TestPermanentFailure(t *testing.T) {
 	before := f.claims.Load()
 	f.peerSends()
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != "limited" || f.claims.Load() != before {
+	if d := f.decision(); d.Action != unwedge.ActionLimited || f.claims.Load() != before {
 		t.Errorf("retry within the hour: %+v, %d claims", d, f.claims.Load()-before)
 	}
 }
@@ -658,7 +658,7 @@ func TestDeferredHealCountsOnce(t *testing.T) {
 	for _, evt := range f.inbox(f.bridge) {
 		f.unwedger.HandleToDevice(ctx, evt)
 	}
-	if d := f.decision(); d.Action != "deferred" || d.Resumed {
+	if d := f.decision(); d.Action != unwedge.ActionDeferred || d.Resumed {
 		t.Fatalf("decision = %+v, want deferred, not resumed", d)
 	}
 	// A round that still cannot send is logged at debug level and decides nothing.
@@ -666,7 +666,7 @@ func TestDeferredHealCountsOnce(t *testing.T) {
 	f.noDecision()
 	f.failSends.Store(0)
 	f.unwedger.ResumeHeals(ctx)
-	if d := f.decision(); d.Action != "healed" || !d.Resumed {
+	if d := f.decision(); d.Action != unwedge.ActionHealed || !d.Resumed {
 		t.Fatalf("decision = %+v, want healed, resumed", d)
 	}
 	var failures int64
@@ -678,7 +678,7 @@ func TestDeferredHealCountsOnce(t *testing.T) {
 	if failures != 1 {
 		t.Errorf("%d Olm failures counted for one wedge (counts %v)", failures, f.unwedger.Counts())
 	}
-	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassNoSession, Action: "healed", Resumed: true}]; n != 1 {
+	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassNoSession, Action: unwedge.ActionHealed, Resumed: true}]; n != 1 {
 		t.Errorf("resumed heals counted %d times, want 1 (counts %v)", n, f.unwedger.Counts())
 	}
 	f.healedBothWays()
