@@ -297,7 +297,8 @@ func (f *commandFixture) restart() {
 		f.t.Fatal(err)
 	}
 	f.t.Cleanup(u.Stop)
-	f.h = &Helper{db: f.udb, mach: f.mach, unwedger: u}
+	f.h = &Helper{db: f.udb, mach: f.mach, unwedger: u,
+		recovery: unwedge.NewRecovery(cfg.Recovery, f.mach, f.udb.Pending, nil, u.Healing, fmt.Sprintf("process-%p", f), zerolog.Nop())}
 }
 
 // run sends `unwedge <args>` from room (the admin's management room, or a portal) and returns

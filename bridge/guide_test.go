@@ -180,7 +180,7 @@ func TestGuideLogMessages(t *testing.T) {
 		}
 	}
 	// The other messages the table and the text quote: in the guide and in the code.
-	for _, file := range []string{"../crypto/unwedge/recovery.go", "../crypto/unwedge/heal.go", "../bridge/helper.go"} {
+	for _, file := range []string{"../crypto/unwedge/recovery.go", "../crypto/unwedge/waits.go", "../crypto/unwedge/heal.go", "../bridge/helper.go"} {
 		data, err := os.ReadFile(file)
 		if err != nil {
 			t.Fatal(err)

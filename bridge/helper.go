@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"slices"
 	"sync"
 	"time"
 
@@ -46,35 +45,9 @@ type Helper struct {
 	cancelPeriodicDeleteLoop context.CancelFunc
 	syncDone                 sync.WaitGroup
 
-	// live holds the events that just failed to decrypt, until bridgev2 waits for their session.
-	live liveEvents
-	// waiting holds the Megolm sessions bridgev2 is waiting for, by the sender's identity key,
-	// so a heal of that device can re-request them at once over the new session.
-	waitingLock sync.Mutex
-	waiting     map[id.SenderKey]map[id.SessionID]waitingSession
-	// healed remembers devices healed in the last recentHeal: a Megolm event from them whose key
-	// is missing was probably sent with a key lost in the wedge, so it is requested at once
-	// instead of after bridgev2's fixed wait.
-	healed map[id.SenderKey]healedDevice
-
 	// forcedHeals are the `unwedge heal --force` this helper started lately (commands.go).
 	forcedHeals forcedHeals
 }
-
-type healedDevice struct {
-	device *id.Device
-	at     time.Time
-}
-
-// waitingSession is a session bridgev2 waits for, and the senders of its events. The sender key
-// of an event is whatever its sender wrote: a key request goes to a healed device only when its
-// user sent one of the events.
-type waitingSession struct {
-	roomID  id.RoomID
-	senders []id.UserID
-}
-
-const recentHeal = 2 * time.Minute
 
 var _ matrix.Crypto = (*Helper)(nil)
 
@@ -137,14 +110,14 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 		faultHook = f.hook(context.Background(), h.log)
 		h.unwedger.FaultHook = faultHook
 	}
-	h.unwedger.OnHealed = h.afterHeal
-	h.unwedger.OnNewSession = h.reshareRoomKeys
+	// Recovery owns everything about waiting for a key; the helper routes bridgev2's calls to it.
+	h.recovery = unwedge.NewRecovery(h.cfg.Recovery, h.mach, h.db.Pending, &recoverySink{h: h}, h.unwedger.Healing, owner, h.log)
+	h.recovery.FaultHook = faultHook
+	h.recovery.Lease = h.cfg.Lease
+	h.unwedger.OnHealed = h.recovery.DeviceHealed
+	h.unwedger.OnNewSession = h.recovery.Reshare
 	h.unwedger.Start()
-	h.recovery = nil
 	if h.cfg.Recovery.Enabled {
-		h.recovery = unwedge.NewRecovery(h.cfg.Recovery, h.mach, h.db.Pending, &recoverySink{h: h}, h.unwedger.Healing, owner, h.log)
-		h.recovery.FaultHook = faultHook
-		h.recovery.Lease = h.cfg.Lease
 		h.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
 			h.recovery.SessionReceived(roomID, sessionID)
 		}
@@ -190,105 +163,30 @@ func (h *Helper) allowKeyShare(ctx context.Context, device *id.Device, info even
 	return h.stockAllowKeyShare(ctx, device, info)
 }
 
-// Decrypt decrypts a room event. An event whose Megolm session is missing is held until bridgev2
-// waits for its session (WaitForSession), which it does only for live events.
+// Decrypt decrypts a room event. An event whose Megolm session is missing goes to recovery,
+// which keeps it if bridgev2 waits for its session (WaitForSession).
 func (h *Helper) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, error) {
 	decrypted, err := h.mach.DecryptMegolmEvent(ctx, evt)
-	if err == nil && h.recovery != nil {
+	if err == nil {
 		h.recovery.Decrypted(ctx, evt.ID)
 	} else if errors.Is(err, crypto.ErrNoSessionFound) {
-		h.live.remember(evt, time.Now())
+		h.recovery.Undecryptable(evt)
 	}
 	return decrypted, err
 }
 
-// WaitForSession waits for a Megolm session, as the stock helper does. The events bridgev2 waits
-// for are also recorded, so they are bridged when their key arrives even after bridgev2's own
-// wait gave up on them.
+// WaitForSession is recovery's (Recovery.WaitForSession): the stock wait, and the events it
+// waits for are kept.
 func (h *Helper) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, timeout time.Duration) bool {
 	h.lock.RLock()
 	defer h.lock.RUnlock()
-	fresh, senders := h.live.take(roomID, senderKey, sessionID)
-	if h.recovery != nil {
-		for _, evt := range fresh {
-			if err := h.recovery.Record(ctx, evt); err != nil {
-				zerolog.Ctx(ctx).Warn().Err(err).Stringer("event_id", evt.ID).Msg("Undecryptable event not kept for recovery")
-			}
-		}
-	}
-	h.waitingLock.Lock()
-	if h.waiting == nil {
-		h.waiting = make(map[id.SenderKey]map[id.SessionID]waitingSession)
-	}
-	if h.waiting[senderKey] == nil {
-		h.waiting[senderKey] = make(map[id.SessionID]waitingSession)
-	}
-	h.waiting[senderKey][sessionID] = waitingSession{roomID: roomID, senders: senders}
-	healed, wasHealed := h.healed[senderKey]
-	h.waitingLock.Unlock()
-	defer func() {
-		h.waitingLock.Lock()
-		delete(h.waiting[senderKey], sessionID)
-		if len(h.waiting[senderKey]) == 0 {
-			delete(h.waiting, senderKey)
-		}
-		h.waitingLock.Unlock()
-	}()
-	if wasHealed && time.Since(healed.at) < recentHeal && slices.Contains(senders, healed.device.UserID) {
-		go h.RequestSession(context.WithoutCancel(ctx), roomID, senderKey, sessionID, healed.device.UserID, healed.device.DeviceID)
-	}
-	return h.mach.WaitForSession(ctx, roomID, senderKey, sessionID, timeout)
+	return h.recovery.WaitForSession(ctx, roomID, senderKey, sessionID, timeout)
 }
 
-// afterHeal follows a heal: the keys lost with the old session are asked for again.
-func (h *Helper) afterHeal(ctx context.Context, device *id.Device) {
-	h.requestWaitingKeys(ctx, device)
-	h.reshareRoomKeys(ctx, device)
-	if h.recovery != nil {
-		h.recovery.DeviceHealed(ctx, device)
-	}
-}
-
-// requestWaitingKeys asks a healed device again for the Megolm sessions bridgev2 is waiting for
-// that its user sent events with (the sender key in an event is what its sender wrote):
-// their keys were lost with the broken Olm session, and the answer to a request sent before the
-// heal came back over that session too.
-func (h *Helper) requestWaitingKeys(ctx context.Context, device *id.Device) {
-	h.waitingLock.Lock()
-	if h.healed == nil {
-		h.healed = make(map[id.SenderKey]healedDevice)
-	}
-	now := time.Now()
-	for key, healed := range h.healed {
-		if now.Sub(healed.at) > recentHeal {
-			delete(h.healed, key)
-		}
-	}
-	h.healed[device.IdentityKey] = healedDevice{device: device, at: now}
-	sessions := make(map[id.SessionID]id.RoomID, len(h.waiting[device.IdentityKey]))
-	for sessionID, waiting := range h.waiting[device.IdentityKey] {
-		if slices.Contains(waiting.senders, device.UserID) {
-			sessions[sessionID] = waiting.roomID
-		}
-	}
-	h.waitingLock.Unlock()
-	for sessionID, roomID := range sessions {
-		h.RequestSession(ctx, roomID, device.IdentityKey, sessionID, device.UserID, device.DeviceID)
-	}
-}
-
+// RequestSession is recovery's (Recovery.RequestSession): the stock request, not while the
+// device's Olm session is being replaced.
 func (h *Helper) RequestSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, userID id.UserID, deviceID id.DeviceID) {
 	h.lock.RLock()
 	defer h.lock.RUnlock()
-	if deviceID == "" {
-		deviceID = "*"
-	}
-	if h.unwedger != nil && h.unwedger.Healing(senderKey) {
-		// The answer would come over the broken Olm session; the heal asks again when it is done
-		// (requestWaitingKeys), over the new one.
-		h.log.Debug().Stringer("user_id", userID).Stringer("device_id", deviceID).Stringer("session_id", sessionID).Stringer("room_id", roomID).
-			Msg("Not sending key request while the sender's Olm session is being replaced")
-		return
-	}
-	h.sendKeyRequest(ctx, roomID, senderKey, sessionID, userID, deviceID)
+	h.recovery.RequestSession(ctx, roomID, senderKey, sessionID, userID, deviceID)
 }

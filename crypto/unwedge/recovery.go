@@ -38,9 +38,13 @@ const (
 	FaultEventDelivered = "event_delivered"
 )
 
-// Sink is the bridge side of recovery: it bridges events that became decryptable and tells
-// users about events that never did.
+// Sink is the bridge side of recovery: it bridges events that became decryptable, tells users
+// about events that never did, and knows the rooms the bridge shares its own room keys in.
 type Sink interface {
+	// OutboundRooms lists the rooms the bridge has an outbound Megolm session in.
+	OutboundRooms(ctx context.Context) ([]id.RoomID, error)
+	// IsMember reports whether a user is joined to or invited into a room, as the bridge knows.
+	IsMember(ctx context.Context, roomID id.RoomID, userID id.UserID) bool
 	// Deliver hands a late-decrypted event to the bridge (original is the encrypted event) and
 	// returns once the bridge has handled it. An error keeps the event pending, to be tried
 	// again; a *DroppedError deletes it without bridging it (the rules of the room no longer
@@ -81,6 +85,10 @@ type Recovery struct {
 	// received holds Megolm sessions that arrived, until their events were handed over.
 	received map[receivedSession]time.Time
 	counts   map[string]int64
+
+	// live and waits are what bridgev2's own wait for a session is about (waits.go).
+	live  liveEvents
+	waits waitTable
 
 	// now is the clock (tests move it).
 	now func() time.Time
@@ -203,13 +211,47 @@ func (r *Recovery) SessionReceived(roomID id.RoomID, sessionID id.SessionID) {
 	r.poke()
 }
 
-// DeviceHealed is told that a device's Olm session was replaced: the keys of its user's sessions
-// that name the device are requested again now, since an answer can finally reach the bridge.
+// DeviceHealed follows a heal of the device (Unwedger.OnHealed): the keys lost with its old Olm
+// session are asked for again, over the new one, both for the sessions bridgev2 is waiting for and
+// for the recorded events of the device's user that name the device; and the bridge's own room
+// keys go to the device again (Reshare).
 func (r *Recovery) DeviceHealed(ctx context.Context, device *id.Device) {
+	for sessionID, roomID := range r.waits.healedNow(device, r.now()) {
+		r.RequestSession(ctx, roomID, device.IdentityKey, sessionID, device.UserID, device.DeviceID)
+	}
+	r.Reshare(ctx, device)
+	if !r.cfg.Enabled {
+		return
+	}
 	if n, err := r.store.RequestNow(ctx, device.UserID, device.IdentityKey, r.now()); err != nil {
 		zerolog.Ctx(ctx).Err(err).Msg("Failed to schedule key requests after heal")
 	} else if n > 0 {
 		r.poke()
+	}
+}
+
+// Reshare sends a device the bridge's current outbound Megolm sessions again, over the Olm
+// session in use now, when that session replaced one the device could not read (the bridge healed
+// it, or the device opened a new one: Unwedger.OnNewSession), with the checks sharing applies
+// (ReshareOwnSessions). The keys are at the sessions' current index: what the device missed
+// before it can ask for, and AnswerOwnSession answers from the index it had.
+func (r *Recovery) Reshare(ctx context.Context, device *id.Device) {
+	if r.sink == nil {
+		return
+	}
+	log := zerolog.Ctx(ctx).With().Stringer("user_id", device.UserID).Stringer("device_id", device.DeviceID).
+		Stringer("identity_key", device.IdentityKey).Logger()
+	rooms, err := r.sink.OutboundRooms(ctx)
+	if err != nil {
+		log.Err(err).Msg("Failed to list outbound Megolm sessions to share again")
+		return
+	}
+	sent, err := ReshareOwnSessions(ctx, r.mach, device, rooms, r.sink.IsMember)
+	if err != nil {
+		log.Warn().Err(err).Msg("Failed to share some room keys again")
+	}
+	if sent > 0 {
+		log.Info().Int("sessions", sent).Msg("Shared the bridge's room keys again over the new Olm session")
 	}
 }
 

@@ -47,6 +47,11 @@ func (s *recordingSink) GiveUp(_ context.Context, original *event.Event, reason 
 	s.reasons = append(s.reasons, reason)
 }
 
+// OutboundRooms: the bridge shares no room keys of its own in these tests.
+func (s *recordingSink) OutboundRooms(context.Context) ([]id.RoomID, error) { return nil, nil }
+
+func (s *recordingSink) IsMember(context.Context, id.RoomID, id.UserID) bool { return true }
+
 func (s *recordingSink) bodies() []string {
 	s.lock.Lock()
 	defer s.lock.Unlock()

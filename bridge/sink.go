@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/bridgev2"
 	"maunium.net/go/mautrix/bridgev2/status"
@@ -18,10 +19,27 @@ import (
 	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
-// recoverySink hands events that became decryptable late to bridgev2, as bridgev2 does with
-// events it decrypts itself, and tells users about events whose keys never came.
+// recoverySink is the bridgev2 side of unwedge.Recovery: it hands events that became decryptable
+// late to bridgev2, as bridgev2 does with events it decrypts itself, tells users about events whose
+// keys never came, and lists the rooms the bridge shares its own room keys in.
 type recoverySink struct {
 	h *Helper
+}
+
+// OutboundRooms lists the rooms the bridge has an outbound Megolm session in (mautrix-go's SQL
+// crypto store has no query for it).
+func (s *recoverySink) OutboundRooms(ctx context.Context) ([]id.RoomID, error) {
+	store := s.h.store
+	rows, err := store.DB.Query(ctx, "SELECT room_id FROM crypto_megolm_outbound_session WHERE account_id = $1", store.AccountID)
+	return dbutil.ConvertRowFn[id.RoomID](func(row dbutil.Scannable) (roomID id.RoomID, err error) {
+		return roomID, row.Scan(&roomID)
+	}).NewRowIter(rows, err).AsList()
+}
+
+// IsMember reports whether a user is joined to or invited into a room, as the bridge's state
+// store knows it: the users the room's Megolm session is shared with.
+func (s *recoverySink) IsMember(ctx context.Context, roomID id.RoomID, userID id.UserID) bool {
+	return s.h.conn.StateStore.IsInvited(ctx, roomID, userID)
 }
 
 // noticeSearchLimit is how many events after a recovered event are searched for the bridge's

@@ -1,0 +1,248 @@
+package unwedge
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// Undecryptable is told that the bridge failed to decrypt a room event for lack of its Megolm
+// session. The event is held until bridgev2 waits for the session (WaitForSession), which it
+// does only for live events; events it fetched later are forgotten.
+func (r *Recovery) Undecryptable(evt *event.Event) {
+	r.live.remember(evt, r.now())
+}
+
+// WaitForSession is bridgev2's wait for a Megolm session (matrix.Crypto.WaitForSession), as the
+// stock helper does it, and more: the events bridgev2 waits for are recorded (when recovery is
+// enabled), so they are bridged when their key arrives even after bridgev2 gave up on them; and
+// when the events' sender had the device healed lately, the key is requested at once.
+func (r *Recovery) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, timeout time.Duration) bool {
+	fresh, senders := r.live.take(roomID, senderKey, sessionID)
+	if r.cfg.Enabled {
+		for _, evt := range fresh {
+			if err := r.Record(ctx, evt); err != nil {
+				zerolog.Ctx(ctx).Warn().Err(err).Stringer("event_id", evt.ID).Msg("Undecryptable event not kept for recovery")
+			}
+		}
+	}
+	if healed := r.waits.start(roomID, senderKey, sessionID, senders, r.now()); healed != nil {
+		go r.RequestSession(context.WithoutCancel(ctx), roomID, senderKey, sessionID, healed.UserID, healed.DeviceID)
+	}
+	defer r.waits.end(senderKey, sessionID)
+	return r.mach.WaitForSession(ctx, roomID, senderKey, sessionID, timeout)
+}
+
+// RequestSession asks a device for a Megolm session (matrix.Crypto.RequestSession), as the stock
+// helper does, except while the device's Olm session is being replaced: the answer would come
+// back over the broken session. DeviceHealed asks again when the heal is done.
+func (r *Recovery) RequestSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, userID id.UserID, deviceID id.DeviceID) {
+	if deviceID == "" {
+		deviceID = "*"
+	}
+	log := r.log.With().Stringer("user_id", userID).Stringer("device_id", deviceID).Stringer("session_id", sessionID).Stringer("room_id", roomID).Logger()
+	if r.healing(senderKey) {
+		log.Debug().Msg("Not sending key request while the sender's Olm session is being replaced")
+		return
+	}
+	if err := r.mach.SendRoomKeyRequest(ctx, roomID, senderKey, sessionID, "", map[id.UserID][]id.DeviceID{userID: {deviceID}}); err != nil {
+		log.Warn().Err(err).Msg("Failed to send key request")
+	} else {
+		log.Debug().Msg("Sent key request")
+	}
+}
+
+// This file holds what Recovery keeps in memory about bridgev2's own wait for a missing Megolm
+// session (3 s, a key request, 22 s more in mautrix-go v0.32.0): which events failed, which
+// sessions bridgev2 waits for and for whose events, and which devices were healed lately.
+
+// liveEvents holds the events the bridge just failed to decrypt for lack of their Megolm session,
+// until bridgev2 waits for that session. bridgev2 waits only for events it received live from the
+// homeserver, from users allowed to send (matrix.Connector.handleEncryptedEvent), and not for
+// events it fetched later (ASIntent.GetEvent, for history and replies, decrypts too). So only
+// events that bridgev2 waits for are recorded for recovery, and the senders of those events are
+// the only users a key request for the session goes to.
+type liveEvents struct {
+	lock     sync.Mutex
+	sessions map[liveKey]*liveSession
+	// held counts the fresh events of all sessions.
+	held int
+}
+
+type liveKey struct {
+	roomID    id.RoomID
+	senderKey id.SenderKey
+	sessionID id.SessionID
+}
+
+type liveSession struct {
+	at      time.Time
+	senders []id.UserID
+	// fresh are the events not yet handed to WaitForSession.
+	fresh []*event.Event
+}
+
+const (
+	// liveTTL outlasts bridgev2's whole wait for a session (25 s in mautrix-go v0.32.0).
+	liveTTL = 2 * time.Minute
+	// maxLiveSessions and maxLiveEvents bound what is held (sessions, and fresh events of all of
+	// them): the oldest session is forgotten first.
+	maxLiveSessions = 1024
+	maxLiveEvents   = 1024
+	// maxLiveSenders bounds the senders remembered per session.
+	maxLiveSenders = 8
+)
+
+// remember holds an event whose session is missing.
+func (l *liveEvents) remember(evt *event.Event, now time.Time) {
+	content, ok := evt.Content.Parsed.(*event.EncryptedEventContent)
+	if !ok {
+		return
+	}
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	if l.sessions == nil {
+		l.sessions = make(map[liveKey]*liveSession)
+	}
+	key := liveKey{evt.RoomID, content.SenderKey, content.SessionID}
+	l.prune(now, key)
+	sess := l.sessions[key]
+	if sess == nil {
+		sess = &liveSession{}
+		l.sessions[key] = sess
+	}
+	sess.at = now
+	if !slices.Contains(sess.senders, evt.Sender) && len(sess.senders) < maxLiveSenders {
+		sess.senders = append(sess.senders, evt.Sender)
+	}
+	sess.fresh = append(sess.fresh, evt)
+	l.held++
+}
+
+// take returns the events of a session not taken before, and the senders of all its events.
+func (l *liveEvents) take(roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID) (fresh []*event.Event, senders []id.UserID) {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	sess := l.sessions[liveKey{roomID, senderKey, sessionID}]
+	if sess == nil {
+		return nil, nil
+	}
+	fresh, sess.fresh = sess.fresh, nil
+	l.held -= len(fresh)
+	return fresh, slices.Clone(sess.senders)
+}
+
+// prune makes room for one more event of session next: it forgets sessions older than liveTTL
+// and then, while full, the oldest session (next last).
+func (l *liveEvents) prune(now time.Time, next liveKey) {
+	if len(l.sessions) < maxLiveSessions && l.held < maxLiveEvents {
+		return
+	}
+	for key, sess := range l.sessions {
+		if now.Sub(sess.at) > liveTTL {
+			l.forget(key, sess)
+		}
+	}
+	for len(l.sessions) >= maxLiveSessions || l.held >= maxLiveEvents {
+		var oldest liveKey
+		var oldestSess *liveSession
+		for key, sess := range l.sessions {
+			if key == next && len(l.sessions) > 1 {
+				continue
+			}
+			if oldestSess == nil || sess.at.Before(oldestSess.at) {
+				oldest, oldestSess = key, sess
+			}
+		}
+		if oldestSess == nil {
+			return
+		}
+		l.forget(oldest, oldestSess)
+	}
+}
+
+func (l *liveEvents) forget(key liveKey, sess *liveSession) {
+	l.held -= len(sess.fresh)
+	delete(l.sessions, key)
+}
+
+// waitTable holds the Megolm sessions bridgev2 is waiting for, by the sender key their events
+// name, so that a heal of that device can request them again at once over the new session; and
+// the devices healed in the last recentHeal, whose missing keys are requested at once instead of
+// after bridgev2's first wait.
+type waitTable struct {
+	lock    sync.Mutex
+	waiting map[id.SenderKey]map[id.SessionID]waitingSession
+	healed  map[id.SenderKey]healedDevice
+}
+
+// waitingSession is a session bridgev2 waits for, and the senders of its events. The sender key
+// of an event is whatever its sender wrote: a key request goes to a healed device only when its
+// user sent one of the events.
+type waitingSession struct {
+	roomID  id.RoomID
+	senders []id.UserID
+}
+
+type healedDevice struct {
+	device *id.Device
+	at     time.Time
+}
+
+// recentHeal is how long after a heal a missing key of the device is requested at once.
+const recentHeal = 2 * time.Minute
+
+// start registers a wait and returns the device healed lately whose user sent one of the events,
+// if any; end unregisters it.
+func (w *waitTable) start(roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, senders []id.UserID, now time.Time) *id.Device {
+	w.lock.Lock()
+	defer w.lock.Unlock()
+	if w.waiting == nil {
+		w.waiting = make(map[id.SenderKey]map[id.SessionID]waitingSession)
+	}
+	if w.waiting[senderKey] == nil {
+		w.waiting[senderKey] = make(map[id.SessionID]waitingSession)
+	}
+	w.waiting[senderKey][sessionID] = waitingSession{roomID: roomID, senders: senders}
+	if healed, ok := w.healed[senderKey]; ok && now.Sub(healed.at) < recentHeal && slices.Contains(senders, healed.device.UserID) {
+		return healed.device
+	}
+	return nil
+}
+
+func (w *waitTable) end(senderKey id.SenderKey, sessionID id.SessionID) {
+	w.lock.Lock()
+	defer w.lock.Unlock()
+	delete(w.waiting[senderKey], sessionID)
+	if len(w.waiting[senderKey]) == 0 {
+		delete(w.waiting, senderKey)
+	}
+}
+
+// healedNow remembers a heal of the device and returns the sessions bridgev2 waits for that its
+// user's events named, by session, with their rooms.
+func (w *waitTable) healedNow(device *id.Device, now time.Time) map[id.SessionID]id.RoomID {
+	w.lock.Lock()
+	defer w.lock.Unlock()
+	if w.healed == nil {
+		w.healed = make(map[id.SenderKey]healedDevice)
+	}
+	for key, healed := range w.healed {
+		if now.Sub(healed.at) > recentHeal {
+			delete(w.healed, key)
+		}
+	}
+	w.healed[device.IdentityKey] = healedDevice{device: device, at: now}
+	sessions := make(map[id.SessionID]id.RoomID)
+	for sessionID, waiting := range w.waiting[device.IdentityKey] {
+		if slices.Contains(waiting.senders, device.UserID) {
+			sessions[sessionID] = waiting.roomID
+		}
+	}
+	return sessions
+}
