@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"slices"
 	"sync"
@@ -82,25 +81,6 @@ var _ matrix.Crypto = (*Helper)(nil)
 func NewHelper(conn *matrix.Connector, cfg unwedge.Config) *Helper {
 	return &Helper{conn: conn, cfg: cfg, log: conn.Log.With().Str("component", "crypto").Logger()}
 }
-
-// Unwedger is the middleware, once Init has run.
-func (h *Helper) Unwedger() *unwedge.Unwedger { return h.unwedger }
-
-// Recovery keeps undecryptable events until their keys arrive, once Init has run (nil when
-// recovery is disabled).
-func (h *Helper) Recovery() *unwedge.Recovery { return h.recovery }
-
-// Pending is the table of events waiting for their keys, once Init has run.
-func (h *Helper) Pending() *database.PendingQuery { return h.db.Pending }
-
-// Ledger is unwedge's heal ledger, once Init has run.
-func (h *Helper) Ledger() *database.LedgerQuery { return h.db.Ledger }
-
-// Metrics is unwedge's Prometheus metrics handler, once Init has run.
-func (h *Helper) Metrics() http.Handler { return h.metrics }
-
-// Machine is the OlmMachine, once Init has run.
-func (h *Helper) Machine() *crypto.OlmMachine { return h.mach }
 
 // initUnwedge starts unwedge on the loaded machine (its tables are upgraded): the Unwedger (which takes over
 // the machine's unwedging), metrics and recovery.
