@@ -106,16 +106,8 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 			return err
 		}
 	}
-	var faultHook func(string)
-	if spec := os.Getenv(FaultEnv); spec != "" {
-		// Tests crash or hold the bridge where a fault would hurt most (see FaultEnv).
-		f, err := parseFault(spec)
-		if err != nil {
-			return err
-		}
-		h.log.Warn().Str("point", f.point).Str("hold", f.hold).Msg("Fault injection armed")
-		faultHook = f.hook(context.Background(), h.log)
-		h.unwedger.FaultHook = faultHook
+	if err = armHealFaults(h.log, h.unwedger); err != nil {
+		return err
 	}
 	h.unwedger.OnHealed = h.afterHeal
 	h.unwedger.OnNewSession = h.reshareRoomKeys
@@ -123,7 +115,9 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 	h.recovery = nil
 	if h.cfg.Recovery.Enabled {
 		h.recovery = unwedge.NewRecovery(h.cfg.Recovery, h.mach, h.db.Pending, &recoverySink{h: h}, h.unwedger.Healing, owner, h.log)
-		h.recovery.FaultHook = faultHook
+		if err = armRecoveryFaults(h.log, h.recovery); err != nil {
+			return err
+		}
 		h.recovery.Lease = h.cfg.Lease
 		h.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
 			h.recovery.SessionReceived(roomID, sessionID)
