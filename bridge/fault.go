@@ -1,72 +1,49 @@
+//go:build unwedgefault
+
 package bridge
 
 import (
-	"context"
-	"fmt"
 	"os"
-	"strings"
-	"sync"
-	"syscall"
-	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/internal/fault"
+	"github.com/unwedge/unwedge/internal/fault/inject"
 )
 
-// FaultEnv names the environment variable that arms fault injection for tests, at one of the
-// named points of a heal or of recovery (unwedge.FaultSessionCreated, unwedge.FaultKeyArrived...):
-//
-//	UNWEDGE_TEST_FAULT=<point>               the bridge kills itself with SIGKILL there
-//	UNWEDGE_TEST_FAULT=<point>:hold=<file>   the first time, it waits there until <file> exists
-//
-// Holding lets a test stop the homeserver or the database at exactly that point.
-const FaultEnv = "UNWEDGE_TEST_FAULT"
+// This file exists only in the test build of the bridge (build tag unwedgefault), which the test
+// harness builds for the fault tests: they crash or hold the bridge where a fault would hurt most
+// (inject.EnvVar). nofault.go is the product's: it arms nothing.
 
-// fault is a parsed FaultEnv value.
-type fault struct {
-	point string
-	hold  string // the file to wait for; empty means kill
-	once  sync.Once
+// armHealFaults arms the fault points of u's heals as inject.EnvVar says, if it is set.
+func armHealFaults(log zerolog.Logger, u *unwedge.Unwedger) error {
+	hook, err := faultHook(log)
+	if hook != nil {
+		u.ArmFaults(hook)
+	}
+	return err
 }
 
-func parseFault(spec string) (*fault, error) {
-	point, action, hasAction := strings.Cut(spec, ":")
-	if point == "" {
-		return nil, fmt.Errorf("%s=%q: no fault point", FaultEnv, spec)
+// armRecoveryFaults arms the fault points of recovery as inject.EnvVar says, if it is set.
+func armRecoveryFaults(log zerolog.Logger, r *unwedge.Recovery) error {
+	hook, err := faultHook(log)
+	if hook != nil {
+		r.ArmFaults(hook)
 	}
-	f := &fault{point: point}
-	if hasAction {
-		file, ok := strings.CutPrefix(action, "hold=")
-		if !ok || file == "" {
-			return nil, fmt.Errorf("%s=%q: the action after the point must be hold=<file>", FaultEnv, spec)
-		}
-		f.hold = file
-	}
-	return f, nil
+	return err
 }
 
-// hook is the FaultHook for the Unwedger and Recovery.
-func (f *fault) hook(ctx context.Context, log zerolog.Logger) func(point string) {
-	return func(at string) {
-		if at != f.point {
-			return
-		}
-		if f.hold == "" {
-			log.Warn().Str("point", at).Msg("Fault injection: killing the bridge")
-			_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			return
-		}
-		f.once.Do(func() {
-			log.Warn().Str("point", at).Str("until", f.hold).Msg("Fault injection: holding until the file exists")
-			for ctx.Err() == nil {
-				if _, err := os.Stat(f.hold); err == nil {
-					break
-				}
-				select {
-				case <-ctx.Done():
-				case <-time.After(50 * time.Millisecond):
-				}
-			}
-			log.Warn().Str("point", at).Msg("Fault injection: going on")
-		})
+// faultHook is the hook inject.EnvVar asks for; nil when it is not set.
+func faultHook(log zerolog.Logger) (fault.Hook, error) {
+	spec := os.Getenv(inject.EnvVar)
+	if spec == "" {
+		return nil, nil
 	}
+	s, err := inject.Parse(spec)
+	if err != nil {
+		return nil, err
+	}
+	log.Warn().Str("point", s.Point).Str("hold", s.Hold).Msg("Fault injection armed")
+	return s.Hook(log), nil
 }

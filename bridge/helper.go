@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"sync"
 	"time"
@@ -56,25 +55,6 @@ func NewHelper(conn *matrix.Connector, cfg unwedge.Config) *Helper {
 	return &Helper{conn: conn, cfg: cfg, log: conn.Log.With().Str("component", "crypto").Logger()}
 }
 
-// Unwedger is the middleware, once Init has run.
-func (h *Helper) Unwedger() *unwedge.Unwedger { return h.unwedger }
-
-// Recovery keeps undecryptable events until their keys arrive, once Init has run (nil when
-// recovery is disabled).
-func (h *Helper) Recovery() *unwedge.Recovery { return h.recovery }
-
-// Pending is the table of events waiting for their keys, once Init has run.
-func (h *Helper) Pending() *database.PendingQuery { return h.db.Pending }
-
-// Ledger is unwedge's heal ledger, once Init has run.
-func (h *Helper) Ledger() *database.LedgerQuery { return h.db.Ledger }
-
-// Metrics is unwedge's Prometheus metrics handler, once Init has run.
-func (h *Helper) Metrics() http.Handler { return h.metrics }
-
-// Machine is the OlmMachine, once Init has run.
-func (h *Helper) Machine() *crypto.OlmMachine { return h.mach }
-
 // initUnwedge starts unwedge on the loaded machine (its tables are upgraded): the Unwedger (which takes over
 // the machine's unwedging), metrics and recovery.
 func (h *Helper) initUnwedge(ctx context.Context) error {
@@ -99,20 +79,14 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 			return err
 		}
 	}
-	var faultHook func(string)
-	if spec := os.Getenv(FaultEnv); spec != "" {
-		// Tests crash or hold the bridge where a fault would hurt most (see FaultEnv).
-		f, err := parseFault(spec)
-		if err != nil {
-			return err
-		}
-		h.log.Warn().Str("point", f.point).Str("hold", f.hold).Msg("Fault injection armed")
-		faultHook = f.hook(context.Background(), h.log)
-		h.unwedger.FaultHook = faultHook
+	if err = armHealFaults(h.log, h.unwedger); err != nil {
+		return err
 	}
 	// Recovery owns everything about waiting for a key; the helper routes bridgev2's calls to it.
 	h.recovery = unwedge.NewRecovery(h.cfg.Recovery, h.mach, h.db.Pending, &recoverySink{h: h}, h.unwedger.Healing, owner, h.log)
-	h.recovery.FaultHook = faultHook
+	if err = armRecoveryFaults(h.log, h.recovery); err != nil {
+		return err
+	}
 	h.recovery.Lease = h.cfg.Lease
 	h.unwedger.OnHealed = h.recovery.DeviceHealed
 	h.unwedger.OnNewSession = h.recovery.Reshare

@@ -17,6 +17,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/unwedge/unwedge/internal/fault"
 	"github.com/unwedge/unwedge/internal/harness"
 	"github.com/unwedge/unwedge/internal/testclient"
 	"github.com/unwedge/unwedge/internal/testenv"
@@ -24,33 +25,47 @@ import (
 	"github.com/unwedge/unwedge/webhook/store"
 )
 
+// bridgeBuild is a bridge binary, built once per test process.
+type bridgeBuild struct {
+	tags []string // beside goolm
+	once sync.Once
+	dir  string
+	bin  string
+	err  error
+}
+
 var (
-	buildOnce   sync.Once
-	bridgeBin   string
-	buildErr    error
-	buildTmpDir string
+	// product is the bridge as build.sh builds it: without fault points.
+	product = &bridgeBuild{}
+	// faulty is the bridge with fault points (build tag fault.Tag), which the fault tests arm
+	// with inject.EnvVar.
+	faulty = &bridgeBuild{tags: []string{fault.Tag}}
 )
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if buildTmpDir != "" {
-		_ = os.RemoveAll(buildTmpDir)
+	for _, b := range []*bridgeBuild{product, faulty} {
+		if b.dir != "" {
+			_ = os.RemoveAll(b.dir)
+		}
 	}
 	os.Exit(code)
 }
 
-// binary builds the bridge once per test process.
-func binary(t *testing.T) string {
-	buildOnce.Do(func() {
-		buildTmpDir, buildErr = os.MkdirTemp("", "unwedge-e2e-")
-		if buildErr == nil {
-			bridgeBin, buildErr = harness.BuildBridge(context.Background(), buildTmpDir)
+// binary builds the product bridge once per test process.
+func binary(t *testing.T) string { return product.get(t) }
+
+func (b *bridgeBuild) get(t *testing.T) string {
+	b.once.Do(func() {
+		b.dir, b.err = os.MkdirTemp("", "unwedge-e2e-")
+		if b.err == nil {
+			b.bin, b.err = harness.BuildBridge(context.Background(), b.dir, b.tags...)
 		}
 	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	return bridgeBin
+	return b.bin
 }
 
 type setup struct {
@@ -61,8 +76,14 @@ type setup struct {
 	remote *webhook.RemoteClient
 }
 
-// start runs a bridge on the given slot and logs a fresh E2EE user in to it.
+// start runs the product bridge on a free slot and logs a fresh E2EE user in to it.
 func start(t *testing.T, ctx context.Context, appservice bool, dbType, webhookURL string, config ...map[string]any) *setup {
+	t.Helper()
+	return startBuild(t, ctx, product, appservice, dbType, webhookURL, config...)
+}
+
+// startBuild is start with the given build of the bridge.
+func startBuild(t *testing.T, ctx context.Context, build *bridgeBuild, appservice bool, dbType, webhookURL string, config ...map[string]any) *setup {
 	t.Helper()
 	env := testenv.Require(t)
 	s, release, err := harness.AcquireSlot(ctx, env.SlotsDir)
@@ -71,7 +92,7 @@ func start(t *testing.T, ctx context.Context, appservice bool, dbType, webhookUR
 	}
 	t.Cleanup(release)
 	opts := harness.BridgeOptions{
-		Binary: binary(t), Dir: t.TempDir(), HomeserverURL: env.HomeserverURL, Domain: env.Domain,
+		Binary: build.get(t), Dir: t.TempDir(), HomeserverURL: env.HomeserverURL, Domain: env.Domain,
 		Slot: s, DatabaseType: dbType, AppserviceEncryption: appservice,
 	}
 	if len(config) > 0 {

@@ -12,18 +12,19 @@ import (
 
 	"maunium.net/go/mautrix/id"
 
-	"github.com/unwedge/unwedge/bridge"
 	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/internal/fault/inject"
 	"github.com/unwedge/unwedge/internal/testenv"
 )
 
 // The fault tests run the bridge against the real homeserver and Postgres and break one of the
 // three (SIGKILL, a stopped Synapse, a stopped Postgres) at a named point of a heal or of
-// recovery (bridge.FaultEnv). Each ends with the same checks: the message sent during the fault
-// is bridged exactly once, and the device got exactly one replacement session.
+// recovery (inject.EnvVar), in the bridge built with fault points (faulty). Each ends with the
+// same checks: the message sent during the fault is bridged exactly once, and the device got
+// exactly one replacement session.
 
-// faultSetup is a bridge with a short lease (a restarted bridge takes over a dead one's heal and
-// pending events after seconds), a portal, and the bridge's database.
+// faultSetup is a bridge with fault points and a short lease (a restarted bridge takes over a
+// dead one's heal and pending events after seconds), a portal, and the bridge's database.
 type faultSetup struct {
 	*setup
 	db *sql.DB
@@ -31,7 +32,7 @@ type faultSetup struct {
 
 func startFaulty(t *testing.T, ctx context.Context, chat string) (*faultSetup, id.RoomID) {
 	t.Helper()
-	s := start(t, ctx, false, "postgres", "", map[string]any{"network.unwedge.lease": "10s"})
+	s := startBuild(t, ctx, faulty, false, "postgres", "", map[string]any{"network.unwedge.lease": "10s"})
 	room := s.openPortal(t, ctx, chat)
 	if _, err := s.user.SendText(ctx, room, "before the fault"); err != nil {
 		t.Fatal(err)
@@ -65,7 +66,10 @@ func (f *faultSetup) restart(t *testing.T, ctx context.Context, spec string) int
 	offset := f.logSize()
 	f.bridge.Opts.Env = nil
 	if spec != "" {
-		f.bridge.Opts.Env = []string{bridge.FaultEnv + "=" + spec}
+		if f.bridge.Opts.Binary != faulty.get(t) {
+			t.Fatal("fault injection needs the bridge built with fault points: start it with startFaulty")
+		}
+		f.bridge.Opts.Env = []string{inject.EnvVar + "=" + spec}
 	}
 	if err := f.bridge.Start(ctx); err != nil {
 		t.Fatal(err)

@@ -14,12 +14,18 @@ if [ -n "$unformatted" ]; then
 	echo "gofmt would change: $unformatted" >&2
 	exit 1
 fi
+# The test build (unwedgefault: fault points, which the product build has none of) is checked too.
 go vet -tags goolm ./...
+go vet -tags goolm,unwedgefault ./...
 staticcheck=$(go env GOPATH)/bin/staticcheck
 [ -x "$staticcheck" ] || go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
 "$staticcheck" -tags goolm ./...
-# One package at a time: the end-to-end packages each run bridges and clients on 2 cores.
+"$staticcheck" -tags goolm,unwedgefault ./...
+# One package at a time: the end-to-end packages each run bridges and clients on 2 cores. The
+# fault tests build their bridge with the unwedgefault tag themselves.
 go test -tags goolm -count=1 -p 1 -timeout 40m "$@" ./...
+# The tests of the fault points themselves exist only in the test build.
+go test -tags goolm,unwedgefault -count=1 "$@" -run '^TestFault' ./internal/fault/... ./crypto/unwedge/
 # Every fuzz target runs for a bounded number of inputs (its seed corpus already ran above, as a
 # test), about 10 s each here. A count, not a duration: Go 1.26's fuzz coordinator can fail a
 # target that found nothing with "context deadline exceeded" when a -fuzztime duration ends

@@ -14,9 +14,12 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/internal/fault"
 )
 
-// Points of a heal for Unwedger.FaultHook.
+// Fault points of a heal (package fault): only test builds have them, armed with
+// Unwedger.ArmFaults.
 const (
 	// FaultHealGranted is after the ledger granted a heal, before a one-time key is claimed.
 	FaultHealGranted = "heal_granted"
@@ -85,14 +88,12 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		} else {
 			recorded = true
 		}
-		if u.FaultHook != nil && recorded {
-			u.FaultHook(FaultSessionCreated)
+		if recorded {
+			fault.At(u.ctx, FaultSessionCreated)
 		}
 	}}
 	release := u.hold(ctx, ref)
-	if u.FaultHook != nil {
-		u.FaultHook(FaultHealGranted)
-	}
+	fault.At(u.ctx, FaultHealGranted)
 	// One HTTP request per attempt: the client's own retries (bridgev2 sets
 	// homeserver.retry_limit) would claim again after a claim whose answer was lost, and this loop
 	// retries a claim only when its failure proves that no key was handed out.

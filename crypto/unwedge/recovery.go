@@ -15,6 +15,8 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/internal/fault"
 )
 
 // StockWait is how long bridgev2 itself waits for a missing Megolm session before it gives up on
@@ -29,7 +31,8 @@ const bridgeWait = 25 * time.Second
 // MinRetention is the shortest allowed recovery.retention.
 const MinRetention = time.Minute
 
-// Points of recovery for Recovery.FaultHook.
+// Fault points of recovery (package fault): only test builds have them, armed with
+// Recovery.ArmFaults.
 const (
 	// FaultKeyArrived is after a pending event's key arrived and it was decrypted, before it is
 	// handed to the bridge.
@@ -97,9 +100,6 @@ type Recovery struct {
 	// another process (or the restarted one) takes them over when it runs out. Set it before
 	// Start; NewRecovery sets 2 minutes.
 	Lease time.Duration
-	// FaultHook, if set, is called at the named points of recovery (FaultKeyArrived,
-	// FaultEventDelivered); tests use it to crash or hold the bridge there.
-	FaultHook func(point string)
 }
 
 type receivedSession struct {
@@ -266,12 +266,6 @@ func (r *Recovery) finish(ctx context.Context, eventID id.EventID) error {
 	return nil
 }
 
-func (r *Recovery) fault(point string) {
-	if r.FaultHook != nil {
-		r.FaultHook(point)
-	}
-}
-
 func (r *Recovery) poke() {
 	select {
 	case r.wake <- struct{}{}:
@@ -391,7 +385,7 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 		elog := log.With().Stringer("event_id", p.EventID).Stringer("user_id", p.Sender).Stringer("identity_key", p.SenderKey).Logger()
 		decrypted, err := r.mach.DecryptMegolmEvent(ctx, p.Event)
 		if err == nil {
-			r.fault(FaultKeyArrived)
+			fault.At(r.ctx, FaultKeyArrived)
 			// The sink's lines about the event carry its sender's fields too.
 			err = r.sink.Deliver(elog.WithContext(ctx), p.Event, decrypted, p.Requests)
 		}
@@ -415,7 +409,7 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 			}
 			continue
 		}
-		r.fault(FaultEventDelivered)
+		fault.At(r.ctx, FaultEventDelivered)
 		if err = r.finish(ctx, p.EventID); err != nil {
 			// The claim runs out and the event is handed over again; the sink knows it was bridged.
 			elog.Err(err).Msg("Failed to remove bridged event from pending events")

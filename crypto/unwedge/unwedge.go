@@ -66,9 +66,6 @@ type Unwedger struct {
 	// OnHealed, if set, is called after a device got its replacement session: the time to
 	// re-request the Megolm keys that were lost with the old one.
 	OnHealed func(ctx context.Context, device *id.Device)
-	// FaultHook, if set, is called at named points of a heal (FaultHealGranted,
-	// FaultSessionCreated); tests use it to kill or hold the process where a fault would hurt most.
-	FaultHook func(point string)
 	// OnNewSession, if set, is called (at most once per device per MinInterval) when a device of
 	// an in-scope user opened a new Olm session with the bridge (it unwedged its side): the time
 	// to send it again the room keys that went over the old session.

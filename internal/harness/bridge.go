@@ -478,20 +478,22 @@ func ModuleRoot() (string, error) {
 	}
 }
 
-// BuildBridge builds the reference bridge binary into dir with -tags goolm.
-func BuildBridge(ctx context.Context, dir string) (string, error) {
-	return BuildBinary(ctx, dir, "./cmd/bridge", "unwedge-bridge")
+// BuildBridge builds the reference bridge binary into dir with -tags goolm and any extra build
+// tags (fault.Tag for a bridge with fault points).
+func BuildBridge(ctx context.Context, dir string, tags ...string) (string, error) {
+	return BuildBinary(ctx, dir, "./cmd/bridge", "unwedge-bridge", tags...)
 }
 
 // BuildBinary builds the main package pkg of this repository (such as "./cmd/echobridge") into
-// dir/name with -tags goolm.
-func BuildBinary(ctx context.Context, dir, pkg, name string) (string, error) {
+// dir/name with -tags goolm and any extra build tags.
+func BuildBinary(ctx context.Context, dir, pkg, name string, tags ...string) (string, error) {
 	root, err := ModuleRoot()
 	if err != nil {
 		return "", err
 	}
 	out := filepath.Join(dir, name)
-	cmd := exec.CommandContext(ctx, "go", "build", "-tags", "goolm", "-o", out, pkg)
+	tagList := strings.Join(append([]string{"goolm"}, tags...), ",")
+	cmd := exec.CommandContext(ctx, "go", "build", "-tags", tagList, "-o", out, pkg)
 	cmd.Dir = root
 	if output, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("failed to build %s: %w\n%s", pkg, err, output)
