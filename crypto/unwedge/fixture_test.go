@@ -260,6 +260,21 @@ func (f *fixture) bridgeSends() {
 	}
 }
 
+// awaitInbox waits until a to-device event waits for the party, and leaves it there.
+func (f *fixture) awaitInbox(p *party, timeout time.Duration) {
+	f.t.Helper()
+	for deadline := time.Now().Add(timeout); ; time.Sleep(10 * time.Millisecond) {
+		f.serverLock.Lock()
+		n := len(f.ms.DeviceInbox[p.userID][p.deviceID])
+		f.serverLock.Unlock()
+		if n > 0 {
+			return
+		} else if time.Now().After(deadline) {
+			f.t.Fatalf("nothing was sent to %s's %s within %s", p.userID, p.deviceID, timeout)
+		}
+	}
+}
+
 // inbox takes the to-device events waiting for a party.
 func (f *fixture) inbox(p *party) []*event.Event {
 	f.serverLock.Lock()
