@@ -23,10 +23,10 @@ import (
 // An event costs about 1.5 ms, mostly Postgres writes, on a noisy machine: measured one after the
 // other, the two modes differed by 10 % doing the same work. So each benchmark measures both
 // side by side: two bridges in one process, on one fresh database, taking turns event by event
-// in ABBA order (interleave). One op is one event in each mode; the figures are custom metrics:
-// per mode the mean time and the allocations per event, and stock time / unwedge time, both of
-// the totals ("stock/unwedge") and as the median of the ABBA rounds' ratios
-// ("paired-stock/unwedge"). cmd/bench takes the median of each over its runs.
+// in ABBA order (interleave). One op is one event in each mode (ns/op includes the measuring);
+// the figures are custom metrics: per mode the mean time and the allocations per event, and
+// stock time / unwedge time, both of the totals ("stock/unwedge") and as the median of the ABBA
+// rounds' ratios ("paired-stock/unwedge"). cmd/bench takes the median of each over its runs.
 
 // successSetup is a bridge and one user device with working Olm and Megolm sessions.
 type successSetup struct {
