@@ -1,5 +1,7 @@
 // Package bench holds the performance measurements behind cmd/bench: Go benchmarks of the success
-// path, and tests that measure heal latency on the local Synapse, a wedge storm of simulated
-// devices, and the ledger's decision at scale. With UNWEDGE_BENCH_OUT set they write their
-// figures there as JSON; without it they run small and only check correctness.
+// path, which time stock mautrix-go and unwedge side by side, event by event, in the same
+// process and on the same database; and tests that measure heal latency on the local Synapse, a
+// wedge storm of simulated devices, and the ledger's decision at scale. With UNWEDGE_BENCH_OUT
+// set the tests write their figures there as JSON; without it they run small and only check
+// correctness.
 package bench

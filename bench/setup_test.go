@@ -157,7 +157,13 @@ func newMemoryDevice(t testing.TB, ctx context.Context, hs *homeserver, userID i
 // newBridgeDevice is the bridge's device: an OlmMachine on mautrix-go's SQL store in Postgres,
 // wrapped by unwedge's store unless stock.
 func newBridgeDevice(t testing.TB, ctx context.Context, hs *homeserver, db *dbutil.Database, stock bool) *device {
-	d := &device{userID: "@bridgebot:example.org", deviceID: "BRIDGE", client: login(t, ctx, hs, "@bridgebot:example.org", "BRIDGE")}
+	return newBridgeDeviceAs(t, ctx, hs, db, "@bridgebot:example.org", "BRIDGE", stock)
+}
+
+// newBridgeDeviceAs is newBridgeDevice with other IDs, for two bridges in one database: the
+// store's account is named after the device.
+func newBridgeDeviceAs(t testing.TB, ctx context.Context, hs *homeserver, db *dbutil.Database, userID id.UserID, deviceID id.DeviceID, stock bool) *device {
+	d := &device{userID: userID, deviceID: deviceID, client: login(t, ctx, hs, userID, deviceID)}
 	loadBridgeMachine(t, ctx, d, db, stock)
 	if err := d.mach.ShareKeys(ctx, 0); err != nil {
 		t.Fatal(err)
@@ -167,7 +173,7 @@ func newBridgeDevice(t testing.TB, ctx context.Context, hs *homeserver, db *dbut
 
 // loadBridgeMachine (re)builds the bridge's machine from the database, as a restart does.
 func loadBridgeMachine(t testing.TB, ctx context.Context, d *device, db *dbutil.Database, stock bool) {
-	d.sql = crypto.NewSQLCryptoStore(db, dbutil.ZeroLogger(quiet), "BRIDGE", d.deviceID, []byte("pickle key"))
+	d.sql = crypto.NewSQLCryptoStore(db, dbutil.ZeroLogger(quiet), string(d.deviceID), d.deviceID, []byte("pickle key"))
 	if err := d.sql.DB.Upgrade(ctx); err != nil {
 		t.Fatal(err)
 	}

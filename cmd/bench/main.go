@@ -29,14 +29,29 @@ import (
 )
 
 // Report is the JSON the command writes; other checks read its keys.
+//
+// The success path figures come from runs in which stock and unwedge take turns event by event
+// (package bench); each is the median over the runs of that run's figure. The ratios are stock
+// time over unwedge time: "ratio" of the totals (the throughput, with every stall that hit one
+// side), "paired ratio" the median of the ABBA rounds' ratios (the typical event). As medians of
+// their own, a ratio need not equal the quotient of the two times beside it.
 type Report struct {
-	SuccessPathRatio float64 `json:"success_path_ratio"`
-	MegolmRatio      float64 `json:"megolm_decrypt_ratio"`
-	OlmRatio         float64 `json:"olm_decrypt_ratio"`
-	MegolmStockNS    float64 `json:"megolm_decrypt_stock_ns"`
-	MegolmUnwedgeNS  float64 `json:"megolm_decrypt_unwedge_ns"`
-	OlmStockNS       float64 `json:"olm_decrypt_stock_ns"`
-	OlmUnwedgeNS     float64 `json:"olm_decrypt_unwedge_ns"`
+	SuccessPathRatio       float64     `json:"success_path_ratio"`
+	SuccessPathPairedRatio float64     `json:"success_path_paired_ratio"`
+	MegolmRatio            float64     `json:"megolm_decrypt_ratio"`
+	MegolmPairedRatio      float64     `json:"megolm_decrypt_paired_ratio"`
+	OlmRatio               float64     `json:"olm_decrypt_ratio"`
+	OlmPairedRatio         float64     `json:"olm_decrypt_paired_ratio"`
+	MegolmStockNS          float64     `json:"megolm_decrypt_stock_ns"`
+	MegolmUnwedgeNS        float64     `json:"megolm_decrypt_unwedge_ns"`
+	OlmStockNS             float64     `json:"olm_decrypt_stock_ns"`
+	OlmUnwedgeNS           float64     `json:"olm_decrypt_unwedge_ns"`
+	MegolmStockAllocs      float64     `json:"megolm_decrypt_stock_allocs"`
+	MegolmUnwedgeAllocs    float64     `json:"megolm_decrypt_unwedge_allocs"`
+	OlmStockAllocs         float64     `json:"olm_decrypt_stock_allocs"`
+	OlmUnwedgeAllocs       float64     `json:"olm_decrypt_unwedge_allocs"`
+	MegolmRuns             DecryptRuns `json:"megolm_decrypt_runs"`
+	OlmRuns                DecryptRuns `json:"olm_decrypt_runs"`
 
 	HealP50ms      float64          `json:"heal_p50_ms"`
 	HealP95ms      float64          `json:"heal_p95_ms"`
@@ -46,6 +61,12 @@ type Report struct {
 
 	Storm  []bench.StormResult  `json:"storm"`
 	Ledger []bench.LedgerResult `json:"ledger"`
+}
+
+// DecryptRuns are one success path benchmark's ratios, run by run, to show their spread.
+type DecryptRuns struct {
+	Ratio       []float64 `json:"ratio"`
+	PairedRatio []float64 `json:"paired_ratio"`
 }
 
 type sizes struct {
@@ -90,18 +111,29 @@ func run(ctx context.Context, sz sizes) (*Report, error) {
 	defer os.RemoveAll(out)
 	report := &Report{}
 
-	fmt.Fprintf(os.Stderr, "success path: %d alternating runs of %d decryptions per mode...\n", sz.benchRuns, sz.benchOps)
+	fmt.Fprintf(os.Stderr, "success path: %d runs of %d decryptions per mode, stock and unwedge taking turns...\n", sz.benchRuns, sz.benchOps)
 	benchOutput, err := goTest(ctx, root, nil, "-run", "^$", "-bench", "^Benchmark(Megolm|Olm)Decrypt$",
 		"-benchtime", fmt.Sprintf("%dx", sz.benchOps), "-count", strconv.Itoa(sz.benchRuns))
 	if err != nil {
 		return nil, err
 	}
-	ns := parseBenchmarks(benchOutput)
-	report.MegolmStockNS, report.MegolmUnwedgeNS = median(ns["MegolmDecrypt/stock"]), median(ns["MegolmDecrypt/unwedge"])
-	report.OlmStockNS, report.OlmUnwedgeNS = median(ns["OlmDecrypt/stock"]), median(ns["OlmDecrypt/unwedge"])
-	report.MegolmRatio = round(report.MegolmStockNS / report.MegolmUnwedgeNS)
-	report.OlmRatio = round(report.OlmStockNS / report.OlmUnwedgeNS)
+	results := parseBenchmarks(benchOutput)
+	megolm, err := decryptFigures(results, "MegolmDecrypt")
+	if err != nil {
+		return nil, err
+	}
+	olm, err := decryptFigures(results, "OlmDecrypt")
+	if err != nil {
+		return nil, err
+	}
+	report.MegolmStockNS, report.MegolmUnwedgeNS = megolm.stockNS, megolm.unwedgeNS
+	report.MegolmStockAllocs, report.MegolmUnwedgeAllocs = megolm.stockAllocs, megolm.unwedgeAllocs
+	report.MegolmRatio, report.MegolmPairedRatio, report.MegolmRuns = megolm.ratio, megolm.pairedRatio, megolm.runs
+	report.OlmStockNS, report.OlmUnwedgeNS = olm.stockNS, olm.unwedgeNS
+	report.OlmStockAllocs, report.OlmUnwedgeAllocs = olm.stockAllocs, olm.unwedgeAllocs
+	report.OlmRatio, report.OlmPairedRatio, report.OlmRuns = olm.ratio, olm.pairedRatio, olm.runs
 	report.SuccessPathRatio = min(report.MegolmRatio, report.OlmRatio)
+	report.SuccessPathPairedRatio = min(report.MegolmPairedRatio, report.OlmPairedRatio)
 
 	fmt.Fprintf(os.Stderr, "heal latency (%d heals per mode), storm (%s devices), ledger (%s rows)...\n", sz.heals, sz.storm, sz.ledger)
 	env := []string{
@@ -161,36 +193,75 @@ func goTest(ctx context.Context, root string, env []string, args ...string) (str
 	return buf.String(), nil
 }
 
-var benchLine = regexp.MustCompile(`^Benchmark(\S+?)(?:-\d+)?\s+\d+\s+([\d.]+) ns/op`)
+var benchLine = regexp.MustCompile(`^Benchmark(\S+?)(?:-\d+)?\s+\d+\s+(.*)$`)
 
-// parseBenchmarks returns each benchmark's ns/op samples.
-func parseBenchmarks(output string) map[string][]float64 {
-	out := map[string][]float64{}
+// parseBenchmarks returns each benchmark's samples of each unit ("ns/op", "stock-ns/event"...),
+// one per run.
+func parseBenchmarks(output string) map[string]map[string][]float64 {
+	out := map[string]map[string][]float64{}
 	for _, line := range strings.Split(output, "\n") {
-		if m := benchLine.FindStringSubmatch(line); m != nil {
-			v, _ := strconv.ParseFloat(m[2], 64)
-			out[m[1]] = append(out[m[1]], v)
+		m := benchLine.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		if out[m[1]] == nil {
+			out[m[1]] = map[string][]float64{}
+		}
+		fields := strings.Fields(m[2])
+		for i := 0; i+1 < len(fields); i += 2 {
+			if v, err := strconv.ParseFloat(fields[i], 64); err == nil {
+				out[m[1]][fields[i+1]] = append(out[m[1]][fields[i+1]], v)
+			}
 		}
 	}
 	return out
+}
+
+// decrypt is one success path benchmark's figures, each the median over the runs.
+type decrypt struct {
+	stockNS, unwedgeNS, stockAllocs, unwedgeAllocs, ratio, pairedRatio float64
+	runs                                                               DecryptRuns
+}
+
+// decryptFigures reads the figures of one success path benchmark (bench/interleave_test.go
+// names the units).
+func decryptFigures(results map[string]map[string][]float64, name string) (decrypt, error) {
+	samples := results[name]
+	for _, unit := range []string{"stock-ns/event", "unwedge-ns/event", "stock-allocs/event", "unwedge-allocs/event", "stock/unwedge", "paired-stock/unwedge"} {
+		if len(samples[unit]) == 0 {
+			return decrypt{}, fmt.Errorf("no %s figures of Benchmark%s in the output of go test", unit, name)
+		}
+	}
+	return decrypt{
+		stockNS:       median(samples["stock-ns/event"]),
+		unwedgeNS:     median(samples["unwedge-ns/event"]),
+		stockAllocs:   median(samples["stock-allocs/event"]),
+		unwedgeAllocs: median(samples["unwedge-allocs/event"]),
+		ratio:         round(median(samples["stock/unwedge"])),
+		pairedRatio:   round(median(samples["paired-stock/unwedge"])),
+		runs:          DecryptRuns{Ratio: samples["stock/unwedge"], PairedRatio: samples["paired-stock/unwedge"]},
+	}, nil
 }
 
 func median(values []float64) float64 {
 	if len(values) == 0 {
 		return 0
 	}
-	sorted := slices.Clone(values)
-	slices.Sort(sorted)
-	return sorted[len(sorted)/2]
+	sorted := slices.Sorted(slices.Values(values))
+	mid := len(sorted) / 2
+	if len(sorted)%2 == 0 {
+		return (sorted[mid-1] + sorted[mid]) / 2
+	}
+	return sorted[mid]
 }
 
 func round(v float64) float64 { return float64(int(v*1000+0.5)) / 1000 }
 
 func printReport(w io.Writer, r *Report) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "figure\tstock\tunwedge\tratio (stock/unwedge time)")
-	fmt.Fprintf(tw, "Megolm decrypt\t%.0f µs\t%.0f µs\t%.3f\n", r.MegolmStockNS/1000, r.MegolmUnwedgeNS/1000, r.MegolmRatio)
-	fmt.Fprintf(tw, "Olm decrypt (to-device)\t%.0f µs\t%.0f µs\t%.3f\n", r.OlmStockNS/1000, r.OlmUnwedgeNS/1000, r.OlmRatio)
+	fmt.Fprintln(tw, "figure\tstock\tunwedge\tratio (stock/unwedge time; paired: median of rounds)")
+	printDecrypt(tw, "Megolm decrypt", decrypt{r.MegolmStockNS, r.MegolmUnwedgeNS, r.MegolmStockAllocs, r.MegolmUnwedgeAllocs, r.MegolmRatio, r.MegolmPairedRatio, r.MegolmRuns})
+	printDecrypt(tw, "Olm decrypt (to-device)", decrypt{r.OlmStockNS, r.OlmUnwedgeNS, r.OlmStockAllocs, r.OlmUnwedgeAllocs, r.OlmRatio, r.OlmPairedRatio, r.OlmRuns})
 	fmt.Fprintf(tw, "heal p50 / p95 (failure to m.dummy sent)\t%.1f / %.1f ms\t%.1f / %.1f ms\t%.3f\n",
 		r.Heal.StockHealP50ms, r.Heal.StockHealP95ms, r.HealP50ms, r.HealP95ms, r.StockHealRatio)
 	fmt.Fprintf(tw, "lost room key back p50 / p95\t(bridgev2 waits 3 s)\t%.1f / %.1f ms\t\n", r.Heal.RecoveredP50ms, r.Heal.RecoveredP95ms)
@@ -213,4 +284,18 @@ func printReport(w io.Writer, r *Report) {
 		fmt.Fprintf(tw, "%s\t%d\t%.0f µs\t%.0f µs\t%d\t%.0f ms\n", l.DB, l.Rows, l.P50us, l.P99us, l.Pruned, l.PruneMS)
 	}
 	_ = tw.Flush()
+}
+
+// printDecrypt prints a success path benchmark's two rows: time per event and the ratios, then
+// allocations per event and each run's ratio (paired ratio).
+func printDecrypt(w io.Writer, name string, d decrypt) {
+	fmt.Fprintf(w, "%s, per event\t%.0f µs\t%.0f µs\t%.3f (paired %.3f)\n", name, d.stockNS/1000, d.unwedgeNS/1000, d.ratio, d.pairedRatio)
+	perRun := make([]string, len(d.runs.Ratio))
+	for i := range perRun {
+		perRun[i] = fmt.Sprintf("%.3f", d.runs.Ratio[i])
+		if i < len(d.runs.PairedRatio) {
+			perRun[i] += fmt.Sprintf(" (%.3f)", d.runs.PairedRatio[i])
+		}
+	}
+	fmt.Fprintf(w, "  allocations per event; runs\t%.1f\t%.1f\t%s\n", d.stockAllocs, d.unwedgeAllocs, strings.Join(perRun, ", "))
 }

@@ -1,0 +1,71 @@
+package main
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+)
+
+// output is go test's, as package bench's success path benchmarks print it.
+const output = `goos: linux
+BenchmarkMegolmDecrypt-2   	     200	   2911739 ns/op	         0.9927 paired-stock/unwedge	       444.7 stock-allocs/event	   1354145 stock-ns/event	         0.9238 stock/unwedge	       444.4 unwedge-allocs/event	   1465829 unwedge-ns/event
+BenchmarkMegolmDecrypt-2   	     200	   2887941 ns/op	         1.000 paired-stock/unwedge	       444.7 stock-allocs/event	   1406939 stock-ns/event	         0.9799 stock/unwedge	       444.3 unwedge-allocs/event	   1435739 unwedge-ns/event
+BenchmarkOlmDecrypt
+BenchmarkOlmDecrypt-2      	     200	   2647112 ns/op	         0.9722 paired-stock/unwedge	       460.2 stock-allocs/event	   1196898 stock-ns/event	         0.9533 stock/unwedge	       474.1 unwedge-allocs/event	   1255511 unwedge-ns/event
+PASS
+`
+
+func TestParseBenchmarks(t *testing.T) {
+	got := parseBenchmarks(output)
+	tests := []struct {
+		name, unit string
+		want       []float64
+	}{
+		{"MegolmDecrypt", "ns/op", []float64{2911739, 2887941}},
+		{"MegolmDecrypt", "stock/unwedge", []float64{0.9238, 0.9799}},
+		{"MegolmDecrypt", "paired-stock/unwedge", []float64{0.9927, 1}},
+		{"OlmDecrypt", "unwedge-allocs/event", []float64{474.1}},
+		{"OlmDecrypt", "stock-ns/event", []float64{1196898}},
+	}
+	for _, tt := range tests {
+		if !reflect.DeepEqual(got[tt.name][tt.unit], tt.want) {
+			t.Errorf("%s %s = %v, want %v", tt.name, tt.unit, got[tt.name][tt.unit], tt.want)
+		}
+	}
+}
+
+func TestDecryptFigures(t *testing.T) {
+	results := parseBenchmarks(output)
+	megolm, err := decryptFigures(results, "MegolmDecrypt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := decrypt{
+		stockNS: (1354145 + 1406939) / 2.0, unwedgeNS: (1465829 + 1435739) / 2.0, stockAllocs: 444.7, unwedgeAllocs: 444.35,
+		ratio: 0.952, pairedRatio: 0.996,
+		runs: DecryptRuns{Ratio: []float64{0.9238, 0.9799}, PairedRatio: []float64{0.9927, 1}},
+	}
+	if !reflect.DeepEqual(megolm, want) {
+		t.Errorf("figures = %+v, want %+v", megolm, want)
+	}
+	if _, err = decryptFigures(results, "SomethingElse"); err == nil || !strings.Contains(err.Error(), "no stock-ns/event figures") {
+		t.Errorf("figures of a benchmark that did not run: error %v", err)
+	}
+}
+
+func TestMedian(t *testing.T) {
+	tests := []struct {
+		values []float64
+		want   float64
+	}{
+		{nil, 0},
+		{[]float64{3}, 3},
+		{[]float64{3, 1, 2}, 2},
+		{[]float64{4, 1, 3, 2}, 2.5},
+	}
+	for _, tt := range tests {
+		if got := median(tt.values); got != tt.want {
+			t.Errorf("median(%v) = %v, want %v", tt.values, got, tt.want)
+		}
+	}
+}
