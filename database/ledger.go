@@ -53,6 +53,29 @@ const (
 		UPDATE unwedge_heal SET outcome = 'failed_transient', finished_at = $6, error = $7
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND outcome = 'in_progress' AND id <> $5`
 	postponeHealQuery = `UPDATE unwedge_heal SET attempts = $2, error = $3 WHERE id = $1`
+	// On Postgres the steps after a grant (open the heal record, link it to the device, close
+	// the device's older heals still in progress), and the two records of a created session, are
+	// one statement each: data-modifying CTEs on different tables, which all see the snapshot
+	// from before the statement (so the new heal is not among the superseded). One round trip
+	// each instead of three and four, on the path from a wedge to its m.dummy.
+	openHealPostgresQuery = `
+		WITH h AS (
+			INSERT INTO unwedge_heal (bridge_id, user_id, device_id, identity_key, class, forced_by, started_at)
+			VALUES ($1, $2, $3, $4, $6, $7, $8) RETURNING id
+		), d AS (
+			UPDATE unwedge_device SET heal_id = (SELECT id FROM h)
+			WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5
+		), s AS (
+			UPDATE unwedge_heal SET outcome = 'failed_transient', finished_at = $8, error = 'superseded by heal ' || (SELECT id FROM h)
+			WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND outcome = 'in_progress'
+		)
+		SELECT id FROM h`
+	sessionCreatedPostgresQuery = `
+		WITH d AS (
+			UPDATE unwedge_device SET last_created_at = $6, last_session_id = $7
+			WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5
+		)
+		UPDATE unwedge_heal SET session_id = $7 WHERE id = $8`
 	healColumns       = `id, user_id, device_id, identity_key, class, forced_by, started_at, finished_at, outcome, session_id, attempts, error`
 	listHealsQuery    = `
 		SELECT ` + healColumns + ` FROM unwedge_heal
@@ -65,9 +88,11 @@ const (
 	countCreatedQuery = `
 		SELECT COUNT(*) FROM unwedge_heal
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND session_id <> '' AND started_at >= $4`
-	countUserHealsQuery = `
-		SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND user_id = $2 AND forced_by = '' AND started_at >= $3`
-	countHealsQuery   = `SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND started_at >= $2`
+	// Both caps of a heal's admission in one round trip.
+	countRecentHealsQuery = `
+		SELECT
+			(SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND user_id = $2 AND forced_by = '' AND started_at >= $3),
+			(SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND started_at >= $4)`
 	pruneHealsQuery   = `DELETE FROM unwedge_heal WHERE bridge_id = $1 AND started_at < $2 AND outcome <> 'in_progress'`
 	pruneDevicesQuery = `
 		DELETE FROM unwedge_device WHERE bridge_id = $1 AND last_created_at < $2 AND last_failed_at < $2 AND lease_until < $3`
@@ -96,6 +121,13 @@ func (lq *LedgerQuery) Acquire(ctx context.Context, dev unwedge.LedgerDevice, p 
 		return nil, fmt.Errorf("failed to acquire device: %w", err)
 	}
 	grant := &unwedge.Grant{Granted: true, LastCreatedAt: msTime(lastCreated)}
+	if lq.db.Dialect == dbutil.Postgres {
+		err = lq.db.QueryRow(ctx, openHealPostgresQuery, append(lq.deviceArgs(dev), p.Owner, p.Class, p.ForcedBy, now)...).Scan(&grant.HealID)
+		if err != nil {
+			return nil, fmt.Errorf("failed to record heal: %w", err)
+		}
+		return grant, nil
+	}
 	err = lq.db.QueryRow(ctx, insertHealQuery, append(lq.deviceArgs(dev), p.Class, p.ForcedBy, now)...).Scan(&grant.HealID)
 	if err != nil {
 		return nil, fmt.Errorf("failed to record heal: %w", err)
@@ -122,26 +154,16 @@ func (lq *LedgerQuery) refusal(ctx context.Context, dev unwedge.LedgerDevice) (*
 	return grant, nil
 }
 
-// UserHeals counts the automatic heals of the user's devices started at or after since (forced
-// ones are not counted), for the per-user cap.
-func (lq *LedgerQuery) UserHeals(ctx context.Context, userID id.UserID, since time.Time) (int, error) {
-	var n int
-	err := lq.db.QueryRow(ctx, countUserHealsQuery, lq.BridgeID, userID, since.UnixMilli()).Scan(&n)
+// RecentHeals counts, in one query, the automatic heals of the user's devices started at or
+// after userSince (forced ones are not counted), for the per-user cap, and the heals of all
+// devices, automatic and forced, started at or after allSince (by every replica on the
+// database), for the bridge's cap on heals per minute.
+func (lq *LedgerQuery) RecentHeals(ctx context.Context, userID id.UserID, userSince, allSince time.Time) (counts unwedge.HealCounts, err error) {
+	err = lq.db.QueryRow(ctx, countRecentHealsQuery, lq.BridgeID, userID, userSince.UnixMilli(), allSince.UnixMilli()).Scan(&counts.User, &counts.All)
 	if err != nil {
-		return 0, fmt.Errorf("failed to count the user's heals: %w", err)
+		return counts, fmt.Errorf("failed to count recent heals: %w", err)
 	}
-	return n, nil
-}
-
-// HealsSince counts the heals of all devices, automatic and forced, started at or after since (by
-// every replica on the database), for the bridge's cap on heals per minute.
-func (lq *LedgerQuery) HealsSince(ctx context.Context, since time.Time) (int, error) {
-	var n int
-	err := lq.db.QueryRow(ctx, countHealsQuery, lq.BridgeID, since.UnixMilli()).Scan(&n)
-	if err != nil {
-		return 0, fmt.Errorf("failed to count recent heals: %w", err)
-	}
-	return n, nil
+	return counts, nil
 }
 
 // RenewLease extends the lease of a heal that is still retrying.
@@ -152,6 +174,10 @@ func (lq *LedgerQuery) RenewLease(ctx context.Context, ref unwedge.HealRef, unti
 
 // SessionCreated records that unwedge created a replacement session: from now the interval runs.
 func (lq *LedgerQuery) SessionCreated(ctx context.Context, ref unwedge.HealRef, sessionID id.SessionID, at time.Time) error {
+	if lq.db.Dialect == dbutil.Postgres {
+		_, err := lq.db.Exec(ctx, sessionCreatedPostgresQuery, append(lq.deviceArgs(ref.Device), ref.Owner, at.UnixMilli(), sessionID, ref.HealID)...)
+		return err
+	}
 	return lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
 		if _, err := lq.db.Exec(ctx, sessionCreatedDeviceQuery, append(lq.deviceArgs(ref.Device), ref.Owner, at.UnixMilli(), sessionID)...); err != nil {
 			return err

@@ -190,10 +190,10 @@ func TestLedgerPrune(t *testing.T) {
 	}
 }
 
-// TestLedgerHealsSince: the bridge's cap on heals per minute counts every heal it started within
+// TestLedgerRecentHeals: the bridge's cap on heals per minute counts every heal it started within
 // the window, automatic and forced, of any device, on any replica; not older ones, nor another
-// bridge's on the same database.
-func TestLedgerHealsSince(t *testing.T) {
+// bridge's on the same database. The per-user cap counts only the user's automatic heals.
+func TestLedgerRecentHeals(t *testing.T) {
 	t0 := time.UnixMilli(1_800_000_000_000)
 	for dialect, uri := range testenv.Databases(t) {
 		t.Run(dialect, func(t *testing.T) {
@@ -214,13 +214,16 @@ func TestLedgerHealsSince(t *testing.T) {
 			for _, h := range heals {
 				dev := unwedge.LedgerDevice{UserID: testDevice.UserID, DeviceID: h.device, IdentityKey: id.IdentityKey("key-" + h.device)}
 				p := params(t0.Add(h.at), "bridge")
-				p.Force = h.force
+				if p.Force = h.force; h.force {
+					p.ForcedBy = "@admin:localhost"
+				}
 				if g, err := h.lq.Acquire(context.Background(), dev, p); err != nil || !g.Granted {
 					t.Fatalf("heal of %s: %+v, %v", h.device, g, err)
 				}
 			}
-			if n, err := lq.HealsSince(context.Background(), t0.Add(30*time.Second-time.Minute)); err != nil || n != 2 {
-				t.Errorf("heals within the minute = %d, %v; want 2 (this bridge's automatic and forced ones)", n, err)
+			since := t0.Add(30*time.Second - time.Minute)
+			if c, err := lq.RecentHeals(context.Background(), testDevice.UserID, since, since); err != nil || c.All != 2 || c.User != 1 {
+				t.Errorf("heals within the minute = %+v, %v; want 2 in all (this bridge's automatic and forced ones), 1 of the user (automatic)", c, err)
 			}
 		})
 	}

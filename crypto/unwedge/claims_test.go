@@ -197,8 +197,8 @@ func TestHealsPerMinute(t *testing.T) {
 		t.Errorf("forced heal over the cap: %s (%+v), want healed", d.Action, d)
 	}
 	f.decision()
-	if n, err := f.ledger.HealsSince(f.ctx, time.Now().Add(-time.Minute)); err != nil || n != 2 {
-		t.Errorf("ledger counts %d heals in the last minute (%v), want 2 (the forced one too)", n, err)
+	if c, err := f.ledger.RecentHeals(f.ctx, "", time.Now(), time.Now().Add(-time.Minute)); err != nil || c.All != 2 {
+		t.Errorf("ledger counts %d heals in the last minute (%v), want 2 (the forced one too)", c.All, err)
 	}
 	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassForced, Action: unwedge.ActionThrottled}]; n != 1 {
 		t.Errorf("throttled admin heals counted %d times, want 1", n)

@@ -20,10 +20,15 @@ type Ledger interface {
 	Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error)
 	UnfinishedHeals(ctx context.Context) ([]*Heal, error)
 	Resume(ctx context.Context, heal *Heal, owner string, now, until time.Time) (bool, error)
-	// UserHeals counts the automatic heals of the user's devices started at or after since.
-	UserHeals(ctx context.Context, userID id.UserID, since time.Time) (int, error)
-	// HealsSince counts the heals of all devices, forced ones too, started at or after since.
-	HealsSince(ctx context.Context, since time.Time) (int, error)
+	// RecentHeals counts the automatic heals of the user's devices started at or after userSince,
+	// and the heals of all devices, forced ones too, started at or after allSince.
+	RecentHeals(ctx context.Context, userID id.UserID, userSince, allSince time.Time) (HealCounts, error)
+}
+
+// HealCounts are the recent heals a heal's admission counts: of one user's devices (automatic
+// ones), and of all devices.
+type HealCounts struct {
+	User, All int
 }
 
 // HealRef is a heal that an owner (a process) runs on a device, as the ledger granted it.

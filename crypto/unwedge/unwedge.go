@@ -344,16 +344,14 @@ func (u *Unwedger) admission(ctx context.Context, userID id.UserID) (action Acti
 		return ActionOutOfScope, fmt.Sprintf("unwedge.scope is %s", u.cfg.Scope), err
 	}
 	now := time.Now()
-	heals, err := u.ledger.UserHeals(ctx, userID, now.Add(-u.cfg.MinInterval))
-	if err != nil {
+	heals, err := u.ledger.RecentHeals(ctx, userID, now.Add(-u.cfg.MinInterval), now.Add(-time.Minute))
+	switch {
+	case err != nil:
 		return ActionFailed, "", err
-	} else if heals >= u.cfg.MaxHealsPerUser {
-		return ActionCapped, fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals, u.cfg.MinInterval), nil
-	}
-	if heals, err = u.ledger.HealsSince(ctx, now.Add(-time.Minute)); err != nil {
-		return ActionFailed, "", err
-	} else if heals >= u.cfg.MaxHealsPerMinute {
-		return ActionThrottled, fmt.Sprintf("%d heals of all users' devices within the last minute (max_heals_per_minute)", heals), nil
+	case heals.User >= u.cfg.MaxHealsPerUser:
+		return ActionCapped, fmt.Sprintf("%d heals of this user's devices within %s (max_heals_per_user)", heals.User, u.cfg.MinInterval), nil
+	case heals.All >= u.cfg.MaxHealsPerMinute:
+		return ActionThrottled, fmt.Sprintf("%d heals of all users' devices within the last minute (max_heals_per_minute)", heals.All), nil
 	}
 	return "", "", nil
 }

@@ -272,8 +272,8 @@ func TestOutOfScope(t *testing.T) {
 	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassNoSession, Action: unwedge.ActionOutOfScope}]; n != 1 {
 		t.Errorf("out-of-scope count = %d", n)
 	}
-	if n, err := f.ledger.UserHeals(f.ctx, peerUser, time.Now().Add(-time.Hour)); err != nil || n != 0 {
-		t.Errorf("ledger has %d heals of the user (%v): the stock unwedging is not unwedge's", n, err)
+	if c, err := f.ledger.RecentHeals(f.ctx, peerUser, time.Now().Add(-time.Hour), time.Now()); err != nil || c.User != 0 {
+		t.Errorf("ledger has %d heals of the user (%v): the stock unwedging is not unwedge's", c.User, err)
 	}
 }
 
@@ -299,8 +299,8 @@ func TestMachineCallback(t *testing.T) {
 	if n := f.claims.Load() - before; n != 1 {
 		t.Errorf("%d key claims, want 1", n)
 	}
-	if n, err := f.ledger.UserHeals(f.ctx, peerUser, time.Now().Add(-time.Hour)); err != nil || n != 1 {
-		t.Errorf("ledger has %d heals (%v), want 1", n, err)
+	if c, err := f.ledger.RecentHeals(f.ctx, peerUser, time.Now().Add(-time.Hour), time.Now()); err != nil || c.User != 1 {
+		t.Errorf("ledger has %d heals (%v), want 1", c.User, err)
 	}
 	f.healedBothWays()
 }
