@@ -76,8 +76,8 @@ const (
 			WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5
 		)
 		UPDATE unwedge_heal SET session_id = $7 WHERE id = $8`
-	healColumns       = `id, user_id, device_id, identity_key, class, forced_by, started_at, finished_at, outcome, session_id, attempts, error`
-	listHealsQuery    = `
+	healColumns    = `id, user_id, device_id, identity_key, class, forced_by, started_at, finished_at, outcome, session_id, attempts, error`
+	listHealsQuery = `
 		SELECT ` + healColumns + ` FROM unwedge_heal
 		WHERE bridge_id = $1 AND user_id = $2 AND ($3 = '' OR device_id = $3) ORDER BY started_at DESC, id DESC LIMIT $4`
 	unfinishedHealsQuery = `
