@@ -77,7 +77,7 @@ func (t turns) pairedRatio() float64 {
 	for r := range ratios {
 		ratios[r] = float64(sum(t.took[0][r])) / float64(sum(t.took[1][r]))
 	}
-	return median(ratios)
+	return Median(ratios)
 }
 
 // report gives the figures to the benchmark, for cmd/bench. Units name the mode; both ratios
@@ -99,17 +99,6 @@ func sum(durations []time.Duration) time.Duration {
 	return total
 }
 
-func median(values []float64) float64 {
-	if len(values) == 0 {
-		return 0
-	}
-	sorted := slices.Sorted(slices.Values(values))
-	mid := len(sorted) / 2
-	if len(sorted)%2 == 0 {
-		return (sorted[mid-1] + sorted[mid]) / 2
-	}
-	return sorted[mid]
-}
 
 func TestInterleave(t *testing.T) {
 	tests := []struct {

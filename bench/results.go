@@ -1,5 +1,21 @@
 package bench
 
+import "slices"
+
+// Median is the middle of the values (the mean of the middle two of an even count), or 0 when
+// there are none.
+func Median(values []float64) float64 {
+	if len(values) == 0 {
+		return 0
+	}
+	sorted := slices.Sorted(slices.Values(values))
+	mid := len(sorted) / 2
+	if len(sorted)%2 == 0 {
+		return (sorted[mid-1] + sorted[mid]) / 2
+	}
+	return sorted[mid]
+}
+
 // The figures the tests of this package write for cmd/bench (UNWEDGE_BENCH_OUT).
 
 // HealResult is the heal latency on the local Synapse, with its steps, and the floor.

@@ -233,27 +233,16 @@ func decryptFigures(results map[string]map[string][]float64, name string) (decry
 		}
 	}
 	return decrypt{
-		stockNS:       median(samples["stock-ns/event"]),
-		unwedgeNS:     median(samples["unwedge-ns/event"]),
-		stockAllocs:   median(samples["stock-allocs/event"]),
-		unwedgeAllocs: median(samples["unwedge-allocs/event"]),
-		ratio:         round(median(samples["stock/unwedge"])),
-		pairedRatio:   round(median(samples["paired-stock/unwedge"])),
+		stockNS:       bench.Median(samples["stock-ns/event"]),
+		unwedgeNS:     bench.Median(samples["unwedge-ns/event"]),
+		stockAllocs:   bench.Median(samples["stock-allocs/event"]),
+		unwedgeAllocs: bench.Median(samples["unwedge-allocs/event"]),
+		ratio:         round(bench.Median(samples["stock/unwedge"])),
+		pairedRatio:   round(bench.Median(samples["paired-stock/unwedge"])),
 		runs:          DecryptRuns{Ratio: samples["stock/unwedge"], PairedRatio: samples["paired-stock/unwedge"]},
 	}, nil
 }
 
-func median(values []float64) float64 {
-	if len(values) == 0 {
-		return 0
-	}
-	sorted := slices.Sorted(slices.Values(values))
-	mid := len(sorted) / 2
-	if len(sorted)%2 == 0 {
-		return (sorted[mid-1] + sorted[mid]) / 2
-	}
-	return sorted[mid]
-}
 
 func round(v float64) float64 { return float64(int(v*1000+0.5)) / 1000 }
 

@@ -4,6 +4,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/unwedge/unwedge/bench"
 )
 
 // output is go test's, as package bench's success path benchmarks print it.
@@ -64,8 +66,8 @@ func TestMedian(t *testing.T) {
 		{[]float64{4, 1, 3, 2}, 2.5},
 	}
 	for _, tt := range tests {
-		if got := median(tt.values); got != tt.want {
-			t.Errorf("median(%v) = %v, want %v", tt.values, got, tt.want)
+		if got := bench.Median(tt.values); got != tt.want {
+			t.Errorf("bench.Median(%v) = %v, want %v", tt.values, got, tt.want)
 		}
 	}
 }
