@@ -99,7 +99,6 @@ func sum(durations []time.Duration) time.Duration {
 	return total
 }
 
-
 func TestInterleave(t *testing.T) {
 	tests := []struct {
 		name  string

@@ -243,7 +243,6 @@ func decryptFigures(results map[string]map[string][]float64, name string) (decry
 	}, nil
 }
 
-
 func round(v float64) float64 { return float64(int(v*1000+0.5)) / 1000 }
 
 func printReport(w io.Writer, r *Report) {
