@@ -11,6 +11,10 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
+// This file holds what Recovery keeps in memory about bridgev2's own wait for a missing Megolm
+// session (3 s, a key request, 22 s more in mautrix-go v0.32.0): which events failed, which
+// sessions bridgev2 waits for and for whose events, and which devices were healed lately.
+
 // Undecryptable is told that the bridge failed to decrypt a room event for lack of its Megolm
 // session. The event is held until bridgev2 waits for the session (WaitForSession), which it
 // does only for live events; events it fetched later are forgotten.
@@ -56,10 +60,6 @@ func (r *Recovery) RequestSession(ctx context.Context, roomID id.RoomID, senderK
 		log.Debug().Msg("Sent key request")
 	}
 }
-
-// This file holds what Recovery keeps in memory about bridgev2's own wait for a missing Megolm
-// session (3 s, a key request, 22 s more in mautrix-go v0.32.0): which events failed, which
-// sessions bridgev2 waits for and for whose events, and which devices were healed lately.
 
 // liveEvents holds the events the bridge just failed to decrypt for lack of their Megolm session,
 // until bridgev2 waits for that session. bridgev2 waits only for events it received live from the
