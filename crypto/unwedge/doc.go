@@ -3,7 +3,19 @@
 // replacement session with that device and sends m.dummy over it, at most once per device per
 // hour across restarts and replicas, and re-requests the Megolm room keys that were lost.
 //
-// The flow reads in one direction: detect (classify the failure) -> limit (the ledger decides
-// whether a new session may be created now) -> heal (claim a one-time key, create the session,
-// send m.dummy) -> recover (re-request lost room keys, bridge the late messages).
+// The flow reads in one direction, a file a step:
+//
+//   - unwedge.go: the Unwedger, the middleware between the bridge's to-device transport and its
+//     OlmMachine; store.go: the crypto store decorator through which it sees how each Olm event
+//     ended.
+//   - detect.go: detect: parse and classify each failure (wedged or not, and why).
+//   - ledger.go: limit: the ledger decides whether a device may get a new session now (MSC1719's
+//     interval, leases across replicas); unwedge.go's admission adds the scope and the caps.
+//   - heal.go: heal: claim one one-time key, create the session, send m.dummy; resume heals a
+//     stopped process left.
+//   - recovery.go: recover: the one owner of waiting for a key; waits.go: bridgev2's own wait in
+//     memory; pending.go: the events kept in the database until their key comes; roomkeys.go:
+//     the bridge's own room keys, answered and shared again after a heal.
+//
+// The database package implements Ledger, PendingStore and SharedIndex on Postgres and SQLite.
 package unwedge
