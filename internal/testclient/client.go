@@ -5,6 +5,11 @@
 // could not decrypt. Snapshot and Restore copy and roll back its crypto state, which is how the
 // wedge lab reproduces "a client restored from a backup".
 //
+// Options.Rules picks whose key-sharing behaviour it has (rules.go): mautrix-go's, which answers
+// any key request for a session it shared (the default), Element Web's or Element X's
+// (matrix-rust-sdk's), which answer few or none but share the current room key again with a
+// device that started a new Olm session (shares.go). KeyRequests tells what it answered.
+//
 // Olm comes from mautrix-go; build with -tags goolm for the pure-Go implementation.
 package testclient
 
@@ -20,6 +25,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"go.mau.fi/util/exsync"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/id"
@@ -40,6 +46,9 @@ type Options struct {
 	DeviceName string
 	// DataDir holds the client's SQLite files (required). One Client at a time per device.
 	DataDir string
+	// Rules is whose key-sharing behaviour the client follows (default RulesMautrix). Setting
+	// Machine().AllowKeyShare replaces how the rules answer key requests, until Restore.
+	Rules Rules
 	// Log receives the client's and mautrix's logs. The zero value discards them.
 	Log zerolog.Logger
 }
@@ -52,6 +61,10 @@ type Client struct {
 	pickle   []byte
 	stateDB  *stateStore
 	identity id.IdentityKey
+	rules    Rules
+
+	// sendLock serializes sharing and encrypting per room.
+	sendLock exsync.KeyedMutex[id.RoomID]
 
 	// cryptoLock is held for reading by operations that use the crypto state and for writing by
 	// Restore while it swaps the state. The sync loop is stopped before the swap instead.
@@ -84,6 +97,11 @@ func New(ctx context.Context, opts Options) (*Client, error) {
 	} else if strings.ContainsAny(opts.DeviceID.String(), `/\`) {
 		return nil, fmt.Errorf("testclient: invalid device ID %q", opts.DeviceID)
 	}
+	if opts.Rules == "" {
+		opts.Rules = RulesMautrix
+	} else if _, err := ParseRules(string(opts.Rules)); err != nil {
+		return nil, fmt.Errorf("testclient: %w", err)
+	}
 	if opts.DeviceName == "" {
 		opts.DeviceName = "unwedge testclient"
 	}
@@ -109,6 +127,7 @@ func New(ctx context.Context, opts Options) (*Client, error) {
 		log:     log,
 		dataDir: opts.DataDir,
 		pickle:  pickleKey(cli.UserID, cli.DeviceID),
+		rules:   opts.Rules,
 		hist:    newHistory(),
 	}
 	c.lifetime, c.cancelLifetime = context.WithCancel(log.WithContext(context.Background()))
@@ -116,7 +135,7 @@ func New(ctx context.Context, opts Options) (*Client, error) {
 		_ = c.Close()
 		return nil, err
 	}
-	log.Info().Msg("Test client ready")
+	log.Info().Stringer("rules", opts.Rules).Msg("Test client ready")
 	return c, nil
 }
 
@@ -211,6 +230,9 @@ func (c *Client) DeviceID() id.DeviceID { return c.cli.DeviceID }
 
 // IdentityKey returns the device's Curve25519 identity key.
 func (c *Client) IdentityKey() id.IdentityKey { return c.identity }
+
+// Rules returns whose key-sharing behaviour the client follows.
+func (c *Client) Rules() Rules { return c.rules }
 
 // Mautrix returns the underlying mautrix client. Events sent through it are not encrypted.
 func (c *Client) Mautrix() *mautrix.Client { return c.cli }

@@ -49,13 +49,19 @@ func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 // newClient logs a fresh user in with its own data directory.
 func newClient(t *testing.T, ctx context.Context, env *testenv.Env, name string, log zerolog.Logger) *testclient.Client {
 	t.Helper()
-	c, err := testclient.New(ctx, testclient.Options{
+	return startClient(t, ctx, name, testclient.Options{
 		HomeserverURL: env.HomeserverURL,
 		Username:      testenv.UniqueName(name),
 		Password:      "correct horse battery",
 		DataDir:       t.TempDir(),
 		Log:           log.With().Str("client", name).Logger(),
 	})
+}
+
+// startClient starts a client that is closed when the test ends.
+func startClient(t *testing.T, ctx context.Context, name string, opts testclient.Options) *testclient.Client {
+	t.Helper()
+	c, err := testclient.New(ctx, opts)
 	if err != nil {
 		t.Fatalf("failed to start %s: %v", name, err)
 	}

@@ -59,9 +59,10 @@ func (s *stateStore) close() error {
 
 // cryptoState is one opening of the crypto database and the Olm machine on top of it.
 type cryptoState struct {
-	db    *dbutil.Database
-	store *crypto.SQLCryptoStore
-	mach  *crypto.OlmMachine
+	db     *dbutil.Database
+	store  *crypto.SQLCryptoStore
+	shares *shareLog
+	mach   *crypto.OlmMachine
 }
 
 func (cs *cryptoState) close() error {
@@ -92,7 +93,16 @@ func (c *Client) openCrypto(ctx context.Context) (*cryptoState, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("failed to upgrade crypto store: %w", err)
 	}
-	mach := crypto.NewOlmMachine(c.cli, &log, store, c.stateDB.store)
+	shares, err := openShareLog(ctx, db, log)
+	if err != nil {
+		_ = db.Close()
+		return nil, err
+	}
+	var machStore crypto.Store = store
+	if c.rules.element() {
+		machStore = &olmWatch{SQLCryptoStore: store, shares: shares}
+	}
+	mach := crypto.NewOlmMachine(c.cli, &log, machStore, c.stateDB.store)
 	mach.SetBackgroundCtx(c.lifetime)
 	if err = mach.Load(ctx); err != nil {
 		_ = db.Close()
@@ -101,7 +111,9 @@ func (c *Client) openCrypto(ctx context.Context) (*cryptoState, error) {
 	mach.SessionReceived = func(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
 		c.retryDecryption(ctx, mach, roomID, sessionID)
 	}
-	return &cryptoState{db: db, store: store, mach: mach}, nil
+	cs := &cryptoState{db: db, store: store, shares: shares, mach: mach}
+	mach.AllowKeyShare = c.allowKeyShare(cs, mach.AllowKeyShare)
+	return cs, nil
 }
 
 // RotateRoomKey discards the room's outbound Megolm session, so the next message sent to the

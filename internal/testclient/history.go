@@ -11,8 +11,8 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// history is what the client has seen: its rooms and their messages. Waiters are woken by
-// closing the updated channel after every change.
+// history is what the client has seen: its rooms and their messages, and the key requests it
+// answered. Waiters are woken by closing the updated channel after every change.
 type history struct {
 	mu      sync.Mutex
 	updated chan struct{}
@@ -20,6 +20,8 @@ type history struct {
 	rooms   map[id.RoomID]*roomHistory
 	events  map[id.EventID]*eventRecord
 	joining map[id.RoomID]bool
+	// keyRequests are the room key requests from other devices, in the order they were decided.
+	keyRequests []KeyRequest
 }
 
 type roomHistory struct {
@@ -197,6 +199,41 @@ func (h *history) undecryptableInSession(roomID id.RoomID, sessionID id.SessionI
 		}
 	}
 	return evts
+}
+
+func (h *history) addKeyRequest(req KeyRequest) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.keyRequests = append(h.keyRequests, req)
+	h.notifyLocked()
+}
+
+// KeyRequests returns the room key requests the client received from other devices and what its
+// Rules made of them, in the order it decided. Requests from the client's own device, and
+// cancellations, are not kept (mautrix-go ignores them).
+func (c *Client) KeyRequests() []KeyRequest {
+	c.hist.mu.Lock()
+	defer c.hist.mu.Unlock()
+	return slices.Clone(c.hist.keyRequests)
+}
+
+// WaitForKeyRequest returns the first key request (see KeyRequests) that match accepts, waiting
+// for one if there is none yet.
+func (c *Client) WaitForKeyRequest(ctx context.Context, match func(KeyRequest) bool) (KeyRequest, error) {
+	var found KeyRequest
+	err := c.hist.waitFor(ctx, func() bool {
+		for _, req := range c.KeyRequests() {
+			if match(req) {
+				found = req
+				return true
+			}
+		}
+		return false
+	})
+	if err != nil {
+		return KeyRequest{}, fmt.Errorf("no matching key request reached %s (%d decided): %w", c.cli.UserID, len(c.KeyRequests()), err)
+	}
+	return found, nil
 }
 
 // Messages returns the room's m.room.message events that the client has decrypted (or received

@@ -98,6 +98,9 @@ func (c *Client) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Ty
 	if cs == nil {
 		return nil, errClosed
 	}
+	// One message at a time per room: what the Element rules record about a share holds only
+	// if nothing is encrypted between sharing and recording.
+	defer c.sendLock.WithLock(roomID)()
 	var err error
 	for attempt := 1; attempt <= 2; attempt++ {
 		if err = c.shareRoomKey(ctx, cs, roomID); err != nil {
@@ -119,11 +122,16 @@ func (c *Client) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Ty
 // shareRoomKey shares the room's outbound Megolm session with all devices of the joined and
 // invited members, creating a new session if there is none. The member list is refreshed from
 // the homeserver first, so that members whose join the sync has not shown yet get the key too.
+// Under the Element rules it records the index each device got, and shares a session that was
+// already shared again with the devices that started a new Olm session since (reshareWedged).
 func (c *Client) shareRoomKey(ctx context.Context, cs *cryptoState, roomID id.RoomID) error {
 	sess, err := cs.store.GetOutboundGroupSession(ctx, roomID)
 	if err != nil {
 		return fmt.Errorf("failed to get outbound group session of %s: %w", roomID, err)
 	} else if sess != nil && sess.Shared && !sess.Expired() {
+		if c.rules.element() {
+			return c.reshareWedged(ctx, cs, sess)
+		}
 		return nil
 	}
 	if _, err = c.cli.Members(ctx, roomID); err != nil {
@@ -136,12 +144,18 @@ func (c *Client) shareRoomKey(ctx context.Context, cs *cryptoState, roomID id.Ro
 	if err = cs.mach.ShareGroupSession(ctx, roomID, users); err != nil {
 		return fmt.Errorf("failed to share room key of %s: %w", roomID, err)
 	}
-	if sess, err = cs.store.GetOutboundGroupSession(ctx, roomID); err == nil && sess != nil {
-		c.log.Debug().
-			Stringer("room_id", roomID).
-			Stringer("session_id", sess.ID()).
-			Int("user_count", len(users)).
-			Msg("Shared room key")
+	if sess, err = cs.store.GetOutboundGroupSession(ctx, roomID); err != nil {
+		return fmt.Errorf("failed to get outbound group session of %s: %w", roomID, err)
+	} else if sess == nil {
+		return nil // discarded meanwhile; encrypt shares again
+	}
+	c.log.Debug().
+		Stringer("room_id", roomID).
+		Stringer("session_id", sess.ID()).
+		Int("user_count", len(users)).
+		Msg("Shared room key")
+	if c.rules.element() {
+		return c.recordShares(ctx, cs, sess, users)
 	}
 	return nil
 }
@@ -201,14 +215,9 @@ func (c *Client) ForwardRoomKey(ctx context.Context, roomID id.RoomID, sessionID
 	if err != nil || igs == nil {
 		return fmt.Errorf("no room key %s to forward: %w", sessionID, err)
 	}
-	exported, err := igs.Internal.Export(igs.Internal.FirstKnownIndex())
+	content, err := forwardedRoomKey(igs, igs.Internal.FirstKnownIndex())
 	if err != nil {
 		return err
 	}
-	content := event.Content{Parsed: &event.ForwardedRoomKeyEventContent{
-		RoomKeyEventContent: event.RoomKeyEventContent{Algorithm: id.AlgorithmMegolmV1, RoomID: roomID, SessionID: sessionID, SessionKey: string(exported)},
-		SenderKey:           igs.SenderKey,
-		SenderClaimedKey:    igs.SigningKey,
-	}}
 	return cs.mach.SendEncryptedToDevice(ctx, to, event.ToDeviceForwardedRoomKey, content)
 }
