@@ -25,7 +25,7 @@ const (
 // where the stack is.
 func Databases(t testing.TB) map[string]string {
 	t.Helper()
-	uris := map[string]string{SQLite: "file:" + filepath.Join(t.TempDir(), "bridge.db") + "?_txlock=immediate"}
+	uris := map[string]string{SQLite: SQLiteURI(t)}
 	env, err := available()
 	switch {
 	case err == nil:
@@ -36,6 +36,11 @@ func Databases(t testing.TB) map[string]string {
 		t.Logf("SQLite only: %v", err)
 	}
 	return uris
+}
+
+// SQLiteURI returns the URI of a fresh SQLite database file, deleted when the test ends.
+func SQLiteURI(t testing.TB) string {
+	return "file:" + filepath.Join(t.TempDir(), "bridge.db") + "?_txlock=immediate"
 }
 
 // OpenDatabase connects to a database like a bridge process would: its own connection pool,

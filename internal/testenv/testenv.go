@@ -22,7 +22,6 @@ import (
 	"github.com/lib/pq"
 
 	"github.com/unwedge/unwedge/internal/envfile"
-	"github.com/unwedge/unwedge/internal/harness"
 )
 
 // Environment variables read by Load.
@@ -254,7 +253,7 @@ func waitFor(ctx context.Context, ping func(context.Context) error) error {
 
 // runStack runs scripts/stack.sh with the given arguments (which needs root).
 func runStack(ctx context.Context, args ...string) error {
-	root, err := harness.ModuleRoot()
+	root, err := moduleRoot(ctx)
 	if err != nil {
 		return err
 	}
@@ -267,6 +266,21 @@ func runStack(ctx context.Context, args ...string) error {
 		return fmt.Errorf("stack.sh %s failed: %w\n%s", strings.Join(args, " "), err, out)
 	}
 	return nil
+}
+
+// moduleRoot is the directory of the module's go.mod, as the go command finds it from the test's
+// working directory (its package's). Asking harness.ModuleRoot instead would make every test
+// that imports testenv depend on the reference bridge, and so on the bridge package.
+func moduleRoot(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("failed to find the module root: %w", err)
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", errors.New("failed to find the module root: not in a module")
+	}
+	return filepath.Dir(gomod), nil
 }
 
 // NewDatabase creates a fresh, uniquely named Postgres database for one test and returns its URI.

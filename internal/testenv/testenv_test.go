@@ -311,3 +311,14 @@ func (r *recordingTB) Fatalf(format string, args ...any) {
 	r.failed, r.msg = true, fmt.Sprintf(format, args...)
 	runtime.Goexit()
 }
+
+// TestModuleRoot: the stack's script is found from a package's directory, where go test runs.
+func TestModuleRoot(t *testing.T) {
+	root, err := moduleRoot(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err = os.Stat(filepath.Join(root, "scripts", "stack.sh")); err != nil {
+		t.Errorf("module root %s: %v", root, err)
+	}
+}
