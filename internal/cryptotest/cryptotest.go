@@ -1,0 +1,92 @@
+// Package cryptotest is the test kit of the crypto tests, in the spirit of matrix-rust-sdk's
+// machine/test_helpers.rs: mautrix-go's in-memory homeserver, counting what clients ask of it and
+// failing as a real one cannot on demand; devices with real OlmMachines on a memory or SQL store,
+// wrapped in unwedge's store or stock, that restart on the same store and pass to-device events
+// between them; the database they keep their state in, unwedge's tables, and an Unwedger. The
+// tests of crypto/unwedge, bench and bridge share it.
+//
+// Tests that need only a database run everywhere: Database gives Postgres, the production
+// database, when the local stack runs, and SQLite otherwise.
+package cryptotest
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/lib/pq"
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/testenv"
+)
+
+func init() {
+	// As bridgev2 sets it for the bridge: mautrix-go's SQL store queries Postgres with arrays.
+	crypto.PostgresArrayWrapper = pq.Array
+}
+
+// Database opens a fresh database for one test: Postgres, the production database, when the
+// local stack runs, and SQLite otherwise; the test's log says which. With UNWEDGE_REQUIRE_STACK=1
+// a missing stack fails the test instead.
+func Database(t testing.TB) *dbutil.Database {
+	t.Helper()
+	uris := testenv.Databases(t)
+	dialect := testenv.Postgres
+	if _, ok := uris[dialect]; !ok {
+		dialect = testenv.SQLite
+	}
+	t.Logf("Database: %s", dialect)
+	return testenv.OpenDatabase(t, dialect, uris[dialect])
+}
+
+// Databases opens a fresh database of each dialect there is, by dialect: SQLite always, and
+// Postgres when the local stack runs (testenv.Databases). For tests whose SQL differs between
+// the two.
+func Databases(t testing.TB) map[string]*dbutil.Database {
+	t.Helper()
+	dbs := map[string]*dbutil.Database{}
+	for dialect, uri := range testenv.Databases(t) {
+		dbs[dialect] = testenv.OpenDatabase(t, dialect, uri)
+	}
+	return dbs
+}
+
+// SQLite opens a fresh SQLite database, for tests that want no more (fuzz targets: many inputs).
+func SQLite(t testing.TB) *dbutil.Database {
+	t.Helper()
+	return testenv.OpenDatabase(t, testenv.SQLite, testenv.SQLiteURI(t))
+}
+
+// UnwedgeDB makes unwedge's tables in db, for a bridge named "test".
+func UnwedgeDB(t testing.TB, db *dbutil.Database) *database.UnwedgeDB {
+	t.Helper()
+	udb := database.NewUnwedgeDB("test", db, dbutil.ZeroLogger(zerolog.Nop()))
+	testenv.Upgrade(t, udb)
+	return udb
+}
+
+// Config is unwedge's default configuration with retries that take milliseconds, not minutes.
+func Config() unwedge.Config {
+	cfg := unwedge.DefaultConfig()
+	cfg.MinBackoff, cfg.MaxBackoff = 20*time.Millisecond, 100*time.Millisecond
+	return cfg
+}
+
+// Everyone is the scope of every user.
+type Everyone struct{}
+
+func (Everyone) InScope(context.Context, id.UserID) (bool, error) { return true, nil }
+
+// Logger writes warnings to the test's log. A fuzz target may not log through its *testing.F
+// while it fuzzes, so under fuzzing it is quiet.
+func Logger(t testing.TB) zerolog.Logger {
+	if _, fuzzing := t.(*testing.F); fuzzing {
+		return zerolog.Nop()
+	}
+	return zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
+}
