@@ -17,7 +17,7 @@ import (
 func TestAbuseGarbageFlood(t *testing.T) {
 	f := newFixture(t)
 	f.establish()
-	claims := f.claims.Load()
+	claims := f.hs.Claims()
 	const flood = 200
 	// Decisions are collected as they come (the fixture's channel holds fewer than the flood).
 	decided := map[unwedge.Action]int{}
@@ -30,7 +30,7 @@ func TestAbuseGarbageFlood(t *testing.T) {
 	}()
 	for i := range flood {
 		f.peerSends()
-		evt := f.inbox(f.bridge)[0]
+		evt := f.hs.Inbox(f.bridge)[0]
 		content := evt.Content.AsEncrypted()
 		ct := content.OlmCiphertext[f.bridgeKey()]
 		ct.Body = randomBase64(64 + i%200)
@@ -39,7 +39,7 @@ func TestAbuseGarbageFlood(t *testing.T) {
 	}
 	<-collected
 	f.unwedger.Stop() // waits for the heal
-	if got := f.claims.Load() - claims; got != 1 {
+	if got := f.hs.Claims() - claims; got != 1 {
 		t.Errorf("%d key claims for a flood from one device, want 1", got)
 	}
 	if decided[unwedge.ActionHealed] != 1 || decided[unwedge.ActionHealed]+decided[unwedge.ActionLimited]+decided[unwedge.ActionIgnored] != flood {
@@ -56,11 +56,11 @@ func TestAbuseGarbageFlood(t *testing.T) {
 func TestAbuseFakeIdentityKeys(t *testing.T) {
 	f := newFixture(t)
 	f.establish()
-	claims, queries := f.claims.Load(), f.queries.Load()
+	claims, queries := f.hs.Claims(), f.hs.Queries()
 	const fakes = 50
 	for range fakes {
 		f.peerSends()
-		evt := f.inbox(f.bridge)[0]
+		evt := f.hs.Inbox(f.bridge)[0]
 		content := evt.Content.AsEncrypted()
 		content.SenderKey = id.SenderKey(randomBase64(32))
 		f.unwedger.HandleToDevice(f.ctx, evt)
@@ -68,10 +68,10 @@ func TestAbuseFakeIdentityKeys(t *testing.T) {
 			t.Fatalf("decision %+v for a fake identity key", d)
 		}
 	}
-	if got := f.claims.Load() - claims; got != 0 {
+	if got := f.hs.Claims() - claims; got != 0 {
 		t.Errorf("%d key claims for fake identity keys, want 0", got)
 	}
-	if got := f.queries.Load() - queries; got > 1 {
+	if got := f.hs.Queries() - queries; got > 1 {
 		t.Errorf("%d device queries for %d fake identity keys of one user, want at most 1", got, fakes)
 	}
 	counts := f.unwedger.Counts()

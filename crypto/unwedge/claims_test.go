@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"maunium.net/go/mautrix/crypto"
-	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
@@ -58,17 +57,17 @@ func TestHealStoreFailure(t *testing.T) {
 			f := newFixture(t)
 			f.establish()
 			fail := &atomic.Int32{}
-			f.wrapStore = func(inner crypto.Store) crypto.Store {
+			f.bridge.Store.Wrap = func(inner crypto.Store) crypto.Store {
 				return &flakyStore{Store: inner, fail: fail, afterWrite: tc.afterWrite}
 			}
 			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
 			f.restartBridge()
-			keys := f.oneTimeKeys(f.peer)
+			keys := f.hs.OneTimeKeys(f.peer)
 			fail.Store(tc.failures)
 			f.peerSends()
 			f.deliverToBridge()
 			d := f.decision()
-			if n := keys - f.oneTimeKeys(f.peer); n != 1 {
+			if n := keys - f.hs.OneTimeKeys(f.peer); n != 1 {
 				t.Errorf("the heal claimed %d one-time keys, want 1", n)
 			}
 			heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
@@ -81,15 +80,15 @@ func TestHealStoreFailure(t *testing.T) {
 				}
 				f.peerSends()
 				f.deliverToBridge()
-				if d := f.decision(); d.Action != unwedge.ActionLimited || f.oneTimeKeys(f.peer) != keys-1 {
-					t.Errorf("next wedge: %+v, %d more keys claimed; want limited, none", d, keys-1-f.oneTimeKeys(f.peer))
+				if d := f.decision(); d.Action != unwedge.ActionLimited || f.hs.OneTimeKeys(f.peer) != keys-1 {
+					t.Errorf("next wedge: %+v, %d more keys claimed; want limited, none", d, keys-1-f.hs.OneTimeKeys(f.peer))
 				}
 				return
 			}
 			if d.Action != unwedge.ActionHealed || heals[0].Outcome != unwedge.HealHealed {
 				t.Fatalf("decision = %+v, heal %+v; want healed", d, heals[0])
 			}
-			stored, err := f.bridge.sql.GetSessions(f.ctx, f.peerKey())
+			stored, err := f.bridge.SQL.GetSessions(f.ctx, f.peerKey())
 			if err != nil || len(stored) != 1 || stored[0].ID() != heals[0].SessionID {
 				t.Fatalf("stored sessions %v (%v), want only the recorded %s", stored, err, heals[0].SessionID)
 			}
@@ -126,28 +125,27 @@ func TestLostClaimAnswer(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFixture(t)
 			f.establish()
-			f.bridge.client.DefaultHTTPRetries, f.bridge.client.DefaultHTTPBackoff = 4, time.Millisecond
+			f.bridge.Client.DefaultHTTPRetries, f.bridge.Client.DefaultHTTPBackoff = 4, time.Millisecond
 			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
 			f.restartBridge()
-			keys, requests := f.oneTimeKeys(f.peer), f.claims.Load()
-			f.lostAnswer = tc.answer
-			f.loseClaims.Store(1000)
+			keys, requests := f.hs.OneTimeKeys(f.peer), f.hs.Claims()
+			f.hs.LoseClaims(1000, tc.answer)
 			f.peerSends()
 			f.deliverToBridge()
 			if d := f.decision(); d.Action != unwedge.ActionFailed || d.Err == nil {
 				t.Fatalf("decision = %+v, want failed", d)
 			}
-			if n := keys - f.oneTimeKeys(f.peer); n != 1 {
+			if n := keys - f.hs.OneTimeKeys(f.peer); n != 1 {
 				t.Errorf("the heal spent %d one-time keys, want 1", n)
 			}
-			if n := f.claims.Load() - requests; n != 1 {
+			if n := f.hs.Claims() - requests; n != 1 {
 				t.Errorf("the heal made %d claim requests, want 1", n)
 			}
 			heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
 			if err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealFailedTransient || heals[0].Attempts != 1 {
 				t.Fatalf("heals = %+v, %v; want one failed_transient after 1 attempt", heals, err)
 			}
-			if got := f.inbox(f.peer); len(got) != 0 {
+			if got := f.hs.Inbox(f.peer); len(got) != 0 {
 				t.Errorf("the bridge sent %d events to the peer without a new session", len(got))
 			}
 		})
@@ -162,11 +160,8 @@ func TestHealsPerMinute(t *testing.T) {
 	f.cfg.MaxHealsPerMinute = 1
 	f.restartBridge()
 	f.establish()
-	second := f.newParty("@bob:example.org", "TABLET", false)
-	toBridge := f.device(second, bridgeUser, bridgeDevice)
-	if err := second.mach.SendEncryptedToDevice(f.ctx, toBridge, event.ToDeviceDummy, event.Content{}); err != nil {
-		t.Fatal(err)
-	}
+	second := f.newPeer("@bob:example.org", "TABLET")
+	second.SendDummy(f.bridge)
 	f.deliverToBridge()
 	f.noDecision()
 	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
@@ -177,20 +172,18 @@ func TestHealsPerMinute(t *testing.T) {
 	if d := f.decision(); d.Action != unwedge.ActionHealed {
 		t.Fatalf("first wedge: %+v, want healed", d)
 	}
-	claims := f.claims.Load()
-	if err := second.mach.SendEncryptedToDevice(f.ctx, toBridge, event.ToDeviceDummy, event.Content{}); err != nil {
-		t.Fatal(err)
-	}
+	claims := f.hs.Claims()
+	second.SendDummy(f.bridge)
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != unwedge.ActionThrottled || d.UserID != second.userID {
+	if d := f.decision(); d.Action != unwedge.ActionThrottled || d.UserID != second.UserID {
 		t.Fatalf("another user's wedge within the minute: %+v, want throttled", d)
 	}
-	bob := f.device(f.bridge, second.userID, second.deviceID)
+	bob := f.bridge.Fetch(second.UserID, second.DeviceID)
 	if d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", false); d.Action != unwedge.ActionThrottled {
 		t.Errorf("admin's heal within the minute: %+v, want throttled", d)
 	}
 	f.decision()
-	if f.claims.Load() != claims {
+	if f.hs.Claims() != claims {
 		t.Error("claimed a key over the cap")
 	}
 	if d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", true); d.Action != unwedge.ActionHealed {

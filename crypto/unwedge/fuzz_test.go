@@ -2,18 +2,16 @@ package unwedge_test
 
 import (
 	"encoding/json"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/rs/zerolog"
-	"go.mau.fi/util/dbutil"
 	_ "go.mau.fi/util/dbutil/litestream"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
-	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 )
 
 // FuzzHandleToDevice hands the Unwedger on a real machine arbitrary encrypted to-device contents
@@ -24,7 +22,7 @@ func FuzzHandleToDevice(f *testing.F) {
 	fx.establish()
 	fx.unwedger.OnDecision = nil
 	fx.peerSends()
-	real := fx.inbox(fx.bridge)[0]
+	real := fx.hs.Inbox(fx.bridge)[0]
 	realJSON, _ := json.Marshal(real.Content.Parsed)
 	f.Add(realJSON)
 	f.Add([]byte(`{"algorithm":"m.olm.v1.curve25519-aes-sha2","sender_key":"` + string(fx.peerKey()) + `","ciphertext":{"` + string(fx.bridgeKey()) + `":{"type":1,"body":"AwogAAAA"}}}`))
@@ -32,7 +30,7 @@ func FuzzHandleToDevice(f *testing.F) {
 	f.Add([]byte(`{"algorithm":"m.megolm.v1.aes-sha2","sender_key":"x","session_id":"y","ciphertext":"z"}`))
 	f.Add([]byte(`{"ciphertext":{"":{"type":-1,"body":null}}}`))
 	f.Add([]byte(`[]`))
-	claims := fx.claims.Load()
+	claims := fx.hs.Claims()
 	f.Fuzz(func(t *testing.T, content []byte) {
 		var parsed event.EncryptedEventContent
 		if json.Unmarshal(content, &parsed) != nil {
@@ -40,7 +38,7 @@ func FuzzHandleToDevice(f *testing.F) {
 		}
 		evt := &event.Event{Sender: peerUser, Type: event.ToDeviceEncrypted, Content: event.Content{Parsed: &parsed, VeryRaw: content}}
 		fx.unwedger.HandleToDevice(fx.ctx, evt)
-		if n := fx.claims.Load() - claims; n > 1 {
+		if n := fx.hs.Claims() - claims; n > 1 {
 			t.Fatalf("%d key claims for one device within the hour", n)
 		}
 	})
@@ -49,15 +47,7 @@ func FuzzHandleToDevice(f *testing.F) {
 // FuzzRecord hands recovery arbitrary room events: anything that is not a Megolm event is refused
 // with an error, and what is kept comes back from the database as it went in.
 func FuzzRecord(f *testing.F) {
-	db, err := dbutil.NewWithDialect("file:"+filepath.Join(f.TempDir(), "fuzz.db")+"?_txlock=immediate", "sqlite3-fk-wal")
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(func() { _ = db.Close() })
-	udb := database.NewUnwedgeDB("fuzz", db, dbutil.ZeroLogger(zerolog.Nop()))
-	if err = udb.Upgrade(f.Context()); err != nil {
-		f.Fatal(err)
-	}
+	udb := cryptotest.UnwedgeDB(f, cryptotest.SQLite(f))
 	cfg := unwedge.DefaultConfig().Recovery
 	cfg.MaxPendingPerUser = 1 << 30
 	rec := unwedge.NewRecovery(cfg, nil, udb.Pending, nil, func(id.SenderKey) bool { return false }, "fuzz", zerolog.Nop())

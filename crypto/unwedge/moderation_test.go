@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -28,19 +27,12 @@ func (s *droppingSink) Deliver(ctx context.Context, original, decrypted *event.E
 	return s.recordingSink.Deliver(ctx, original, decrypted, requests)
 }
 
-// withSink replaces the fixture's Recovery by one that hands events to sink.
-func (f *recoveryFixture) withSink(sink unwedge.Sink) {
-	log := zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel)
-	f.rec = unwedge.NewRecovery(f.cfg.Recovery, f.bridge.mach, f.pending, sink, func(id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), log)
-	unwedge.SetClock(f.rec, func() time.Time { return f.clock })
-}
-
 // TestRecoveryDropped: an event the sink drops when its key comes is not bridged, its row is
 // deleted at once (not released to be tried again), it is counted as dropped and not as
 // recovered, and the key request is still cancelled.
 func TestRecoveryDropped(t *testing.T) {
 	f := newRecoveryFixture(t, nil)
-	f.withSink(&droppingSink{recordingSink: f.sink, drop: []string{"banned"}})
+	f.startRecovery(f.cfg.Recovery, &droppingSink{recordingSink: f.sink, drop: []string{"banned"}})
 	t0 := f.clock
 	f.undecryptable("kept", t0.Add(-time.Second))
 	f.undecryptable("banned", t0)

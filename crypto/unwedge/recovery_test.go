@@ -9,14 +9,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rs/zerolog"
-	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 )
 
 const testRoom = id.RoomID("!portal:example.org")
@@ -72,23 +71,23 @@ type recoveryFixture struct {
 func newRecoveryFixture(t *testing.T, mutate func(*unwedge.RecoveryConfig)) *recoveryFixture {
 	f := &recoveryFixture{fixture: newFixture(t), sink: &recordingSink{}, clock: time.Now()}
 	f.establish()
-	f.pending = database.NewUnwedgeDB("test", f.db, dbutil.ZeroLogger(zerolog.Nop())).Pending
+	f.pending = f.udb.Pending
 	cfg := f.cfg.Recovery
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	f.startRecovery(cfg)
-	f.peer.mach.AllowKeyShare = func(context.Context, *id.Device, event.RequestedKeyInfo) *crypto.KeyShareRejection { return nil }
+	f.startRecovery(cfg, f.sink)
+	f.peer.Mach.AllowKeyShare = func(context.Context, *id.Device, event.RequestedKeyInfo) *crypto.KeyShareRejection { return nil }
 	f.megolm = f.newPeerMegolm()
 	return f
 }
 
-// startRecovery makes a Recovery on the bridge's machine, as a bridge start does.
-func (f *recoveryFixture) startRecovery(cfg unwedge.RecoveryConfig) {
-	log := zerolog.New(zerolog.NewTestWriter(f.t)).Level(zerolog.WarnLevel)
-	f.rec = unwedge.NewRecovery(cfg, f.bridge.mach, f.pending, f.sink, func(id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), log)
+// startRecovery makes a Recovery on the bridge's machine that hands events to sink, as a bridge
+// start does.
+func (f *recoveryFixture) startRecovery(cfg unwedge.RecoveryConfig, sink unwedge.Sink) {
+	f.rec = unwedge.NewRecovery(cfg, f.bridge.Mach, f.pending, sink, func(id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), cryptotest.Logger(f.t))
 	unwedge.SetClock(f.rec, func() time.Time { return f.clock })
-	f.bridge.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
+	f.bridge.Mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
 		f.rec.SessionReceived(roomID, sessionID)
 	}
 }
@@ -100,15 +99,15 @@ func (f *recoveryFixture) newPeerMegolm() *crypto.OutboundGroupSession {
 		f.t.Fatal(err)
 	}
 	ogs.Shared = true
-	own := f.peer.mach.OwnIdentity()
+	own := f.peer.Mach.OwnIdentity()
 	igs, err := crypto.NewInboundGroupSession(own.IdentityKey, own.SigningKey, testRoom, ogs.Internal.Key(), 0, 0, nil, false)
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	if err = f.peer.mach.CryptoStore.PutGroupSession(f.ctx, igs); err != nil {
+	if err = f.peer.Mach.CryptoStore.PutGroupSession(f.ctx, igs); err != nil {
 		f.t.Fatal(err)
 	}
-	if err = f.peer.mach.CryptoStore.AddOutboundGroupSession(f.ctx, ogs); err != nil {
+	if err = f.peer.Mach.CryptoStore.AddOutboundGroupSession(f.ctx, ogs); err != nil {
 		f.t.Fatal(err)
 	}
 	return ogs
@@ -118,7 +117,7 @@ func (f *recoveryFixture) newPeerMegolm() *crypto.OutboundGroupSession {
 // the bridge's Decrypt does.
 func (f *recoveryFixture) undecryptable(body string, sentAt time.Time) *event.Event {
 	f.t.Helper()
-	content, err := f.peer.mach.EncryptMegolmEvent(f.ctx, testRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: body})
+	content, err := f.peer.Mach.EncryptMegolmEvent(f.ctx, testRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: body})
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -126,7 +125,7 @@ func (f *recoveryFixture) undecryptable(body string, sentAt time.Time) *event.Ev
 		ID: id.EventID("$" + body), RoomID: testRoom, Sender: peerUser, Type: event.EventEncrypted,
 		Timestamp: sentAt.UnixMilli(), Content: event.Content{Parsed: content},
 	}
-	if _, err = f.bridge.mach.DecryptMegolmEvent(f.ctx, evt); err == nil || !strings.Contains(err.Error(), "no session with given ID") {
+	if _, err = f.bridge.Mach.DecryptMegolmEvent(f.ctx, evt); err == nil || !strings.Contains(err.Error(), "no session with given ID") {
 		f.t.Fatalf("bridge decrypt of %s: %v, want no session", body, err)
 	}
 	if err = f.rec.Record(f.ctx, evt); err != nil {
@@ -144,7 +143,7 @@ func (f *recoveryFixture) pass(after time.Duration) {
 // handing them to the peer's machine (which answers them with a forwarded key).
 func (f *recoveryFixture) keyRequests() []*event.RoomKeyRequestEventContent {
 	var out []*event.RoomKeyRequestEventContent
-	for _, evt := range f.inbox(f.peer) {
+	for _, evt := range f.hs.Inbox(f.peer) {
 		if evt.Type == event.ToDeviceRoomKeyRequest {
 			if evt.Content.Parsed == nil {
 				if err := evt.Content.ParseRaw(evt.Type); err != nil {
@@ -153,7 +152,7 @@ func (f *recoveryFixture) keyRequests() []*event.RoomKeyRequestEventContent {
 			}
 			out = append(out, evt.Content.AsRoomKeyRequest())
 		}
-		f.peer.mach.HandleToDeviceEvent(f.ctx, evt)
+		f.peer.Mach.HandleToDeviceEvent(f.ctx, evt)
 	}
 	return out
 }
@@ -225,7 +224,7 @@ func TestRecoveryLateKey(t *testing.T) {
 func (f *recoveryFixture) undecryptableNoop() {
 	f.t.Helper()
 	before := len(f.sink.bodies())
-	err := f.peer.mach.SendEncryptedToDevice(f.ctx, f.device(f.peer, bridgeUser, bridgeDevice), event.ToDeviceForwardedRoomKey, f.forwardedKey())
+	err := f.peer.Mach.SendEncryptedToDevice(f.ctx, f.peer.Fetch(bridgeUser, bridgeDevice), event.ToDeviceForwardedRoomKey, f.forwardedKey())
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -237,7 +236,7 @@ func (f *recoveryFixture) undecryptableNoop() {
 }
 
 func (f *recoveryFixture) forwardedKey() event.Content {
-	igs, err := f.peer.mach.CryptoStore.GetGroupSession(f.ctx, testRoom, f.megolm.ID())
+	igs, err := f.peer.Mach.CryptoStore.GetGroupSession(f.ctx, testRoom, f.megolm.ID())
 	if err != nil || igs == nil {
 		f.t.Fatalf("peer's own inbound session: %v", err)
 	}
@@ -260,7 +259,7 @@ func TestRecoveryRestart(t *testing.T) {
 	f.undecryptable("before-restart-2", f.clock.Add(time.Millisecond))
 
 	f.restartBridge()
-	f.startRecovery(f.cfg.Recovery)
+	f.startRecovery(f.cfg.Recovery, f.sink)
 	f.pass(unwedge.StockWait + time.Second)
 	if reqs := f.keyRequests(); len(reqs) != 1 {
 		t.Fatalf("after restart %d key requests, want 1", len(reqs))
@@ -279,7 +278,7 @@ func TestRecoveryBackoff(t *testing.T) {
 		c.KeyRequests, c.MinBackoff, c.MaxBackoff = 3, 10*time.Second, 15*time.Second
 	})
 	// The peer ignores requests here: the key never comes.
-	f.peer.mach.AllowKeyShare = func(context.Context, *id.Device, event.RequestedKeyInfo) *crypto.KeyShareRejection {
+	f.peer.Mach.AllowKeyShare = func(context.Context, *id.Device, event.RequestedKeyInfo) *crypto.KeyShareRejection {
 		return &crypto.KeyShareRejectNoResponse
 	}
 	f.undecryptable("lost", f.clock)
@@ -311,7 +310,7 @@ func TestRecoveryBackoff(t *testing.T) {
 		t.Fatalf("%d requests to a healing device, want 0", got)
 	}
 	f.healing = false
-	f.rec.DeviceHealed(f.ctx, f.device(f.bridge, peerUser, peerDevice))
+	f.rec.DeviceHealed(f.ctx, f.bridge.Fetch(peerUser, peerDevice))
 	f.pass(0)
 	if got := len(f.keyRequests()); got != 1 {
 		t.Fatalf("after the heal %d requests, want 1 (the exhausted session is not asked again)", got)
@@ -358,7 +357,7 @@ func TestRecoveryLimit(t *testing.T) {
 	f := newRecoveryFixture(t, func(c *unwedge.RecoveryConfig) { c.MaxPendingPerUser = 2 })
 	f.undecryptable("one", f.clock)
 	f.undecryptable("two", f.clock)
-	content, err := f.peer.mach.EncryptMegolmEvent(f.ctx, testRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "three"})
+	content, err := f.peer.Mach.EncryptMegolmEvent(f.ctx, testRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "three"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 )
 
 // TestAnswerOwnSession: the bridge records at which index each device got its Megolm session, and
@@ -26,7 +27,7 @@ func TestAnswerOwnSession(t *testing.T) {
 	answered := 0
 	decided := make(chan bool, 4)
 	answerOwn := func(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
-		handled, err := unwedge.AnswerOwnSession(ctx, f.bridge.mach, device, info)
+		handled, err := unwedge.AnswerOwnSession(ctx, f.bridge.Mach, device, info)
 		if err != nil {
 			t.Errorf("AnswerOwnSession: %v", err)
 		}
@@ -42,14 +43,14 @@ func TestAnswerOwnSession(t *testing.T) {
 		// invalidates the room's session, as mautrix-go does on a device change, while it is
 		// being shared.
 		for _, user := range users {
-			if err := f.bridge.mach.StateStore.(mautrix.StateStore).SetMembership(f.ctx, room, user, event.MembershipJoin); err != nil {
+			if err := f.bridge.Mach.StateStore.(mautrix.StateStore).SetMembership(f.ctx, room, user, event.MembershipJoin); err != nil {
 				t.Fatal(err)
 			}
 		}
-		if err := f.bridge.mach.ShareGroupSession(f.ctx, room, users); err != nil {
+		if err := f.bridge.Mach.ShareGroupSession(f.ctx, room, users); err != nil {
 			t.Fatal(err)
 		}
-		sess, err := f.bridge.mach.CryptoStore.GetOutboundGroupSession(f.ctx, room)
+		sess, err := f.bridge.Mach.CryptoStore.GetOutboundGroupSession(f.ctx, room)
 		if err != nil || sess == nil {
 			t.Fatalf("no outbound session after sharing: %v", err)
 		}
@@ -57,19 +58,14 @@ func TestAnswerOwnSession(t *testing.T) {
 	}
 	encrypt := func(n int) {
 		for range n {
-			if _, err := f.bridge.mach.EncryptMegolmEvent(f.ctx, room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "hi"}); err != nil {
+			if _, err := f.bridge.Mach.EncryptMegolmEvent(f.ctx, room, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "hi"}); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
-	deliver := func(p *party) {
-		for _, evt := range f.inbox(p) {
-			p.mach.HandleToDeviceEvent(f.ctx, evt)
-		}
-	}
-	firstIndex := func(p *party, sessionID id.SessionID) (uint32, bool) {
+	firstIndex := func(p *cryptotest.Device, sessionID id.SessionID) (uint32, bool) {
 		t.Helper()
-		igs, err := p.mach.CryptoStore.GetGroupSession(f.ctx, room, sessionID)
+		igs, err := p.Mach.CryptoStore.GetGroupSession(f.ctx, room, sessionID)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -79,10 +75,10 @@ func TestAnswerOwnSession(t *testing.T) {
 		return igs.Internal.FirstKnownIndex(), true
 	}
 	// request makes the device forget the session and ask the bridge for it.
-	request := func(p *party, sessionID id.SessionID) {
+	request := func(p *cryptotest.Device, sessionID id.SessionID) {
 		t.Helper()
-		f.exec("DELETE FROM crypto_megolm_inbound_session WHERE account_id=$1 AND session_id=$2", string(p.deviceID), sessionID)
-		if err := p.mach.SendRoomKeyRequest(f.ctx, room, f.bridgeKey(), sessionID, "", map[id.UserID][]id.DeviceID{bridgeUser: {bridgeDevice}}); err != nil {
+		f.exec("DELETE FROM crypto_megolm_inbound_session WHERE account_id=$1 AND session_id=$2", string(p.DeviceID), sessionID)
+		if err := p.Mach.SendRoomKeyRequest(f.ctx, room, f.bridgeKey(), sessionID, "", map[id.UserID][]id.DeviceID{bridgeUser: {bridgeDevice}}); err != nil {
 			t.Fatal(err)
 		}
 		f.deliverToBridge()
@@ -94,7 +90,7 @@ func TestAnswerOwnSession(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("the bridge did not decide on the key request")
 		}
-		deliver(p)
+		f.hs.Receive(p)
 	}
 
 	// The phone gets the session from index 0, and two messages move it on. mautrix-go shares a
@@ -102,36 +98,36 @@ func TestAnswerOwnSession(t *testing.T) {
 	// unshared after a restart) hands out the session's current index: the user's new laptop
 	// gets it from index 2.
 	sessionID := shareWith(peerUser)
-	deliver(f.peer)
+	f.hs.Receive(f.peer)
 	encrypt(2)
 	f.restartBridge()
-	f.bridge.mach.AllowKeyShare = answerOwn
-	laptop := f.newParty(peerUser, "LAPTOP", false)
-	f.device(f.bridge, peerUser, "LAPTOP")
-	f.device(laptop, bridgeUser, bridgeDevice)
-	stored, err := f.bridge.mach.CryptoStore.GetOutboundGroupSession(f.ctx, room)
+	f.bridge.Mach.AllowKeyShare = answerOwn
+	laptop := f.newPeer(peerUser, "LAPTOP")
+	f.bridge.Fetch(peerUser, "LAPTOP")
+	laptop.Fetch(bridgeUser, bridgeDevice)
+	stored, err := f.bridge.Mach.CryptoStore.GetOutboundGroupSession(f.ctx, room)
 	if err != nil {
 		t.Fatal(err)
 	}
 	stored.Shared = false
-	if err = f.bridge.mach.CryptoStore.AddOutboundGroupSession(f.ctx, stored); err != nil {
+	if err = f.bridge.Mach.CryptoStore.AddOutboundGroupSession(f.ctx, stored); err != nil {
 		t.Fatal(err)
 	}
 	if again := shareWith(peerUser); again != sessionID {
 		t.Fatalf("the bridge rotated its session (%s, then %s)", sessionID, again)
 	}
-	deliver(f.peer)
-	deliver(laptop)
+	f.hs.Receive(f.peer)
+	f.hs.Receive(laptop)
 	for _, tc := range []struct {
-		device *party
+		device *cryptotest.Device
 		want   uint32
 	}{{f.peer, 0}, {laptop, 2}} {
 		if got, ok := firstIndex(tc.device, sessionID); !ok || got != tc.want {
-			t.Fatalf("%s got the session from index %d (%v), want %d", tc.device.deviceID, got, ok, tc.want)
+			t.Fatalf("%s got the session from index %d (%v), want %d", tc.device.DeviceID, got, ok, tc.want)
 		}
 		request(tc.device, sessionID)
 		if got, ok := firstIndex(tc.device, sessionID); !ok || got != tc.want {
-			t.Errorf("%s got the session again from index %d (%v), want %d, what it had", tc.device.deviceID, got, ok, tc.want)
+			t.Errorf("%s got the session again from index %d (%v), want %d, what it had", tc.device.DeviceID, got, ok, tc.want)
 		}
 	}
 	if answered != 2 {
@@ -139,12 +135,10 @@ func TestAnswerOwnSession(t *testing.T) {
 	}
 
 	// A device the bridge never shared the session with gets nothing from this rule.
-	tablet := f.newParty(peerUser, "TABLET", false)
-	f.device(f.bridge, peerUser, "TABLET")
-	f.device(tablet, bridgeUser, bridgeDevice)
-	if err := tablet.mach.SendEncryptedToDevice(f.ctx, f.device(tablet, bridgeUser, bridgeDevice), event.ToDeviceDummy, event.Content{}); err != nil {
-		t.Fatal(err)
-	}
+	tablet := f.newPeer(peerUser, "TABLET")
+	f.bridge.Fetch(peerUser, "TABLET")
+	tablet.Fetch(bridgeUser, bridgeDevice)
+	tablet.SendDummy(f.bridge)
 	f.deliverToBridge() // an Olm session, so the bridge could answer if it wanted to
 	request(tablet, sessionID)
 	if _, ok := firstIndex(tablet, sessionID); ok || answered != 2 {
@@ -159,18 +153,18 @@ func TestReshareOwnSessions(t *testing.T) {
 	f := newFixture(t)
 	f.establish()
 	const room = id.RoomID("!portal:example.org")
-	states := f.bridge.mach.StateStore.(mautrix.StateStore)
+	states := f.bridge.Mach.StateStore.(mautrix.StateStore)
 	if err := states.SetMembership(f.ctx, room, peerUser, event.MembershipJoin); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.bridge.mach.ShareGroupSession(f.ctx, room, []id.UserID{peerUser}); err != nil {
+	if err := f.bridge.Mach.ShareGroupSession(f.ctx, room, []id.UserID{peerUser}); err != nil {
 		t.Fatal(err)
 	}
 	f.deliverToPeer()
 	member := func(ctx context.Context, roomID id.RoomID, userID id.UserID) bool {
 		return states.IsInvited(ctx, roomID, userID)
 	}
-	laptop := f.newParty(peerUser, "LAPTOP", false)
+	laptop := f.newPeer(peerUser, "LAPTOP")
 	for _, tc := range []struct {
 		name   string
 		device func() *id.Device
@@ -178,16 +172,16 @@ func TestReshareOwnSessions(t *testing.T) {
 		after  func()
 		want   int
 	}{
-		{"device that had the session", func() *id.Device { return f.device(f.bridge, peerUser, peerDevice) }, nil, nil, 1},
-		{"device the session was never shared with", func() *id.Device { return f.device(f.bridge, peerUser, "LAPTOP") }, nil, nil, 0},
-		{"user left the room", func() *id.Device { return f.device(f.bridge, peerUser, peerDevice) },
+		{"device that had the session", func() *id.Device { return f.bridge.Fetch(peerUser, peerDevice) }, nil, nil, 1},
+		{"device the session was never shared with", func() *id.Device { return f.bridge.Fetch(peerUser, "LAPTOP") }, nil, nil, 0},
+		{"user left the room", func() *id.Device { return f.bridge.Fetch(peerUser, peerDevice) },
 			func() { _ = states.SetMembership(f.ctx, room, peerUser, event.MembershipLeave) },
 			func() { _ = states.SetMembership(f.ctx, room, peerUser, event.MembershipJoin) }, 0},
-		{"device below the minimum send trust", func() *id.Device { return f.device(f.bridge, peerUser, peerDevice) },
-			func() { f.bridge.mach.SendKeysMinTrust = id.TrustStateCrossSignedVerified },
-			func() { f.bridge.mach.SendKeysMinTrust = id.TrustStateUnset }, 0},
+		{"device below the minimum send trust", func() *id.Device { return f.bridge.Fetch(peerUser, peerDevice) },
+			func() { f.bridge.Mach.SendKeysMinTrust = id.TrustStateCrossSignedVerified },
+			func() { f.bridge.Mach.SendKeysMinTrust = id.TrustStateUnset }, 0},
 		{"blacklisted device", func() *id.Device {
-			d := *f.device(f.bridge, peerUser, peerDevice)
+			d := *f.bridge.Fetch(peerUser, peerDevice)
 			d.Trust = id.TrustStateBlacklisted
 			return &d
 		}, nil, nil, 0},
@@ -200,13 +194,13 @@ func TestReshareOwnSessions(t *testing.T) {
 				defer tc.after()
 			}
 			device := tc.device()
-			sent, err := unwedge.ReshareOwnSessions(f.ctx, f.bridge.mach, device, []id.RoomID{room}, member)
+			sent, err := unwedge.ReshareOwnSessions(f.ctx, f.bridge.Mach, device, []id.RoomID{room}, member)
 			if err != nil || sent != tc.want {
 				t.Errorf("sent %d (%v), want %d", sent, err, tc.want)
 			}
-			inbox := f.inbox(f.peer)
+			inbox := f.hs.Inbox(f.peer)
 			if device.DeviceID == "LAPTOP" {
-				inbox = f.inbox(laptop)
+				inbox = f.hs.Inbox(laptop)
 			}
 			if len(inbox) != tc.want {
 				t.Errorf("%d to-device events reached the device, want %d", len(inbox), tc.want)

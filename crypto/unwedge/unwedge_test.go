@@ -14,11 +14,13 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 )
 
 // TestWedges makes each kind of wedge happen between two real machines, and checks that the
 // Unwedger names it, creates exactly one replacement session (one key claim), sends m.dummy over
-// it, and that the peer's next message decrypts.
+// it, and that the peer's next message decrypts. The wedges change the crypto store's rows, so
+// they run on each database there is.
 func TestWedges(t *testing.T) {
 	cases := []struct {
 		name  string
@@ -66,7 +68,7 @@ func TestWedges(t *testing.T) {
 			// The restored peer sends on its old chain: the bridge can read it, but the peer
 			// cannot read the bridge's chain any more.
 			f.restoreSessions(f.peer, backup)
-			f.loadMachine(f.peer, false)
+			f.peer.Restart()
 			f.peerSends()
 		},
 		class: unwedge.ClassPeerRestored,
@@ -75,7 +77,7 @@ func TestWedges(t *testing.T) {
 		wedge: func(f *fixture) {
 			f.forgetOneTimeKeys()
 			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
-			f.loadMachine(f.peer, false)
+			f.peer.Restart()
 			f.peerSends()
 		},
 		class: unwedge.ClassPrekeyUnknownOTK,
@@ -83,62 +85,62 @@ func TestWedges(t *testing.T) {
 		name: "prekey message for a stored session does not decrypt",
 		wedge: func(f *fixture) {
 			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
-			f.loadMachine(f.peer, false)
+			f.peer.Restart()
 			f.peerSends()
-			evt := f.inbox(f.bridge)[0]
+			evt := f.hs.Inbox(f.bridge)[0]
 			f.unwedger.HandleToDevice(f.ctx, evt) // the bridge learns the new session
 			f.noDecision()
 			f.peerSends() // still a prekey message (no answer yet): tamper with its MAC
-			tampered := f.inbox(f.bridge)[0]
+			tampered := f.hs.Inbox(f.bridge)[0]
 			content := tampered.Content.AsEncrypted()
 			ct := content.OlmCiphertext[f.bridgeKey()]
 			ct.Body = flipMACChar(ct.Body)
 			content.OlmCiphertext[f.bridgeKey()] = ct
-			f.requeue(f.bridge, tampered)
+			f.hs.Requeue(f.bridge, tampered)
 		},
 		class: unwedge.ClassBadMAC,
 	}, {
 		name: "bridge's stored session is corrupt",
 		wedge: func(f *fixture) {
-			f.exec("UPDATE crypto_olm_session SET session=convert_to('corrupt', 'UTF8') WHERE account_id=$1", string(bridgeDevice))
+			f.exec("UPDATE crypto_olm_session SET session=$1 WHERE account_id=$2", []byte("corrupt"), string(bridgeDevice))
 			f.restartBridge()
 			f.peerSends()
 		},
 		class: unwedge.ClassUnreadableSession,
 	}}
 	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			f := newFixture(t)
-			f.establish()
-			claimsBefore := f.claims.Load()
-			tc.wedge(f)
-			claimsWedge := f.claims.Load()
-			f.deliverToBridge()
-			if d := f.decision(); d.Class != tc.class || d.Action != unwedge.ActionHealed || d.DeviceID != peerDevice {
-				t.Fatalf("decision = %+v, want %s healed for %s", d, tc.class, peerDevice)
-			}
-			if n := f.claims.Load() - claimsWedge; n != 1 {
-				t.Errorf("heal made %d key claims, want 1", n)
-			}
-			_ = claimsBefore
-			f.healedBothWays()
-			heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 10)
-			if err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealHealed || heals[0].SessionID == "" || heals[0].Class != tc.class {
-				t.Fatalf("ledger = %+v, %v", heals, err)
-			}
-			// MSC1719: the same device wedging again within the hour gets no second session.
-			f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
-			f.restartBridge()
-			claims := f.claims.Load()
-			f.peerSends()
-			f.deliverToBridge()
-			if d := f.decision(); d.Action != unwedge.ActionLimited {
-				t.Fatalf("second wedge within the hour: %+v, want limited", d)
-			}
-			if f.claims.Load() != claims {
-				t.Error("a limited heal claimed a key")
-			}
-		})
+		for dialect, db := range cryptotest.Databases(t) {
+			t.Run(tc.name+"/"+dialect, func(t *testing.T) {
+				f := newFixtureOn(t, db)
+				f.establish()
+				tc.wedge(f)
+				claimsWedge := f.hs.Claims()
+				f.deliverToBridge()
+				if d := f.decision(); d.Class != tc.class || d.Action != unwedge.ActionHealed || d.DeviceID != peerDevice {
+					t.Fatalf("decision = %+v, want %s healed for %s", d, tc.class, peerDevice)
+				}
+				if n := f.hs.Claims() - claimsWedge; n != 1 {
+					t.Errorf("heal made %d key claims, want 1", n)
+				}
+				f.healedBothWays()
+				heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 10)
+				if err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealHealed || heals[0].SessionID == "" || heals[0].Class != tc.class {
+					t.Fatalf("ledger = %+v, %v", heals, err)
+				}
+				// MSC1719: the same device wedging again within the hour gets no second session.
+				f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+				f.restartBridge()
+				claims := f.hs.Claims()
+				f.peerSends()
+				f.deliverToBridge()
+				if d := f.decision(); d.Action != unwedge.ActionLimited {
+					t.Fatalf("second wedge within the hour: %+v, want limited", d)
+				}
+				if f.hs.Claims() != claims {
+					t.Error("a limited heal claimed a key")
+				}
+			})
+		}
 	}
 }
 
@@ -146,11 +148,11 @@ func TestWedges(t *testing.T) {
 func TestNotWedges(t *testing.T) {
 	f := newFixture(t)
 	f.establish()
-	claims := f.claims.Load()
+	claims := f.hs.Claims()
 
 	// A replay of a message that was decrypted.
 	f.peerSends()
-	evt := f.inbox(f.bridge)[0]
+	evt := f.hs.Inbox(f.bridge)[0]
 	f.unwedger.HandleToDevice(f.ctx, evt)
 	f.noDecision()
 	replay := *evt
@@ -164,7 +166,7 @@ func TestNotWedges(t *testing.T) {
 	f.bridgeSends()
 	f.deliverToPeer()
 	f.peerSends()
-	late := f.inbox(f.bridge)[0]
+	late := f.hs.Inbox(f.bridge)[0]
 	f.peerSends()
 	f.deliverToBridge()
 	f.bridgeSends()
@@ -192,7 +194,7 @@ func TestNotWedges(t *testing.T) {
 	for _, tc := range malformed {
 		t.Run(tc.name, func(t *testing.T) {
 			f.peerSends()
-			evt := f.inbox(f.bridge)[0]
+			evt := f.hs.Inbox(f.bridge)[0]
 			tc.mutate(evt.Content.AsEncrypted())
 			f.unwedger.HandleToDevice(f.ctx, evt)
 			if d := f.decision(); d.Class != tc.class || d.Action != unwedge.ActionIgnored {
@@ -223,26 +225,24 @@ func TestNotWedges(t *testing.T) {
 	t.Run("identity key of no device of the sender", func(t *testing.T) {
 		// A stranger's fresh session claims to come from alice: it fails to decrypt, but the key is
 		// not one of alice's devices.
-		stranger := f.newParty("@mallory:example.org", "EVIL", false)
-		if err := stranger.mach.SendEncryptedToDevice(f.ctx, f.device(stranger, bridgeUser, bridgeDevice), event.ToDeviceDummy, event.Content{}); err != nil {
-			t.Fatal(err)
-		}
-		evt := f.inbox(f.bridge)[0]
+		stranger := f.newPeer("@mallory:example.org", "EVIL")
+		stranger.SendDummy(f.bridge)
+		evt := f.hs.Inbox(f.bridge)[0]
 		evt.Sender = peerUser
 		f.forgetOneTimeKeys()
 		f.restartBridge()
-		before := f.claims.Load()
+		before := f.hs.Claims()
 		f.unwedger.HandleToDevice(f.ctx, evt)
 		if d := f.decision(); d.Class != unwedge.ClassUnknownDevice || d.Action != unwedge.ActionUnknownDevice {
 			t.Errorf("decision = %+v", d)
 		}
-		if f.claims.Load() != before {
+		if f.hs.Claims() != before {
 			t.Error("claimed a key for an identity key that is no device of the sender")
 		}
 	})
 
-	if f.claims.Load() != claims+1 { // the stranger's own session
-		t.Errorf("%d key claims by the bridge, want none", f.claims.Load()-claims-1)
+	if f.hs.Claims() != claims+1 { // the stranger's own session
+		t.Errorf("%d key claims by the bridge, want none", f.hs.Claims()-claims-1)
 	}
 }
 
@@ -255,7 +255,7 @@ func TestOutOfScope(t *testing.T) {
 	f.scope.allowed.Store(false)
 	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
 	f.restartBridge()
-	before := f.claims.Load()
+	before := f.hs.Claims()
 	f.peerSends()
 	f.deliverToBridge()
 	if d := f.decision(); d.Action != unwedge.ActionOutOfScope || d.Class != unwedge.ClassNoSession {
@@ -263,9 +263,9 @@ func TestOutOfScope(t *testing.T) {
 	}
 	// mautrix-go's own unwedging runs in the background: its m.dummy reaches the peer. (Stop
 	// cancels it, so stopping before the m.dummy went out would make it fail.)
-	f.awaitInbox(f.peer, 10*time.Second)
+	f.hs.AwaitInbox(f.peer, 10*time.Second)
 	f.unwedger.Stop()
-	if n := f.claims.Load() - before; n != 1 {
+	if n := f.hs.Claims() - before; n != 1 {
 		t.Errorf("%d key claims, want 1", n)
 	}
 	f.healedBothWays()
@@ -283,20 +283,20 @@ func TestOutOfScope(t *testing.T) {
 func TestMachineCallback(t *testing.T) {
 	f := newFixture(t)
 	f.establish()
-	if f.bridge.mach.NeedsUnwedgeCallback == nil {
+	if f.bridge.Mach.NeedsUnwedgeCallback == nil {
 		t.Fatal("the Unwedger did not set the machine's NeedsUnwedgeCallback")
 	}
 	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
 	f.restartBridge()
-	before := f.claims.Load()
+	before := f.hs.Claims()
 	f.peerSends()
-	for _, evt := range f.inbox(f.bridge) {
-		f.bridge.mach.HandleToDeviceEvent(f.ctx, evt)
+	for _, evt := range f.hs.Inbox(f.bridge) {
+		f.bridge.Mach.HandleToDeviceEvent(f.ctx, evt)
 	}
 	if d := f.decision(); d.Action != unwedge.ActionHealed || d.Class != unwedge.ClassFailed {
 		t.Fatalf("decision = %+v, want failed-class wedge healed", d)
 	}
-	if n := f.claims.Load() - before; n != 1 {
+	if n := f.hs.Claims() - before; n != 1 {
 		t.Errorf("%d key claims, want 1", n)
 	}
 	if c, err := f.ledger.RecentHeals(f.ctx, peerUser, time.Now().Add(-time.Hour), time.Now()); err != nil || c.User != 1 {
@@ -321,26 +321,22 @@ func TestUserCap(t *testing.T) {
 	}
 	f.healedBothWays()
 	// The same user's second device wedges within the interval.
-	second := f.newParty(peerUser, "PEER2", false)
-	if err := second.mach.SendEncryptedToDevice(f.ctx, f.device(second, bridgeUser, bridgeDevice), event.ToDeviceDummy, event.Content{}); err != nil {
-		t.Fatal(err)
-	}
-	f.unwedger.HandleToDevice(f.ctx, f.inbox(f.bridge)[0])
+	second := f.newPeer(peerUser, "PEER2")
+	second.SendDummy(f.bridge)
+	f.unwedger.HandleToDevice(f.ctx, f.hs.Inbox(f.bridge)[0])
 	f.noDecision()
-	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1 AND sender_key=$2", string(bridgeDevice), second.mach.OwnIdentity().IdentityKey)
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1 AND sender_key=$2", string(bridgeDevice), second.Mach.OwnIdentity().IdentityKey)
 	f.restartBridge()
-	before := f.claims.Load()
-	if err := second.mach.SendEncryptedToDevice(f.ctx, f.device(second, bridgeUser, bridgeDevice), event.ToDeviceDummy, event.Content{}); err != nil {
-		t.Fatal(err)
-	}
-	f.unwedger.HandleToDevice(f.ctx, f.inbox(f.bridge)[0])
+	before := f.hs.Claims()
+	second.SendDummy(f.bridge)
+	f.unwedger.HandleToDevice(f.ctx, f.hs.Inbox(f.bridge)[0])
 	if d := f.decision(); d.Action != unwedge.ActionCapped || d.UserID != peerUser {
 		t.Fatalf("second device's wedge: %+v, want capped", d)
 	}
-	if f.claims.Load() != before {
+	if f.hs.Claims() != before {
 		t.Error("claimed a key over the user's cap")
 	}
-	if d := f.unwedger.Heal(f.ctx, f.device(f.bridge, peerUser, "PEER2"), unwedge.ClassForced, "@admin:example.org"); d.Action != unwedge.ActionHealed {
+	if d := f.unwedger.Heal(f.ctx, f.bridge.Fetch(peerUser, "PEER2"), unwedge.ClassForced, "@admin:example.org"); d.Action != unwedge.ActionHealed {
 		t.Errorf("forced heal over the cap: %s, want healed", d.Action)
 	}
 	f.decision()
@@ -356,14 +352,14 @@ func TestBurst(t *testing.T) {
 	for range 10 {
 		f.peerSends()
 	}
-	events := f.inbox(f.bridge)
-	second, err := unwedge.New(f.cfg, f.bridge.mach, f.ledger, f.scope, nil, "replica-2", zerologNop())
+	events := f.hs.Inbox(f.bridge)
+	second, err := unwedge.New(f.cfg, f.bridge.Mach, f.ledger, f.scope, nil, "replica-2", zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
 	second.OnDecision = func(d unwedge.Decision) { f.decisions <- d }
 	defer second.Stop()
-	before := f.claims.Load()
+	before := f.hs.Claims()
 	done := make(chan struct{})
 	for i, evt := range events {
 		go func() {
@@ -388,7 +384,7 @@ func TestBurst(t *testing.T) {
 	}
 	f.unwedger.Stop()
 	second.Stop()
-	if n := f.claims.Load() - before; n != 1 {
+	if n := f.hs.Claims() - before; n != 1 {
 		t.Errorf("%d key claims for one wedged device, want 1", n)
 	}
 	n, err := f.ledger.CountCreated(f.ctx, peerUser, peerDevice, time.Now().Add(-time.Minute))
@@ -405,7 +401,7 @@ func TestTransientFailure(t *testing.T) {
 	f.establish()
 	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
 	f.restartBridge()
-	f.failClaims.Store(2)
+	f.hs.FailClaims(2)
 	f.peerSends()
 	f.deliverToBridge()
 	if d := f.decision(); d.Action != unwedge.ActionHealed {
@@ -428,8 +424,8 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
 	f.cfg.MaxRetries = 2
 	f.restartBridge()
-	claims := f.claims.Load()
-	f.failSends.Store(1000)
+	claims := f.hs.Claims()
+	f.hs.FailSends(f.bridge, 1000)
 	f.peerSends()
 	f.deliverToBridge()
 	if d := f.decision(); d.Action != unwedge.ActionDeferred || d.Err == nil {
@@ -468,15 +464,15 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	// The device is no longer in the bridge's store and cannot be fetched either: the round
 	// cannot look the session up, which is no reason to give the heal up.
 	f.exec("DELETE FROM crypto_device WHERE user_id=$1", string(peerUser))
-	f.failQueries.Store(1000)
+	f.hs.FailQueries(1000)
 	f.unwedger.ResumeHeals(f.ctx)
 	f.noDecision()
 	if heals, err = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5); err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealInProgress ||
 		!strings.Contains(heals[0].Error, "failed to look up") {
 		t.Fatalf("heals = %+v, %v; want one in progress that failed to look up its session", heals, err)
 	}
-	f.failQueries.Store(0)
-	f.failSends.Store(0)
+	f.hs.FailQueries(0)
+	f.hs.FailSends(f.bridge, 0)
 	f.unwedger.ResumeHeals(f.ctx)
 	if d := f.decision(); d.Action != unwedge.ActionHealed {
 		t.Fatalf("resume after the homeserver returned: %+v, want healed", d)
@@ -485,7 +481,7 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	if len(heals) != 1 || heals[0].Outcome != unwedge.HealHealed || heals[0].SessionID != session {
 		t.Fatalf("heals = %+v, want the one heal healed over %s", heals, session)
 	}
-	if n := f.claims.Load() - claims; n != 1 {
+	if n := f.hs.Claims() - claims; n != 1 {
 		t.Errorf("%d key claims, want 1", n)
 	}
 	f.healedBothWays()
@@ -498,9 +494,7 @@ func TestPermanentFailure(t *testing.T) {
 	f.establish()
 	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
 	f.restartBridge()
-	f.serverLock.Lock()
-	clear(f.ms.OneTimeKeys[peerUser][peerDevice])
-	f.serverLock.Unlock()
+	f.hs.ClaimAllKeys(f.peer)
 	f.peerSends()
 	f.deliverToBridge()
 	if d := f.decision(); d.Action != unwedge.ActionFailed {
@@ -510,14 +504,14 @@ func TestPermanentFailure(t *testing.T) {
 	if len(heals) != 1 || heals[0].Outcome != unwedge.HealFailedPermanent || heals[0].Error == "" {
 		t.Fatalf("heal = %+v", heals)
 	}
-	if got := f.inbox(f.peer); len(got) != 0 {
+	if got := f.hs.Inbox(f.peer); len(got) != 0 {
 		t.Errorf("the bridge sent %d events to the peer without a new session", len(got))
 	}
-	before := f.claims.Load()
+	before := f.hs.Claims()
 	f.peerSends()
 	f.deliverToBridge()
-	if d := f.decision(); d.Action != unwedge.ActionLimited || f.claims.Load() != before {
-		t.Errorf("retry within the hour: %+v, %d claims", d, f.claims.Load()-before)
+	if d := f.decision(); d.Action != unwedge.ActionLimited || f.hs.Claims() != before {
+		t.Errorf("retry within the hour: %+v, %d claims", d, f.hs.Claims()-before)
 	}
 }
 
@@ -527,28 +521,28 @@ func TestPermanentFailure(t *testing.T) {
 func TestSessionChoice(t *testing.T) {
 	f := newFixture(t)
 	f.establish()
-	old, err := f.bridge.sql.GetLatestSession(f.ctx, f.peerKey())
+	old, err := f.bridge.SQL.GetLatestSession(f.ctx, f.peerKey())
 	if err != nil || old == nil {
 		t.Fatal(err)
 	}
 	// The peer loses its session and opens a new one: its m.dummy arrives as a prekey message.
 	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
-	f.loadMachine(f.peer, false)
+	f.peer.Restart()
 	time.Sleep(1100 * time.Millisecond) // the SQL store keeps second precision
 	f.peerSends()
 	f.deliverToBridge()
 	f.noDecision()
-	latest, err := f.bridge.mach.CryptoStore.GetLatestSession(f.ctx, f.peerKey())
+	latest, err := f.bridge.Mach.CryptoStore.GetLatestSession(f.ctx, f.peerKey())
 	if err != nil || latest == nil || latest.ID() == old.ID() {
 		t.Fatalf("bridge still encrypts with %v (old %s), err %v", latest, old.ID(), err)
 	}
 	// And the peer, which only has its new session, can read what the bridge sends.
 	f.bridgeSends()
-	events := f.inbox(f.peer)
+	events := f.hs.Inbox(f.peer)
 	if len(events) != 1 {
 		t.Fatalf("%d events for the peer", len(events))
 	}
-	if decrypted := f.peer.mach.HandleEncryptedEvent(f.ctx, events[0]); decrypted != nil {
+	if decrypted := f.peer.Mach.HandleEncryptedEvent(f.ctx, events[0]); decrypted != nil {
 		t.Fatalf("unexpected payload %s", decrypted.Type.Type)
 	}
 	if n := f.sessions(f.peer, f.bridgeKey()); n != 1 {
@@ -588,8 +582,8 @@ type sessionRow struct {
 	Pickle  []byte
 }
 
-func (f *fixture) backupSessions(p *party) []sessionRow {
-	rows, err := f.db.Query(f.ctx, "SELECT session_id, sender_key, session FROM crypto_olm_session WHERE account_id=$1", string(p.deviceID))
+func (f *fixture) backupSessions(p *cryptotest.Device) []sessionRow {
+	rows, err := f.db.Query(f.ctx, "SELECT session_id, sender_key, session FROM crypto_olm_session WHERE account_id=$1", string(p.DeviceID))
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -605,9 +599,9 @@ func (f *fixture) backupSessions(p *party) []sessionRow {
 	return out
 }
 
-func (f *fixture) restoreSessions(p *party, backup []sessionRow) {
+func (f *fixture) restoreSessions(p *cryptotest.Device, backup []sessionRow) {
 	for _, r := range backup {
-		f.exec("UPDATE crypto_olm_session SET session=$1 WHERE account_id=$2 AND session_id=$3", r.Pickle, string(p.deviceID), r.ID)
+		f.exec("UPDATE crypto_olm_session SET session=$1 WHERE account_id=$2 AND session_id=$3", r.Pickle, string(p.DeviceID), r.ID)
 	}
 }
 
@@ -617,25 +611,16 @@ func (f *fixture) forgetOneTimeKeys() {
 	if err := f.db.QueryRow(f.ctx, "SELECT account FROM crypto_account WHERE account_id=$1", string(bridgeDevice)).Scan(&pickled); err != nil {
 		f.t.Fatal(err)
 	}
-	acc, err := account.AccountFromPickled(pickled, []byte("pickle key"))
+	acc, err := account.AccountFromPickled(pickled, []byte(cryptotest.PickleKey))
 	if err != nil {
 		f.t.Fatal(err)
 	}
 	acc.OTKeys = nil
-	if pickled, err = acc.Pickle([]byte("pickle key")); err != nil {
+	if pickled, err = acc.Pickle([]byte(cryptotest.PickleKey)); err != nil {
 		f.t.Fatal(err)
 	}
 	f.exec("UPDATE crypto_account SET account=$1 WHERE account_id=$2", pickled, string(bridgeDevice))
 	f.restartBridge()
-}
-
-// requeue puts an event back in a party's inbox.
-func (f *fixture) requeue(p *party, evt *event.Event) {
-	f.serverLock.Lock()
-	defer f.serverLock.Unlock()
-	raw, _ := json.Marshal(evt.Content.Parsed)
-	evt.Content.VeryRaw = raw
-	f.ms.DeviceInbox[p.userID][p.deviceID] = append(f.ms.DeviceInbox[p.userID][p.deviceID], *evt)
 }
 
 // TestDeferredHealCountsOnce: a wedge whose heal waits for the homeserver and is finished later
@@ -651,9 +636,9 @@ func TestDeferredHealCountsOnce(t *testing.T) {
 	f.restartBridge()
 	// Decisions log through the context's logger, as they do under the bridge's own context.
 	ctx := zerolog.New(&logs).Level(zerolog.DebugLevel).With().Str("via", "context").Logger().WithContext(f.ctx)
-	f.failSends.Store(1000)
+	f.hs.FailSends(f.bridge, 1000)
 	f.peerSends()
-	for _, evt := range f.inbox(f.bridge) {
+	for _, evt := range f.hs.Inbox(f.bridge) {
 		f.unwedger.HandleToDevice(ctx, evt)
 	}
 	if d := f.decision(); d.Action != unwedge.ActionDeferred || d.Resumed {
@@ -662,7 +647,7 @@ func TestDeferredHealCountsOnce(t *testing.T) {
 	// A round that still cannot send is logged at debug level and decides nothing.
 	f.unwedger.ResumeHeals(ctx)
 	f.noDecision()
-	f.failSends.Store(0)
+	f.hs.FailSends(f.bridge, 0)
 	f.unwedger.ResumeHeals(ctx)
 	if d := f.decision(); d.Action != unwedge.ActionHealed || !d.Resumed {
 		t.Fatalf("decision = %+v, want healed, resumed", d)
