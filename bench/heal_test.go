@@ -20,6 +20,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 	"github.com/unwedge/unwedge/internal/testclient"
 	"github.com/unwedge/unwedge/internal/testenv"
 )
@@ -93,10 +94,9 @@ type healLab struct {
 	client *mautrix.Client
 	peer   *testclient.Client
 
-	lock     sync.Mutex
-	mach     *crypto.OlmMachine
-	sql      *crypto.SQLCryptoStore
-	unwedger *unwedge.Unwedger
+	bridge *cryptotest.Device
+
+	lock sync.Mutex
 	// current measurement, filled in by the hooks
 	cur       *healTimes
 	stopSync  context.CancelFunc
@@ -106,6 +106,7 @@ type healLab struct {
 
 type healTimes struct {
 	sessionID                                 id.SessionID
+	stock                                     bool
 	received, claimStart, claimEnd, sendStart time.Time
 	dummySent, requested, keyBack             time.Time
 	done                                      chan struct{}
@@ -136,6 +137,7 @@ func newHealLab(t *testing.T, ctx context.Context, env *testenv.Env) *healLab {
 	}
 	t.Cleanup(func() { _ = l.peer.Close() })
 	l.peer.Machine().AllowKeyShare = func(context.Context, *id.Device, event.RequestedKeyInfo) *crypto.KeyShareRejection { return nil }
+	l.bridge = cryptotest.Open(t, l.client, cryptotest.Store{DB: l.db}, zerolog.Nop())
 	l.start(ctx, false)
 	t.Cleanup(l.stop)
 	// The user's device opens a session with the bridge.
@@ -148,18 +150,13 @@ func newHealLab(t *testing.T, ctx context.Context, env *testenv.Env) *healLab {
 
 // start (re)loads the bridge's machine from the database, with or without unwedge, and syncs.
 func (l *healLab) start(ctx context.Context, stock bool) {
-	l.sql = crypto.NewSQLCryptoStore(l.db, dbutil.ZeroLogger(quiet), "BRIDGE", l.client.DeviceID, []byte("pickle key"))
-	if err := l.sql.DB.Upgrade(ctx); err != nil {
-		l.t.Fatal(err)
-	}
-	var store crypto.Store = l.sql
+	udb := cryptotest.UnwedgeDB(l.t, l.db)
+	l.bridge.Store.Shared = nil
 	if !stock {
-		store = unwedge.NewStore(l.sql, unwedgeDB(l.t, ctx, l.db).Shared)
+		l.bridge.Store.Shared = udb.Shared
 	}
-	mach := crypto.NewOlmMachine(l.client, &quiet, store, mautrix.NewMemoryStateStore().(crypto.StateStore))
-	if err := mach.Load(ctx); err != nil {
-		l.t.Fatal(err)
-	}
+	l.bridge.Restart()
+	mach := l.bridge.Mach
 	if err := mach.ShareKeys(ctx, -1); err != nil {
 		l.t.Fatal(err)
 	}
@@ -169,21 +166,13 @@ func (l *healLab) start(ctx context.Context, stock bool) {
 			cur.finish()
 		}
 	}
-	var u *unwedge.Unwedger
 	if !stock {
 		cfg := unwedge.DefaultConfig()
 		cfg.Scope = unwedge.ScopeEveryone
 		cfg.MinInterval, cfg.HistoryRetention = time.Millisecond, time.Hour // a heal every round
-		udb := newLedger(l.t, ctx, l.db)
-		var err error
-		if u, err = unwedge.New(cfg, mach, udb, everyone{}, nil, "heal-bench", quiet); err != nil {
-			l.t.Fatal(err)
-		}
+		u := l.bridge.Unwedge(cryptotest.Unwedging{Config: cfg, Ledger: udb.Ledger, Owner: "heal-bench"})
 		u.OnHealed = l.onHealed
 	}
-	l.lock.Lock()
-	l.mach, l.unwedger = mach, u
-	l.lock.Unlock()
 
 	syncCtx, cancel := context.WithCancel(ctx)
 	l.stopSync, l.syncDone = cancel, make(chan struct{})
@@ -201,11 +190,7 @@ func (l *healLab) start(ctx context.Context, stock bool) {
 			if cur := l.current(); cur != nil && evt.Type == event.ToDeviceEncrypted && cur.received.IsZero() {
 				cur.received = time.Now()
 			}
-			if u != nil {
-				u.HandleToDevice(ctx, evt)
-			} else {
-				mach.HandleToDeviceEvent(ctx, evt)
-			}
+			l.bridge.Handle(evt)
 		}
 		mach.HandleOTKCounts(ctx, &resp.DeviceOTKCount)
 		return true
@@ -227,8 +212,8 @@ func (l *healLab) stop() {
 		<-l.syncDone
 		l.stopSync = nil
 	}
-	if l.unwedger != nil {
-		l.unwedger.Stop()
+	if l.bridge.Unwedger != nil {
+		l.bridge.Unwedger.Stop()
 	}
 }
 
@@ -254,7 +239,7 @@ func (l *healLab) responseHook(req *http.Request, _ *http.Response, _ error, dur
 		cur.claimStart, cur.claimEnd = end.Add(-duration), end
 	case strings.Contains(req.URL.Path, "/sendToDevice/m.room.encrypted") && cur.dummySent.IsZero():
 		cur.sendStart, cur.dummySent = end.Add(-duration), end
-		if l.unwedger == nil {
+		if cur.stock {
 			cur.finish() // stock: nothing more to time
 		}
 	}
@@ -268,7 +253,7 @@ func (l *healLab) onHealed(ctx context.Context, device *id.Device) {
 		return
 	}
 	cur.requested = time.Now()
-	err := l.mach.SendRoomKeyRequest(ctx, roomForBench, device.IdentityKey, cur.sessionID, "", map[id.UserID][]id.DeviceID{device.UserID: {device.DeviceID}})
+	err := l.bridge.Mach.SendRoomKeyRequest(ctx, roomForBench, device.IdentityKey, cur.sessionID, "", map[id.UserID][]id.DeviceID{device.UserID: {device.DeviceID}})
 	if err != nil {
 		l.t.Errorf("key request: %v", err)
 	}
@@ -280,7 +265,7 @@ var roomForBench = id.RoomID("!healbench:localhost")
 // then the device shares a new room key over its side of the old session, and waits for the heal.
 func (l *healLab) wedgeAndHeal(ctx context.Context, stock bool) (*healTimes, error) {
 	l.stop()
-	if _, err := l.db.Exec(ctx, "DELETE FROM crypto_olm_session WHERE account_id = 'BRIDGE'"); err != nil {
+	if _, err := l.db.Exec(ctx, "DELETE FROM crypto_olm_session WHERE account_id=$1", string(l.bridge.DeviceID)); err != nil {
 		return nil, err
 	}
 	l.start(ctx, stock)
@@ -300,7 +285,7 @@ func (l *healLab) wedgeAndHeal(ctx context.Context, stock bool) (*healTimes, err
 	if err = peerMach.CryptoStore.PutGroupSession(ctx, igs); err != nil {
 		return nil, err
 	}
-	cur := &healTimes{sessionID: ogs.ID(), done: make(chan struct{})}
+	cur := &healTimes{sessionID: ogs.ID(), stock: stock, done: make(chan struct{})}
 	l.lock.Lock()
 	l.cur = cur
 	l.lock.Unlock()

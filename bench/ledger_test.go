@@ -3,38 +3,33 @@ package bench
 import (
 	"context"
 	"fmt"
+	"maps"
 	"math/rand/v2"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
-	"go.mau.fi/util/dbutil"
-	_ "go.mau.fi/util/dbutil/litestream"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
-	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 	"github.com/unwedge/unwedge/internal/testenv"
 )
 
 const ledgerDecisions = 2000
 
 // TestLedgerScale measures Acquire, the one-statement "may this device get a new session now?",
-// with the ledger holding many devices (UNWEDGE_BENCH_LEDGER, default 1000), on Postgres and
-// SQLite: half the decisions are for known devices (some limited, some granted), half for new
-// ones. Then it prunes the devices with nothing in the retention window.
+// with the ledger holding many devices (UNWEDGE_BENCH_LEDGER, default 1000), on SQLite and, when
+// the stack runs, Postgres: half the decisions are for known devices (some limited, some
+// granted), half for new ones. Then it prunes the devices with nothing in the retention window.
 func TestLedgerScale(t *testing.T) {
-	env := testenv.Require(t)
+	requireStackForFigures(t)
 	var results []LedgerResult
 	for _, rows := range envInts(t, "UNWEDGE_BENCH_LEDGER", 1000) {
-		for _, dialect := range []string{"postgres", "sqlite3-fk-wal"} {
+		uris := testenv.Databases(t)
+		for _, dialect := range slices.Sorted(maps.Keys(uris)) {
 			t.Run(fmt.Sprintf("%s/%d", dialect, rows), func(t *testing.T) {
-				uri := "file:" + filepath.Join(t.TempDir(), "ledger.db") + "?_txlock=immediate"
-				if dialect == "postgres" {
-					uri = env.NewDatabase(t)
-				}
-				res := runLedger(t, dialect, uri, rows)
+				res := runLedger(t, dialect, uris[dialect], rows)
 				t.Logf("%+v", res)
 				results = append(results, res)
 			})
@@ -45,28 +40,20 @@ func TestLedgerScale(t *testing.T) {
 
 func runLedger(t *testing.T, dialect, uri string, rows int) LedgerResult {
 	ctx := context.Background()
-	raw, err := dbutil.NewWithDialect(uri, dialect)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = raw.Close() })
-	udb := database.NewUnwedgeDB("bench", raw, dbutil.ZeroLogger(quiet))
-	if err = udb.Upgrade(ctx); err != nil {
-		t.Fatal(err)
-	}
+	udb := cryptotest.UnwedgeDB(t, testenv.OpenDatabase(t, dialect, uri))
 	now := time.Now()
 	// Devices healed over the last two hours, one per user: half of them within the interval.
 	fill := `INSERT INTO unwedge_device (bridge_id, user_id, device_id, identity_key, last_created_at)
-		SELECT 'bench', '@user' || g || ':example.org', 'PHONE', 'key' || g, CAST($1 AS BIGINT) - CAST(g AS BIGINT) * 7200000 / CAST($2 AS BIGINT) FROM %s`
+		SELECT $3, '@user' || g || ':example.org', 'PHONE', 'key' || g, CAST($1 AS BIGINT) - CAST(g AS BIGINT) * 7200000 / CAST($2 AS BIGINT) FROM %s`
 	series := "generate_series(1, $2) AS g"
-	if dialect != "postgres" {
+	if dialect != testenv.Postgres {
 		fill = "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < $2) " + fill
 		series = "s"
 	}
-	if _, err = udb.Exec(ctx, fmt.Sprintf(fill, series), now.UnixMilli(), rows); err != nil {
+	if _, err := udb.Exec(ctx, fmt.Sprintf(fill, series), now.UnixMilli(), rows, udb.Ledger.BridgeID); err != nil {
 		t.Fatal(err)
 	}
-	if dialect == "postgres" {
+	if dialect == testenv.Postgres {
 		_, _ = udb.Exec(ctx, "ANALYZE unwedge_device")
 	}
 	rng := rand.New(rand.NewPCG(1, 2))
@@ -78,7 +65,7 @@ func runLedger(t *testing.T, dialect, uri string, rows int) LedgerResult {
 			dev = unwedge.LedgerDevice{UserID: id.UserID(fmt.Sprintf("@user%d:example.org", g)), DeviceID: "PHONE", IdentityKey: id.IdentityKey(fmt.Sprintf("key%d", g))}
 		}
 		started := time.Now()
-		_, err = udb.Ledger.Acquire(ctx, dev, unwedge.AcquireParams{
+		_, err := udb.Ledger.Acquire(ctx, dev, unwedge.AcquireParams{
 			Now: now, MinInterval: time.Hour, Owner: "bench", Lease: time.Minute, Class: "no_session",
 		})
 		durations = append(durations, time.Since(started))
@@ -88,7 +75,7 @@ func runLedger(t *testing.T, dialect, uri string, rows int) LedgerResult {
 	}
 	slices.Sort(durations)
 	res := LedgerResult{
-		DB: map[string]string{"postgres": "postgres", "sqlite3-fk-wal": "sqlite"}[dialect], Rows: rows, Decisions: ledgerDecisions,
+		DB: map[string]string{testenv.Postgres: "postgres", testenv.SQLite: "sqlite"}[dialect], Rows: rows, Decisions: ledgerDecisions,
 		P50us: float64(durations[len(durations)/2].Microseconds()), P99us: float64(durations[len(durations)*99/100].Microseconds()),
 	}
 	// Pruning: devices whose last session is older than an hour and that no lease holds go.

@@ -11,11 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
-	"github.com/unwedge/unwedge/crypto/unwedge"
-	"github.com/unwedge/unwedge/internal/testenv"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 )
 
 // TestStorm: the bridge loses its Olm sessions with D devices at once (restored from a backup
@@ -24,15 +24,15 @@ import (
 // (not yet online to learn the new sessions) keep sending on the old ones. The same storm on
 // mautrix-go's built-in unwedge is measured beside it, and so are two replicas of the bridge on
 // one database sharing the events (the same numbers must hold). Sizes: UNWEDGE_BENCH_STORM
-// (default 50).
+// (default 50). The database is Postgres; without the stack, SQLite checks the counts.
 func TestStorm(t *testing.T) {
-	env := testenv.Require(t)
+	requireStackForFigures(t)
 	messages := envInts(t, "UNWEDGE_BENCH_STORM_MESSAGES", 5)[0]
 	var results []StormResult
 	for _, devices := range envInts(t, "UNWEDGE_BENCH_STORM", 50) {
 		for _, mode := range []string{"unwedge", "unwedge-2-replicas", "stock"} {
 			t.Run(fmt.Sprintf("%s/%d", mode, devices), func(t *testing.T) {
-				res := runStorm(t, env, mode, devices, messages)
+				res := runStorm(t, mode, devices, messages)
 				t.Logf("%+v", res)
 				if mode != "stock" {
 					if res.ReplacementSessions != int64(devices) || res.ClaimedKeys != int64(devices) {
@@ -50,32 +50,29 @@ func TestStorm(t *testing.T) {
 	benchOut(t, "storm", results)
 }
 
-func runStorm(t *testing.T, env *testenv.Env, mode string, devices, messages int) StormResult {
+func runStorm(t *testing.T, mode string, devices, messages int) StormResult {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	stock := mode == "stock"
 	hs := newHomeserver(t)
-	db := openDB(t, env.NewDatabase(t))
-	bridge := newBridgeDevice(t, ctx, hs, db, stock)
-
-	var u *unwedge.Unwedger
-	handle := func(evt *event.Event) { bridge.mach.HandleToDeviceEvent(ctx, evt) }
+	db := cryptotest.Database(t)
+	if db.Dialect == dbutil.Postgres {
+		db.RawDB.SetMaxOpenConns(maxConns)
+	}
+	bridge := newBridgeDevice(t, hs, db, stock)
 	if !stock {
-		u, _ = newUnwedger(t, ctx, bridge, db, "storm-1")
-		handle = func(evt *event.Event) { u.HandleToDevice(ctx, evt) }
+		unwedgeBridge(t, bridge, db, "storm-1")
 	}
 	// D devices open sessions with the bridge, in batches as a syncing bridge sees them: it
 	// decrypts a batch, then tops up its one-time keys (an account keeps at most 100, so topping
 	// up before decrypting would drop keys the devices are about to use).
-	peers := make([]*device, devices)
+	peers := make([]*cryptotest.Device, devices)
 	for i := range peers {
-		peers[i] = newMemoryDevice(t, ctx, hs, id.UserID(fmt.Sprintf("@user%d:example.org", i)), "PHONE")
-		sendDummy(t, ctx, peers[i], bridge)
+		peers[i] = newMemoryDevice(hs, id.UserID(fmt.Sprintf("@user%d:example.org", i)), "PHONE")
+		peers[i].SendDummy(bridge)
 		if i%25 == 24 || i == devices-1 {
-			for _, evt := range hs.inbox(bridge.userID, bridge.deviceID) {
-				handle(evt)
-			}
-			if err := bridge.mach.ShareKeys(ctx, hs.oneTimeKeys(bridge.userID, bridge.deviceID)); err != nil {
+			hs.Receive(bridge)
+			if err := bridge.Mach.ShareKeys(ctx, hs.OneTimeKeys(bridge)); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -85,38 +82,31 @@ func runStorm(t *testing.T, env *testenv.Env, mode string, devices, messages int
 	}
 
 	// The storm: the bridge comes back without its sessions (wedge), and every device talks.
-	if _, err := db.Exec(ctx, "DELETE FROM crypto_olm_session WHERE account_id = 'BRIDGE'"); err != nil {
+	if _, err := db.Exec(ctx, "DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridge.DeviceID)); err != nil {
 		t.Fatal(err)
 	}
 	// With two replicas, a second bridge process on the same database (its own machine and
 	// Unwedger) gets every other to-device event, as behind a load balancer.
-	var replica *device
-	var u2 *unwedge.Unwedger
+	var replica *cryptotest.Device
 	if mode == "unwedge-2-replicas" {
-		replica = &device{userID: bridge.userID, deviceID: bridge.deviceID, client: login(t, ctx, hs, bridge.userID, bridge.deviceID)}
+		replica = hs.Replica(bridge)
 	}
+	handle := bridge.Handle
 	restart := func(owner string) {
-		for _, running := range []*unwedge.Unwedger{u, u2} {
-			if running != nil {
-				running.Stop()
-			}
-		}
-		loadBridgeMachine(t, ctx, bridge, db, stock)
-		handle = func(evt *event.Event) { bridge.mach.HandleToDeviceEvent(ctx, evt) }
+		bridge.Restart()
 		if stock {
 			return
 		}
-		u, _ = newUnwedger(t, ctx, bridge, db, owner)
-		handle = func(evt *event.Event) { u.HandleToDevice(ctx, evt) }
+		unwedgeBridge(t, bridge, db, owner)
 		if replica != nil {
-			loadBridgeMachine(t, ctx, replica, db, false)
-			u2, _ = newUnwedger(t, ctx, replica, db, owner+"-replica")
+			replica.Restart()
+			unwedgeBridge(t, replica, db, owner+"-replica")
 			next := 0
 			handle = func(evt *event.Event) {
 				if next++; next%2 == 0 {
-					u2.HandleToDevice(ctx, evt)
+					replica.Handle(evt)
 				} else {
-					u.HandleToDevice(ctx, evt)
+					bridge.Handle(evt)
 				}
 			}
 		}
@@ -124,13 +114,13 @@ func runStorm(t *testing.T, env *testenv.Env, mode string, devices, messages int
 	restart("storm-2")
 	for round := 0; round < messages; round++ {
 		for _, peer := range peers {
-			sendDummy(t, ctx, peer, bridge)
+			peer.SendDummy(bridge)
 		}
 	}
-	claimsBefore, keysBefore, sentBefore := hs.claimRequests.Load(), hs.claimedKeys.Load(), hs.toDeviceCount("m.room.encrypted")
+	claimsBefore, keysBefore, sentBefore := hs.Claims(), hs.ClaimedKeys(), hs.ToDevice("m.room.encrypted")
 	peak := startPeakSampler()
 	started := time.Now()
-	for _, evt := range hs.inbox(bridge.userID, bridge.deviceID) {
+	for _, evt := range hs.Inbox(bridge) {
 		handle(evt)
 	}
 	// Heals run in the background: wait until every device has its session (or nothing moves).
@@ -139,37 +129,26 @@ func runStorm(t *testing.T, env *testenv.Env, mode string, devices, messages int
 	rss, heap := peak.stop()
 	res := StormResult{
 		Mode: mode, Devices: devices, MessagesPerDevice: messages, ReplacementSessions: created,
-		KeyClaims: hs.claimRequests.Load() - claimsBefore, ClaimedKeys: hs.claimedKeys.Load() - keysBefore,
-		ToDeviceSent: hs.toDeviceCount("m.room.encrypted") - sentBefore, Seconds: seconds, PeakRSSMB: rss, PeakHeapMB: heap,
+		KeyClaims: hs.Claims() - claimsBefore, ClaimedKeys: hs.ClaimedKeys() - keysBefore,
+		ToDeviceSent: hs.ToDevice("m.room.encrypted") - sentBefore, Seconds: seconds, PeakRSSMB: rss, PeakHeapMB: heap,
 	}
 
 	// A restart within the hour; the devices have not been online, so they still use the old
 	// sessions and fail again.
 	restart("storm-3")
 	for _, peer := range peers {
-		sendDummy(t, ctx, peer, bridge)
+		peer.SendDummy(bridge)
 	}
-	for _, evt := range hs.inbox(bridge.userID, bridge.deviceID) {
+	for _, evt := range hs.Inbox(bridge) {
 		handle(evt)
 	}
 	res.AfterRestartSessions = waitStable(ctx, func() int64 { return int64(countSessions(t, ctx, bridge)) }, -1) - created
 	return res
 }
 
-// sendDummy sends an Olm-encrypted m.dummy from a device to the bridge over its latest session.
-func sendDummy(t testing.TB, ctx context.Context, from, to *device) {
-	target, err := from.mach.GetOrFetchDevice(ctx, to.userID, to.deviceID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err = from.mach.SendEncryptedToDevice(ctx, target, event.ToDeviceDummy, event.Content{}); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func countSessions(t testing.TB, ctx context.Context, bridge *device) int {
+func countSessions(t testing.TB, ctx context.Context, bridge *cryptotest.Device) int {
 	var n int
-	if err := bridge.sql.DB.QueryRow(ctx, "SELECT COUNT(*) FROM crypto_olm_session WHERE account_id = 'BRIDGE'").Scan(&n); err != nil {
+	if err := bridge.SQL.DB.QueryRow(ctx, "SELECT COUNT(*) FROM crypto_olm_session WHERE account_id=$1", string(bridge.DeviceID)).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
 	return n

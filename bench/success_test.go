@@ -12,6 +12,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 	"github.com/unwedge/unwedge/internal/testenv"
 )
 
@@ -30,10 +31,9 @@ import (
 
 // successSetup is a bridge and one user device with working Olm and Megolm sessions.
 type successSetup struct {
-	hs       *homeserver
-	bridge   *device
-	peer     *device
-	unwedger *unwedge.Unwedger
+	hs       *cryptotest.Homeserver
+	bridge   *cryptotest.Device
+	peer     *cryptotest.Device
 	recovery *unwedge.Recovery
 	megolm   *crypto.OutboundGroupSession
 }
@@ -56,52 +56,28 @@ func newSuccessPair(b *testing.B, env *testenv.Env) [2]*successSetup {
 func newSuccessSetup(b *testing.B, db *dbutil.Database, mode, tag string) *successSetup {
 	ctx := context.Background()
 	s := &successSetup{hs: newHomeserver(b)}
-	s.bridge = newBridgeDeviceAs(b, ctx, s.hs, db, id.UserID("@bridge-"+tag+":example.org"), id.DeviceID("BRIDGE"+tag), mode == "stock")
-	s.peer = newMemoryDevice(b, ctx, s.hs, id.UserID("@alice-"+tag+":example.org"), "PHONE")
+	s.bridge = newBridgeDeviceAs(b, s.hs, db, id.UserID("@bridge-"+tag+":example.org"), id.DeviceID("BRIDGE"+tag), mode == "stock")
+	s.peer = newMemoryDevice(s.hs, id.UserID("@alice-"+tag+":example.org"), "PHONE")
 	if mode == "unwedge" {
-		u, unwedgeDB := newUnwedger(b, ctx, s.bridge, db, "bench-"+tag)
-		s.unwedger = u
-		s.recovery = unwedge.NewRecovery(unwedge.DefaultConfig().Recovery, s.bridge.mach, unwedgeDB.Pending, nil, u.Healing, "bench-"+tag, zerolog.Nop())
+		u, udb := unwedgeBridge(b, s.bridge, db, "bench-"+tag)
+		s.recovery = unwedge.NewRecovery(unwedge.DefaultConfig().Recovery, s.bridge.Mach, udb.Pending, nil, u.Healing, "bench-"+tag, zerolog.Nop())
 	}
 	// An Olm session both ways, then a Megolm session whose key the bridge has.
-	sendDummy(b, ctx, s.peer, s.bridge)
-	s.deliver(ctx)
+	s.hs.Exchange(s.peer, s.bridge)
 	var err error
 	if s.megolm, err = crypto.NewOutboundGroupSession(benchRoom, nil, nil); err != nil {
 		b.Fatal(err)
 	}
 	s.megolm.Shared = true
 	s.megolm.MaxMessages = 1 << 30
-	if err = s.peer.mach.CryptoStore.AddOutboundGroupSession(ctx, s.megolm); err != nil {
+	if err = s.peer.Mach.CryptoStore.AddOutboundGroupSession(ctx, s.megolm); err != nil {
 		b.Fatal(err)
 	}
-	target, err := s.peer.mach.GetOrFetchDevice(ctx, s.bridge.userID, s.bridge.deviceID)
-	if err != nil {
+	if err = s.peer.Mach.SendEncryptedToDevice(ctx, s.peer.Fetch(s.bridge.UserID, s.bridge.DeviceID), event.ToDeviceRoomKey, s.megolm.ShareContent()); err != nil {
 		b.Fatal(err)
 	}
-	if err = s.peer.mach.SendEncryptedToDevice(ctx, target, event.ToDeviceRoomKey, s.megolm.ShareContent()); err != nil {
-		b.Fatal(err)
-	}
-	s.deliver(ctx)
+	s.hs.Receive(s.bridge)
 	return s
-}
-
-// deliver hands the bridge its queued to-device events, as its transport does.
-func (s *successSetup) deliver(ctx context.Context) int {
-	events := s.hs.inbox(s.bridge.userID, s.bridge.deviceID)
-	for _, evt := range events {
-		s.handle(ctx, evt)
-	}
-	return len(events)
-}
-
-// handle gives one to-device event to the bridge: through the Unwedger, or to stock's machine.
-func (s *successSetup) handle(ctx context.Context, evt *event.Event) {
-	if s.unwedger != nil {
-		s.unwedger.HandleToDevice(ctx, evt)
-	} else {
-		s.bridge.mach.HandleToDeviceEvent(ctx, evt)
-	}
 }
 
 // megolmEvents are n room messages from the peer, encrypted with the bridge's Megolm session.
@@ -109,12 +85,12 @@ func (s *successSetup) handle(ctx context.Context, evt *event.Event) {
 func (s *successSetup) megolmEvents(b *testing.B, ctx context.Context, n int) []*event.Event {
 	events := make([]*event.Event, n)
 	for i := range events {
-		content, err := s.peer.mach.EncryptMegolmEvent(ctx, benchRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: fmt.Sprintf("message %d", i)})
+		content, err := s.peer.Mach.EncryptMegolmEvent(ctx, benchRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: fmt.Sprintf("message %d", i)})
 		if err != nil {
 			b.Fatal(err)
 		}
 		events[i] = &event.Event{
-			ID: id.EventID(fmt.Sprintf("$event-%d", i)), RoomID: benchRoom, Sender: s.peer.userID,
+			ID: id.EventID(fmt.Sprintf("$event-%d", i)), RoomID: benchRoom, Sender: s.peer.UserID,
 			Type: event.EventEncrypted, Timestamp: int64(i), Content: event.Content{Parsed: content},
 		}
 	}
@@ -128,7 +104,7 @@ func BenchmarkMegolmDecrypt(b *testing.B) {
 	for m, s := range newSuccessPair(b, env) {
 		events := s.megolmEvents(b, ctx, b.N)
 		handle[m] = func(i int) {
-			if _, err := s.bridge.mach.DecryptMegolmEvent(ctx, events[i]); err != nil {
+			if _, err := s.bridge.Mach.DecryptMegolmEvent(ctx, events[i]); err != nil {
 				b.Fatalf("%s: %v", modes[m], err)
 			}
 			if s.recovery != nil {
@@ -142,24 +118,23 @@ func BenchmarkMegolmDecrypt(b *testing.B) {
 
 func BenchmarkOlmDecrypt(b *testing.B) {
 	env := testenv.Require(b)
-	ctx := context.Background()
 	pair := newSuccessPair(b, env)
 	var handle [2]func(int)
 	for m, s := range pair {
 		for range b.N {
-			sendDummy(b, ctx, s.peer, s.bridge)
+			s.peer.SendDummy(s.bridge)
 		}
-		events := s.hs.inbox(s.bridge.userID, s.bridge.deviceID)
+		events := s.hs.Inbox(s.bridge)
 		if len(events) != b.N {
 			b.Fatalf("%s: %d to-device events queued, want %d", modes[m], len(events), b.N)
 		}
-		handle[m] = func(i int) { s.handle(ctx, events[i]) }
+		handle[m] = func(i int) { s.bridge.Handle(events[i]) }
 	}
 	b.ResetTimer()
 	measured := interleave(b.N, handle)
 	b.StopTimer()
 	for m, s := range pair {
-		if n := len(s.hs.inbox(s.bridge.userID, s.bridge.deviceID)); n != 0 {
+		if n := len(s.hs.Inbox(s.bridge)); n != 0 {
 			b.Fatalf("%s: the bridge sent %d to-device messages: something failed to decrypt", modes[m], n)
 		}
 	}
