@@ -1,26 +1,17 @@
 package bridge
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"html"
-	"io"
-	"net/http"
-	"net/http/httptest"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/rs/zerolog"
-	"go.mau.fi/util/dbutil"
-	_ "go.mau.fi/util/dbutil/litestream"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/bridgev2"
 	"maunium.net/go/mautrix/bridgev2/bridgeconfig"
@@ -30,30 +21,18 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/format"
 	"maunium.net/go/mautrix/id"
-	"maunium.net/go/mautrix/mockserver"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 )
-
-type allInScope struct{}
-
-func (allInScope) InScope(context.Context, id.UserID) (bool, error) { return true, nil }
 
 // TestStatusFromLedger: `unwedge status` reads the heal history from the database, so a restarted
 // bridge (or another replica) shows what happened before; what this process decided besides heals
 // (here: a wedge limited by the interval) is shown on top while it is newer.
 func TestStatusFromLedger(t *testing.T) {
 	ctx := context.Background()
-	raw, err := dbutil.NewWithDialect("file:"+filepath.Join(t.TempDir(), "bridge.db")+"?_txlock=immediate", "sqlite3-fk-wal")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = raw.Close() })
-	udb := database.NewUnwedgeDB("test", raw, dbutil.ZeroLogger(zerolog.Nop()))
-	if err = udb.Upgrade(ctx); err != nil {
-		t.Fatal(err)
-	}
+	udb := cryptotest.UnwedgeDB(t, cryptotest.Database(t))
 
 	const alice = id.UserID("@alice:example.org")
 	phone := &id.Device{UserID: alice, DeviceID: "PHONE", IdentityKey: "phoneKey"}
@@ -92,7 +71,7 @@ func TestStatusFromLedger(t *testing.T) {
 	}
 	client.DeviceID = "BRIDGE"
 	store := unwedge.NewStore(crypto.NewMemoryStore(nil), udb.Shared)
-	if err = store.PutDevices(ctx, alice, map[id.DeviceID]*id.Device{phone.DeviceID: phone, laptop.DeviceID: laptop}); err != nil {
+	if err := store.PutDevices(ctx, alice, map[id.DeviceID]*id.Device{phone.DeviceID: phone, laptop.DeviceID: laptop}); err != nil {
 		t.Fatal(err)
 	}
 	log := zerolog.Nop()
@@ -123,7 +102,7 @@ func TestStatusFromLedger(t *testing.T) {
 
 	// This process decides something that is no heal: PHONE's session wedges again within the
 	// hour. It is shown as the last decision; the heal history stays below it.
-	h.unwedger, err = unwedge.New(unwedge.DefaultConfig(), mach, udb.Ledger, allInScope{}, nil, "this-process", log)
+	h.unwedger, err = unwedge.New(unwedge.DefaultConfig(), mach, udb.Ledger, cryptotest.Everyone{}, nil, "this-process", log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,115 +156,35 @@ const (
 )
 
 // commandFixture runs the `unwedge` command as bridgev2 would: a real OlmMachine, Unwedger and
-// ledger (SQLite), and mautrix-go's in-memory homeserver with two peers that uploaded one-time
-// keys; it counts the bridge's key claims and records its key requests.
+// ledger, and the crypto test kit's homeserver with two peers that uploaded one-time keys, which
+// counts the bridge's key claims and records its key requests.
 type commandFixture struct {
 	t      *testing.T
 	ctx    context.Context
+	hs     *cryptotest.Homeserver
 	udb    *database.UnwedgeDB
 	mach   *crypto.OlmMachine
 	h      *Helper
 	bot    *fakeBot
-	claims atomic.Int32
 	phone  *id.Device // alice's
 	tablet *id.Device // bob's
-
-	keyRequestLock sync.Mutex
-	keyRequests    []keyRequest
-}
-
-// keyRequest is an m.room_key_request the bridge sent: to whom, for which session.
-type keyRequest struct {
-	to        id.UserID
-	device    id.DeviceID
-	sessionID id.SessionID
 }
 
 func newCommandFixture(t *testing.T) *commandFixture {
-	f := &commandFixture{t: t, ctx: context.Background(), bot: &fakeBot{}}
-	raw, err := dbutil.NewWithDialect("file:"+filepath.Join(t.TempDir(), "bridge.db")+"?_txlock=immediate", "sqlite3-fk-wal")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = raw.Close() })
-	f.udb = database.NewUnwedgeDB("test", raw, dbutil.ZeroLogger(zerolog.Nop()))
-	if err = f.udb.Upgrade(f.ctx); err != nil {
-		t.Fatal(err)
-	}
-	ms := mockserver.Create(t)
-	var serverLock sync.Mutex
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/_matrix/client/v3/keys/claim" {
-			f.claims.Add(1)
-		}
-		if strings.HasPrefix(r.URL.Path, "/_matrix/client/v3/sendToDevice/m.room_key_request/") {
-			f.recordKeyRequest(r)
-		}
-		serverLock.Lock()
-		defer serverLock.Unlock()
-		ms.Router.ServeHTTP(w, r)
-	}))
-	t.Cleanup(srv.Close)
-	ms.Login(t, f.ctx, cmdAlice, "PHONE")
-	ms.Login(t, f.ctx, cmdBob, "TABLET")
-
-	client, err := mautrix.NewClient(srv.URL, "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err = client.Login(f.ctx, &mautrix.ReqLogin{
-		Type: mautrix.AuthTypePassword, Identifier: mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: "@bridgebot:example.org"},
-		DeviceID: "BRIDGE", Password: "password", StoreCredentials: true,
-	}); err != nil {
-		t.Fatal(err)
-	}
-	log := zerolog.Nop()
-	f.mach = crypto.NewOlmMachine(client, &log, unwedge.NewStore(crypto.NewMemoryStore(nil), f.udb.Shared), mautrix.NewMemoryStateStore().(crypto.StateStore))
-	if err = f.mach.Load(f.ctx); err != nil {
-		t.Fatal(err)
-	}
-	if f.phone, err = f.mach.GetOrFetchDevice(f.ctx, cmdAlice, "PHONE"); err != nil {
-		t.Fatal(err)
-	}
-	if f.tablet, err = f.mach.GetOrFetchDevice(f.ctx, cmdBob, "TABLET"); err != nil {
-		t.Fatal(err)
-	}
+	f := &commandFixture{t: t, ctx: t.Context(), hs: cryptotest.NewHomeserver(t), bot: &fakeBot{}}
+	f.hs.Log = zerolog.Nop()
+	f.udb = cryptotest.UnwedgeDB(t, cryptotest.Database(t))
+	f.hs.NewDevice(cmdAlice, "PHONE", cryptotest.Store{})
+	f.hs.NewDevice(cmdBob, "TABLET", cryptotest.Store{})
+	bridge := f.hs.NewDevice("@bridgebot:example.org", "BRIDGE", cryptotest.Store{Shared: f.udb.Shared})
+	f.mach = bridge.Mach
+	f.phone, f.tablet = bridge.Fetch(cmdAlice, "PHONE"), bridge.Fetch(cmdBob, "TABLET")
 	f.restart()
 	return f
 }
 
-// recordKeyRequest notes the key requests in a /sendToDevice request and leaves its body readable.
-func (f *commandFixture) recordKeyRequest(r *http.Request) {
-	body, err := io.ReadAll(r.Body)
-	if err != nil {
-		f.t.Error(err)
-		return
-	}
-	r.Body = io.NopCloser(bytes.NewReader(body))
-	var req struct {
-		Messages map[id.UserID]map[id.DeviceID]event.RoomKeyRequestEventContent `json:"messages"`
-	}
-	if err = json.Unmarshal(body, &req); err != nil {
-		f.t.Error(err)
-		return
-	}
-	f.keyRequestLock.Lock()
-	defer f.keyRequestLock.Unlock()
-	for userID, devices := range req.Messages {
-		for deviceID, content := range devices {
-			if content.Action == event.KeyRequestActionRequest {
-				f.keyRequests = append(f.keyRequests, keyRequest{userID, deviceID, content.Body.SessionID})
-			}
-		}
-	}
-}
-
 // sentKeyRequests returns the key requests sent so far.
-func (f *commandFixture) sentKeyRequests() []keyRequest {
-	f.keyRequestLock.Lock()
-	defer f.keyRequestLock.Unlock()
-	return slices.Clone(f.keyRequests)
-}
+func (f *commandFixture) sentKeyRequests() []cryptotest.KeyRequest { return f.hs.KeyRequests() }
 
 // restart makes a new Helper and Unwedger on the same database and machine, as a restarted
 // bridge (or another replica) has: nothing in memory.
@@ -362,7 +261,7 @@ func TestHealCommandLimits(t *testing.T) {
 	if !strings.Contains(answer, "Not healed") || !strings.Contains(answer, "outside unwedge's scope") {
 		t.Errorf("heal of a user out of scope: %s", answer)
 	}
-	if n := f.claims.Load(); n != 0 {
+	if n := f.hs.Claims(); n != 0 {
 		t.Fatalf("%d key claims for heals that were refused", n)
 	}
 
@@ -373,7 +272,7 @@ func TestHealCommandLimits(t *testing.T) {
 			t.Errorf("forced heal of %s: %s", dev.DeviceID, answer)
 		}
 	}
-	if n := f.claims.Load(); n != 2 {
+	if n := f.hs.Claims(); n != 2 {
 		t.Fatalf("%d key claims for two forced heals", n)
 	}
 	answer = f.run(cmdManagement, "heal", string(cmdBob), "TABLET", "--force")
@@ -386,7 +285,7 @@ func TestHealCommandLimits(t *testing.T) {
 	if !strings.Contains(answer, "Not healed") || !strings.Contains(answer, "had a forced heal 0s ago") {
 		t.Errorf("forced heal within the window after a restart: %s", answer)
 	}
-	if n := f.claims.Load(); n != 2 {
+	if n := f.hs.Claims(); n != 2 {
 		t.Errorf("%d key claims after forced heals were repeated, want 2", n)
 	}
 	answer = f.run(cmdManagement, "status", string(cmdAlice))
@@ -414,7 +313,7 @@ func TestCommandOutsideManagementRoom(t *testing.T) {
 			}
 		}
 	}
-	if n := f.claims.Load(); n != 0 {
+	if n := f.hs.Claims(); n != 0 {
 		t.Errorf("%d key claims from commands outside the management room", n)
 	}
 	// The same command in the management room names the device.

@@ -13,6 +13,8 @@ import (
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/internal/cryptotest"
 )
 
 // session is a well-formed Megolm session ID for a name.
@@ -73,7 +75,7 @@ func TestKeyRequestsFollowSender(t *testing.T) {
 	f := newCommandFixture(t)
 	phoneKey := f.phone.IdentityKey
 	sent := func(name string) bool {
-		return slices.Contains(f.sentKeyRequests(), keyRequest{cmdAlice, "PHONE", session(name)})
+		return slices.Contains(f.sentKeyRequests(), cryptotest.KeyRequest{To: cmdAlice, Device: "PHONE", SessionID: session(name)})
 	}
 	waitSent := func(name string) {
 		t.Helper()
@@ -111,8 +113,8 @@ func TestKeyRequestsFollowSender(t *testing.T) {
 	// Requests started with the ones above would have been sent by now.
 	time.Sleep(100 * time.Millisecond)
 	for _, req := range f.sentKeyRequests() {
-		if req.sessionID == session("bobs-choice") || req.sessionID == session("bobs-second") {
-			t.Errorf("key request for bob's session %s went to %s's %s", req.sessionID, req.to, req.device)
+		if req.SessionID == session("bobs-choice") || req.SessionID == session("bobs-second") {
+			t.Errorf("key request for bob's session %s went to %s's %s", req.SessionID, req.To, req.Device)
 		}
 	}
 }
