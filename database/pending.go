@@ -58,10 +58,13 @@ const (
 		WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND sender_key = $4 AND sender = $5`
 	requestNowQuery = `
 		UPDATE unwedge_pending SET next_request = $4 WHERE bridge_id = $1 AND sender = $2 AND sender_key = $3 AND next_request > $4`
-	// The claims load at most $8 (and $6) events at once, the earliest arrivals first.
+	// The claims load at most $8 (and $6) events at once, the earliest arrivals first. The
+	// claim's condition stands in the outer WHERE too: on Postgres a claim that waited for
+	// another's row lock checks only that WHERE again, against the committed row (the subquery's
+	// rows are from before the wait), so a row another owner just claimed is left out.
 	claimSessionQuery = `
 		UPDATE unwedge_pending SET claim_owner = $4, claim_until = $5
-		WHERE bridge_id = $1 AND event_id IN (
+		WHERE bridge_id = $1 AND claim_until < $7 AND event_id IN (
 			SELECT event_id FROM unwedge_pending
 			WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND first_seen <= $6 AND claim_until < $7
 			ORDER BY arrival LIMIT $8
@@ -69,7 +72,7 @@ const (
 		RETURNING ` + pendingColumns
 	claimExpiredQuery = `
 		UPDATE unwedge_pending SET claim_owner = $2, claim_until = $3
-		WHERE bridge_id = $1 AND event_id IN (
+		WHERE bridge_id = $1 AND claim_until < $5 AND event_id IN (
 			SELECT event_id FROM unwedge_pending
 			WHERE bridge_id = $1 AND first_seen < $4 AND claim_until < $5
 			ORDER BY arrival LIMIT $6

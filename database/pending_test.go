@@ -359,3 +359,63 @@ func TestPendingLimits(t *testing.T) {
 		})
 	}
 }
+
+// TestPendingConcurrentClaims: two owners claiming the same events at once (two replicas, each
+// with its own connections) never both get one, so no event is handed to the bridge twice.
+func TestPendingConcurrentClaims(t *testing.T) {
+	t0 := time.UnixMilli(1_800_000_000_000)
+	for dialect, uri := range testenv.Databases(t) {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			var replicas []*database.UnwedgeDB
+			for range 2 {
+				db := database.NewUnwedgeDB("test-bridge", testenv.OpenDatabase(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
+				testenv.Upgrade(t, db)
+				replicas = append(replicas, db)
+			}
+			for round := range 20 {
+				session := id.SessionID(fmt.Sprintf("S%d", round))
+				for i := range 10 {
+					if _, err := replicas[0].Pending.Add(ctx, pendingEvent(round*100+i, session, t0), roomy); err != nil {
+						t.Fatal(err)
+					}
+				}
+				// Even rounds hand a session over, odd ones give expired events up.
+				claim := func(pq *database.PendingQuery, owner string) ([]*unwedge.Pending, error) {
+					if round%2 == 0 {
+						return pq.ClaimSession(ctx, "!room:localhost", session, owner, t0, t0.Add(time.Minute), t0, 100)
+					}
+					return pq.ClaimExpired(ctx, t0.Add(time.Second), owner, t0, t0.Add(time.Minute), 100)
+				}
+				var wg sync.WaitGroup
+				claimed := make([][]*unwedge.Pending, len(replicas))
+				for r, db := range replicas {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						var err error
+						if claimed[r], err = claim(db.Pending, fmt.Sprintf("owner-%d", r)); err != nil {
+							t.Error(err)
+						}
+					}()
+				}
+				wg.Wait()
+				seen := map[id.EventID]bool{}
+				for _, list := range claimed {
+					for _, p := range list {
+						if seen[p.EventID] {
+							t.Fatalf("round %d: both owners claimed %s", round, p.EventID)
+						}
+						seen[p.EventID] = true
+					}
+				}
+				if len(seen) != 10 {
+					t.Fatalf("round %d: %d events claimed, want 10", round, len(seen))
+				}
+				if _, err := replicas[0].Exec(ctx, "DELETE FROM unwedge_pending"); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+	}
+}
