@@ -16,6 +16,12 @@ func (l *lockedMap[K, V]) get(k K) (V, bool) {
 	return v, ok
 }
 
+func (l *lockedMap[K, V]) len() int {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	return len(l.m)
+}
+
 func (l *lockedMap[K, V]) delete(k K) {
 	l.lock.Lock()
 	defer l.lock.Unlock()

@@ -83,6 +83,9 @@ type Recovery struct {
 	// later successful decrypt by bridgev2 removes the row without a database query on every
 	// decrypt. An event that fell out is handed over later; the sink knows it was bridged.
 	recorded recentSet[id.EventID]
+	// decrypted holds the latest events the bridge decrypted that were not recorded (yet): one
+	// that a concurrent wait records just after it was decrypted is removed again.
+	decrypted recentSet[id.EventID]
 	// arrival is the last arrival stamp given to a recorded event.
 	arrival int64
 	// received holds Megolm sessions that arrived, until their events were handed over.
@@ -130,6 +133,7 @@ const (
 	defaultLease  = 2 * time.Minute
 	batchLimit    = 200
 	maxRecorded   = 10000
+	maxDecrypted  = 1024
 )
 
 // fullCounts is the counter of each cap.
@@ -144,7 +148,7 @@ func NewRecovery(cfg RecoveryConfig, mach *crypto.OlmMachine, store PendingStore
 	return &Recovery{
 		cfg: cfg, mach: mach, store: store, sink: sink, healing: healing, owner: owner, log: log,
 		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
-		recorded: newRecentSet[id.EventID](maxRecorded), received: make(map[receivedSession]time.Time), counts: make(map[string]int64),
+		recorded: newRecentSet[id.EventID](maxRecorded), decrypted: newRecentSet[id.EventID](maxDecrypted), received: make(map[receivedSession]time.Time), counts: make(map[string]int64),
 		now: time.Now, Lease: defaultLease,
 	}
 }
@@ -178,8 +182,19 @@ func (r *Recovery) Record(ctx context.Context, evt *event.Event) error {
 		return err
 	}
 	r.lock.Lock()
-	r.recorded.add(evt.ID)
+	decrypted := r.decrypted.remove(evt.ID)
+	if !decrypted {
+		r.recorded.add(evt.ID)
+	}
 	r.lock.Unlock()
+	if decrypted {
+		// The bridge decrypted it meanwhile (bridgev2 waits for a session once per event, and
+		// another event's wait may record this one): it is not pending after all.
+		if _, err = r.store.Delete(ctx, evt.ID); err != nil {
+			return fmt.Errorf("failed to remove event %s decrypted meanwhile: %w", evt.ID, err)
+		}
+		return nil
+	}
 	if added {
 		r.count(CountRecorded)
 		zerolog.Ctx(ctx).Info().Str("unwedge", "pending").Stringer("event_id", evt.ID).Stringer("session_id", content.SessionID).
@@ -192,6 +207,9 @@ func (r *Recovery) Record(ctx context.Context, evt *event.Event) error {
 func (r *Recovery) Decrypted(ctx context.Context, eventID id.EventID) {
 	r.lock.Lock()
 	ok := r.recorded.remove(eventID)
+	if !ok {
+		r.decrypted.add(eventID)
+	}
 	r.lock.Unlock()
 	if !ok {
 		return
@@ -367,63 +385,94 @@ func (r *Recovery) hasSession(ctx context.Context, roomID id.RoomID, sessionID i
 }
 
 // deliverSession decrypts the handed-over events of a session that arrived and gives them to the
-// bridge in the order they arrived; it returns how many it bridged.
+// bridge in the order they arrived, batchLimit at a time; it returns how many it bridged.
 func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, now, handover time.Time) int {
 	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("session_id", sessionID).Logger()
-	claimed, err := r.store.ClaimSession(ctx, roomID, sessionID, r.owner, now, now.Add(r.Lease), handover, batchLimit)
-	if err != nil {
-		if ctx.Err() == nil {
-			log.Err(err).Msg("Failed to claim pending events")
-		}
-		return 0
-	}
 	delivered, handled, requested := 0, 0, 0
 	var last *Pending
-	for _, p := range claimed {
-		last = p
-		requested = max(requested, p.Requests)
-		elog := log.With().Stringer("event_id", p.EventID).Stringer("user_id", p.Sender).Stringer("identity_key", p.SenderKey).Logger()
-		decrypted, err := r.mach.DecryptMegolmEvent(ctx, p.Event)
-		if err == nil {
-			fault.At(r.ctx, FaultKeyArrived)
-			// The sink's lines about the event carry its sender's fields too.
-			err = r.sink.Deliver(elog.WithContext(ctx), p.Event, decrypted, p.Requests)
-		}
-		var dropped *DroppedError
-		if errors.As(err, &dropped) {
-			// The key came, but the room's rules no longer let the event through.
-			handled++
-			if err = r.finish(ctx, p.EventID); err != nil {
-				elog.Err(err).Msg("Failed to remove dropped event from pending events")
-				continue
-			}
-			r.count(CountDropped)
-			elog.Warn().Str("unwedge", "dropped").Stringer("sender", p.Sender).Str("reason", dropped.Reason).
-				Msg("Dropped undecryptable event: it will not be bridged")
-			continue
-		}
+	for {
+		claimed, err := r.store.ClaimSession(ctx, roomID, sessionID, r.owner, now, now.Add(r.Lease), handover, batchLimit)
 		if err != nil {
-			elog.Warn().Err(err).Msg("Pending event still cannot be bridged")
-			if err = r.store.Release(ctx, p.EventID, r.owner, err.Error()); err != nil {
-				elog.Err(err).Msg("Failed to release pending event")
+			if ctx.Err() == nil {
+				log.Err(err).Msg("Failed to claim pending events")
 			}
-			continue
+			break
 		}
-		fault.At(r.ctx, FaultEventDelivered)
-		if err = r.finish(ctx, p.EventID); err != nil {
-			// The claim runs out and the event is handed over again; the sink knows it was bridged.
-			elog.Err(err).Msg("Failed to remove bridged event from pending events")
+		released := 0
+		for _, p := range claimed {
+			last = p
+			requested = max(requested, p.Requests)
+			switch r.deliverEvent(ctx, log, p, now) {
+			case eventDelivered:
+				delivered++
+				handled++
+			case eventDropped:
+				handled++
+			case eventReleased:
+				released++
+			}
 		}
-		delivered++
-		handled++
-		r.count(CountRecovered)
-		elog.Info().Str("unwedge", "recovered").Dur("waited", now.Sub(p.FirstSeen)).Int("key_requests", p.Requests).Msg("Bridged event after its key arrived late")
+		// A full batch of events that all went through may have more behind it; events given
+		// back would only be claimed again.
+		if len(claimed) < batchLimit || released > 0 {
+			break
+		}
 	}
 	if handled > 0 && requested > 0 {
 		r.count(CountRequestsFilled)
 		r.cancelRequest(ctx, last)
 	}
 	return delivered
+}
+
+// eventOutcome is how the hand-over of one pending event ended.
+type eventOutcome int
+
+const (
+	eventDelivered eventOutcome = iota
+	eventDropped
+	// eventReleased: it still cannot be bridged, and waits on.
+	eventReleased
+	// eventKept: it went through, but its row could not be removed; the claim runs out.
+	eventKept
+)
+
+// deliverEvent decrypts one claimed event and hands it to the bridge.
+func (r *Recovery) deliverEvent(ctx context.Context, log zerolog.Logger, p *Pending, now time.Time) eventOutcome {
+	elog := log.With().Stringer("event_id", p.EventID).Stringer("user_id", p.Sender).Stringer("identity_key", p.SenderKey).Logger()
+	decrypted, err := r.mach.DecryptMegolmEvent(ctx, p.Event)
+	if err == nil {
+		fault.At(r.ctx, FaultKeyArrived)
+		// The sink's lines about the event carry its sender's fields too.
+		err = r.sink.Deliver(elog.WithContext(ctx), p.Event, decrypted, p.Requests)
+	}
+	var dropped *DroppedError
+	if errors.As(err, &dropped) {
+		// The key came, but the room's rules no longer let the event through.
+		if err = r.finish(ctx, p.EventID); err != nil {
+			elog.Err(err).Msg("Failed to remove dropped event from pending events")
+			return eventKept
+		}
+		r.count(CountDropped)
+		elog.Warn().Str("unwedge", "dropped").Stringer("sender", p.Sender).Str("reason", dropped.Reason).
+			Msg("Dropped undecryptable event: it will not be bridged")
+		return eventDropped
+	}
+	if err != nil {
+		elog.Warn().Err(err).Msg("Pending event still cannot be bridged")
+		if err = r.store.Release(ctx, p.EventID, r.owner, err.Error()); err != nil {
+			elog.Err(err).Msg("Failed to release pending event")
+		}
+		return eventReleased
+	}
+	fault.At(r.ctx, FaultEventDelivered)
+	if err = r.finish(ctx, p.EventID); err != nil {
+		// The claim runs out and the event is handed over again; the sink knows it was bridged.
+		elog.Err(err).Msg("Failed to remove bridged event from pending events")
+	}
+	r.count(CountRecovered)
+	elog.Info().Str("unwedge", "recovered").Dur("waited", now.Sub(p.FirstSeen)).Int("key_requests", p.Requests).Msg("Bridged event after its key arrived late")
+	return eventDelivered
 }
 
 // requestKeys sends the key requests that are due, one per session, and schedules the next.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -99,6 +100,7 @@ func (f *recoveryFixture) newPeerMegolm() *crypto.OutboundGroupSession {
 		f.t.Fatal(err)
 	}
 	ogs.Shared = true
+	ogs.MaxMessages = 1 << 20 // TestRecoveryManyEvents sends more than a session's default 100
 	own := f.peer.Mach.OwnIdentity()
 	igs, err := crypto.NewInboundGroupSession(own.IdentityKey, own.SigningKey, testRoom, ogs.Internal.Key(), 0, 0, nil, false)
 	if err != nil {
@@ -217,6 +219,56 @@ func TestRecoveryLateKey(t *testing.T) {
 	counts := f.rec.Counts()
 	if counts[unwedge.CountRecovered] != 3 || counts[unwedge.CountRequestsSent] != 1 || counts[unwedge.CountRequestsFilled] != 1 {
 		t.Fatalf("counts = %v", counts)
+	}
+}
+
+// TestRecordAfterDecrypted: an event the bridge decrypted before it was recorded (another event's
+// wait for the same session records it, just after its own wait got the key) leaves no row: it
+// would be handed to the bridge a second time.
+func TestRecordAfterDecrypted(t *testing.T) {
+	f := newRecoveryFixture(t, nil)
+	content, err := f.peer.Mach.EncryptMegolmEvent(f.ctx, testRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "raced"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	evt := &event.Event{ID: "$raced", RoomID: testRoom, Sender: peerUser, Type: event.EventEncrypted, Content: event.Content{Parsed: content}}
+	f.rec.Decrypted(f.ctx, evt.ID)
+	if err = f.rec.Record(f.ctx, evt); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.pendingCount(); n != 0 {
+		t.Fatalf("%d rows for an event decrypted before it was recorded, want 0", n)
+	}
+	// An event not decrypted before is recorded as usual.
+	f.undecryptable("later", f.clock)
+	if n := f.pendingCount(); n != 1 {
+		t.Fatalf("%d rows, want 1", n)
+	}
+}
+
+// TestRecoveryManyEvents: a session with more events than one hand-over batch loads (200) has
+// them all bridged when its key arrives, in the order they arrived, not only the first batch.
+func TestRecoveryManyEvents(t *testing.T) {
+	f := newRecoveryFixture(t, nil)
+	const n = 230
+	want := make([]string, n)
+	for i := range n {
+		want[i] = fmt.Sprintf("message %d", i)
+		f.undecryptable(want[i], f.clock)
+	}
+	f.pass(unwedge.StockWait + time.Second)
+	if reqs := f.keyRequests(); len(reqs) != 1 {
+		t.Fatalf("%d key requests, want one for the session", len(reqs))
+	}
+	f.awaitForwardedKey()
+	// The pass the arriving key starts, without the sweep (that runs every 30 s).
+	f.clock = f.clock.Add(time.Second)
+	unwedge.Pass(f.ctx, f.rec, false)
+	if got := f.sink.bodies(); !slices.Equal(got, want) {
+		t.Fatalf("bridged %d events (%v ...), want all %d in order", len(got), got[:min(len(got), 3)], n)
+	}
+	if left := f.pendingCount(); left != 0 {
+		t.Fatalf("%d events still pending", left)
 	}
 }
 

@@ -338,7 +338,7 @@ func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.U
 // max_heals_per_minute heals within the last minute. It returns no action when it may, or the
 // refusal's action (out_of_scope, capped, throttled, or failed when the ledger could not be
 // asked) with its detail and error. Both caps are counted in the ledger before the heal's row
-// exists, so heals admitted at the same instant can each start one more.
+// exists, so heals admitted while others are still starting can pass a cap by the number starting.
 func (u *Unwedger) admission(ctx context.Context, userID id.UserID) (action Action, detail string, err error) {
 	if ok, err := u.scope.InScope(ctx, userID); err != nil || !ok {
 		return ActionOutOfScope, fmt.Sprintf("unwedge.scope is %s", u.cfg.Scope), err
@@ -356,6 +356,9 @@ func (u *Unwedger) admission(ctx context.Context, userID id.UserID) (action Acti
 	return "", "", nil
 }
 
+// maxNewSessions bounds the devices remembered for having opened a new session.
+const maxNewSessions = 4096
+
 // peerNewSession passes a session the peer opened to OnNewSession, for devices of users in scope,
 // at most once per device per MinInterval (a peer cannot make the bridge send room keys at will).
 func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.SenderKey) {
@@ -364,14 +367,17 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 	}
 	now := time.Now()
 	u.newSessionAt.prune(1024, func(_ id.SenderKey, at time.Time) bool { return now.Sub(at) >= u.cfg.MinInterval })
+	// Identity keys cost a peer nothing: beyond maxNewSessions within the interval, new ones get
+	// no keys again (a heal still does).
+	full := u.newSessionAt.len() >= maxNewSessions
 	recent := false
 	u.newSessionAt.update(key, func(at time.Time, ok bool) (time.Time, bool) {
-		if recent = ok && now.Sub(at) < u.cfg.MinInterval; recent {
-			return at, true
+		if recent = ok && now.Sub(at) < u.cfg.MinInterval; recent || full {
+			return at, ok
 		}
 		return now, true
 	})
-	if recent {
+	if recent || full {
 		return
 	}
 	u.heals.Add(1)

@@ -27,7 +27,7 @@ func (r *Recovery) Undecryptable(evt *event.Event) {
 // enabled), so they are bridged when their key arrives even after bridgev2 gave up on them; and
 // when the events' sender had the device healed lately, the key is requested at once.
 func (r *Recovery) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, timeout time.Duration) bool {
-	fresh, senders := r.live.take(roomID, senderKey, sessionID)
+	fresh, senders := r.live.take(roomID, senderKey, sessionID, r.now())
 	if r.cfg.Enabled {
 		for _, evt := range fresh {
 			if err := r.Record(ctx, evt); err != nil {
@@ -62,14 +62,18 @@ func (r *Recovery) RequestSession(ctx context.Context, roomID id.RoomID, senderK
 }
 
 // liveEvents holds the events the bridge just failed to decrypt for lack of their Megolm session,
-// until bridgev2 waits for that session. bridgev2 waits only for events it received live from the
-// homeserver, from users allowed to send (matrix.Connector.handleEncryptedEvent), and not for
-// events it fetched later (ASIntent.GetEvent, for history and replies, decrypts too). So only
-// events that bridgev2 waits for are recorded for recovery, and the senders of those events are
-// the only users a key request for the session goes to.
+// until bridgev2 waits for that session, for liveTTL at most. bridgev2 waits only for events it
+// received live from the homeserver, from users allowed to send
+// (matrix.Connector.handleEncryptedEvent), right after its decrypt failed; not for events it
+// fetched later (ASIntent.GetEvent, for history and replies, decrypts too). So only events that
+// bridgev2 waits for are recorded for recovery (a fetched event only if bridgev2 waits for the
+// same session of the same sender key in the same room within liveTTL), and the senders of those
+// events are the only users a key request for the session goes to.
 type liveEvents struct {
 	lock     sync.Mutex
 	sessions map[liveKey]*liveSession
+	// queue holds what was remembered, the oldest first, to forget it after liveTTL.
+	queue []liveItem
 	// held counts the fresh events of all sessions.
 	held int
 }
@@ -80,20 +84,30 @@ type liveKey struct {
 	sessionID id.SessionID
 }
 
-type liveSession struct {
+type liveItem struct {
+	key     liveKey
+	eventID id.EventID
 	at      time.Time
+}
+
+type liveSession struct {
+	// last is when an event of the session was last remembered.
+	last    time.Time
 	senders []id.UserID
 	// fresh are the events not yet handed to WaitForSession.
 	fresh []*event.Event
 }
 
 const (
-	// liveTTL outlasts bridgev2's whole wait for a session (25 s in mautrix-go v0.32.0).
-	liveTTL = 2 * time.Minute
-	// maxLiveSessions and maxLiveEvents bound what is held (sessions, and fresh events of all of
-	// them): the oldest session is forgotten first.
+	// liveTTL is how long an event and its sender are remembered. bridgev2 waits right after its
+	// decrypt failed, and a second time 3 s later (mautrix-go v0.32.0), asking for the senders
+	// again.
+	liveTTL = 10 * time.Second
+	// maxLiveSessions, maxLiveEvents and maxLiveQueue bound what is held (sessions, fresh events
+	// of all of them, and what is to be forgotten): the oldest is forgotten first.
 	maxLiveSessions = 1024
 	maxLiveEvents   = 1024
+	maxLiveQueue    = 4 * maxLiveEvents
 	// maxLiveSenders bounds the senders remembered per session.
 	maxLiveSenders = 8
 )
@@ -109,25 +123,31 @@ func (l *liveEvents) remember(evt *event.Event, now time.Time) {
 	if l.sessions == nil {
 		l.sessions = make(map[liveKey]*liveSession)
 	}
+	l.expire(now)
+	for len(l.queue) > 0 && (l.held >= maxLiveEvents || len(l.sessions) >= maxLiveSessions || len(l.queue) >= maxLiveQueue) {
+		l.pop()
+	}
 	key := liveKey{evt.RoomID, content.SenderKey, content.SessionID}
-	l.prune(now, key)
 	sess := l.sessions[key]
 	if sess == nil {
 		sess = &liveSession{}
 		l.sessions[key] = sess
 	}
-	sess.at = now
+	sess.last = now
 	if !slices.Contains(sess.senders, evt.Sender) && len(sess.senders) < maxLiveSenders {
 		sess.senders = append(sess.senders, evt.Sender)
 	}
 	sess.fresh = append(sess.fresh, evt)
 	l.held++
+	l.queue = append(l.queue, liveItem{key, evt.ID, now})
 }
 
-// take returns the events of a session not taken before, and the senders of all its events.
-func (l *liveEvents) take(roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID) (fresh []*event.Event, senders []id.UserID) {
+// take returns the events of a session not taken before, and the senders of all its events
+// remembered within liveTTL.
+func (l *liveEvents) take(roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, now time.Time) (fresh []*event.Event, senders []id.UserID) {
 	l.lock.Lock()
 	defer l.lock.Unlock()
+	l.expire(now)
 	sess := l.sessions[liveKey{roomID, senderKey, sessionID}]
 	if sess == nil {
 		return nil, nil
@@ -137,38 +157,30 @@ func (l *liveEvents) take(roomID id.RoomID, senderKey id.SenderKey, sessionID id
 	return fresh, slices.Clone(sess.senders)
 }
 
-// prune makes room for one more event of session next: it forgets sessions older than liveTTL
-// and then, while full, the oldest session (next last).
-func (l *liveEvents) prune(now time.Time, next liveKey) {
-	if len(l.sessions) < maxLiveSessions && l.held < maxLiveEvents {
-		return
-	}
-	for key, sess := range l.sessions {
-		if now.Sub(sess.at) > liveTTL {
-			l.forget(key, sess)
-		}
-	}
-	for len(l.sessions) >= maxLiveSessions || l.held >= maxLiveEvents {
-		var oldest liveKey
-		var oldestSess *liveSession
-		for key, sess := range l.sessions {
-			if key == next && len(l.sessions) > 1 {
-				continue
-			}
-			if oldestSess == nil || sess.at.Before(oldestSess.at) {
-				oldest, oldestSess = key, sess
-			}
-		}
-		if oldestSess == nil {
-			return
-		}
-		l.forget(oldest, oldestSess)
+// expire forgets what was remembered more than liveTTL ago.
+func (l *liveEvents) expire(now time.Time) {
+	for len(l.queue) > 0 && now.Sub(l.queue[0].at) > liveTTL {
+		l.pop()
 	}
 }
 
-func (l *liveEvents) forget(key liveKey, sess *liveSession) {
-	l.held -= len(sess.fresh)
-	delete(l.sessions, key)
+// pop forgets the oldest remembered event, and its session when nothing newer was remembered
+// of it.
+func (l *liveEvents) pop() {
+	item := l.queue[0]
+	l.queue = l.queue[1:]
+	sess := l.sessions[item.key]
+	if sess == nil {
+		return
+	}
+	if i := slices.IndexFunc(sess.fresh, func(evt *event.Event) bool { return evt.ID == item.eventID }); i >= 0 {
+		sess.fresh = slices.Delete(sess.fresh, i, i+1)
+		l.held--
+	}
+	if !sess.last.After(item.at) {
+		l.held -= len(sess.fresh)
+		delete(l.sessions, item.key)
+	}
 }
 
 // waitTable holds the Megolm sessions bridgev2 is waiting for, by the sender key their events
@@ -187,6 +199,8 @@ type waitTable struct {
 type waitingSession struct {
 	roomID  id.RoomID
 	senders []id.UserID
+	// waits counts bridgev2's waits for the session that are running.
+	waits int
 }
 
 type healedDevice struct {
@@ -197,7 +211,7 @@ type healedDevice struct {
 // recentHeal is how long after a heal a missing key of the device is requested at once.
 const recentHeal = 2 * time.Minute
 
-// start registers a wait and returns the device healed lately whose user sent one of the events,
+// start registers a wait (one of maybe several for the session) and returns the device healed lately whose user sent one of the events,
 // if any; end unregisters it.
 func (w *waitTable) start(roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, senders []id.UserID, now time.Time) *id.Device {
 	w.lock.Lock()
@@ -208,7 +222,14 @@ func (w *waitTable) start(roomID id.RoomID, senderKey id.SenderKey, sessionID id
 	if w.waiting[senderKey] == nil {
 		w.waiting[senderKey] = make(map[id.SessionID]waitingSession)
 	}
-	w.waiting[senderKey][sessionID] = waitingSession{roomID: roomID, senders: senders}
+	waiting := w.waiting[senderKey][sessionID]
+	waiting.roomID, waiting.waits = roomID, waiting.waits+1
+	for _, sender := range senders {
+		if !slices.Contains(waiting.senders, sender) && len(waiting.senders) < maxLiveSenders {
+			waiting.senders = append(waiting.senders, sender)
+		}
+	}
+	w.waiting[senderKey][sessionID] = waiting
 	if healed, ok := w.healed[senderKey]; ok && now.Sub(healed.at) < recentHeal && slices.Contains(senders, healed.device.UserID) {
 		return healed.device
 	}
@@ -218,6 +239,11 @@ func (w *waitTable) start(roomID id.RoomID, senderKey id.SenderKey, sessionID id
 func (w *waitTable) end(senderKey id.SenderKey, sessionID id.SessionID) {
 	w.lock.Lock()
 	defer w.lock.Unlock()
+	if waiting := w.waiting[senderKey][sessionID]; waiting.waits > 1 {
+		waiting.waits--
+		w.waiting[senderKey][sessionID] = waiting
+		return
+	}
 	delete(w.waiting[senderKey], sessionID)
 	if len(w.waiting[senderKey]) == 0 {
 		delete(w.waiting, senderKey)
