@@ -64,6 +64,7 @@ mapfile -t faults < <(find . -name '*_test.go' -not -path './.git/*' -exec awk '
 fault_names=$(printf '%s\n' "${faults[@]#* }" | sort -u | paste -sd'|' -)
 mapfile -t fault_pkgs < <(printf '%s\n' "${faults[@]% *}" | xargs -n1 dirname | sort -u)
 if [ -n "$fault_names" ]; then
+	log "phase 1: ${fault_names//|/, } (they stop Synapse or Postgres), alone on the stack"
 	UNWEDGE_FAULT_TESTS=1 "${gotest[@]}" -p 1 -run "^($fault_names)\$" "$@" "${fault_pkgs[@]}"
 fi
 
@@ -91,10 +92,12 @@ others_lane() {
 	"${gotest[@]}" -p 2 "${skip[@]}" "$@" "${others[@]}" && fault_points "$@" && fuzz "$@"
 }
 lane others others_lane "$@"
+log "phase 2: lanes ${lanes[*]} side by side"
 status=0
 while [ ${#lanes[@]} -gt 0 ]; do
 	ended=
 	wait -n -p ended "${!lanes[@]}" || status=1
+	log "lane ${lanes[$ended]} done"
 	cat "$logs/${lanes[$ended]}"
 	unset "lanes[$ended]"
 done
