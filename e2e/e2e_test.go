@@ -1,5 +1,12 @@
 // Package e2e runs the reference bridge as a process against the local Synapse and Postgres
 // (scripts/stack.sh) with a real end-to-end-encrypted client.
+//
+// Each test has its own bridge process (or, with startShared, its own user and login on one
+// bridge), database, slot and users, so the tests run in parallel: most of their time is spent
+// waiting for the bridge's timers. The exception are the fault tests that stop the homeserver or
+// Postgres (testenv.RequireFaults): they are not parallel, so Go runs them before the others,
+// with nothing else of this package running, and scripts/test.sh runs them while no other
+// package uses the stack.
 package e2e
 
 import (
@@ -44,6 +51,9 @@ var (
 
 func TestMain(m *testing.M) {
 	code := m.Run()
+	if shared.stop != nil {
+		shared.stop()
+	}
 	for _, b := range []*bridgeBuild{product, faulty} {
 		if b.dir != "" {
 			_ = os.RemoveAll(b.dir)
@@ -106,6 +116,13 @@ func startBuild(t *testing.T, ctx context.Context, build *bridgeBuild, appservic
 		t.Fatal(err)
 	}
 	stopOnCleanup(t, br)
+	user, remote := newLogin(t, ctx, env, br, webhookURL)
+	return &setup{env: env, slot: s, bridge: br, user: user, remote: remote}
+}
+
+// newLogin starts a fresh E2EE user and logs it in to the bridge.
+func newLogin(t *testing.T, ctx context.Context, env *testenv.Env, br *harness.Bridge, webhookURL string) (*testclient.Client, *webhook.RemoteClient) {
+	t.Helper()
 	user, err := testclient.New(ctx, testclient.Options{
 		HomeserverURL: env.HomeserverURL,
 		Username:      testenv.UniqueName("alice"),
@@ -121,7 +138,89 @@ func startBuild(t *testing.T, ctx context.Context, build *bridgeBuild, appservic
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &setup{env: env, slot: s, bridge: br, user: user, remote: remote}
+	return user, remote
+}
+
+// shared is one product bridge (to-device events over /sync, Postgres, the default config) for
+// the tests that need nothing else of their bridge, each with a user and a login of its own, as
+// the users of a real bridge are. It starts with the first test that asks for it and stops when
+// the test process ends (TestMain).
+var shared struct {
+	once   sync.Once
+	bridge *harness.Bridge
+	slot   *harness.Slot
+	stop   func()
+	err    error
+}
+
+// startShared logs a fresh E2EE user in to the shared bridge, whose notifications go to
+// webhookURL (which may be empty).
+func startShared(t *testing.T, ctx context.Context, webhookURL string) *setup {
+	t.Helper()
+	env := testenv.Require(t)
+	bin := binary(t)
+	shared.once.Do(func() { shared.err = startSharedBridge(env, bin) })
+	if shared.err != nil {
+		t.Fatalf("shared bridge: %v", shared.err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("shared bridge log tail:\n%s", shared.bridge.LogTail(60))
+			keepLog(t, shared.bridge.LogPath)
+		}
+	})
+	s := &setup{env: env, slot: shared.slot, bridge: shared.bridge}
+	s.user, s.remote = newLogin(t, ctx, env, shared.bridge, webhookURL)
+	return s
+}
+
+// startSharedBridge starts the shared bridge on a slot and a database of its own, and sets
+// shared.stop, which stops it and gives both back.
+func startSharedBridge(env *testenv.Env, bin string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var undo []func()
+	shared.stop = func() {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}
+	slot, release, err := harness.AcquireSlot(ctx, env.SlotsDir)
+	if err != nil {
+		return err
+	}
+	undo = append(undo, release)
+	dbName := testenv.UniqueName("unwedge_test")
+	uri, err := env.CreateDatabase(ctx, dbName)
+	if err != nil {
+		return err
+	}
+	undo = append(undo, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := env.DropDatabase(ctx, dbName); err != nil {
+			fmt.Fprintf(os.Stderr, "shared bridge: %v\n", err)
+		}
+	})
+	dir, err := os.MkdirTemp("", "unwedge-e2e-shared-")
+	if err != nil {
+		return err
+	}
+	undo = append(undo, func() { _ = os.RemoveAll(dir) })
+	br, err := harness.StartBridge(ctx, harness.BridgeOptions{
+		Binary: bin, Dir: dir, HomeserverURL: env.HomeserverURL, Domain: env.Domain,
+		Slot: slot, DatabaseType: "postgres", DatabaseURI: uri,
+	})
+	if err != nil {
+		return err
+	}
+	undo = append(undo, func() {
+		if err := br.Stop(); err != nil {
+			fmt.Fprintf(os.Stderr, "shared bridge: %v\n", err)
+		}
+	})
+	shared.bridge, shared.slot = br, slot
+	return nil
 }
 
 // openPortal creates a chat on the remote side and waits until the user has joined its room.
@@ -162,6 +261,7 @@ func (s *setup) waitOutbox(t *testing.T, ctx context.Context, text string, done 
 }
 
 func TestEncryptedRoundTrip(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name       string
 		appservice bool
@@ -173,9 +273,15 @@ func TestEncryptedRoundTrip(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
-			s := start(t, ctx, tc.appservice, tc.db, "")
+			var s *setup
+			if !tc.appservice && tc.db == "postgres" {
+				s = startShared(t, ctx, "") // the shared bridge is this case's
+			} else {
+				s = start(t, ctx, tc.appservice, tc.db, "")
+			}
 			room := s.openPortal(t, ctx, "general")
 
 			// webhook -> Matrix: the ghost's message arrives encrypted and decrypts at the client.

@@ -181,6 +181,7 @@ func (f *faultSetup) wedgedMessage(t *testing.T, ctx context.Context, room id.Ro
 // finished over that same session (no second one within the hour), and the message whose room
 // key was lost in the wedge is bridged once.
 func TestCrashBetweenSessionAndDummy(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	f, room := startFaulty(t, ctx, "crash")
@@ -304,8 +305,10 @@ func (f *faultSetup) waitPending(t *testing.T, ctx context.Context, n int) {
 // arrived: before the event was handed to bridgev2, and after bridgev2 bridged it but before its
 // row was deleted. After the restart the event is bridged, once.
 func TestCrashBetweenKeyAndBridge(t *testing.T) {
+	t.Parallel()
 	for _, point := range []string{unwedge.FaultKeyArrived, unwedge.FaultEventDelivered} {
 		t.Run(point, func(t *testing.T) {
+			t.Parallel()
 			ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 			defer cancel()
 			f, room := startFaulty(t, ctx, "late-key")

@@ -49,6 +49,7 @@ const droppedLine = "Dropped undecryptable event: it will not be bridged"
 // bridge's key requests for all three: the control is bridged, the other two are not, and
 // nothing is left pending.
 func TestModeration(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	s := start(t, ctx, false, "postgres", "")

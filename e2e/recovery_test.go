@@ -35,6 +35,7 @@ func (s *setup) gateKeyShare() (allow func(id.SessionID)) {
 // redacted. The second's key never comes: after the retention the user is told it will not be
 // bridged, and nothing is left in the database.
 func TestRecoveryAfterStockGiveUp(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	s := start(t, ctx, false, "postgres", "", map[string]any{"network.unwedge.recovery.retention": "1m"})

@@ -44,6 +44,7 @@ import (
 // the server, and messages are bridged each way again, encrypted with the new device's keys.
 // Without the check the bridge would keep a device that no client can encrypt to.
 func TestStockStartup(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	s := start(t, ctx, false, "postgres", "", map[string]any{

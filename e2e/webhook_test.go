@@ -42,12 +42,13 @@ func (f *flakyWebhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func TestWebhookDeliveryRetries(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	hook := &flakyWebhook{failures: 2}
 	srv := httptest.NewServer(hook)
 	defer srv.Close()
-	s := start(t, ctx, false, "postgres", srv.URL)
+	s := startShared(t, ctx, srv.URL)
 	room := s.openPortal(t, ctx, "ops")
 
 	const text = "deploy finished"
@@ -67,9 +68,10 @@ func TestWebhookDeliveryRetries(t *testing.T) {
 }
 
 func TestWebhookAPIRejectsBadInput(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	s := start(t, ctx, false, "postgres", "")
+	s := startShared(t, ctx, "")
 	room := s.openPortal(t, ctx, "general")
 
 	post := func(token, contentType, body string) (int, string) {
@@ -137,6 +139,7 @@ func TestWebhookAPIRejectsBadInput(t *testing.T) {
 }
 
 func TestWebhookDeliveryGivesUpWithNotice(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	// A 4xx other than 408/429 is permanent: no retries, the sender is told.
@@ -144,7 +147,7 @@ func TestWebhookDeliveryGivesUpWithNotice(t *testing.T) {
 		w.WriteHeader(http.StatusForbidden)
 	}))
 	defer srv.Close()
-	s := start(t, ctx, false, "postgres", srv.URL)
+	s := startShared(t, ctx, srv.URL)
 	room := s.openPortal(t, ctx, "ops")
 
 	const text = "this one bounces"

@@ -34,6 +34,7 @@ import (
 //   - with unwedge.enabled: false the bridge runs mautrix-go's own helper: no "Installed unwedge"
 //     log line, and no unwedge tables.
 func TestWrap(t *testing.T) {
+	t.Parallel()
 	env := testenv.Require(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()

@@ -15,6 +15,7 @@ import (
 // the lab's measurement; then an admin forces a heal and sees it counted and recorded. The
 // command answers only in the user's management room.
 func TestLabAdmin(t *testing.T) {
+	t.Parallel()
 	env, ctx, cfg := setupLab(t, 10*time.Minute)
 	sc, _ := ScenarioByName("expired-one-time-key")
 	inspected := false

@@ -29,9 +29,10 @@ func (m Mode) Available() bool {
 type Config struct {
 	// K messages are sent in each direction while wedged, and K more after.
 	K int
-	// Deadline is how long after the last message the lab waits for stragglers (stock bridgev2
-	// gives up on an undecryptable event after about 25 s; unwedge's recovery takes over 30 s
-	// after the bridge first saw it, and a bridge tries the events of a room one at a time).
+	// Deadline is the longest the lab waits after the last message for messages still on their
+	// way (stock bridgev2 gives up on an undecryptable event after about 25 s; unwedge's recovery
+	// takes over 30 s after the bridge first saw it, and a bridge tries the events of a room one
+	// at a time). The wait ends earlier once every message is accounted for (Result.Settled).
 	Deadline time.Duration
 	// HealWindow separates the wedged phase from the after phase.
 	HealWindow time.Duration
@@ -96,6 +97,12 @@ type Result struct {
 	// OtherDevicesRemoteLost counts remote messages the user's healthy devices could not decrypt
 	// (many-devices only).
 	OtherDevicesRemoteLost int `json:"other_devices_remote_lost"`
+	// Settled: the wait after the last message ended because every message of both phases was
+	// accounted for: it arrived, or (stock mode) it can no longer arrive, as bridgev2 gave up on
+	// it. False when Config.Deadline ended the wait: then lost means not arrived by then.
+	Settled bool `json:"settled"`
+	// WaitedMS is how long the lab waited after the last message.
+	WaitedMS int64 `json:"waited_ms"`
 	// DurationMS is the scenario's wall time.
 	DurationMS int64 `json:"duration_ms"`
 	// Error is set when the scenario could not run to the end.

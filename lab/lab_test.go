@@ -2,6 +2,8 @@ package lab
 
 import (
 	"context"
+	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -9,30 +11,42 @@ import (
 	"github.com/unwedge/unwedge/internal/testenv"
 )
 
-// TestLab runs every scenario against the stock bridge and the bridge with unwedge, one scenario
-// at a time with both modes side by side (`-run TestLab/NAME` runs one). In stock mode it checks
-// that the lab really breaks the session (the bridge fails to decrypt Olm messages, or the device
-// fails to decrypt the bridge's) and that it sees what is lost: a lab that never sees a loss
-// proves nothing. In unwedge mode every scenario must heal with no human action, with exactly one
-// replacement session for the device whose session wedged, and lose nothing in either direction.
+// TestLab runs every scenario against the stock bridge and the bridge with unwedge, both modes of
+// a scenario side by side (`-run TestLab/NAME` runs one). Scenarios are independent (each world
+// has its own bridge, database and user), so they run in parallel subtests, as many at once as
+// -parallel allows. In stock mode it checks that the lab really breaks the session (the bridge
+// fails to decrypt Olm messages, or the device fails to decrypt the bridge's) and that it sees
+// what is lost: a lab that never sees a loss proves nothing. In unwedge mode every scenario must
+// heal with no human action, with exactly one replacement session for the device whose session
+// wedged, and lose nothing in either direction.
 func TestLab(t *testing.T) {
+	t.Parallel()
 	env, ctx, cfg := setupLab(t, 20*time.Minute)
+	var lock sync.Mutex
 	ran, stockLost := 0, false
+	// Cleanups run once every subtest, parallel ones included, has finished.
+	t.Cleanup(func() {
+		if ran == len(Scenarios) && !stockLost {
+			t.Error("stock mautrix-go lost no Matrix message in any scenario: the lab does not see losses")
+		}
+	})
 	for _, sc := range Scenarios {
 		t.Run(sc.Name, func(t *testing.T) {
+			t.Parallel()
 			report := Run(ctx, env, cfg, []*Scenario{sc}, []Mode{ModeStock, ModeUnwedge})
 			if len(report.UnavailableModes) != 0 {
 				t.Errorf("unavailable modes = %v", report.UnavailableModes)
 			}
 			for _, res := range report.Scenarios {
 				t.Run(string(res.Mode), func(t *testing.T) { checkResult(t, cfg, sc, res) })
+				lock.Lock()
 				stockLost = stockLost || (res.Mode == ModeStock && res.Lost > 0)
+				lock.Unlock()
 			}
+			lock.Lock()
 			ran++
+			lock.Unlock()
 		})
-	}
-	if ran == len(Scenarios) && !stockLost {
-		t.Error("stock mautrix-go lost no Matrix message in any scenario: the lab does not see losses")
 	}
 }
 
@@ -70,6 +84,7 @@ func checkResult(t *testing.T, cfg Config, sc *Scenario, res *Result) {
 // TestLabAppservice: unwedge heals in the appservice transport too (to-device events in
 // transactions, MSC2409/MSC3202), where the machine's listeners are registered through unwedge.
 func TestLabAppservice(t *testing.T) {
+	t.Parallel()
 	env, ctx, cfg := setupLab(t, 10*time.Minute)
 	cfg.Appservice = true
 	var scenarios []*Scenario
@@ -95,7 +110,7 @@ func TestLabAppservice(t *testing.T) {
 }
 
 // setupLab returns the stack, a context bounded by timeout, and a quick config with the bridge
-// built into the test's temporary directory.
+// (built once per test process) and the test's temporary directory.
 func setupLab(t *testing.T, timeout time.Duration) (*testenv.Env, context.Context, Config) {
 	env := testenv.Require(t)
 	if testing.Short() {
@@ -106,8 +121,33 @@ func setupLab(t *testing.T, timeout time.Duration) (*testenv.Env, context.Contex
 	cfg := QuickConfig()
 	cfg.WorkDir = t.TempDir()
 	var err error
-	if cfg.Binary, err = harness.BuildBridge(ctx, cfg.WorkDir); err != nil {
+	if cfg.Binary, err = bridgeBinary(ctx); err != nil {
 		t.Fatal(err)
 	}
 	return env, ctx, cfg
+}
+
+// bridge is the reference bridge, built once for the tests of this process (they run side by
+// side) into a directory TestMain removes.
+var bridge struct {
+	once     sync.Once
+	dir, bin string
+	err      error
+}
+
+func bridgeBinary(ctx context.Context) (string, error) {
+	bridge.once.Do(func() {
+		if bridge.dir, bridge.err = os.MkdirTemp("", "unwedge-lab-"); bridge.err == nil {
+			bridge.bin, bridge.err = harness.BuildBridge(ctx, bridge.dir)
+		}
+	})
+	return bridge.bin, bridge.err
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if bridge.dir != "" {
+		_ = os.RemoveAll(bridge.dir)
+	}
+	os.Exit(code)
 }

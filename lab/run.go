@@ -129,9 +129,11 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 	if err = w.postRemote(stepCtx, "remote-after", cfg.K); err != nil {
 		return err
 	}
-	if err = w.waitForAll(ctx, cfg); err != nil {
+	lastSent := time.Now()
+	if res.Settled, err = w.waitForAll(ctx, cfg, res.Mode); err != nil {
 		return err
 	}
+	res.WaitedMS = time.Since(lastSent).Milliseconds()
 	if err = w.measure(res, cfg.K, sendTimes, wedgedAt); err != nil {
 		return err
 	}
@@ -177,20 +179,118 @@ func (w *World) postRemote(ctx context.Context, phase string, k int) error {
 	return nil
 }
 
-// waitForAll waits until every message arrived on both sides, or the deadline passes.
-func (w *World) waitForAll(ctx context.Context, cfg *Config) error {
+// waitForAll waits until every message of both phases is accounted for, and reports whether
+// that happened before cfg.Deadline (counted from the last message) passed. A message is
+// accounted for when it arrived, or in stock mode when it can no longer arrive (settledStock).
+// In unwedge mode only arrival counts: recovery keeps an undecryptable event for days and shares
+// the bridge's room keys again after a heal, so a message missing there may still come until the
+// deadline.
+func (w *World) waitForAll(ctx context.Context, cfg *Config, mode Mode) (bool, error) {
 	deadline := time.Now().Add(cfg.Deadline)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
+	for {
 		bridged, err := w.bridgedTexts()
 		if err != nil {
-			return err
+			return false, err
 		}
 		if len(bridged) == 2*cfg.K && w.remoteDecrypted(w.Wedged()) == 2*cfg.K {
-			return nil
+			return true, nil
+		}
+		if mode == ModeStock {
+			settled, err := w.settledStock(cfg.K, bridged)
+			if err != nil || settled {
+				return settled, err
+			}
+		}
+		if !time.Now().Before(deadline) || ctx.Err() != nil {
+			return false, nil
 		}
 		sleep(ctx, 250*time.Millisecond)
 	}
-	return nil
+}
+
+// Stock bridgev2's last word on an event it could not decrypt: after its 3 s wait and 22 s more
+// without the key, or at once for an error other than a missing key (mautrix-go v0.32.0,
+// bridgev2/matrix/matrix.go). Nothing in stock mautrix-go tries the event again after either.
+const (
+	stockGaveUp         = "Didn't get session, giving up trying to decrypt event"
+	stockDecryptFailed  = "Failed to decrypt event"
+	stockDecryptStarted = "Decrypting received event"
+	bridgeStarted       = "Starting bridge"
+)
+
+// settledStock tells whether, with the stock bridge, every message that has not arrived yet never
+// will, given what has arrived (bridged).
+//
+// Matrix -> remote: a message the device sent is settled once bridgev2 gave up on it (its log line
+// with the event's ID), or once the bridge process that tried it has exited (a later "Starting
+// bridge"): stock bridgev2 keeps no undecryptable event across a restart, and the homeserver does
+// not send a transaction again that the bridge acknowledged, which it does before handling its
+// events.
+//
+// Remote -> Matrix: a remote message is settled once every device has it, decrypted or not. Stock
+// mautrix-go shares a Megolm session with a device once, over Olm, before the first event
+// encrypted with it, and never again; the device handles the to-device events of a sync before
+// its timeline, and the homeserver sends a to-device event no later than the room events sent
+// after it; the lab's devices send no key requests. So a remote message a device could not
+// decrypt when it got it stays undecryptable. In a management room the bot's answers are
+// settled only when every device decrypted the answer to each command the bot handled.
+func (w *World) settledStock(k int, bridged map[string]time.Time) (bool, error) {
+	entries, err := w.BridgeLog(w.startedWedged)
+	if err != nil {
+		return false, err
+	}
+	gaveUp := map[id.EventID]bool{}
+	// The events the running process tried, and those only a process that exited since did.
+	trying, orphaned := map[id.EventID]bool{}, map[id.EventID]bool{}
+	for _, entry := range entries {
+		evtID := id.EventID(entry.str("event_id"))
+		switch entry.str("message") {
+		case bridgeStarted:
+			for tried := range trying {
+				orphaned[tried] = true
+			}
+			clear(trying)
+		case stockDecryptStarted:
+			trying[evtID] = true
+			delete(orphaned, evtID)
+		case stockGaveUp, stockDecryptFailed:
+			gaveUp[evtID] = true
+		}
+	}
+	for evtID, text := range w.sent {
+		if _, ok := bridged[text]; !ok && !gaveUp[evtID] && !orphaned[evtID] {
+			return false, nil
+		}
+	}
+	for _, dev := range w.Devices {
+		if w.Management {
+			if w.remoteDecrypted(dev) != len(bridged) {
+				return false, nil
+			}
+		} else if w.remoteReceived(dev) < 2*k {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// remoteReceived counts the remote messages of both phases that reached a device in the portal,
+// decrypted or not: the decrypted ones by their text, the others by their sender (neither the
+// user nor the bridge bot, so the remote sender's ghost) and time (after the wedge).
+func (w *World) remoteReceived(dev *testclient.Client) int {
+	seen := map[id.EventID]bool{}
+	for _, evt := range dev.Messages(w.Room) {
+		if w.isRemote(evt, "wedged") || w.isRemote(evt, "after") {
+			seen[evt.ID] = true
+		}
+	}
+	since := w.startedWedged.UnixMilli()
+	for _, evt := range dev.Undecryptable(w.Room) {
+		if evt.Sender != dev.UserID() && evt.Sender != w.Bridge.BotMXID && evt.Timestamp >= since {
+			seen[evt.ID] = true
+		}
+	}
+	return len(seen)
 }
 
 // bridgedTexts returns the device's messages of both phases that reached the other side, and
