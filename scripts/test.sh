@@ -90,6 +90,7 @@ lane() {
 }
 lane lab "${gotest[@]}" -parallel 2 "$@" ./lab/
 lane e2e "${gotest[@]}" -parallel 3 "${skip[@]}" "$@" ./e2e/
+# shellcheck disable=SC2317 # run through lane
 others_lane() {
 	"${gotest[@]}" -p 2 "${skip[@]}" "$@" "${others[@]}" && fault_points "$@" && fuzz "$@"
 }
