@@ -3,7 +3,7 @@
 //
 // Each test has its own bridge process (or, with startShared, its own user and login on one
 // bridge), database, slot and users, so the tests run in parallel: most of their time is spent
-// waiting for the bridge's timers. The exception are the fault tests that stop the homeserver or
+// waiting for the bridge's timers. The exceptions are the fault tests that stop the homeserver or
 // Postgres (testenv.RequireFaults): they are not parallel, so Go runs them before the others,
 // with nothing else of this package running, and scripts/test.sh runs them while no other
 // package uses the stack.
