@@ -39,8 +39,6 @@ func (s *recentSet[T]) remove(member T) bool {
 	return ok
 }
 
-func (s *recentSet[T]) len() int { return len(s.members) }
-
 func (s *recentSet[T]) dropOldest() {
 	for len(s.order) > 0 {
 		e := s.order[0]

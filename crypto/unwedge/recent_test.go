@@ -15,13 +15,13 @@ func TestRecentSet(t *testing.T) {
 	}
 	set.add(10)
 	set.add(11)
-	if set.len() != 3 || !set.remove(8) || !set.remove(10) || !set.remove(11) || set.remove(9) {
+	if len(set.members) != 3 || !set.remove(8) || !set.remove(10) || !set.remove(11) || set.remove(9) {
 		t.Fatalf("the set must hold 8, 10 and 11")
 	}
 	for i := range 10_000 {
 		set.add(i % 7)
 	}
-	if set.len() != 3 {
-		t.Fatalf("len = %d, want 3", set.len())
+	if len(set.members) != 3 {
+		t.Fatalf("len = %d, want 3", len(set.members))
 	}
 }
