@@ -218,6 +218,10 @@ const (
 	bridgeStarted       = "Starting bridge"
 )
 
+// unwedgeRecorded is unwedge's log line once an undecryptable event is stored for recovery
+// (crypto/unwedge Recovery.Record).
+const unwedgeRecorded = "Recorded undecryptable event: it will be bridged when its key arrives"
+
 // settledStock tells whether, with the stock bridge, every message that has not arrived yet never
 // will, given what has arrived (bridged).
 //
