@@ -220,11 +220,12 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 
 // olmFailures counts the Olm events that did not decrypt or showed a wedge, by class: one decision
 // per event. A heal's later decisions (Resumed: a deferred heal sent at last, or a heal a stopped
-// process left) are no new event, and a forced heal is no failure at all.
+// process left) are no new event, and a heal with no event behind it (forced by an admin, or
+// started at startup: Class.Event) is no failure at all.
 func olmFailures(decisions map[unwedge.Count]int64) map[string]int64 {
 	failures := map[string]int64{}
 	for c, n := range decisions {
-		if c.Class != unwedge.ClassForced && !c.Resumed {
+		if c.Class.Event() && !c.Resumed {
 			failures[string(c.Class)] += n
 		}
 	}

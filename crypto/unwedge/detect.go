@@ -58,7 +58,25 @@ const (
 
 	// ClassForced: no failure, an admin forced a heal (`unwedge heal`).
 	ClassForced Class = "forced"
+	// ClassRolledBack: no failure yet; at startup the bridge found that its crypto store went
+	// back in time (restored from a backup or rolled back), so every session it held may be
+	// behind its peer's side, and healed them before handling events.
+	ClassRolledBack Class = "rolled_back"
+	// ClassSessionLost: no failure yet; at startup the bridge found no readable Olm session with a
+	// device it had shared room keys with (a lost or corrupt row), and healed it before handling
+	// events.
+	ClassSessionLost Class = "session_lost"
 )
+
+// Event reports whether the class is about an Olm event (a failure or a decrypted message), not a
+// heal that the bridge or an admin started without one (forced, rolled_back, session_lost).
+func (c Class) Event() bool {
+	switch c {
+	case ClassForced, ClassRolledBack, ClassSessionLost:
+		return false
+	}
+	return true
+}
 
 // Wedged reports whether the class means the session must be replaced.
 func (c Class) Wedged() bool {
