@@ -36,6 +36,8 @@ type Helper struct {
 	unwedger *unwedge.Unwedger
 	recovery *unwedge.Recovery
 	metrics  *Metrics
+	// generation keeps the crypto store's generation (unwedge.startup); nil when that is off.
+	generation *unwedge.GenerationKeeper
 
 	streams *beeperstream.Helper
 
@@ -61,9 +63,9 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 	br := h.conn.Bridge
 	hostname, _ := os.Hostname()
 	owner := fmt.Sprintf("%s/%d/%d", hostname, os.Getpid(), time.Now().UnixNano())
-	repairer := &unwedge.SQLRepairer{DB: h.store.DB, AccountID: string(br.ID), PickleKey: []byte(h.conn.Config.Encryption.PickleKey)}
+	tables := &unwedge.CryptoTables{DB: h.store.DB, AccountID: string(br.ID), PickleKey: []byte(h.conn.Config.Encryption.PickleKey)}
 	var err error
-	h.unwedger, err = unwedge.New(h.cfg, h.mach, h.db.Ledger, NewScope(br, h.conn.StateStore, h.cfg.Scope), repairer, owner, h.log)
+	h.unwedger, err = unwedge.New(h.cfg, h.mach, h.db.Ledger, NewScope(br, h.conn.StateStore, h.cfg.Scope), tables, owner, h.log)
 	if err != nil {
 		return err
 	}
@@ -97,11 +99,43 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 		}
 		h.recovery.Start()
 	}
+	if h.cfg.Startup.Enabled {
+		// Before Init returns, so before bridgev2 handles any event: heals of sessions the bridge
+		// can know are broken go out before anyone sends over them.
+		store := h.mach.CryptoStore.(*unwedge.Store)
+		h.generation = unwedge.NewGenerationKeeper(h.db.Generation, &unwedge.AccountDataMirror{Client: h.client}, store, h.mach.OwnIdentity().IdentityKey, h.log)
+		report := h.unwedger.HealAtStartup(h.log.WithContext(ctx), h.generation, tables, h.db.Shared, h.cfg.Startup.Wait)
+		h.logStartup(report)
+		h.generation.Start()
+	}
 	return nil
+}
+
+// logStartup writes the one line that says what the heals at startup found and did.
+func (h *Helper) logStartup(report *unwedge.StartupReport) {
+	healed := 0
+	for _, d := range report.Decisions {
+		if d.Action == unwedge.ActionHealed {
+			healed++
+		}
+	}
+	h.log.Info().
+		Bool("rolled_back", report.RolledBack()).
+		Str("generation", report.Generation.String()).
+		Int64("outbound_discarded", report.OutboundDiscarded).
+		Int("lost", report.Lost).
+		Int("unreadable", report.Unreadable).
+		Int("heals", len(report.Decisions)).
+		Int("healed", healed).
+		Bool("finished", report.Finished).
+		Msg("Checked the Olm sessions at startup")
 }
 
 // stopUnwedge stops recovery, the Unwedger and the metrics listener.
 func (h *Helper) stopUnwedge() {
+	if h.generation != nil {
+		h.generation.Stop(h.log.WithContext(context.Background()))
+	}
 	if h.recovery != nil {
 		h.recovery.Stop()
 	}

@@ -21,13 +21,15 @@ type UnwedgeDB struct {
 	Ledger  *LedgerQuery
 	Pending *PendingQuery
 	Shared  *SharedQuery
+	// Generation is the crypto store's generation (unwedge.Generations).
+	Generation *GenerationQuery
 }
 
 // NewUnwedgeDB wraps the bridge's database; call Upgrade before use.
 func NewUnwedgeDB(bridgeID string, parent *dbutil.Database, log dbutil.DatabaseLogger) *UnwedgeDB {
 	db := parent.Child("unwedge_version", upgrades.Unwedge, log)
 	return &UnwedgeDB{Database: db, Ledger: &LedgerQuery{BridgeID: bridgeID, db: db}, Pending: &PendingQuery{BridgeID: bridgeID, db: db},
-		Shared: &SharedQuery{BridgeID: bridgeID, db: db}}
+		Shared: &SharedQuery{BridgeID: bridgeID, db: db}, Generation: &GenerationQuery{BridgeID: bridgeID, db: db}}
 }
 
 // Upgrade creates or upgrades unwedge's tables.

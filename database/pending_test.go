@@ -171,9 +171,10 @@ func TestUnwedgeUpgrades(t *testing.T) {
 		from    int
 		dropped []string // the tables that versions after from added or changed
 	}{
-		{1, []string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock"}},
-		{2, []string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock"}},
-		{3, []string{"unwedge_pending", "unwedge_pending_lock"}},
+		{1, []string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}},
+		{2, []string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}},
+		{3, []string{"unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}},
+		{4, []string{"unwedge_generation"}},
 	} {
 		for dialect, db := range openPending(t) {
 			t.Run(fmt.Sprintf("from v%d/%s", tc.from, dialect), func(t *testing.T) {
@@ -183,7 +184,7 @@ func TestUnwedgeUpgrades(t *testing.T) {
 						t.Fatal(err)
 					}
 				}
-				if tc.from >= 2 {
+				if tc.from >= 2 && tc.from < 4 {
 					if _, err := db.Exec(ctx, string(pendingV2)); err != nil {
 						t.Fatal(err)
 					}
@@ -200,7 +201,7 @@ func TestUnwedgeUpgrades(t *testing.T) {
 				if _, err := db.Pending.Add(ctx, pendingEvent(1, "A", time.Now()), roomy); err != nil {
 					t.Errorf("pending after upgrading: %v", err)
 				}
-				if tc.from >= 2 {
+				if tc.from >= 2 && tc.from < 4 {
 					var arrival int64
 					if err := db.QueryRow(ctx, "SELECT arrival FROM unwedge_pending WHERE event_id = '$old'").Scan(&arrival); err != nil || arrival != 7_000_000 {
 						t.Errorf("arrival of a row from before v4 = %d, %v; want 7000000 (first_seen in ns)", arrival, err)
@@ -210,6 +211,9 @@ func TestUnwedgeUpgrades(t *testing.T) {
 					t.Errorf("shared after upgrading: %v", err)
 				} else if index, ok, err := db.Shared.FirstShared(ctx, "session", "key"); err != nil || !ok || index != 3 {
 					t.Errorf("shared index after upgrading: %d %v %v", index, ok, err)
+				}
+				if gen, err := db.Generation.Advance(ctx, "key"); err != nil || gen.Value != 1 {
+					t.Errorf("generation after upgrading: %+v %v", gen, err)
 				}
 			})
 		}

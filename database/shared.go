@@ -20,6 +20,9 @@ const (
 	firstSharedQuery = `
 		SELECT first_index FROM unwedge_megolm_shared WHERE bridge_id = $1 AND session_id = $2 AND identity_key = $3`
 	pruneSharedQuery = `DELETE FROM unwedge_megolm_shared WHERE bridge_id = $1 AND shared_at < $2`
+	sharedKeysQuery  = `
+		SELECT identity_key FROM unwedge_megolm_shared WHERE bridge_id = $1 AND shared_at >= $2
+		GROUP BY identity_key ORDER BY MAX(shared_at) DESC LIMIT $3`
 )
 
 // SharedQuery records at which index the bridge first shared each of its own Megolm sessions
@@ -48,4 +51,15 @@ func (sq *SharedQuery) FirstShared(ctx context.Context, sessionID id.SessionID, 
 		return 0, false, fmt.Errorf("failed to read the index a Megolm session was shared at: %w", err)
 	}
 	return uint32(index), true, nil
+}
+
+// SharedKeys lists the identity keys of the devices the bridge shared one of its Megolm sessions
+// with since a time, the latest first, at most limit.
+func (sq *SharedQuery) SharedKeys(ctx context.Context, since time.Time, limit int) ([]id.IdentityKey, error) {
+	rows, err := sq.db.Query(ctx, sharedKeysQuery, sq.BridgeID, since.UnixMilli(), limit)
+	keys, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.IdentityKey], err).AsList()
+	if err != nil {
+		return nil, fmt.Errorf("failed to list the devices the bridge shared room keys with: %w", err)
+	}
+	return keys, nil
 }

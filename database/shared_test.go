@@ -2,6 +2,7 @@ package database_test
 
 import (
 	"context"
+	"slices"
 	"testing"
 	"time"
 
@@ -34,6 +35,41 @@ func TestSharedIndex(t *testing.T) {
 			}
 			if _, shared, err := db.Shared.FirstShared(ctx, "session", "phone"); err != nil || shared {
 				t.Errorf("record survived the prune (%v)", err)
+			}
+		})
+	}
+}
+
+// TestSharedKeys: the devices the bridge shared room keys with, each once, the latest first, not
+// those shared with only before the given time, at most the limit.
+func TestSharedKeys(t *testing.T) {
+	for dialect, db := range openPending(t) {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			shares := []struct {
+				session id.SessionID
+				key     id.IdentityKey
+				at      time.Time
+			}{
+				{"s1", "old", time.Now().Add(-2 * time.Hour)},
+				{"s1", "phone", time.Now().Add(-30 * time.Minute)},
+				{"s2", "phone", time.Now().Add(-20 * time.Minute)},
+				{"s2", "laptop", time.Now().Add(-10 * time.Minute)},
+			}
+			for _, s := range shares {
+				if _, err := db.Exec(ctx, "INSERT INTO unwedge_megolm_shared (bridge_id, session_id, identity_key, first_index, shared_at) VALUES ($1, $2, $3, 0, $4)",
+					db.Shared.BridgeID, s.session, s.key, s.at.UnixMilli()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, tc := range []struct {
+				limit int
+				want  []id.IdentityKey
+			}{{10, []id.IdentityKey{"laptop", "phone"}}, {1, []id.IdentityKey{"laptop"}}} {
+				keys, err := db.Shared.SharedKeys(ctx, time.Now().Add(-time.Hour), tc.limit)
+				if err != nil || !slices.Equal(keys, tc.want) {
+					t.Errorf("limit %d: %v (%v), want %v", tc.limit, keys, err, tc.want)
+				}
 			}
 		})
 	}

@@ -125,14 +125,16 @@ func ScenarioByName(name string) (*Scenario, bool) {
 
 const snapshotPrefix = "lab_snapshot_"
 
-// cryptoTables lists the bridge's crypto store tables (mautrix-go's crypto_*).
+// cryptoTables lists the tables of the bridge's end-to-bridge encryption state: mautrix-go's
+// crypto store (crypto_*) and, with unwedge, unwedge's (unwedge_*), which a backup of the
+// bridge's database holds as well.
 func cryptoTables(ctx context.Context, w *World) ([]string, error) {
 	db, err := sql.Open("postgres", w.DBURI)
 	if err != nil {
 		return nil, err
 	}
 	defer db.Close()
-	rows, err := db.QueryContext(ctx, `SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'crypto\_%' ORDER BY tablename`)
+	rows, err := db.QueryContext(ctx, `SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND (tablename LIKE 'crypto\_%' OR tablename LIKE 'unwedge\_%') ORDER BY tablename`)
 	if err != nil {
 		return nil, err
 	}
@@ -166,8 +168,8 @@ func snapshotBridgeCrypto(ctx context.Context, w *World) error {
 	})
 }
 
-// restoreBridgeCrypto puts the backup back: Olm ratchets, one-time keys, Megolm sessions and the
-// sync token all go back in time; the rest of the bridge's database is kept.
+// restoreBridgeCrypto puts the backup back: Olm ratchets, one-time keys, Megolm sessions, the
+// sync token and unwedge's tables all go back in time; the rest of the bridge's database is kept.
 func restoreBridgeCrypto(ctx context.Context, w *World) error {
 	tables, err := cryptoTables(ctx, w)
 	if err != nil {

@@ -51,6 +51,8 @@ type Config struct {
 	Lease time.Duration `yaml:"lease"`
 	// HistoryRetention is how long heal records are kept.
 	HistoryRetention time.Duration `yaml:"history_retention"`
+	// Startup heals at startup what the bridge can know is broken, before it handles events.
+	Startup StartupConfig `yaml:"startup"`
 	// Recovery keeps undecryptable events until their keys arrive.
 	Recovery RecoveryConfig `yaml:"recovery"`
 	// Metrics serves unwedge's metrics in the Prometheus text format.
@@ -62,6 +64,19 @@ type MetricsConfig struct {
 	Enabled bool `yaml:"enabled"`
 	// Listen is the address of the metrics listener (host:port); it serves /metrics.
 	Listen string `yaml:"listen"`
+}
+
+// StartupConfig is the `unwedge.startup:` block: heals before the first event, for clients that
+// never send a lost room key again (Element X), or only their current one (Element Web).
+type StartupConfig struct {
+	// Enabled: the bridge keeps a generation of its crypto store, in its database and in the
+	// bot's account data, and at startup heals every Olm session when the store went back in time
+	// (restored from a backup), and sessions lost or unreadable with devices it shared room keys
+	// with.
+	Enabled bool `yaml:"enabled"`
+	// Wait is how long events wait at startup for those heals; heals still running then go on
+	// while events are handled.
+	Wait time.Duration `yaml:"wait"`
 }
 
 // RecoveryConfig is the `unwedge.recovery:` block: what happens to room events the bridge could
@@ -99,6 +114,7 @@ func DefaultConfig() Config {
 		MaxBackoff:        time.Minute,
 		Lease:             2 * time.Minute,
 		HistoryRetention:  30 * 24 * time.Hour,
+		Startup:           StartupConfig{Enabled: true, Wait: time.Minute},
 		Recovery: RecoveryConfig{
 			Enabled:           true,
 			Retention:         7 * 24 * time.Hour,
@@ -141,6 +157,9 @@ func (c *Config) Validate() error {
 	}
 	if c.HistoryRetention < c.MinInterval {
 		errs = append(errs, errors.New("unwedge.history_retention must not be shorter than unwedge.min_interval"))
+	}
+	if c.Startup.Enabled && c.Startup.Wait < 0 {
+		errs = append(errs, errors.New("unwedge.startup.wait must not be negative"))
 	}
 	if c.Metrics.Enabled && c.Metrics.Listen == "" {
 		errs = append(errs, errors.New("unwedge.metrics.listen must be set when metrics are enabled"))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"maunium.net/go/mautrix/crypto"
@@ -38,6 +39,10 @@ type Store struct {
 	outboundLock sync.Mutex
 	outbound     map[id.SessionID]*crypto.OutboundGroupSession
 	outboundRoom map[id.RoomID]id.SessionID
+
+	// writes counts the changes to the state a restore from a backup takes back: the account, Olm
+	// sessions, and Megolm sessions in and out (GenerationKeeper).
+	writes atomic.Uint64
 }
 
 // SharedIndex keeps the index at which the bridge first shared each of its own Megolm sessions
@@ -67,12 +72,27 @@ func (s *Store) keepOutbound(sess *crypto.OutboundGroupSession) {
 	s.outbound[sess.ID()] = sess
 }
 
+// Writes returns how many times the account, an Olm session or a Megolm session was written.
+func (s *Store) Writes() uint64 { return s.writes.Load() }
+
+func (s *Store) PutAccount(ctx context.Context, account *crypto.OlmAccount) error {
+	s.writes.Add(1)
+	return s.Store.PutAccount(ctx, account)
+}
+
+func (s *Store) PutGroupSession(ctx context.Context, session *crypto.InboundGroupSession) error {
+	s.writes.Add(1)
+	return s.Store.PutGroupSession(ctx, session)
+}
+
 func (s *Store) AddOutboundGroupSession(ctx context.Context, sess *crypto.OutboundGroupSession) error {
+	s.writes.Add(1)
 	s.keepOutbound(sess)
 	return s.Store.AddOutboundGroupSession(ctx, sess)
 }
 
 func (s *Store) UpdateOutboundGroupSession(ctx context.Context, sess *crypto.OutboundGroupSession) error {
+	s.writes.Add(1)
 	s.keepOutbound(sess)
 	return s.Store.UpdateOutboundGroupSession(ctx, sess)
 }
@@ -165,6 +185,7 @@ func (s *Store) keep(ctx context.Context, key id.SenderKey, sess *crypto.OlmSess
 }
 
 func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypto.OlmSession) error {
+	s.writes.Add(1)
 	err := s.Store.AddSession(ctx, key, session)
 	if h := healFrom(ctx, key); h != nil {
 		// The machine only logs a failure here and would forget the session, whose one-time key
@@ -185,6 +206,7 @@ func (s *Store) UpdateSession(ctx context.Context, key id.SenderKey, session *cr
 	if obs := observationFrom(ctx); obs != nil && obs.hash != ([32]byte{}) && wentBack(session, obs.ratchet) {
 		obs.wentBack = true
 	}
+	s.writes.Add(1)
 	return s.Store.UpdateSession(ctx, key, session)
 }
 

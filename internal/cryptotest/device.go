@@ -151,7 +151,7 @@ func (d *Device) Unwedge(opts Unwedging) *unwedge.Unwedger {
 	d.t.Helper()
 	var repairer unwedge.Repairer
 	if opts.Repair {
-		repairer = &unwedge.SQLRepairer{DB: d.SQL.DB, AccountID: string(d.DeviceID), PickleKey: []byte(PickleKey)}
+		repairer = &unwedge.CryptoTables{DB: d.SQL.DB, AccountID: string(d.DeviceID), PickleKey: []byte(PickleKey)}
 	}
 	if opts.Scope == nil {
 		opts.Scope = Everyone{}

@@ -69,6 +69,10 @@ const (
 
 func (hs *Homeserver) serve(w http.ResponseWriter, r *http.Request) {
 	switch {
+	case r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/account_data/"):
+		// mockserver stores account data but does not serve it.
+		hs.getAccountData(w, r)
+		return
 	case r.URL.Path == pathQuery:
 		hs.queries.Add(1)
 		if hs.takeFault(&hs.failQueries) {
@@ -101,6 +105,26 @@ func (hs *Homeserver) serve(w http.ResponseWriter, r *http.Request) {
 	hs.lock.Lock()
 	defer hs.lock.Unlock()
 	hs.ms.Router.ServeHTTP(w, r)
+}
+
+// getAccountData answers GET /_matrix/client/v3/user/{userID}/account_data/{type} from what
+// mockserver stored.
+func (hs *Homeserver) getAccountData(w http.ResponseWriter, r *http.Request) {
+	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/_matrix/client/v3/user/"), "/")
+	if len(parts) != 3 || parts[1] != "account_data" {
+		http.Error(w, `{"errcode":"M_UNRECOGNIZED","error":"unrecognized request"}`, http.StatusNotFound)
+		return
+	}
+	hs.lock.Lock()
+	data, ok := hs.ms.AccountData[id.UserID(parts[0])][event.Type{Type: parts[2], Class: event.AccountDataEventType}]
+	hs.lock.Unlock()
+	w.Header().Set("Content-Type", "application/json")
+	if !ok {
+		w.WriteHeader(http.StatusNotFound)
+		_, _ = w.Write([]byte(`{"errcode":"M_NOT_FOUND","error":"account data not found"}`))
+		return
+	}
+	_, _ = w.Write(data)
 }
 
 // takeFault uses up one of the failures counted by n.

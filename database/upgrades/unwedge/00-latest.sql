@@ -1,4 +1,4 @@
--- v0 -> v4: Latest revision of unwedge's tables
+-- v0 -> v5: Latest revision of unwedge's tables
 -- One row per (user, device, identity key) that unwedge has acted on: the MSC1719 rate limit
 -- ("one new session per device per hour") is decided on this row in one statement.
 CREATE TABLE unwedge_device (
@@ -107,3 +107,12 @@ CREATE TABLE unwedge_megolm_shared (
 );
 
 CREATE INDEX unwedge_megolm_shared_at_idx ON unwedge_megolm_shared (bridge_id, shared_at);
+
+-- The crypto store's generation: a counter that goes up while the bridge's Olm sessions or account
+-- change, also kept in the bot's account data on the homeserver. Behind the homeserver's after a
+-- restore from a backup, which the bridge notices at startup.
+CREATE TABLE unwedge_generation (
+	bridge_id    TEXT   NOT NULL PRIMARY KEY,
+	identity_key TEXT   NOT NULL,
+	generation   BIGINT NOT NULL
+);
