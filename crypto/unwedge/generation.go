@@ -180,20 +180,27 @@ func (k *GenerationKeeper) Start() {
 				return
 			case <-time.After(generationInterval):
 			}
-			if err := k.advance(ctx, false); err != nil && ctx.Err() == nil {
+			// One request: the next round tries again.
+			if err := k.advance(mautrix.WithMaxRetries(ctx, 0), false); err != nil && ctx.Err() == nil {
 				k.log.Warn().Err(err).Msg("Failed to move the crypto generation on")
 			}
 		}
 	}()
 }
 
-// Stop ends the loop and moves the generation on one last time if the store changed.
+// stopTimeout bounds the last move of the generation when the bridge stops.
+const stopTimeout = 10 * time.Second
+
+// Stop ends the loop and moves the generation on one last time if the store changed (one request
+// to the homeserver, within stopTimeout: a homeserver that is down does not hold the stop up).
 func (k *GenerationKeeper) Stop(ctx context.Context) {
 	if k.stop != nil {
 		k.stop()
 		<-k.done
 	}
-	if err := k.advance(ctx, false); err != nil {
+	ctx, cancel := context.WithTimeout(ctx, stopTimeout)
+	defer cancel()
+	if err := k.advance(mautrix.WithMaxRetries(ctx, 0), false); err != nil {
 		k.log.Warn().Err(err).Msg("Failed to move the crypto generation on before stopping")
 	}
 }
