@@ -38,6 +38,10 @@ type Helper struct {
 	metrics  *Metrics
 	// generation keeps the crypto store's generation (unwedge.startup); nil when that is off.
 	generation *unwedge.GenerationKeeper
+	// stopInbox stops reading the bot device's to-device inbox (inbox.go), and inboxDone is done
+	// when it stopped.
+	stopInbox context.CancelFunc
+	inboxDone sync.WaitGroup
 
 	streams *beeperstream.Helper
 
@@ -99,6 +103,21 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 		}
 		h.recovery.Start()
 	}
+	if h.cfg.AppserviceInbox && h.conn.Config.Encryption.Appservice {
+		// Room keys that failed transactions lost come first, before the heals and the events.
+		if report, err := h.readInbox(ctx, inboxStartupPages); err != nil {
+			h.log.Warn().Err(err).Msg("Failed to read the bot device's to-device inbox at startup")
+		} else {
+			h.log.Info().Int("handled", report.Handled).Int("pages", report.Pages).Bool("more", report.More).Msg("Read the bot device's to-device inbox at startup")
+		}
+		inboxCtx, cancel := context.WithCancel(h.log.WithContext(context.Background()))
+		h.stopInbox = cancel
+		h.inboxDone.Add(1)
+		go func() {
+			defer h.inboxDone.Done()
+			h.followInbox(inboxCtx)
+		}()
+	}
 	if h.cfg.Startup.Enabled {
 		// Before Init returns, so before bridgev2 handles any event: heals of sessions the bridge
 		// can know are broken go out before anyone sends over them.
@@ -133,6 +152,10 @@ func (h *Helper) logStartup(report *unwedge.StartupReport) {
 
 // stopUnwedge stops recovery, the Unwedger and the metrics listener.
 func (h *Helper) stopUnwedge() {
+	if h.stopInbox != nil {
+		h.stopInbox()
+		h.inboxDone.Wait()
+	}
 	if h.generation != nil {
 		h.generation.Stop(h.log.WithContext(context.Background()))
 	}

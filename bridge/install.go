@@ -31,6 +31,7 @@ func UpgradeConfig(helper up.Helper, prefix ...string) {
 	helper.Copy(up.Str, path("history_retention")...)
 	helper.Copy(up.Bool, path("startup", "enabled")...)
 	helper.Copy(up.Str, path("startup", "wait")...)
+	helper.Copy(up.Bool, path("appservice_inbox")...)
 	helper.Copy(up.Bool, path("recovery", "enabled")...)
 	helper.Copy(up.Str, path("recovery", "retention")...)
 	helper.Copy(up.Int, path("recovery", "key_requests")...)

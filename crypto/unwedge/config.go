@@ -53,6 +53,10 @@ type Config struct {
 	HistoryRetention time.Duration `yaml:"history_retention"`
 	// Startup heals at startup what the bridge can know is broken, before it handles events.
 	Startup StartupConfig `yaml:"startup"`
+	// AppserviceInbox, in appservice mode (encryption.appservice), reads the bot device's
+	// to-device inbox at startup and every 30 seconds: the homeserver does not send the to-device
+	// messages of a failed transaction again (Synapse), and room keys would be lost with them.
+	AppserviceInbox bool `yaml:"appservice_inbox"`
 	// Recovery keeps undecryptable events until their keys arrive.
 	Recovery RecoveryConfig `yaml:"recovery"`
 	// Metrics serves unwedge's metrics in the Prometheus text format.
@@ -115,6 +119,7 @@ func DefaultConfig() Config {
 		Lease:             2 * time.Minute,
 		HistoryRetention:  30 * 24 * time.Hour,
 		Startup:           StartupConfig{Enabled: true, Wait: time.Minute},
+		AppserviceInbox:   true,
 		Recovery: RecoveryConfig{
 			Enabled:           true,
 			Retention:         7 * 24 * time.Hour,

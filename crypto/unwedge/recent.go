@@ -32,6 +32,11 @@ func (s *recentSet[T]) add(member T) {
 	}
 }
 
+func (s *recentSet[T]) has(member T) bool {
+	_, ok := s.members[member]
+	return ok
+}
+
 // remove reports whether member was in the set.
 func (s *recentSet[T]) remove(member T) bool {
 	_, ok := s.members[member]

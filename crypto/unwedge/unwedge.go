@@ -73,7 +73,16 @@ type Unwedger struct {
 
 	// newSessionAt remembers when a device last opened a new session with the bridge.
 	newSessionAt lockedMap[id.SenderKey, time.Time]
+
+	// messagesLock guards messages: the hashes of the Olm messages handled lately, or being
+	// handled, so that one that reaches the bridge twice (in an appservice transaction and again
+	// from the bot device's inbox) goes to the machine once.
+	messagesLock sync.Mutex
+	messages     recentSet[[32]byte]
 }
+
+// recentMessages is how many Olm messages the Unwedger remembers having handled.
+const recentMessages = 16384
 
 // Action is what unwedge did about one Olm event or heal.
 type Action string
@@ -150,6 +159,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 	u := &Unwedger{
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, counts: make(map[Count]int64),
+		messages: newRecentSet[[32]byte](recentMessages),
 	}
 	mach.NeedsUnwedgeCallback = u.needsUnwedge
 	return u, nil
@@ -226,8 +236,17 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Action: ActionIgnored})
 		return
 	}
+	if !u.claim(msg.hash) {
+		u.decide(ctx, Decision{Class: ClassDuplicate, UserID: evt.Sender, Key: msg.senderKey, Action: ActionIgnored})
+		return
+	}
 	obs := &observation{hash: msg.hash, ratchet: msg.ratchet}
 	u.mach.HandleToDeviceEvent(withObservation(ctx, obs), evt)
+	if !obs.decrypted && !obs.duplicate && (obs.sessionsErr != nil || !obs.sessionsRead) {
+		// The store failed (or the machine stopped before reading it): the same message handled
+		// again, after a sync is fetched again, must reach the machine.
+		u.unclaim(msg.hash)
+	}
 	switch {
 	case obs.duplicate:
 		u.decide(ctx, Decision{Class: ClassDuplicate, UserID: evt.Sender, Key: msg.senderKey, Action: ActionIgnored})
@@ -253,6 +272,23 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 		return
 	}
 	u.wedged(ctx, evt.Sender, msg.senderKey, class)
+}
+
+// claim marks an Olm message as handled, and reports false when it was already.
+func (u *Unwedger) claim(hash [32]byte) bool {
+	u.messagesLock.Lock()
+	defer u.messagesLock.Unlock()
+	if u.messages.has(hash) {
+		return false
+	}
+	u.messages.add(hash)
+	return true
+}
+
+func (u *Unwedger) unclaim(hash [32]byte) {
+	u.messagesLock.Lock()
+	defer u.messagesLock.Unlock()
+	u.messages.remove(hash)
 }
 
 // wedged checks scope and the sender's device, then starts a heal unless one runs already.

@@ -1,0 +1,152 @@
+package bridge
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
+)
+
+// In appservice mode (encryption.appservice) the homeserver pushes the bot device's to-device
+// messages in transactions. When a transaction fails (the bridge is down, restarting, or
+// unreachable), Synapse sends its room events again later, but not its to-device messages
+// (synapse/storage/databases/main/appservice.py, get_oldest_unsent_txn: "to-device messages ... are
+// not yet populated for catch-up transactions"): the room keys in them are gone, and their messages
+// are never decrypted. Synapse keeps every to-device message in the device's inbox until the device
+// syncs past it, which an appservice's device never does. So the bridge reads that inbox itself,
+// with /sync as the bot device (MSC3202 device masquerading, or the device's own token): at
+// startup before it handles any event, and every inboxInterval. Each page's encrypted messages go
+// through the Unwedger, which hands a message it already had from a transaction to the machine no
+// second time; then the sync token is saved (the crypto store's, which appservice mode does not
+// use otherwise), and the homeserver deletes what the token passed.
+//
+// The first time, with no token saved, the inbox holds everything since the device was made,
+// already handled from transactions: it is skipped in the background, not handled (an old message
+// the crypto store no longer remembers as handled would look like a wedge). A transaction that
+// fails while that first reading runs loses its to-device messages as before.
+
+// inboxFilter excludes everything from the sync but to-device messages: no rooms, presence or
+// account data.
+const inboxFilter = `{"room":{"rooms":[]},"presence":{"not_types":["*"]},"account_data":{"not_types":["*"]}}`
+
+const (
+	// inboxInterval is how often the inbox is read while the bridge runs.
+	inboxInterval = 30 * time.Second
+	// inboxStartupPages bounds the pages read at startup before events are handled (Synapse
+	// returns at most 100 to-device messages a page); the rest is read while events are handled.
+	inboxStartupPages = 50
+)
+
+// inboxReport is what one reading of the inbox did.
+type inboxReport struct {
+	Pages, Messages, Handled int
+	// Skipped: the first reading, whose messages were skipped.
+	Skipped bool
+	// More: the page limit was reached with messages left.
+	More bool
+}
+
+// readInbox handles the bot device's inbox from the saved token on, at most pages pages. With
+// no token saved it does nothing (drainInbox does the first reading).
+func (h *Helper) readInbox(ctx context.Context, pages int) (inboxReport, error) {
+	var report inboxReport
+	token, err := h.store.LoadNextBatch(ctx, h.client.UserID)
+	if err != nil {
+		return report, fmt.Errorf("failed to load the to-device inbox's token: %w", err)
+	} else if token == "" {
+		return report, nil
+	}
+	for report.Pages < pages {
+		resp, err := h.syncInbox(ctx, token)
+		if err != nil {
+			return report, err
+		}
+		report.Pages++
+		report.Messages += len(resp.ToDevice.Events)
+		for _, evt := range resp.ToDevice.Events {
+			if evt.Type != event.ToDeviceEncrypted {
+				continue // key requests and the like: not worth handling twice
+			}
+			evt.Type.Class = event.ToDeviceEventType
+			if err = evt.Content.ParseRaw(evt.Type); err != nil {
+				h.log.Warn().Err(err).Stringer("sender", evt.Sender).Msg("Failed to parse to-device event from the inbox")
+				continue
+			}
+			h.unwedger.HandleToDevice(ctx, evt)
+			report.Handled++
+		}
+		if err = h.store.SaveNextBatch(ctx, h.client.UserID, resp.NextBatch); err != nil {
+			return report, fmt.Errorf("failed to save the to-device inbox's token: %w", err)
+		}
+		if len(resp.ToDevice.Events) == 0 || resp.NextBatch == token {
+			return report, nil
+		}
+		token = resp.NextBatch
+	}
+	report.More = true
+	return report, nil
+}
+
+// drainInbox is the first reading: it skips what the inbox holds, page after page, and saves the
+// token once the inbox is empty (a restart meanwhile starts over where the homeserver deleted up
+// to).
+func (h *Helper) drainInbox(ctx context.Context) (inboxReport, error) {
+	report := inboxReport{Skipped: true}
+	token := ""
+	for {
+		resp, err := h.syncInbox(ctx, token)
+		if err != nil {
+			return report, err
+		}
+		report.Pages++
+		report.Messages += len(resp.ToDevice.Events)
+		if len(resp.ToDevice.Events) == 0 || resp.NextBatch == token {
+			if err = h.store.SaveNextBatch(ctx, h.client.UserID, resp.NextBatch); err != nil {
+				return report, fmt.Errorf("failed to save the to-device inbox's token: %w", err)
+			}
+			return report, nil
+		}
+		token = resp.NextBatch
+	}
+}
+
+// syncInbox is one /sync as the bot device, for its to-device messages only.
+func (h *Helper) syncInbox(ctx context.Context, since string) (*mautrix.RespSync, error) {
+	resp, err := h.client.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: inboxFilter, SetPresence: event.PresenceOffline})
+	if err != nil {
+		return nil, fmt.Errorf("failed to read the bot device's to-device inbox: %w", err)
+	}
+	return resp, nil
+}
+
+// followInbox reads the inbox every inboxInterval until ctx ends; first it drains it, if it was
+// never read.
+func (h *Helper) followInbox(ctx context.Context) {
+	for {
+		token, err := h.store.LoadNextBatch(ctx, h.client.UserID)
+		var report inboxReport
+		if err == nil && token == "" {
+			report, err = h.drainInbox(ctx)
+		} else if err == nil {
+			report, err = h.readInbox(mautrix.WithMaxRetries(ctx, 0), inboxStartupPages)
+		}
+		switch {
+		case err != nil && ctx.Err() == nil:
+			h.log.Warn().Err(err).Msg("Failed to read the bot device's to-device inbox; tried again later")
+		case report.Skipped:
+			h.log.Info().Int("skipped", report.Messages).Int("pages", report.Pages).Msg("Read the bot device's to-device inbox for the first time; what it held was skipped")
+		case report.Handled > 0:
+			h.log.Debug().Int("handled", report.Handled).Int("pages", report.Pages).Bool("more", report.More).Msg("Read the bot device's to-device inbox")
+		}
+		if report.More {
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(inboxInterval):
+		}
+	}
+}
