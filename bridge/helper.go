@@ -42,6 +42,7 @@ type Helper struct {
 	// when it stopped.
 	stopInbox context.CancelFunc
 	inboxDone sync.WaitGroup
+	inboxPoke chan struct{}
 
 	streams *beeperstream.Helper
 
@@ -111,7 +112,7 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 			h.log.Info().Int("handled", report.Handled).Int("pages", report.Pages).Bool("more", report.More).Msg("Read the bot device's to-device inbox at startup")
 		}
 		inboxCtx, cancel := context.WithCancel(h.log.WithContext(context.Background()))
-		h.stopInbox = cancel
+		h.stopInbox, h.inboxPoke = cancel, make(chan struct{}, 1)
 		h.inboxDone.Add(1)
 		go func() {
 			defer h.inboxDone.Done()
@@ -202,6 +203,9 @@ func (h *Helper) Decrypt(ctx context.Context, evt *event.Event) (*event.Event, e
 		h.recovery.Decrypted(ctx, evt.ID)
 	} else if errors.Is(err, crypto.ErrNoSessionFound) {
 		h.recovery.Undecryptable(evt)
+		if h.inboxPoke != nil {
+			h.pokeInbox()
+		}
 	}
 	return decrypted, err
 }

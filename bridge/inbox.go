@@ -32,8 +32,10 @@ import (
 const inboxFilter = `{"room":{"rooms":[]},"presence":{"not_types":["*"]},"account_data":{"not_types":["*"]}}`
 
 const (
-	// inboxInterval is how often the inbox is read while the bridge runs.
-	inboxInterval = 30 * time.Second
+	// inboxInterval is how often the inbox is read while the bridge runs; a room event whose key
+	// is missing has it read at once (pokeInbox), at most every inboxMinInterval.
+	inboxInterval    = 30 * time.Second
+	inboxMinInterval = 2 * time.Second
 	// inboxStartupPages bounds the pages read at startup before events are handled (Synapse
 	// returns at most 100 to-device messages a page); the rest is read while events are handled.
 	inboxStartupPages = 50
@@ -66,10 +68,10 @@ func (h *Helper) readInbox(ctx context.Context, pages int) (inboxReport, error) 
 		report.Pages++
 		report.Messages += len(resp.ToDevice.Events)
 		for _, evt := range resp.ToDevice.Events {
+			evt.Type.Class = event.ToDeviceEventType
 			if evt.Type != event.ToDeviceEncrypted {
 				continue // key requests and the like: not worth handling twice
 			}
-			evt.Type.Class = event.ToDeviceEventType
 			if err = evt.Content.ParseRaw(evt.Type); err != nil {
 				h.log.Warn().Err(err).Stringer("sender", evt.Sender).Msg("Failed to parse to-device event from the inbox")
 				continue
@@ -121,8 +123,17 @@ func (h *Helper) syncInbox(ctx context.Context, since string) (*mautrix.RespSync
 	return resp, nil
 }
 
-// followInbox reads the inbox every inboxInterval until ctx ends; first it drains it, if it was
-// never read.
+// pokeInbox asks followInbox to read the inbox now: a room event's key is missing, and it may be
+// in a to-device message that a failed transaction did not deliver.
+func (h *Helper) pokeInbox() {
+	select {
+	case h.inboxPoke <- struct{}{}:
+	default:
+	}
+}
+
+// followInbox reads the inbox every inboxInterval, and when poked, until ctx ends; first it
+// drains it, if it was never read.
 func (h *Helper) followInbox(ctx context.Context) {
 	for {
 		token, err := h.store.LoadNextBatch(ctx, h.client.UserID)
@@ -146,7 +157,13 @@ func (h *Helper) followInbox(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(inboxInterval):
+		case <-time.After(inboxMinInterval):
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-h.inboxPoke:
+		case <-time.After(inboxInterval - inboxMinInterval):
 		}
 	}
 }

@@ -116,12 +116,12 @@ func startBuild(t *testing.T, ctx context.Context, build *bridgeBuild, appservic
 		t.Fatal(err)
 	}
 	stopOnCleanup(t, br)
-	user, remote := newLogin(t, ctx, env, br, webhookURL)
+	user, remote := newLogin(t, ctx, env, br, webhookURL, testclient.RulesMautrix)
 	return &setup{env: env, slot: s, bridge: br, user: user, remote: remote}
 }
 
-// newLogin starts a fresh E2EE user and logs it in to the bridge.
-func newLogin(t *testing.T, ctx context.Context, env *testenv.Env, br *harness.Bridge, webhookURL string) (*testclient.Client, *webhook.RemoteClient) {
+// newLogin starts a fresh E2EE user whose client follows rules, and logs it in to the bridge.
+func newLogin(t *testing.T, ctx context.Context, env *testenv.Env, br *harness.Bridge, webhookURL string, rules testclient.Rules) (*testclient.Client, *webhook.RemoteClient) {
 	t.Helper()
 	user, err := testclient.New(ctx, testclient.Options{
 		HomeserverURL: env.HomeserverURL,
@@ -129,6 +129,7 @@ func newLogin(t *testing.T, ctx context.Context, env *testenv.Env, br *harness.B
 		Password:      "correct horse battery",
 		DataDir:       t.TempDir(),
 		Log:           zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel),
+		Rules:         rules,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -170,7 +171,7 @@ func startShared(t *testing.T, ctx context.Context, webhookURL string) *setup {
 		}
 	})
 	s := &setup{env: env, slot: shared.slot, bridge: shared.bridge}
-	s.user, s.remote = newLogin(t, ctx, env, shared.bridge, webhookURL)
+	s.user, s.remote = newLogin(t, ctx, env, shared.bridge, webhookURL, testclient.RulesMautrix)
 	return s
 }
 
