@@ -145,6 +145,9 @@ func (h *Helper) logStartup(report *unwedge.StartupReport) {
 		Int64("outbound_discarded", report.OutboundDiscarded).
 		Int("lost", report.Lost).
 		Int("unreadable", report.Unreadable).
+		Int("keys_on_server", report.KeysOnServer).
+		Int("keys_published", report.KeysPublished).
+		Bool("keys_replaced", report.KeysReplaced).
 		Int("heals", len(report.Decisions)).
 		Int("healed", healed).
 		Bool("finished", report.Finished).

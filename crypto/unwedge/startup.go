@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/crypto/goolm/account"
 	"maunium.net/go/mautrix/id"
 )
 
@@ -41,6 +43,11 @@ type StartupReport struct {
 	OutboundDiscarded int64
 	// Lost and Unreadable count the devices found without a readable session (no rollback).
 	Lost, Unreadable int
+	// KeysOnServer and KeysPublished are the bot's one-time keys the homeserver holds and those
+	// the account has marked published; KeysReplaced: the homeserver's were replaced (after a
+	// rollback, or when it held more than the account has: keys the account lost).
+	KeysOnServer, KeysPublished int
+	KeysReplaced                bool
 	// Decisions are the heals, one per device in scope.
 	Decisions []Decision
 	// Finished: every heal ended within the wait.
@@ -88,15 +95,20 @@ func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, 
 	if report.RolledBack() {
 		class = ClassRolledBack
 		log.Warn().Str("generation", report.Generation.String()).Msg("The crypto store went back in time: healing every Olm session before handling events")
-		if err = u.mach.RepairOneTimeKeys(ctx); err != nil {
-			log.Err(err).Msg("Failed to replace the one-time keys on the homeserver")
-		}
+		u.replaceOneTimeKeys(ctx, report)
 		if report.OutboundDiscarded, err = tables.DiscardOutboundSessions(ctx); err != nil {
 			log.Err(err).Msg("Failed to discard the outbound Megolm sessions")
 		}
 		keys = union(readable, unreadable, sharedKeys)
 	} else {
 		log.Debug().Str("generation", report.Generation.String()).Msg("The crypto store did not go back in time")
+		if err = u.countOneTimeKeys(ctx, report); err != nil {
+			log.Warn().Err(err).Msg("Failed to compare the one-time keys on the homeserver with the account's")
+		} else if report.KeysOnServer > report.KeysPublished {
+			log.Warn().Int("on_server", report.KeysOnServer).Int("published", report.KeysPublished).
+				Msg("The homeserver holds one-time keys the account does not have: replacing them")
+			u.replaceOneTimeKeys(ctx, report)
+		}
 		have := make(map[id.IdentityKey]bool, len(readable))
 		for _, key := range readable {
 			have[key] = true
@@ -146,6 +158,45 @@ func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, 
 	case <-ctx.Done():
 	}
 	return report
+}
+
+// countOneTimeKeys reads how many one-time keys the homeserver holds for the bot device, and how
+// many the account has published and not seen used. Every key on the homeserver is one the
+// account published, and the account forgets a key only when a session was made with it, which
+// takes it off the homeserver first: so more on the homeserver than published means keys the
+// account no longer has, and a client that claims one cannot open a session with the bridge.
+func (u *Unwedger) countOneTimeKeys(ctx context.Context, report *StartupReport) error {
+	resp, err := u.mach.Client.UploadKeys(ctx, &mautrix.ReqUploadKeys{})
+	if err != nil {
+		return fmt.Errorf("failed to read the one-time key count: %w", err)
+	}
+	acc, err := u.mach.CryptoStore.GetAccount(ctx)
+	if err != nil || acc == nil {
+		return fmt.Errorf("failed to load the account: %w", err)
+	}
+	inner, ok := acc.Internal.(*account.Account)
+	if !ok {
+		return fmt.Errorf("the account is not goolm's (%T): its one-time keys cannot be read", acc.Internal)
+	}
+	report.KeysOnServer = resp.OneTimeKeyCounts.SignedCurve25519
+	report.KeysPublished = 0
+	for _, key := range inner.OTKeys {
+		if key.Published {
+			report.KeysPublished++
+		}
+	}
+	return nil
+}
+
+// replaceOneTimeKeys claims every one-time key the homeserver holds for the bot device (nobody
+// can claim one the account lacks any more) and publishes new ones (mautrix-go's
+// RepairOneTimeKeys).
+func (u *Unwedger) replaceOneTimeKeys(ctx context.Context, report *StartupReport) {
+	if err := u.mach.RepairOneTimeKeys(ctx); err != nil {
+		zerolog.Ctx(ctx).Err(err).Msg("Failed to replace the one-time keys on the homeserver")
+		return
+	}
+	report.KeysReplaced = true
 }
 
 // inScope keeps the devices whose users are in scope (asking once per user).

@@ -226,6 +226,29 @@ func TestHealAtStartup(t *testing.T) {
 	}
 }
 
+// TestStartupReplacesLostOneTimeKeys: when the homeserver holds more of the bot's one-time keys
+// than its account has published (the account lost some), they are replaced at startup, and a
+// device that opens a session afterwards claims a key the bridge has.
+func TestStartupReplacesLostOneTimeKeys(t *testing.T) {
+	f := newFixture(t)
+	f.hs.ConsumeClaimedKeys()
+	if r := f.healAtStartup(); r.KeysReplaced || r.KeysOnServer == 0 || r.KeysOnServer > r.KeysPublished {
+		t.Fatalf("first start: %d keys on the homeserver, %d published, replaced %v; want some, no more than published, not replaced",
+			r.KeysOnServer, r.KeysPublished, r.KeysReplaced)
+	}
+	f.forgetOneTimeKeys()
+	r := f.healAtStartup()
+	if !r.KeysReplaced || r.KeysPublished != 0 || r.KeysOnServer == 0 {
+		t.Fatalf("%d keys on the homeserver, %d published, replaced %v; want the homeserver's replaced", r.KeysOnServer, r.KeysPublished, r.KeysReplaced)
+	}
+	f.peerSends() // a new session, with a key claimed after the startup
+	f.deliverToBridge()
+	f.noDecision()
+	if n := f.sessions(f.bridge, f.peerKey()); n != 1 {
+		t.Errorf("the bridge has %d sessions with the peer, want the one the peer opened", n)
+	}
+}
+
 // sameDevices reports whether two lists hold the same devices, in any order.
 func sameDevices(a, b []id.DeviceID) bool {
 	return len(a) == len(b) && len(a) == len(union(a, b))
