@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -43,6 +44,10 @@ type Helper struct {
 	stopInbox context.CancelFunc
 	inboxDone sync.WaitGroup
 	inboxPoke chan struct{}
+	// inboxHandled counts the encrypted to-device messages read from the inbox.
+	inboxHandled atomic.Int64
+	// startup is what the heals at startup found (nil before, or when they are off).
+	startup atomic.Pointer[unwedge.StartupReport]
 
 	streams *beeperstream.Helper
 
@@ -125,11 +130,15 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 		store := h.mach.CryptoStore.(*unwedge.Store)
 		h.generation = unwedge.NewGenerationKeeper(h.db.Generation, &unwedge.AccountDataMirror{Client: h.client}, store, h.mach.OwnIdentity().IdentityKey, h.log)
 		report := h.unwedger.HealAtStartup(h.log.WithContext(ctx), h.generation, tables, h.db.Shared, h.cfg.Startup.Wait)
+		h.startup.Store(report)
 		h.logStartup(report)
 		h.generation.Start()
 	}
 	return nil
 }
+
+// startupReport is what the heals at startup found, or nil.
+func (h *Helper) startupReport() *unwedge.StartupReport { return h.startup.Load() }
 
 // logStartup writes the one line that says what the heals at startup found and did.
 func (h *Helper) logStartup(report *unwedge.StartupReport) {

@@ -78,6 +78,7 @@ func (h *Helper) readInbox(ctx context.Context, pages int) (inboxReport, error) 
 			}
 			h.unwedger.HandleToDevice(ctx, evt)
 			report.Handled++
+			h.inboxHandled.Add(1)
 		}
 		if err = h.store.SaveNextBatch(ctx, h.client.UserID, resp.NextBatch); err != nil {
 			return report, fmt.Errorf("failed to save the to-device inbox's token: %w", err)

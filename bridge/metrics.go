@@ -216,6 +216,23 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 		}
 	}
 	fmt.Fprintf(out, "unwedge_pending_events %d\n", pending)
+
+	startup := map[string]int64{string(unwedge.ClassRolledBack): 0, string(unwedge.ClassSessionLost): 0}
+	for c, n := range decisions {
+		if _, ok := startup[string(c.Class)]; ok && c.Action == unwedge.ActionHealed {
+			startup[string(c.Class)] += n
+		}
+	}
+	family(out, "unwedge_startup_heals_total", "counter", "Devices healed at startup before any event was handled, by why: rolled_back (the crypto store went back in time), session_lost (no readable session with a device the bridge shared room keys with).")
+	labelled(out, "unwedge_startup_heals_total", "class", startup)
+	rolledBack := 0
+	if report := m.h.startupReport(); report != nil && report.RolledBack() {
+		rolledBack = 1
+	}
+	family(out, "unwedge_crypto_store_rolled_back", "gauge", "1 when this process found at startup that the crypto store had gone back in time (restored from a backup).")
+	fmt.Fprintf(out, "unwedge_crypto_store_rolled_back %d\n", rolledBack)
+	family(out, "unwedge_appservice_inbox_messages_total", "counter", "Encrypted to-device messages read from the bot device's inbox in appservice mode (unwedge.appservice_inbox) and handed to unwedge; those it had from a transaction already are counted here but not handled twice.")
+	fmt.Fprintf(out, "unwedge_appservice_inbox_messages_total %d\n", m.h.inboxHandled.Load())
 }
 
 // olmFailures counts the Olm events that did not decrypt or showed a wedge, by class: one decision
