@@ -17,8 +17,8 @@ import (
 // -parallel allows. In stock mode it checks that the lab really breaks the session (the bridge
 // fails to decrypt Olm messages, or the device fails to decrypt the bridge's) and that it sees
 // what is lost: a lab that never sees a loss proves nothing. In unwedge mode every scenario must
-// heal with no human action, with exactly one replacement session for the device whose session
-// wedged, and lose nothing in either direction.
+// heal with no human action, with at most one replacement session for the device whose session
+// wedged (checkReplacements), and lose nothing in either direction.
 func TestLab(t *testing.T) {
 	t.Parallel()
 	env, ctx, cfg := setupLab(t, 20*time.Minute)
@@ -74,10 +74,17 @@ func checkResult(t *testing.T, cfg Config, sc *Scenario, res *Result) {
 		if !res.Healed || res.Lost != 0 || res.RemoteLost != 0 {
 			t.Errorf("not healed: %d of %d Matrix messages and %d of %d remote messages lost", res.Lost, res.Sent, res.RemoteLost, res.RemoteSent)
 		}
-		// Every scenario breaks one device's session, on the bridge's side or the device's.
-		if res.ReplacementSessions != 1 {
-			t.Errorf("%d replacement sessions after %d Olm failures, want 1", res.ReplacementSessions, res.OlmFailures)
-		}
+		checkReplacements(t, res)
+	}
+}
+
+// checkReplacements: every scenario breaks one device's session, on the bridge's side or the
+// device's, so unwedge makes at most one replacement session, and exactly one once an Olm message
+// failed. None is needed when the bridge prevented the wedge at startup: in expired-one-time-key it
+// replaced the one-time keys its account had lost before the device claimed one.
+func checkReplacements(t *testing.T, res *Result) {
+	if res.ReplacementSessions > 1 || (res.OlmFailures > 0 && res.ReplacementSessions != 1) {
+		t.Errorf("%d replacement sessions after %d Olm failures, want at most 1, and 1 after a failure", res.ReplacementSessions, res.OlmFailures)
 	}
 }
 
@@ -102,9 +109,10 @@ func TestLabAppservice(t *testing.T) {
 				t.Fatalf("scenario failed to run: %s", res.Error)
 			}
 			t.Logf("%+v", *res)
-			if !res.Healed || res.Lost != 0 || res.OlmFailures == 0 || res.ReplacementSessions != 1 {
-				t.Errorf("want healed with one replacement session after Olm failures: %+v", *res)
+			if !res.Healed || res.Lost != 0 {
+				t.Errorf("want healed, nothing lost: %+v", *res)
 			}
+			checkReplacements(t, res)
 		})
 	}
 }
