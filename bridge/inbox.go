@@ -18,8 +18,8 @@ import (
 // syncs past it, which an appservice's device never does. So the bridge reads that inbox itself,
 // with /sync as the bot device (MSC3202 device masquerading, or the device's own token): at
 // startup before it handles any event, and every inboxInterval. Each page's encrypted messages go
-// through the Unwedger, which hands a message it already had from a transaction to the machine no
-// second time; then the sync token is saved (the crypto store's, which appservice mode does not
+// through the Unwedger (HandleCopy), which hands a message it already had from a transaction to the
+// machine no second time; then the sync token is saved (the crypto store's, which appservice mode does not
 // use otherwise), and the homeserver deletes what the token passed.
 //
 // The first time, with no token saved, the inbox holds everything since the device was made,
@@ -76,7 +76,7 @@ func (h *Helper) readInbox(ctx context.Context, pages int) (inboxReport, error) 
 				h.log.Warn().Err(err).Stringer("sender", evt.Sender).Msg("Failed to parse to-device event from the inbox")
 				continue
 			}
-			h.unwedger.HandleToDevice(ctx, evt)
+			h.unwedger.HandleCopy(ctx, evt)
 			report.Handled++
 			h.inboxHandled.Add(1)
 		}

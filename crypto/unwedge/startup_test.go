@@ -1,9 +1,11 @@
 package unwedge_test
 
 import (
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -262,4 +264,29 @@ func union(lists ...[]id.DeviceID) map[id.DeviceID]bool {
 		}
 	}
 	return set
+}
+
+// TestHandleCopy: a copy of an Olm message the bridge decrypted before (in appservice mode, read
+// again from its device's inbox after a restart) is ignored without the machine, which would log
+// it as a failed decryption; a message it never had is handled.
+func TestHandleCopy(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	f.peerSends()
+	evt := f.hs.Inbox(f.bridge)[0]
+	f.unwedger.HandleToDevice(f.ctx, evt)
+	f.noDecision()
+	var logs lockedBuffer
+	f.bridge.Log = zerolog.New(&logs).Level(zerolog.DebugLevel)
+	f.restartBridge() // the Unwedger's memory of handled messages is gone; the store's is not
+	f.unwedger.HandleCopy(f.ctx, evt)
+	if d := f.decision(); d.Class != unwedge.ClassDuplicate || d.Action != unwedge.ActionIgnored {
+		t.Errorf("decision %+v, want an ignored duplicate", d)
+	}
+	if strings.Contains(logs.String(), "duplicate olm message") {
+		t.Errorf("the machine was handed the copy: %s", logs.String())
+	}
+	f.peerSends()
+	f.unwedger.HandleCopy(f.ctx, f.hs.Inbox(f.bridge)[0])
+	f.noDecision() // decrypted
 }

@@ -274,6 +274,29 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 	u.wedged(ctx, evt.Sender, msg.senderKey, class)
 }
 
+// HandleCopy hands over a to-device event that may have reached the bridge before, by another way
+// (in appservice mode, the bot device's inbox read after the transactions): an Olm message this
+// process handled, or that the crypto store remembers decrypting, is ignored without the machine
+// (which would log each as a failure); anything else goes to HandleToDevice.
+func (u *Unwedger) HandleCopy(ctx context.Context, evt *event.Event) {
+	if evt.Type == event.ToDeviceEncrypted {
+		if msg, _ := parseOlm(evt, u.ownKey); msg != nil {
+			u.messagesLock.Lock()
+			seen := u.messages.has(msg.hash)
+			u.messagesLock.Unlock()
+			if !seen {
+				at, err := u.mach.CryptoStore.GetOlmHash(ctx, msg.hash)
+				seen = err == nil && !at.IsZero()
+			}
+			if seen {
+				u.decide(ctx, Decision{Class: ClassDuplicate, UserID: evt.Sender, Key: msg.senderKey, Action: ActionIgnored})
+				return
+			}
+		}
+	}
+	u.HandleToDevice(ctx, evt)
+}
+
 // claim marks an Olm message as handled, and reports false when it was already.
 func (u *Unwedger) claim(hash [32]byte) bool {
 	u.messagesLock.Lock()
