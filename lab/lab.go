@@ -41,6 +41,9 @@ type Config struct {
 	// Appservice runs the bridge's encryption in appservice mode (to-device events in
 	// transactions, MSC2409/MSC3202) instead of the bot device's /sync.
 	Appservice bool
+	// BridgeConfig sets options of the bridge's config in unwedge mode (dotted paths, as
+	// harness.BridgeOptions.Config), for example to measure reactive healing alone.
+	BridgeConfig map[string]any
 	// Binary is the built reference bridge; WorkDir holds each run's bridge and client files.
 	Binary  string
 	WorkDir string

@@ -53,6 +53,14 @@ type World struct {
 
 const chatID = "lab"
 
+// unwedgeConfig is the bridge config the scenario's mode gets from cfg.BridgeConfig.
+func unwedgeConfig(cfg *Config, mode Mode) map[string]any {
+	if mode != ModeUnwedge {
+		return nil
+	}
+	return cfg.BridgeConfig
+}
+
 // newWorld starts a bridge on a free slot with a fresh Postgres database and a user with the
 // scenario's devices, then either logs the user in and opens an encrypted portal that every
 // device has joined, or (sc.Management) opens the user's encrypted management room with the bot.
@@ -92,6 +100,7 @@ func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, nam
 		Stock:                mode == ModeStock,
 		Metrics:              mode == ModeUnwedge,
 		AppserviceEncryption: cfg.Appservice,
+		Config:               unwedgeConfig(cfg, mode),
 	})
 	if err != nil {
 		return nil, err
