@@ -63,7 +63,9 @@ func (r *StartupReport) RolledBack() bool { return r.Generation.RolledBack }
 //     one-time keys on the homeserver are replaced first (a key published after the backup is
 //     one the restored account lacks), and the outbound Megolm sessions are discarded;
 //   - otherwise, devices the bridge shared room keys with but holds no readable session with (a
-//     lost or corrupt row; corrupt rows are deleted first), and devices with a corrupt row.
+//     lost or corrupt row; corrupt rows are deleted first), and devices with a corrupt row; and
+//     the one-time keys on the homeserver are replaced when it holds more than the account
+//     published (countOneTimeKeys).
 //
 // Only devices of users in scope are healed, each as the ledger allows (class rolled_back or
 // session_lost; the caps for peers' heals do not apply). It waits for the heals up to wait; heals
