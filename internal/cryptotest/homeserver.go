@@ -107,14 +107,6 @@ func (hs *Homeserver) serve(w http.ResponseWriter, r *http.Request) {
 	hs.ms.Router.ServeHTTP(w, r)
 }
 
-// ConsumeClaimedKeys makes a claim take the key it hands out off the homeserver, as Synapse does
-// (mockserver hands the same key out again by default).
-func (hs *Homeserver) ConsumeClaimedKeys() {
-	hs.lock.Lock()
-	defer hs.lock.Unlock()
-	hs.ms.PopOTKs = true
-}
-
 // getAccountData answers GET /_matrix/client/v3/user/{userID}/account_data/{type} from what
 // mockserver stored.
 func (hs *Homeserver) getAccountData(w http.ResponseWriter, r *http.Request) {
