@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -210,31 +211,17 @@ func (u *Unwedger) grantMember(ctx context.Context, m *batchMember, class Class,
 }
 
 // prepareAttempt readies the members still going for the next attempt and returns those that
-// take part: each one's device is the one the machine stores (the machine encrypts to that one),
-// and a session the crypto store failed to keep is stored first (one device's store failure
-// would fail the machine's call for the whole batch). A member whose key claim was answered with
-// no key has ended, and so has one whose claim answer was lost.
+// take part: each one's device is the one the machine stores (the machine encrypts to that one;
+// devices missing from the store are fetched in one key query for the batch), and a session the
+// crypto store failed to keep is stored first (one device's store failure would fail the
+// machine's call for the whole batch).
 func (u *Unwedger) prepareAttempt(ctx context.Context, members []*batchMember) []*batchMember {
+	u.checkDevices(ctx, members)
 	store := u.mach.CryptoStore.(*Store)
 	var going []*batchMember
 	for _, m := range members {
-		if m.done {
+		if m.done || !m.checked {
 			continue
-		}
-		if !m.checked {
-			stored, err := u.mach.GetOrFetchDevice(ctx, m.device.UserID, m.device.DeviceID)
-			switch {
-			case err != nil && transient(err):
-				m.err = fmt.Errorf("failed to look up the device: %w", err)
-				continue
-			case err != nil:
-				m.end(HealFailedPermanent, fmt.Errorf("failed to look up the device: %w", err))
-				continue
-			case stored == nil || stored.IdentityKey != m.device.IdentityKey:
-				m.end(HealFailedPermanent, errors.New("the device has another identity key now"))
-				continue
-			}
-			m.checked = true
 		}
 		sess, stored := m.hc.replacement()
 		if sess != nil && !stored {
@@ -253,6 +240,57 @@ func (u *Unwedger) prepareAttempt(ctx context.Context, members []*batchMember) [
 		going = append(going, m)
 	}
 	return going
+}
+
+// checkDevices checks, once per member, that the machine's store has its device with its
+// identity key, fetching the devices it lacks with one key query. A device the homeserver no
+// longer lists, or lists with another key, fails; a lookup that failed is tried again.
+func (u *Unwedger) checkDevices(ctx context.Context, members []*batchMember) {
+	var missing []*batchMember
+	var users []id.UserID
+	for _, m := range members {
+		if m.done || m.checked {
+			continue
+		}
+		stored, err := u.mach.CryptoStore.GetDevice(ctx, m.device.UserID, m.device.DeviceID)
+		switch {
+		case err != nil:
+			m.err = fmt.Errorf("failed to look up the device in the crypto store: %w", err)
+		case stored == nil:
+			missing = append(missing, m)
+			if !slices.Contains(users, m.device.UserID) {
+				users = append(users, m.device.UserID)
+			}
+		default:
+			m.checkKey(stored)
+		}
+	}
+	if len(users) == 0 {
+		return
+	}
+	fetched, err := u.mach.FetchKeys(ctx, users, true)
+	for _, m := range missing {
+		switch {
+		case err != nil && transient(err):
+			m.err = fmt.Errorf("failed to fetch the device's keys: %w", err)
+		case err != nil:
+			m.end(HealFailedPermanent, fmt.Errorf("failed to fetch the device's keys: %w", err))
+		default:
+			m.checkKey(fetched[m.device.UserID][m.device.DeviceID])
+		}
+	}
+}
+
+// checkKey ends the member's heal unless the machine's device is the member's.
+func (m *batchMember) checkKey(stored *id.Device) {
+	switch {
+	case stored == nil:
+		m.end(HealFailedPermanent, errors.New("the homeserver does not list the device"))
+	case stored.IdentityKey != m.device.IdentityKey:
+		m.end(HealFailedPermanent, errors.New("the device has another identity key now"))
+	default:
+		m.checked = true
+	}
 }
 
 // attemptBatch makes one attempt for the members going: the machine claims one key for each
