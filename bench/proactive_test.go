@@ -58,8 +58,8 @@ func TestProactiveStorm(t *testing.T) {
 				results = append(results, res)
 			}
 			r := ProactiveRatios(byMode[modeOneByOne], byMode[modeBatch])
-			t.Logf("one-by-one / batch at D = %d: seconds %.2f, claim requests %.1f, sendToDevice requests %.1f, peak RSS %.2f, peak heap %.2f",
-				devices, r.Seconds, r.KeyClaims, r.SendRequests, r.PeakRSS, r.PeakHeap)
+			t.Logf("one-by-one / batch at D = %d: seconds %.2f, claim requests %.1f, sendToDevice requests %.1f, peak RSS %.2f, peak heap %.2f, allocated %.2f",
+				devices, r.Seconds, r.KeyClaims, r.SendRequests, r.PeakRSS, r.PeakHeap, r.Alloc)
 		})
 	}
 	benchOut(t, "proactive", results)
@@ -144,7 +144,7 @@ func (l *proactiveLab) run(t *testing.T, mode string) ProactiveResult {
 	}
 	seconds := time.Since(started).Seconds()
 	res := ProactiveResult{Mode: mode, Devices: len(l.devices), Seconds: seconds}
-	res.PeakRSSMB, res.PeakHeapMB, res.BaseHeapMB = peak.stop()
+	res.PeakRSSMB, res.PeakHeapMB, res.BaseHeapMB, res.AllocMB = peak.stop()
 	res.KeyClaims, res.ClaimedKeys = l.hs.Claims()-claims, l.hs.ClaimedKeys()-keys
 	res.SendRequests, res.ToDeviceSent = l.hs.ToDeviceRequests(event.ToDeviceEncrypted.Type)-sends, l.hs.ToDevice(event.ToDeviceEncrypted.Type)-sent
 	res.ReplacementSessions = int64(countSessions(t, l.ctx, l.bridge))
@@ -183,8 +183,8 @@ func healOneByOne(ctx context.Context, u *unwedge.Unwedger, devices []*id.Device
 // in use is sampled, and the kernel's peak RSS is reset at the start (Linux's clear_refs), so
 // that what an earlier phase held does not count.
 type phasePeak struct {
-	sampler  *peakSampler
-	baseHeap uint64
+	sampler             *peakSampler
+	baseHeap, baseAlloc uint64
 }
 
 func startPhasePeak(t testing.TB) *phasePeak {
@@ -195,11 +195,14 @@ func startPhasePeak(t testing.TB) *phasePeak {
 	}
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
-	return &phasePeak{sampler: startPeakSampler(), baseHeap: ms.HeapInuse}
+	return &phasePeak{sampler: startPeakSampler(), baseHeap: ms.HeapInuse, baseAlloc: ms.TotalAlloc}
 }
 
-// stop returns the phase's peak RSS and heap, and the heap in use when it started, in MB.
-func (p *phasePeak) stop() (rssMB, heapMB, baseHeapMB float64) {
+// stop returns the phase's peak RSS and heap, the heap in use when it started, and what the
+// phase allocated, in MB.
+func (p *phasePeak) stop() (rssMB, heapMB, baseHeapMB, allocMB float64) {
 	rssMB, heapMB = p.sampler.stop()
-	return rssMB, heapMB, float64(p.baseHeap) / (1 << 20)
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return rssMB, heapMB, float64(p.baseHeap) / (1 << 20), float64(ms.TotalAlloc-p.baseAlloc) / (1 << 20)
 }

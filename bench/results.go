@@ -83,10 +83,12 @@ type ProactiveResult struct {
 	SendRequests int64   `json:"send_to_device_requests"`
 	ToDeviceSent int64   `json:"to_device_sent"`
 	Seconds      float64 `json:"seconds"`
-	// Peaks of the process while it heals (its RSS peak reset before), and its heap before.
+	// Peaks of the process while it heals (its RSS peak reset before), its heap before (mostly
+	// the simulated devices), and what the heals allocated in all.
 	PeakRSSMB  float64 `json:"peak_rss_mb"`
 	PeakHeapMB float64 `json:"peak_heap_mb"`
 	BaseHeapMB float64 `json:"base_heap_mb"`
+	AllocMB    float64 `json:"alloc_mb"`
 }
 
 // ProactiveRatio is one-by-one over batch for one D: how many times the seconds, the requests
@@ -98,6 +100,7 @@ type ProactiveRatio struct {
 	SendRequests float64 `json:"send_to_device_requests_ratio"`
 	PeakRSS      float64 `json:"peak_rss_ratio"`
 	PeakHeap     float64 `json:"peak_heap_ratio"`
+	Alloc        float64 `json:"alloc_ratio"`
 }
 
 // ProactiveRatios compares the one-by-one heals of D devices with the batch of the same D.
@@ -115,5 +118,6 @@ func ProactiveRatios(oneByOne, batch ProactiveResult) ProactiveRatio {
 		SendRequests: ratio(float64(oneByOne.SendRequests), float64(batch.SendRequests)),
 		PeakRSS:      ratio(oneByOne.PeakRSSMB, batch.PeakRSSMB),
 		PeakHeap:     ratio(oneByOne.PeakHeapMB, batch.PeakHeapMB),
+		Alloc:        ratio(oneByOne.AllocMB, batch.AllocMB),
 	}
 }

@@ -327,13 +327,13 @@ func printDecrypt(w io.Writer, name string, d decrypt) {
 // printProactive prints the proactive storm: each D one by one and batched, and the ratios.
 func printProactive(w io.Writer, r *Report) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "proactive storm (startup heal)\tdevices\thealed\tnew sessions\tclaim requests\tclaimed keys\tsendToDevice requests\tseconds\tpeak RSS MB\tpeak heap MB")
+	fmt.Fprintln(tw, "proactive storm (startup heal)\tdevices\thealed\tnew sessions\tclaim requests\tclaimed keys\tsendToDevice requests\tseconds\tpeak RSS MB\tpeak heap MB\tallocated MB")
 	for _, p := range r.Proactive {
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%.1f\t%.0f\t%.0f\n", p.Mode, p.Devices, p.Healed, p.ReplacementSessions,
-			p.KeyClaims, p.ClaimedKeys, p.SendRequests, p.Seconds, p.PeakRSSMB, p.PeakHeapMB)
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%.1f\t%.0f\t%.0f\t%.0f\n", p.Mode, p.Devices, p.Healed, p.ReplacementSessions,
+			p.KeyClaims, p.ClaimedKeys, p.SendRequests, p.Seconds, p.PeakRSSMB, p.PeakHeapMB, p.AllocMB)
 	}
 	for _, q := range r.ProactiveRatios {
-		fmt.Fprintf(tw, "one-by-one / batch\t%d\t\t\t%.1f\t\t%.1f\t%.2f\t%.2f\t%.2f\n", q.Devices, q.KeyClaims, q.SendRequests, q.Seconds, q.PeakRSS, q.PeakHeap)
+		fmt.Fprintf(tw, "one-by-one / batch\t%d\t\t\t%.1f\t\t%.1f\t%.2f\t%.2f\t%.2f\t%.2f\n", q.Devices, q.KeyClaims, q.SendRequests, q.Seconds, q.PeakRSS, q.PeakHeap, q.Alloc)
 	}
 	_ = tw.Flush()
 }

@@ -75,14 +75,14 @@ func TestMedian(t *testing.T) {
 // TestProactiveRatios: the proactive storm's figures are paired by D, one-by-one over batch.
 func TestProactiveRatios(t *testing.T) {
 	results := []bench.ProactiveResult{
-		{Mode: "one-by-one", Devices: 1000, KeyClaims: 1000, SendRequests: 1000, Seconds: 6, PeakRSSMB: 300, PeakHeapMB: 200},
-		{Mode: "batch", Devices: 1000, KeyClaims: 20, SendRequests: 20, Seconds: 4, PeakRSSMB: 300, PeakHeapMB: 250},
+		{Mode: "one-by-one", Devices: 1000, KeyClaims: 1000, SendRequests: 1000, Seconds: 6, PeakRSSMB: 300, PeakHeapMB: 200, AllocMB: 90},
+		{Mode: "batch", Devices: 1000, KeyClaims: 20, SendRequests: 20, Seconds: 4, PeakRSSMB: 300, PeakHeapMB: 250, AllocMB: 60},
 		{Mode: "one-by-one", Devices: 10, KeyClaims: 10, SendRequests: 10, Seconds: 1, PeakRSSMB: 30, PeakHeapMB: 20},
 		{Mode: "batch", Devices: 10, KeyClaims: 1, SendRequests: 1, Seconds: 0.5, PeakRSSMB: 30, PeakHeapMB: 20},
 		{Mode: "batch", Devices: 7, KeyClaims: 1, SendRequests: 1, Seconds: 1}, // no one-by-one run: no ratio
 	}
 	want := []bench.ProactiveRatio{
-		{Devices: 1000, Seconds: 1.5, KeyClaims: 50, SendRequests: 50, PeakRSS: 1, PeakHeap: 0.8},
+		{Devices: 1000, Seconds: 1.5, KeyClaims: 50, SendRequests: 50, PeakRSS: 1, PeakHeap: 0.8, Alloc: 1.5},
 		{Devices: 10, Seconds: 2, KeyClaims: 10, SendRequests: 10, PeakRSS: 1, PeakHeap: 1},
 	}
 	if got := proactiveRatios(results); !reflect.DeepEqual(got, want) {
