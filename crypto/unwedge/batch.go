@@ -117,9 +117,10 @@ func (m *batchMember) end(outcome HealOutcome, err error) {
 func (u *Unwedger) healBatch(ctx context.Context, members []*batchMember, class Class) {
 	started := time.Now()
 	batchLog := zerolog.Ctx(ctx).With().Str("action", "unwedge").Str("class", string(class)).Logger()
+	grants, errs := u.acquireMembers(ctx, members, class, started)
 	granted := members[:0:0]
-	for _, m := range members {
-		if u.grantMember(ctx, m, class, started) {
+	for i, m := range members {
+		if u.grantMember(ctx, m, started, grants[i], errs[i]) {
 			granted = append(granted, m)
 		}
 	}
@@ -156,27 +157,61 @@ func (u *Unwedger) healBatch(ctx context.Context, members []*batchMember, class 
 		u.setReplacing(m.device.IdentityKey, -1)
 		m.release()
 	}
-	for _, m := range granted {
-		u.finishMember(ctx, m, started)
-	}
+	u.finishMembers(ctx, granted, started)
 }
 
-// grantMember asks the ledger for a member's heal. Granted, the member has its ledger reference,
-// logger and heal context; refused or failed, its decision is made.
-func (u *Unwedger) grantMember(ctx context.Context, m *batchMember, class Class, now time.Time) bool {
+// batchLedger is a Ledger that decides for a batch of devices with a few statements instead of
+// a few per device (LedgerQuery): at 10,000 devices, the ledger's round trips are most of a
+// heal's time. A batch uses it when the ledger has it.
+type batchLedger interface {
+	// AcquireMany is Acquire for each device (each listed once): one grant per device, in order.
+	AcquireMany(ctx context.Context, devs []LedgerDevice, p AcquireParams) ([]*Grant, error)
+	// FinishMany is Finish for each heal, refs[i] ending as ends[i].
+	FinishMany(ctx context.Context, refs []HealRef, ends []HealEnd) error
+}
+
+// acquireMembers asks the ledger for the members' heals: a grant or an error per member.
+func (u *Unwedger) acquireMembers(ctx context.Context, members []*batchMember, class Class, now time.Time) ([]*Grant, []error) {
+	grants, errs := make([]*Grant, len(members)), make([]error, len(members))
+	p := AcquireParams{Now: now, MinInterval: u.cfg.MinInterval, Owner: u.owner, Lease: u.cfg.Lease, Class: class}
+	devs := make([]LedgerDevice, len(members))
+	for i, m := range members {
+		dev := m.device
+		devs[i] = LedgerDevice{UserID: dev.UserID, DeviceID: dev.DeviceID, IdentityKey: dev.IdentityKey}
+		*m.decision = Decision{Class: class, UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey}
+		m.log = zerolog.Ctx(ctx).With().
+			Str("action", "unwedge").
+			Stringer("user_id", dev.UserID).
+			Stringer("device_id", dev.DeviceID).
+			Stringer("identity_key", dev.IdentityKey).
+			Str("class", string(class)).
+			Logger()
+	}
+	if bl, ok := u.ledger.(batchLedger); ok {
+		all, err := bl.AcquireMany(ctx, devs, p)
+		if err == nil && len(all) != len(devs) {
+			err = fmt.Errorf("the ledger answered %d of %d devices", len(all), len(devs))
+		}
+		for i := range members {
+			if err != nil {
+				errs[i] = err
+			} else {
+				grants[i] = all[i]
+			}
+		}
+		return grants, errs
+	}
+	for i, m := range members {
+		grants[i], errs[i] = u.ledger.Acquire(m.log.WithContext(ctx), devs[i], p)
+	}
+	return grants, errs
+}
+
+// grantMember takes the ledger's answer for a member. Granted, the member has its ledger
+// reference and heal context; refused or failed, its decision is made.
+func (u *Unwedger) grantMember(ctx context.Context, m *batchMember, now time.Time, grant *Grant, err error) bool {
 	dev := m.device
 	ldev := LedgerDevice{UserID: dev.UserID, DeviceID: dev.DeviceID, IdentityKey: dev.IdentityKey}
-	*m.decision = Decision{Class: class, UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey}
-	m.log = zerolog.Ctx(ctx).With().
-		Str("action", "unwedge").
-		Stringer("user_id", dev.UserID).
-		Stringer("device_id", dev.DeviceID).
-		Stringer("identity_key", dev.IdentityKey).
-		Str("class", string(class)).
-		Logger()
-	grant, err := u.ledger.Acquire(m.log.WithContext(ctx), ldev, AcquireParams{
-		Now: now, MinInterval: u.cfg.MinInterval, Owner: u.owner, Lease: u.cfg.Lease, Class: class,
-	})
 	if err != nil {
 		m.decision.Action, m.decision.Err = ActionFailed, fmt.Errorf("failed to ask the ledger whether the session may be replaced: %w", err)
 		u.decide(ctx, *m.decision)
@@ -188,7 +223,7 @@ func (u *Unwedger) grantMember(ctx context.Context, m *batchMember, class Class,
 		return false
 	}
 	m.ref = HealRef{Device: ldev, Owner: u.owner, HealID: grant.HealID}
-	if class == ClassUnreadableSession && u.repairer != nil {
+	if m.decision.Class == ClassUnreadableSession && u.repairer != nil {
 		if n, err := u.repairer.DeleteUnreadableSessions(ctx, dev.IdentityKey); err != nil {
 			m.log.Err(err).Msg("Failed to delete unreadable Olm sessions")
 		} else {
@@ -383,35 +418,60 @@ func (u *Unwedger) attemptBatch(ctx context.Context, healCtx context.Context, go
 // errNoOneTimeKey: the claim was answered, but without a usable one-time key of the device.
 var errNoOneTimeKey = errors.New("the homeserver gave no one-time key of the device with a valid signature")
 
-// finishMember records how a member's heal ended, in the ledger and as its decision, as Heal does.
-func (u *Unwedger) finishMember(ctx context.Context, m *batchMember, started time.Time) {
-	if !m.done {
-		m.outcome = HealFailedTransient
-	}
-	errText := ""
-	if m.outcome != HealHealed && m.err != nil {
-		errText = m.err.Error()
-	}
-	// A stopping bridge leaves the heal to the lease and the next failure; it is not a failure.
+// finishMembers records how the members' heals ended, in the ledger and as their decisions, as
+// Heal does for one: each ended heal is finished (in one statement with a batchLedger), a heal
+// whose session exists but whose m.dummy could not be sent is postponed for ResumeHeals.
+func (u *Unwedger) finishMembers(ctx context.Context, members []*batchMember, started time.Time) {
+	// A stopping bridge leaves the heals to the lease and the next failure; it is no failure.
 	finishCtx := context.WithoutCancel(ctx)
+	var refs []HealRef
+	var ends []HealEnd
+	var finished []*batchMember
+	for _, m := range members {
+		if !m.done {
+			m.outcome = HealFailedTransient
+		}
+		errText := ""
+		if m.outcome != HealHealed && m.err != nil {
+			errText = m.err.Error()
+		}
+		if _, stored := m.hc.replacement(); m.outcome == HealFailedTransient && m.recorded && stored {
+			// The session exists and the ledger counts it: ResumeHeals sends m.dummy over it
+			// once the homeserver answers again.
+			if err := u.ledger.Postpone(finishCtx, m.ref, m.attempts, errText); err != nil {
+				m.log.Err(err).Msg("Failed to postpone heal in the ledger")
+			}
+			continue
+		}
+		refs = append(refs, m.ref)
+		ends = append(ends, HealEnd{Outcome: m.outcome, Attempts: m.attempts, Err: errText, At: time.Now()})
+		finished = append(finished, m)
+	}
+	if bl, ok := u.ledger.(batchLedger); ok && len(refs) > 0 {
+		if err := bl.FinishMany(finishCtx, refs, ends); err != nil {
+			zerolog.Ctx(ctx).Err(err).Int("devices", len(refs)).Msg("Failed to record the outcomes of a batch of heals in the ledger")
+		}
+	} else {
+		for i, m := range finished {
+			if err := u.ledger.Finish(finishCtx, refs[i], ends[i]); err != nil {
+				m.log.Err(err).Msg("Failed to record heal outcome in the ledger")
+			}
+		}
+	}
+	for _, m := range members {
+		u.decideMember(ctx, m, started)
+	}
+}
+
+// decideMember makes the decision of a member whose heal ended (finishMembers).
+func (u *Unwedger) decideMember(ctx context.Context, m *batchMember, started time.Time) {
 	d := m.decision
 	d.Duration = time.Since(started)
 	sess, stored := m.hc.replacement()
-	if m.outcome == HealFailedTransient && m.recorded && stored {
-		// The session exists and the ledger counts it: ResumeHeals sends m.dummy over it once
-		// the homeserver answers again.
-		if err := u.ledger.Postpone(finishCtx, m.ref, m.attempts, errText); err != nil {
-			m.log.Err(err).Msg("Failed to postpone heal in the ledger")
-		}
+	switch {
+	case m.outcome == HealFailedTransient && m.recorded && stored:
 		d.Action, d.Err = ActionDeferred, m.err
 		d.Detail = fmt.Sprintf("session %s created in a batch; m.dummy failed %d time(s), retried within %s", sess.ID(), m.attempts, u.cfg.Lease/2)
-		u.decide(ctx, *d)
-		return
-	}
-	if err := u.ledger.Finish(finishCtx, m.ref, HealEnd{Outcome: m.outcome, Attempts: m.attempts, Err: errText, At: time.Now()}); err != nil {
-		m.log.Err(err).Msg("Failed to record heal outcome in the ledger")
-	}
-	switch {
 	case m.outcome == HealHealed:
 		d.Action = ActionHealed
 		d.Detail = fmt.Sprintf("new Olm session %s in a batch, after %d attempt(s)", sess.ID(), m.attempts)
@@ -421,13 +481,15 @@ func (u *Unwedger) finishMember(ctx context.Context, m *batchMember, started tim
 		}
 		return
 	case m.claimLost:
+		d.Action, d.Err = ActionFailed, m.err
 		d.Detail = fmt.Sprintf("%s after %d attempt(s): the answer to the batch's key claim was lost and the homeserver may have handed out a key, so this heal claims no other", m.outcome, m.attempts)
 	case sess != nil && !stored:
+		d.Action, d.Err = ActionFailed, m.err
 		d.Detail = fmt.Sprintf("%s after %d attempt(s): the crypto store never kept session %s", m.outcome, m.attempts, sess.ID())
 	default:
+		d.Action, d.Err = ActionFailed, m.err
 		d.Detail = fmt.Sprintf("%s after %d attempt(s)", m.outcome, m.attempts)
 	}
-	d.Action, d.Err = ActionFailed, m.err
 	u.decide(ctx, *d)
 }
 
