@@ -2,6 +2,7 @@ package unwedge_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"net/http"
@@ -244,6 +245,33 @@ func TestHealBatch(t *testing.T) {
 			}
 		},
 	}, {
+		name:  "the crypto store fails to keep one session",
+		peers: 20,
+		before: func(b *batchFixture) ([]int, []int) {
+			// The machine only logs the failure, and the session cannot be stored when the machine
+			// reads it back either (which fails the machine's call for the whole batch): the batch
+			// keeps the session and stores it on its next attempt, with no second claim.
+			fail := &atomic.Int32{}
+			key := b.devices[4].IdentityKey
+			b.bridge.Store.Wrap = func(inner crypto.Store) crypto.Store { return &keyFlakyStore{Store: inner, key: key, fail: fail} }
+			b.restart()
+			fail.Store(2)
+			return nil, nil
+		},
+		want:    counts{claims: 1, keys: 20, sends: 1},
+		actions: map[unwedge.Action]int{unwedge.ActionHealed: 20},
+		after: func(t *testing.T, b *batchFixture) {
+			for i := range b.peers {
+				if h := b.lastHeal(i); h.Outcome != unwedge.HealHealed || h.Attempts != 2 {
+					t.Fatalf("heal of peer %d: %+v, want healed on the second attempt", i, h)
+				}
+			}
+			b.restart()
+			for i := range b.peers {
+				b.healedBothWays(i)
+			}
+		},
+	}, {
 		name:  "a refused claim is repeated",
 		peers: 20,
 		before: func(b *batchFixture) ([]int, []int) {
@@ -402,6 +430,20 @@ func seq(n int) []int {
 		out[i] = i
 	}
 	return out
+}
+
+// keyFlakyStore fails AddSession for one device's sessions while fail is above zero.
+type keyFlakyStore struct {
+	crypto.Store
+	key  id.SenderKey
+	fail *atomic.Int32
+}
+
+func (s *keyFlakyStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
+	if key == s.key && s.fail.Add(-1) >= 0 {
+		return errors.New("database is down")
+	}
+	return s.Store.AddSession(ctx, key, sess)
 }
 
 // plainLedger is a Ledger without the batch statements: a batch asks it device by device.
