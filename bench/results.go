@@ -68,3 +68,56 @@ type LedgerResult struct {
 	Pruned    int64   `json:"pruned"`
 	PruneMS   float64 `json:"prune_ms"`
 }
+
+// ProactiveResult is one proactive storm's figures (cmd/bench's "proactive" list): the bridge
+// heals all D devices at startup, in a mode ("batch": HealBatch; "one-by-one": Heal per device).
+type ProactiveResult struct {
+	Mode                string `json:"mode"`
+	Devices             int    `json:"devices"`
+	Healed              int    `json:"healed"`
+	ReplacementSessions int64  `json:"replacement_sessions"`
+	// KeyClaims and SendRequests are HTTP requests (/keys/claim, /sendToDevice with
+	// m.room.encrypted); ClaimedKeys and ToDeviceSent what they carried.
+	KeyClaims    int64   `json:"key_claims"`
+	ClaimedKeys  int64   `json:"claimed_keys"`
+	SendRequests int64   `json:"send_to_device_requests"`
+	ToDeviceSent int64   `json:"to_device_sent"`
+	Seconds      float64 `json:"seconds"`
+	// Peaks of the process while it heals (its RSS peak reset before), its heap before (mostly
+	// the simulated devices), and what the heals allocated in all.
+	PeakRSSMB  float64 `json:"peak_rss_mb"`
+	PeakHeapMB float64 `json:"peak_heap_mb"`
+	BaseHeapMB float64 `json:"base_heap_mb"`
+	AllocMB    float64 `json:"alloc_mb"`
+}
+
+// ProactiveRatio is one-by-one over batch for one D: how many times the seconds, the requests
+// and the peak memory of the one-by-one heals are those of the batch.
+type ProactiveRatio struct {
+	Devices      int     `json:"devices"`
+	Seconds      float64 `json:"seconds_ratio"`
+	KeyClaims    float64 `json:"key_claims_ratio"`
+	SendRequests float64 `json:"send_to_device_requests_ratio"`
+	PeakRSS      float64 `json:"peak_rss_ratio"`
+	PeakHeap     float64 `json:"peak_heap_ratio"`
+	Alloc        float64 `json:"alloc_ratio"`
+}
+
+// ProactiveRatios compares the one-by-one heals of D devices with the batch of the same D.
+func ProactiveRatios(oneByOne, batch ProactiveResult) ProactiveRatio {
+	ratio := func(a, b float64) float64 {
+		if b == 0 {
+			return 0
+		}
+		return float64(int(a/b*1000+0.5)) / 1000
+	}
+	return ProactiveRatio{
+		Devices:      batch.Devices,
+		Seconds:      ratio(oneByOne.Seconds, batch.Seconds),
+		KeyClaims:    ratio(float64(oneByOne.KeyClaims), float64(batch.KeyClaims)),
+		SendRequests: ratio(float64(oneByOne.SendRequests), float64(batch.SendRequests)),
+		PeakRSS:      ratio(oneByOne.PeakRSSMB, batch.PeakRSSMB),
+		PeakHeap:     ratio(oneByOne.PeakHeapMB, batch.PeakHeapMB),
+		Alloc:        ratio(oneByOne.AllocMB, batch.AllocMB),
+	}
+}

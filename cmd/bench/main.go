@@ -61,6 +61,11 @@ type Report struct {
 
 	Storm  []bench.StormResult  `json:"storm"`
 	Ledger []bench.LedgerResult `json:"ledger"`
+
+	// Proactive is the startup heal of D devices, one by one and batched (HealBatch), and
+	// ProactiveRatios one-by-one over batch per D.
+	Proactive       []bench.ProactiveResult `json:"proactive"`
+	ProactiveRatios []bench.ProactiveRatio  `json:"proactive_ratios"`
 }
 
 // DecryptRuns are one success path benchmark's ratios, run by run, to show their spread.
@@ -71,16 +76,16 @@ type DecryptRuns struct {
 
 type sizes struct {
 	benchRuns, benchOps, heals int
-	storm, ledger              string
+	storm, ledger, proactive   string
 }
 
 func main() {
 	quick := flag.Bool("quick", false, "small sizes (a minute instead of several)")
 	jsonPath := flag.String("json", "", "also write the figures as JSON to this path")
 	flag.Parse()
-	sz := sizes{benchRuns: 6, benchOps: 400, heals: 30, storm: "200,1000", ledger: "1000,100000,1000000"}
+	sz := sizes{benchRuns: 6, benchOps: 400, heals: 30, storm: "200,1000", ledger: "1000,100000,1000000", proactive: "1000,10000"}
 	if *quick {
-		sz = sizes{benchRuns: 3, benchOps: 200, heals: 10, storm: "100", ledger: "1000,100000"}
+		sz = sizes{benchRuns: 3, benchOps: 200, heals: 10, storm: "100", ledger: "1000,100000", proactive: "200"}
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
@@ -135,17 +140,19 @@ func run(ctx context.Context, sz sizes) (*Report, error) {
 	report.SuccessPathRatio = min(report.MegolmRatio, report.OlmRatio)
 	report.SuccessPathPairedRatio = min(report.MegolmPairedRatio, report.OlmPairedRatio)
 
-	fmt.Fprintf(os.Stderr, "heal latency (%d heals per mode), storm (%s devices), ledger (%s rows)...\n", sz.heals, sz.storm, sz.ledger)
+	fmt.Fprintf(os.Stderr, "heal latency (%d heals per mode), storm (%s devices), ledger (%s rows), proactive storm (%s devices)...\n",
+		sz.heals, sz.storm, sz.ledger, sz.proactive)
 	env := []string{
 		"UNWEDGE_BENCH_OUT=" + out,
 		"UNWEDGE_BENCH_HEALS=" + strconv.Itoa(sz.heals),
 		"UNWEDGE_BENCH_STORM=" + sz.storm,
 		"UNWEDGE_BENCH_LEDGER=" + sz.ledger,
+		"UNWEDGE_BENCH_PROACTIVE=" + sz.proactive,
 	}
-	if _, err = goTest(ctx, root, env, "-run", "^(TestHealLatency|TestStorm|TestLedgerScale)$", "-v"); err != nil {
+	if _, err = goTest(ctx, root, env, "-run", "^(TestHealLatency|TestStorm|TestLedgerScale|TestProactiveStorm)$", "-v"); err != nil {
 		return nil, err
 	}
-	for name, into := range map[string]any{"heal": &report.Heal, "storm": &report.Storm, "ledger": &report.Ledger} {
+	for name, into := range map[string]any{"heal": &report.Heal, "storm": &report.Storm, "ledger": &report.Ledger, "proactive": &report.Proactive} {
 		data, err := os.ReadFile(filepath.Join(out, name+".json"))
 		if err != nil {
 			return nil, fmt.Errorf("no %s figures: %w", name, err)
@@ -156,7 +163,33 @@ func run(ctx context.Context, sz sizes) (*Report, error) {
 	}
 	report.HealP50ms, report.HealP95ms, report.FloorP50ms = report.Heal.HealP50ms, report.Heal.HealP95ms, report.Heal.FloorP50ms
 	report.StockHealRatio = round(report.Heal.StockHealP50ms / report.Heal.HealP50ms)
+	report.ProactiveRatios = proactiveRatios(report.Proactive)
 	return report, nil
+}
+
+// proactiveRatios pairs the proactive storm's one-by-one and batch figures of each D, in the
+// order of the sizes.
+func proactiveRatios(results []bench.ProactiveResult) []bench.ProactiveRatio {
+	byMode := map[string]map[int]bench.ProactiveResult{}
+	var sizes []int
+	for _, r := range results {
+		if byMode[r.Mode] == nil {
+			byMode[r.Mode] = map[int]bench.ProactiveResult{}
+		}
+		byMode[r.Mode][r.Devices] = r
+		if !slices.Contains(sizes, r.Devices) {
+			sizes = append(sizes, r.Devices)
+		}
+	}
+	var out []bench.ProactiveRatio
+	for _, d := range sizes {
+		oneByOne, ok1 := byMode["one-by-one"][d]
+		batch, ok2 := byMode["batch"][d]
+		if ok1 && ok2 {
+			out = append(out, bench.ProactiveRatios(oneByOne, batch))
+		}
+	}
+	return out
 }
 
 // goTest runs `go test` on package bench and returns its output; the output also goes to stderr
@@ -183,7 +216,8 @@ func goTest(ctx context.Context, root string, env []string, args ...string) (str
 		line := scanner.Text()
 		buf.WriteString(line + "\n")
 		if strings.HasPrefix(line, "Benchmark") || strings.Contains(line, "--- ") || strings.HasPrefix(strings.TrimSpace(line), "storm_test.go") ||
-			strings.HasPrefix(strings.TrimSpace(line), "ledger_test.go") || strings.HasPrefix(strings.TrimSpace(line), "heal_test.go") {
+			strings.HasPrefix(strings.TrimSpace(line), "ledger_test.go") || strings.HasPrefix(strings.TrimSpace(line), "heal_test.go") ||
+			strings.HasPrefix(strings.TrimSpace(line), "proactive_test.go") {
 			fmt.Fprintln(os.Stderr, "  "+strings.TrimSpace(line))
 		}
 	}
@@ -266,6 +300,8 @@ func printReport(w io.Writer, r *Report) {
 	}
 	_ = tw.Flush()
 	fmt.Fprintln(w)
+	printProactive(w, r)
+	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ledger\trows\tdecision p50\tp99\tpruned\tprune time")
 	for _, l := range r.Ledger {
@@ -286,4 +322,18 @@ func printDecrypt(w io.Writer, name string, d decrypt) {
 		}
 	}
 	fmt.Fprintf(w, "  allocations per event; runs\t%.1f\t%.1f\t%s\n", d.stockAllocs, d.unwedgeAllocs, strings.Join(perRun, ", "))
+}
+
+// printProactive prints the proactive storm: each D one by one and batched, and the ratios.
+func printProactive(w io.Writer, r *Report) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "proactive storm (startup heal)\tdevices\thealed\tnew sessions\tclaim requests\tclaimed keys\tsendToDevice requests\tseconds\tpeak RSS MB\tpeak heap MB\tallocated MB")
+	for _, p := range r.Proactive {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%.1f\t%.0f\t%.0f\t%.0f\n", p.Mode, p.Devices, p.Healed, p.ReplacementSessions,
+			p.KeyClaims, p.ClaimedKeys, p.SendRequests, p.Seconds, p.PeakRSSMB, p.PeakHeapMB, p.AllocMB)
+	}
+	for _, q := range r.ProactiveRatios {
+		fmt.Fprintf(tw, "one-by-one / batch\t%d\t\t\t%.1f\t\t%.1f\t%.2f\t%.2f\t%.2f\t%.2f\n", q.Devices, q.KeyClaims, q.SendRequests, q.Seconds, q.PeakRSS, q.PeakHeap, q.Alloc)
+	}
+	_ = tw.Flush()
 }

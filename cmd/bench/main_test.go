@@ -71,3 +71,54 @@ func TestMedian(t *testing.T) {
 		}
 	}
 }
+
+// TestProactiveRatios: the proactive storm's figures are paired by D, one-by-one over batch.
+func TestProactiveRatios(t *testing.T) {
+	results := []bench.ProactiveResult{
+		{Mode: "one-by-one", Devices: 1000, KeyClaims: 1000, SendRequests: 1000, Seconds: 6, PeakRSSMB: 300, PeakHeapMB: 200, AllocMB: 90},
+		{Mode: "batch", Devices: 1000, KeyClaims: 20, SendRequests: 20, Seconds: 4, PeakRSSMB: 300, PeakHeapMB: 250, AllocMB: 60},
+		{Mode: "one-by-one", Devices: 10, KeyClaims: 10, SendRequests: 10, Seconds: 1, PeakRSSMB: 30, PeakHeapMB: 20},
+		{Mode: "batch", Devices: 10, KeyClaims: 1, SendRequests: 1, Seconds: 0.5, PeakRSSMB: 30, PeakHeapMB: 20},
+		{Mode: "batch", Devices: 7, KeyClaims: 1, SendRequests: 1, Seconds: 1}, // no one-by-one run: no ratio
+	}
+	want := []bench.ProactiveRatio{
+		{Devices: 1000, Seconds: 1.5, KeyClaims: 50, SendRequests: 50, PeakRSS: 1, PeakHeap: 0.8, Alloc: 1.5},
+		{Devices: 10, Seconds: 2, KeyClaims: 10, SendRequests: 10, PeakRSS: 1, PeakHeap: 1},
+	}
+	if got := proactiveRatios(results); !reflect.DeepEqual(got, want) {
+		t.Errorf("ratios = %+v, want %+v", got, want)
+	}
+}
+
+// TestPrintProactive: the table has a row per mode and D, and the ratios of each D.
+func TestPrintProactive(t *testing.T) {
+	r := &Report{Proactive: []bench.ProactiveResult{
+		{Mode: "one-by-one", Devices: 1000, Healed: 1000, ReplacementSessions: 1000, KeyClaims: 1000, ClaimedKeys: 1000, SendRequests: 1000, Seconds: 6, PeakRSSMB: 300, PeakHeapMB: 200},
+		{Mode: "batch", Devices: 1000, Healed: 1000, ReplacementSessions: 1000, KeyClaims: 20, ClaimedKeys: 1000, SendRequests: 20, Seconds: 4, PeakRSSMB: 300, PeakHeapMB: 250},
+	}}
+	r.ProactiveRatios = proactiveRatios(r.Proactive)
+	var out strings.Builder
+	printProactive(&out, r)
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 4 {
+		t.Fatalf("%d lines, want a header, two modes and the ratios:\n%s", len(lines), out.String())
+	}
+	for i, want := range [][]string{
+		{"one-by-one", "1000", "6.0", "300", "200"},
+		{"batch", "1000", "20", "4.0", "250"},
+		{"one-by-one / batch", "1000", "50.0", "1.50", "1.00", "0.80"},
+	} {
+		if fields := strings.Join(strings.Fields(lines[i+1]), " "); !containsAll(fields, want) {
+			t.Errorf("line %d = %q, want %q in it", i+1, fields, want)
+		}
+	}
+}
+
+func containsAll(s string, parts []string) bool {
+	for _, p := range parts {
+		if !strings.Contains(s, p) {
+			return false
+		}
+	}
+	return true
+}

@@ -17,8 +17,9 @@ import (
 // session to use, and tells it what it decrypted; Store uses that to
 //   - see how each Olm to-device event ended (decrypted, replayed, unreadable session, a peer
 //     that went back in time), through an observation that HandleToDevice puts in the context,
-//   - make SendEncryptedToDevice create a new outbound session during a heal (a heal in the
-//     context makes HasSession false until the new session exists, and then returns only it),
+//   - make SendEncryptedToDevice (a heal) or EncryptToDevices (a batch of heals) create a new
+//     outbound session during a heal (a heal in the context makes HasSession false until the
+//     new session exists, and then returns only it),
 //     with one one-time key claimed per heal: a session the crypto store failed to keep stays
 //     in the heal and is stored on its next attempt, instead of being lost with its key,
 //   - record at which index each device got each of the bridge's Megolm sessions, so that a
@@ -326,10 +327,22 @@ func withHeal(ctx context.Context, h *healContext) context.Context {
 	return context.WithValue(ctx, healKey, h)
 }
 
+// healSet marks the heals of a batch (HealBatch), by identity key: one call of the machine
+// creates the replacement sessions of them all. It is not changed while the machine uses it.
+type healSet map[id.SenderKey]*healContext
+
+func withHeals(ctx context.Context, set healSet) context.Context {
+	return context.WithValue(ctx, healKey, set)
+}
+
 func healFrom(ctx context.Context, key id.SenderKey) *healContext {
-	h, _ := ctx.Value(healKey).(*healContext)
-	if h == nil || h.key != key {
-		return nil
+	switch h := ctx.Value(healKey).(type) {
+	case *healContext:
+		if h.key == key {
+			return h
+		}
+	case healSet:
+		return h[key]
 	}
-	return h
+	return nil
 }

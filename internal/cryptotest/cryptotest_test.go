@@ -144,6 +144,13 @@ func TestCounts(t *testing.T) {
 	if n := hs.ToDevice(event.ToDeviceEncrypted.Type); n != 1 {
 		t.Errorf("%d encrypted to-device messages counted, want 1", n)
 	}
+	// Requests are counted apart from messages, by type: the exchange's, and the key request's.
+	if n := hs.ToDeviceRequests(event.ToDeviceEncrypted.Type); n != 1 {
+		t.Errorf("%d encrypted to-device requests counted, want 1", n)
+	}
+	if n := hs.ToDeviceRequests(event.ToDeviceRoomKeyRequest.Type); n != 1 {
+		t.Errorf("%d key request to-device requests counted, want 1", n)
+	}
 	if n := hs.ClaimedKeys(); n != 1 {
 		t.Errorf("%d one-time keys claimed, want the 1 of the peer's session", n)
 	}

@@ -35,6 +35,7 @@ type Homeserver struct {
 
 	claims, claimedKeys, queries atomic.Int64
 	toDevice                     sync.Map // event type -> *atomic.Int64 of messages
+	toDeviceRequests             sync.Map // event type -> *atomic.Int64 of requests
 
 	faultLock   sync.Mutex
 	failClaims  int
@@ -96,6 +97,9 @@ func (hs *Homeserver) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	case strings.HasPrefix(r.URL.Path, pathToDevice):
+		evtType, _, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, pathToDevice), "/")
+		requests, _ := hs.toDeviceRequests.LoadOrStore(evtType, &atomic.Int64{})
+		requests.(*atomic.Int64).Add(1)
 		if hs.failSend(r) {
 			http.Error(w, "homeserver unreachable", http.StatusBadGateway)
 			return
@@ -205,6 +209,15 @@ func (hs *Homeserver) Queries() int64 { return hs.queries.Load() }
 // ToDevice is how many to-device messages of a type (such as "m.room.encrypted") were sent.
 func (hs *Homeserver) ToDevice(evtType string) int64 {
 	if counter, ok := hs.toDevice.Load(evtType); ok {
+		return counter.(*atomic.Int64).Load()
+	}
+	return 0
+}
+
+// ToDeviceRequests is how many /sendToDevice requests of a type the homeserver got, failed ones
+// included (a request carries messages for any number of devices).
+func (hs *Homeserver) ToDeviceRequests(evtType string) int64 {
+	if counter, ok := hs.toDeviceRequests.Load(evtType); ok {
 		return counter.(*atomic.Int64).Load()
 	}
 	return 0
