@@ -98,11 +98,11 @@ func (c *Client) openCrypto(ctx context.Context) (*cryptoState, error) {
 		_ = db.Close()
 		return nil, err
 	}
-	var machStore crypto.Store = store
+	watch := &olmWatch{SQLCryptoStore: store, hist: &c.hist}
 	if c.rules.element() {
-		machStore = &olmWatch{SQLCryptoStore: store, shares: shares}
+		watch.shares = shares
 	}
-	mach := crypto.NewOlmMachine(c.cli, &log, machStore, c.stateDB.store)
+	mach := crypto.NewOlmMachine(c.cli, &log, watch, c.stateDB.store)
 	mach.SetBackgroundCtx(c.lifetime)
 	if err = mach.Load(ctx); err != nil {
 		_ = db.Close()

@@ -22,6 +22,10 @@ type history struct {
 	joining map[id.RoomID]bool
 	// keyRequests are the room key requests from other devices, in the order they were decided.
 	keyRequests []KeyRequest
+	// keyCopies, olmSessions and sent are what the client saw of its key traffic (observe.go).
+	keyCopies   []RoomKeyCopy
+	olmSessions []NewOlmSession
+	sent        map[id.EventID]SentEncryption
 }
 
 type roomHistory struct {
@@ -45,6 +49,7 @@ func newHistory() history {
 		rooms:   make(map[id.RoomID]*roomHistory),
 		events:  make(map[id.EventID]*eventRecord),
 		joining: make(map[id.RoomID]bool),
+		sent:    make(map[id.EventID]SentEncryption),
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding"
 	"errors"
 	"fmt"
+	"time"
 
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
@@ -178,6 +179,13 @@ func (c *Client) allowKeyShare(cs *cryptoState, stock func(context.Context, *id.
 		if c.rules == RulesMautrix {
 			rejection = stock(ctx, device, info)
 			req.Decision, req.Index, req.Err = stockDecision(ctx, cs, rejection, info)
+			if req.Decision == KeyShareAccepted {
+				// The machine forwards the key once the hook returns.
+				c.hist.addRoomKeyCopies(RoomKeyCopy{
+					Kind: RoomKeyForwarded, UserID: device.UserID, DeviceID: device.DeviceID, RoomID: info.RoomID,
+					SessionID: info.SessionID, Index: req.Index, At: time.Now(),
+				})
+			}
 		} else {
 			req.Decision, req.Index, req.Err = c.answerKeyRequest(ctx, cs, device, info)
 		}
@@ -225,6 +233,10 @@ func (c *Client) answerKeyRequest(ctx context.Context, cs *cryptoState, device *
 	}
 	content, err := forwardedRoomKey(facts.session, index)
 	if err == nil {
+		c.hist.addRoomKeyCopies(RoomKeyCopy{
+			Kind: RoomKeyForwarded, UserID: device.UserID, DeviceID: device.DeviceID, RoomID: info.RoomID,
+			SessionID: info.SessionID, Index: index, At: time.Now(),
+		})
 		err = cs.mach.SendEncryptedToDevice(ctx, device, event.ToDeviceForwardedRoomKey, content)
 	}
 	if err != nil {

@@ -287,6 +287,16 @@ func TestReshareAfterNewOlmSession(t *testing.T) {
 			if err != nil {
 				t.Fatalf("alice did not get bob's new Olm session: %v", err)
 			}
+			// Alice noted the session under every rule: the lab times heals by it.
+			var newSession time.Time
+			for _, s := range alice.NewOlmSessions() {
+				if s.SenderKey == bob.IdentityKey() {
+					newSession = s.At
+				}
+			}
+			if newSession.IsZero() {
+				t.Fatalf("alice's NewOlmSessions %+v has none from bob", alice.NewOlmSessions())
+			}
 			// Bob as he is now: the new Olm session, no room key.
 			healed := filepath.Join(t.TempDir(), "bob-healed.db")
 			if err = bob.Snapshot(ctx, healed); err != nil {
@@ -301,6 +311,7 @@ func TestReshareAfterNewOlmSession(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			checkKeyTraffic(t, alice, bob, session, zero, twoID, newSession, tc.reshares)
 			index, ok := roomKeyIndex(t, ctx, bob, room, session)
 			switch {
 			case tc.reshares && (!decrypted || !ok || index != 2):
@@ -347,8 +358,46 @@ func TestReshareAfterNewOlmSession(t *testing.T) {
 			if index, _ = roomKeyIndex(t, ctx, bob, room, session); index != tc.index || req.Index != tc.index {
 				t.Errorf("bob got the session from index %d (alice says %d), want %d", index, req.Index, tc.index)
 			}
+			copies := copiesTo(alice, bob, session, testclient.RoomKeyForwarded)
+			if len(copies) != 1 || copies[0].Index != tc.index {
+				t.Errorf("alice's forwarded copies of %s to bob: %+v, want one from index %d", session, copies, tc.index)
+			}
 		})
 	}
+}
+
+// checkKeyTraffic checks what alice recorded of her key traffic with bob: her messages at index 0
+// and 2 of the session, one copy of it shared with bob from index 0 before his new Olm session,
+// and, when she shares it again, one more from index 2, begun after that session.
+func checkKeyTraffic(t *testing.T, alice, bob *testclient.Client, session id.SessionID, zero, two id.EventID, newSession time.Time, reshares bool) {
+	t.Helper()
+	for evtID, want := range map[id.EventID]uint32{zero: 0, two: 2} {
+		if enc, ok := alice.Sent(evtID); !ok || enc.SessionID != session || enc.Index != want {
+			t.Errorf("alice.Sent(%s) = %+v, %t; want session %s index %d", evtID, enc, ok, session, want)
+		}
+	}
+	shared := copiesTo(alice, bob, session, testclient.RoomKeyShared)
+	if len(shared) != 1 || shared[0].Index != 0 || !shared[0].At.Before(newSession) {
+		t.Errorf("alice's shared copies of %s to bob: %+v, want one from index 0 before %s", session, shared, newSession)
+	}
+	reshared := copiesTo(alice, bob, session, testclient.RoomKeyReshared)
+	switch {
+	case reshares && (len(reshared) != 1 || reshared[0].Index != 2 || reshared[0].At.Before(newSession)):
+		t.Errorf("alice's copies of %s shared again with bob: %+v, want one from index 2 after %s", session, reshared, newSession)
+	case !reshares && len(reshared) != 0:
+		t.Errorf("alice shared %s again with bob: %+v", session, reshared)
+	}
+}
+
+// copiesTo returns the copies of a session of the kind that one client sent to another's device.
+func copiesTo(from, to *testclient.Client, session id.SessionID, kind testclient.RoomKeyCopyKind) []testclient.RoomKeyCopy {
+	var out []testclient.RoomKeyCopy
+	for _, c := range from.RoomKeysSent() {
+		if c.SessionID == session && c.Kind == kind && c.UserID == to.UserID() && c.DeviceID == to.DeviceID() {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // Alice's new device asks her first device for her room keys, unverified and then verified.

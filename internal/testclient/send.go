@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"go.mau.fi/util/ptr"
 	"maunium.net/go/mautrix"
@@ -48,15 +49,20 @@ func (c *Client) SendMessage(ctx context.Context, roomID id.RoomID, content *eve
 		return "", err
 	}
 	evtType, payload := event.EventMessage, any(content)
+	var enc SentEncryption
 	if encrypted {
-		if payload, err = c.encrypt(ctx, roomID, event.EventMessage, content); err != nil {
+		var ciphertext *event.EncryptedEventContent
+		if ciphertext, enc.Index, err = c.encrypt(ctx, roomID, event.EventMessage, content); err != nil {
 			return "", err
 		}
-		evtType = event.EventEncrypted
+		payload, evtType, enc.SessionID = ciphertext, event.EventEncrypted, ciphertext.SessionID
 	}
 	resp, err := c.cli.SendMessageEvent(ctx, roomID, evtType, payload)
 	if err != nil {
 		return "", fmt.Errorf("failed to send message to %s: %w", roomID, err)
+	}
+	if encrypted {
+		c.hist.addSent(resp.EventID, enc)
 	}
 	c.log.Debug().
 		Stringer("room_id", roomID).
@@ -90,13 +96,14 @@ func (c *Client) IsEncrypted(ctx context.Context, roomID id.RoomID) (bool, error
 	return true, nil
 }
 
-// encrypt shares the room's outbound Megolm session if needed and encrypts the content with it.
-func (c *Client) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Type, content any) (*event.EncryptedEventContent, error) {
+// encrypt shares the room's outbound Megolm session if needed and encrypts the content with it,
+// and returns the message index it was encrypted at.
+func (c *Client) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Type, content any) (*event.EncryptedEventContent, uint32, error) {
 	c.cryptoLock.RLock()
 	defer c.cryptoLock.RUnlock()
 	cs := c.crypto.Load()
 	if cs == nil {
-		return nil, errClosed
+		return nil, 0, errClosed
 	}
 	// One message at a time per room: what the Element rules record about a share holds only
 	// if nothing is encrypted between sharing and recording.
@@ -104,19 +111,24 @@ func (c *Client) encrypt(ctx context.Context, roomID id.RoomID, evtType event.Ty
 	var err error
 	for attempt := 1; attempt <= 2; attempt++ {
 		if err = c.shareRoomKey(ctx, cs, roomID); err != nil {
-			return nil, err
+			return nil, 0, err
+		}
+		// The room's send lock is held: nothing else encrypts with the session in between.
+		var index uint32
+		if sess, _ := cs.store.GetOutboundGroupSession(ctx, roomID); sess != nil {
+			index = uint32(sess.Internal.MessageIndex())
 		}
 		var encrypted *event.EncryptedEventContent
 		encrypted, err = cs.mach.EncryptMegolmEvent(ctx, roomID, evtType, content)
 		if err == nil {
-			return encrypted, nil
+			return encrypted, index, nil
 		} else if !errors.Is(err, crypto.ErrNoGroupSession) && !errors.Is(err, crypto.ErrSessionNotShared) &&
 			!errors.Is(err, crypto.ErrSessionExpired) {
 			break
 		}
 		// The session was discarded or expired between sharing and encrypting: share again.
 	}
-	return nil, fmt.Errorf("failed to encrypt event for %s: %w", roomID, err)
+	return nil, 0, fmt.Errorf("failed to encrypt event for %s: %w", roomID, err)
 }
 
 // shareRoomKey shares the room's outbound Megolm session with all devices of the joined and
@@ -134,6 +146,7 @@ func (c *Client) shareRoomKey(ctx context.Context, cs *cryptoState, roomID id.Ro
 		}
 		return nil
 	}
+	started := time.Now()
 	if _, err = c.cli.Members(ctx, roomID); err != nil {
 		return fmt.Errorf("failed to get members of %s: %w", roomID, err)
 	}
@@ -154,8 +167,23 @@ func (c *Client) shareRoomKey(ctx context.Context, cs *cryptoState, roomID id.Ro
 		Stringer("session_id", sess.ID()).
 		Int("user_count", len(users)).
 		Msg("Shared room key")
+	recipients, err := c.recipients(ctx, cs, sess, users)
+	if err != nil {
+		return err
+	}
+	// The session was shared before it encrypted anything, and the caller holds the room's send
+	// lock, so its current index is the shared one.
+	index := uint32(sess.Internal.MessageIndex())
+	copies := make([]RoomKeyCopy, len(recipients))
+	for i, device := range recipients {
+		copies[i] = RoomKeyCopy{
+			Kind: RoomKeyShared, UserID: device.UserID, DeviceID: device.DeviceID, RoomID: roomID,
+			SessionID: sess.ID(), Index: index, At: started,
+		}
+	}
+	c.hist.addRoomKeyCopies(copies...)
 	if c.rules.element() {
-		return c.recordShares(ctx, cs, sess, users)
+		return c.recordShares(ctx, cs, sess, recipients, index)
 	}
 	return nil
 }
@@ -219,5 +247,9 @@ func (c *Client) ForwardRoomKey(ctx context.Context, roomID id.RoomID, sessionID
 	if err != nil {
 		return err
 	}
+	c.hist.addRoomKeyCopies(RoomKeyCopy{
+		Kind: RoomKeyForwarded, UserID: to.UserID, DeviceID: to.DeviceID, RoomID: roomID,
+		SessionID: sessionID, Index: igs.Internal.FirstKnownIndex(), At: time.Now(),
+	})
 	return cs.mach.SendEncryptedToDevice(ctx, to, event.ToDeviceForwardedRoomKey, content)
 }

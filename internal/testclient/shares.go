@@ -6,6 +6,7 @@ import (
 	"embed"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
@@ -135,14 +136,18 @@ func (l *shareLog) raiseWedging(ctx context.Context, key id.IdentityKey) error {
 	return nil
 }
 
-// olmWatch is the crypto store of an OlmMachine under the Element rules. matrix-rust-sdk raises a
-// device's olm_wedging_index whenever a pre-key message from it creates a new Olm session
-// (Account::decrypt_olm_message in src/olm/account.rs); mautrix-go has no hook for that moment,
-// but it stores the new session through AddSession right after decrypting the message (v0.32.0,
-// OlmMachine.tryDecryptOlmCiphertext). TestReshareAfterNewOlmSession fails if that changes.
+// olmWatch is the crypto store of the client's OlmMachine: it notes every Olm session another
+// device starts with the client (NewOlmSessions), and under the Element rules raises that
+// device's Olm wedging index. matrix-rust-sdk raises it whenever a pre-key message from the device
+// creates a new Olm session (Account::decrypt_olm_message in src/olm/account.rs); mautrix-go has
+// no hook for that moment, but it stores the new session through AddSession right after
+// decrypting the message (v0.32.0, OlmMachine.tryDecryptOlmCiphertext).
+// TestReshareAfterNewOlmSession fails if that changes.
 type olmWatch struct {
 	*crypto.SQLCryptoStore
+	// shares is nil under RulesMautrix, which keeps no wedging index.
 	shares *shareLog
+	hist   *history
 }
 
 // AddSession stores an Olm session. mautrix-go calls it for a session it created itself with a
@@ -151,23 +156,26 @@ type olmWatch struct {
 // session implies its raise (matrix-rust-sdk saves both in one change set).
 func (w *olmWatch) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
 	if sess.Internal.HasReceivedMessage() {
-		if err := w.shares.raiseWedging(ctx, key); err != nil {
-			zerolog.Ctx(ctx).Err(err).Stringer("sender_key", key).Msg("Failed to note a new Olm session")
+		w.hist.addNewOlmSession(NewOlmSession{SenderKey: key, At: time.Now()})
+		if w.shares != nil {
+			if err := w.shares.raiseWedging(ctx, key); err != nil {
+				zerolog.Ctx(ctx).Err(err).Stringer("sender_key", key).Msg("Failed to note a new Olm session")
+			}
 		}
 	}
 	return w.SQLCryptoStore.AddSession(ctx, key, sess)
 }
 
-// recordShares notes the index at which mautrix-go's ShareGroupSession just shared the room's
-// outbound session with each device of the users (matrix-rust-sdk records it in
-// DeviceData::maybe_encrypt_room_key). The session was shared before it encrypted anything, and
-// the caller holds the room's send lock, so its current index is the shared one.
-func (c *Client) recordShares(ctx context.Context, cs *cryptoState, sess *crypto.OutboundGroupSession, users []id.UserID) error {
-	index := uint32(sess.Internal.MessageIndex())
+// recipients returns the devices that mautrix-go's ShareGroupSession just sent the room's
+// outbound session to, over Olm. mautrix-go also counts as recipients the devices it found no Olm
+// session for, and sends them m.room_key.withheld (m.no_olm) instead of the key; matrix-rust-sdk
+// records those as withheld, not shared, and they got no copy.
+func (c *Client) recipients(ctx context.Context, cs *cryptoState, sess *crypto.OutboundGroupSession, users []id.UserID) ([]*id.Device, error) {
+	var out []*id.Device
 	for _, userID := range users {
 		devices, err := cs.store.GetDevices(ctx, userID)
 		if err != nil {
-			return fmt.Errorf("failed to get devices of %s: %w", userID, err)
+			return nil, fmt.Errorf("failed to get devices of %s: %w", userID, err)
 		}
 		for _, device := range devices {
 			if userID == c.cli.UserID && device.DeviceID == c.cli.DeviceID {
@@ -175,17 +183,22 @@ func (c *Client) recordShares(ctx context.Context, cs *cryptoState, sess *crypto
 			}
 			shared, err := cs.store.IsOutboundGroupSessionShared(ctx, userID, device.IdentityKey, sess.ID())
 			if err != nil {
-				return fmt.Errorf("failed to check if %s got %s: %w", device.DeviceID, sess.ID(), err)
+				return nil, fmt.Errorf("failed to check if %s got %s: %w", device.DeviceID, sess.ID(), err)
 			}
-			// mautrix-go also counts as recipients the devices it found no Olm session for, and
-			// sends them m.room_key.withheld (m.no_olm) instead of the key; matrix-rust-sdk
-			// records those as withheld, not shared.
-			if !shared || !cs.store.HasSession(ctx, device.IdentityKey) {
-				continue
+			if shared && cs.store.HasSession(ctx, device.IdentityKey) {
+				out = append(out, device)
 			}
-			if err = cs.shares.record(ctx, sess.RoomID, sess.ID(), device, index); err != nil {
-				return err
-			}
+		}
+	}
+	return out, nil
+}
+
+// recordShares notes the index at which the room's outbound session was just shared with each
+// recipient (matrix-rust-sdk records it in DeviceData::maybe_encrypt_room_key).
+func (c *Client) recordShares(ctx context.Context, cs *cryptoState, sess *crypto.OutboundGroupSession, recipients []*id.Device, index uint32) error {
+	for _, device := range recipients {
+		if err := cs.shares.record(ctx, sess.RoomID, sess.ID(), device, index); err != nil {
+			return err
 		}
 	}
 	return cs.shares.forgetEarlier(ctx, sess.RoomID, sess.ID())
@@ -213,9 +226,14 @@ func (c *Client) reshareWedged(ctx context.Context, cs *cryptoState, sess *crypt
 		} else if device == nil || device.IdentityKey != w.identityKey {
 			continue // gone or replaced: no longer the device that got the session
 		}
+		started := time.Now()
 		if err = cs.mach.SendEncryptedToDevice(ctx, device, event.ToDeviceRoomKey, content); err != nil {
 			return fmt.Errorf("failed to share %s again with %s: %w", sess.ID(), w.deviceID, err)
 		}
+		c.hist.addRoomKeyCopies(RoomKeyCopy{
+			Kind: RoomKeyReshared, UserID: w.userID, DeviceID: w.deviceID, RoomID: sess.RoomID,
+			SessionID: sess.ID(), Index: index, At: started,
+		})
 		if err = cs.shares.reshared(ctx, sess.ID(), w, index); err != nil {
 			return err
 		}
