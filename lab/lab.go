@@ -8,6 +8,8 @@ package lab
 import (
 	"context"
 	"time"
+
+	"github.com/unwedge/unwedge/internal/testclient"
 )
 
 // Mode is how the bridge handles wedged sessions.
@@ -44,6 +46,9 @@ type Config struct {
 	// BridgeConfig sets options of the bridge's config in unwedge mode (dotted paths, as
 	// harness.BridgeOptions.Config), for example to measure reactive healing alone.
 	BridgeConfig map[string]any
+	// Rules are the key-sharing rules of the user's devices (docs/testclient-rules.md): every
+	// scenario runs under each, in this order. Empty means DefaultRules.
+	Rules []testclient.Rules
 	// Binary is the built reference bridge; WorkDir holds each run's bridge and client files.
 	Binary  string
 	WorkDir string
@@ -51,6 +56,14 @@ type Config struct {
 	// use it to read the bridge's metrics and command replies).
 	Inspect func(ctx context.Context, w *World, res *Result) error
 }
+
+// DefaultRules is the rule set the lab runs under when Config.Rules is empty: mautrix-go's own
+// (testclient.RulesMautrix), the only one the lab had before it ran under Element's rules, so
+// that a run without rules measures what it always did.
+var DefaultRules = []testclient.Rules{testclient.RulesMautrix}
+
+// AllRules are every rule set the test client has: mautrix-go's, Element Web's and Element X's.
+var AllRules = []testclient.Rules{testclient.RulesMautrix, testclient.RulesElementWeb, testclient.RulesElementX}
 
 // QuickConfig is a small run for tests and --quick.
 func QuickConfig() Config {
@@ -62,11 +75,13 @@ func FullConfig() Config {
 	return Config{K: 10, Deadline: 45 * time.Second, HealWindow: 5 * time.Second, Parallel: 2}
 }
 
-// Result is one scenario in one mode. Its JSON keys are read by other checks: keep them stable
-// and add new keys rather than renaming.
+// Result is one scenario under one rule set in one mode. Its JSON keys are read by other checks:
+// keep them stable and add new keys rather than renaming.
 type Result struct {
 	Name string `json:"name"`
 	Mode Mode   `json:"mode"`
+	// Rules are the key-sharing rules the user's devices followed.
+	Rules testclient.Rules `json:"rules"`
 	// Matrix -> remote: messages the wedged device sent, and how many reached the webhook. In a
 	// management room (Scenario.Management): commands sent, and how many the bot handled.
 	Sent    int `json:"sent"`
@@ -106,6 +121,20 @@ type Result struct {
 	Settled bool `json:"settled"`
 	// WaitedMS is how long the lab waited after the last message.
 	WaitedMS int64 `json:"waited_ms"`
+	// WedgedBridgedP50MS and WedgedBridgedMaxMS are the median (the lower middle one of an even
+	// count) and the longest time from sent to bridged of the wedged phase's messages that were
+	// bridged; -1 when none was.
+	WedgedBridgedP50MS int64 `json:"wedged_bridged_p50_ms"`
+	WedgedBridgedMaxMS int64 `json:"wedged_bridged_max_ms"`
+	// LostBeforeHeal counts the lost messages (Matrix -> remote, both phases) that were lost
+	// before the bridge could heal: the bridge never got their room key, and no copy of it that
+	// could decrypt them left the device after the device got the bridge's replacement Olm
+	// session (or the bridge made none). Every copy went over the broken Olm session, or to a
+	// bridge that was down, and nobody sent it again (see lostBeforeHeal and docs/baseline.md).
+	// Lost minus LostBeforeHeal is what the bridge lost although a key came after the heal.
+	LostBeforeHeal int `json:"lost_before_heal"`
+	// SentWhileDown counts the device's messages sent while the lab had the bridge stopped.
+	SentWhileDown int `json:"sent_while_down"`
 	// DurationMS is the scenario's wall time.
 	DurationMS int64 `json:"duration_ms"`
 	// Error is set when the scenario could not run to the end.
@@ -118,6 +147,8 @@ type Report struct {
 	// UnavailableModes were asked for but cannot run in this build.
 	UnavailableModes []Mode `json:"unavailable_modes,omitempty"`
 	K                int    `json:"k"`
+	// Rules are the rule sets every scenario ran under.
+	Rules []testclient.Rules `json:"rules"`
 	// Transport is how the bridge received to-device events: "sync" or "appservice".
 	Transport string `json:"transport"`
 }

@@ -3,6 +3,7 @@ package lab
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -15,16 +16,20 @@ import (
 	"github.com/unwedge/unwedge/webhook"
 )
 
-// Run runs the scenarios in each available mode, Parallel at a time, and reports them in the
-// order of scenarios, then modes.
+// Run runs the scenarios under each of cfg.Rules in each available mode, Parallel at a time, and
+// reports them in the order of scenarios, then rules, then modes.
 func Run(ctx context.Context, env *testenv.Env, cfg Config, scenarios []*Scenario, modes []Mode) *Report {
-	report := &Report{K: cfg.K, Transport: "sync"}
+	if len(cfg.Rules) == 0 {
+		cfg.Rules = DefaultRules
+	}
+	report := &Report{K: cfg.K, Transport: "sync", Rules: cfg.Rules}
 	if cfg.Appservice {
 		report.Transport = "appservice"
 	}
 	type job struct {
 		index    int
 		scenario *Scenario
+		rules    testclient.Rules
 		mode     Mode
 	}
 	var jobs []job
@@ -34,9 +39,11 @@ func Run(ctx context.Context, env *testenv.Env, cfg Config, scenarios []*Scenari
 		}
 	}
 	for _, scenario := range scenarios {
-		for _, mode := range modes {
-			if mode.Available() {
-				jobs = append(jobs, job{len(jobs), scenario, mode})
+		for _, rules := range cfg.Rules {
+			for _, mode := range modes {
+				if mode.Available() {
+					jobs = append(jobs, job{len(jobs), scenario, rules, mode})
+				}
 			}
 		}
 	}
@@ -48,7 +55,7 @@ func Run(ctx context.Context, env *testenv.Env, cfg Config, scenarios []*Scenari
 		go func() {
 			defer wg.Done()
 			for j := range queue {
-				report.Scenarios[j.index] = RunScenario(ctx, env, cfg, j.scenario, j.mode)
+				report.Scenarios[j.index] = RunScenario(ctx, env, cfg, j.scenario, j.rules, j.mode)
 			}
 		}()
 	}
@@ -60,9 +67,10 @@ func Run(ctx context.Context, env *testenv.Env, cfg Config, scenarios []*Scenari
 	return report
 }
 
-// RunScenario runs one scenario in one mode from an empty bridge database to its result.
-func RunScenario(ctx context.Context, env *testenv.Env, cfg Config, sc *Scenario, mode Mode) *Result {
-	res := &Result{Name: sc.Name, Mode: mode, TimeToFirstBridgedMS: -1}
+// RunScenario runs one scenario under one rule set in one mode from an empty bridge database to
+// its result.
+func RunScenario(ctx context.Context, env *testenv.Env, cfg Config, sc *Scenario, rules testclient.Rules, mode Mode) *Result {
+	res := &Result{Name: sc.Name, Mode: mode, Rules: rules, TimeToFirstBridgedMS: -1, WedgedBridgedP50MS: -1, WedgedBridgedMaxMS: -1}
 	started := time.Now()
 	if err := runScenario(ctx, env, &cfg, sc, res); err != nil {
 		res.Error = err.Error()
@@ -72,7 +80,8 @@ func RunScenario(ctx context.Context, env *testenv.Env, cfg Config, sc *Scenario
 }
 
 func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenario, res *Result) error {
-	w, err := newWorld(ctx, env, cfg, res.Mode, fmt.Sprintf("%s-%s-%d", sc.Name, res.Mode, time.Now().UnixNano()), sc)
+	name := fmt.Sprintf("%s-%s-%s-%d", sc.Name, res.Rules, res.Mode, time.Now().UnixNano())
+	w, err := newWorld(ctx, env, cfg, res.Mode, res.Rules, name, sc)
 	if err != nil {
 		return fmt.Errorf("setup: %w", err)
 	}
@@ -94,8 +103,10 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 		}
 	}
 	wedgedAt := time.Now()
-	if err = sc.Wedge(stepCtx, w); err != nil {
-		return fmt.Errorf("wedge: %w", err)
+	if sc.Wedge != nil {
+		if err = sc.Wedge(stepCtx, w); err != nil {
+			return fmt.Errorf("wedge: %w", err)
+		}
 	}
 
 	// The bridge's next message starts a new Megolm session. Discarding it here, with the bridge
@@ -110,7 +121,7 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 		return err
 	}
 	w.startedWedged, w.sentWedged = time.Now(), cfg.K
-	if err = w.sendMatrix(stepCtx, "wedged", cfg.K, sendTimes); err != nil {
+	if err = w.sendMatrix(stepCtx, sc, "wedged", cfg.K, sendTimes); err != nil {
 		return err
 	}
 	if sc.WhileWedged != nil {
@@ -123,7 +134,7 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 	}
 	sleep(ctx, cfg.HealWindow)
 	// After: the device keeps its Megolm session, as a real client would.
-	if err = w.sendMatrix(stepCtx, "after", cfg.K, sendTimes); err != nil {
+	if err = w.sendMatrix(stepCtx, sc, "after", cfg.K, sendTimes); err != nil {
 		return err
 	}
 	if err = w.postRemote(stepCtx, "remote-after", cfg.K); err != nil {
@@ -134,7 +145,7 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 		return err
 	}
 	res.WaitedMS = time.Since(lastSent).Milliseconds()
-	if err = w.measure(res, cfg.K, sendTimes, wedgedAt); err != nil {
+	if err = w.measure(stepCtx, res, cfg.K, sendTimes, wedgedAt); err != nil {
 		return err
 	}
 	if cfg.Inspect != nil {
@@ -144,9 +155,14 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 }
 
 // sendMatrix sends the phase's K messages from the wedged device, named "<phase>-<i>"; in a
-// management room each is the phase's bot command.
-func (w *World) sendMatrix(ctx context.Context, phase string, k int, sendTimes map[string]time.Time) error {
+// management room each is the phase's bot command. The scenario's BeforeEach runs before each.
+func (w *World) sendMatrix(ctx context.Context, sc *Scenario, phase string, k int, sendTimes map[string]time.Time) error {
 	for i := range k {
+		if sc.BeforeEach != nil {
+			if err := sc.BeforeEach(ctx, w, phase, i, k); err != nil {
+				return fmt.Errorf("before %s-%d: %w", phase, i, err)
+			}
+		}
 		text := fmt.Sprintf("%s-%d", phase, i)
 		body := text
 		if w.Management {
@@ -157,7 +173,7 @@ func (w *World) sendMatrix(ctx context.Context, phase string, k int, sendTimes m
 		if err != nil {
 			return fmt.Errorf("failed to send %s: %w", text, err)
 		}
-		w.sent[evtID] = text
+		w.sent[evtID], w.sentAt[evtID] = text, sendTimes[text]
 		sleep(ctx, 100*time.Millisecond)
 	}
 	return nil
@@ -358,7 +374,7 @@ func (w *World) isRemote(evt *event.Event, phase string) bool {
 	return strings.HasPrefix(body, "remote-"+phase+"-")
 }
 
-func (w *World) measure(res *Result, k int, sendTimes map[string]time.Time, wedgedAt time.Time) error {
+func (w *World) measure(ctx context.Context, res *Result, k int, sendTimes map[string]time.Time, wedgedAt time.Time) error {
 	bridged, err := w.bridgedTexts()
 	if err != nil {
 		return fmt.Errorf("failed to read what was bridged: %w", err)
@@ -395,6 +411,11 @@ func (w *World) measure(res *Result, k int, sendTimes map[string]time.Time, wedg
 	if !firstBridged.IsZero() {
 		res.TimeToFirstBridgedMS = firstBridged.Sub(firstSent).Milliseconds()
 	}
+	res.WedgedBridgedP50MS, res.WedgedBridgedMaxMS = wedgedLatencies(bridged, sendTimes)
+	res.SentWhileDown = w.sentWhileDown(sendTimes)
+	if res.LostBeforeHeal, err = w.lostBeforeHeal(ctx, bridged, wedgedAt); err != nil {
+		return fmt.Errorf("failed to tell which messages were lost before the heal: %w", err)
+	}
 
 	entries, err := w.BridgeLog(wedgedAt)
 	if err != nil {
@@ -428,6 +449,77 @@ func (w *World) measure(res *Result, k int, sendTimes map[string]time.Time, wedg
 		}
 	}
 	return nil
+}
+
+// wedgedLatencies returns the median (the lower middle one of an even count) and the longest time
+// from sent to bridged of the wedged phase's bridged messages, in milliseconds; -1 and -1 when
+// none was bridged.
+func wedgedLatencies(bridged, sendTimes map[string]time.Time) (p50, longest int64) {
+	var took []int64
+	for text, at := range bridged {
+		if strings.HasPrefix(text, "wedged-") {
+			took = append(took, at.Sub(sendTimes[text]).Milliseconds())
+		}
+	}
+	if len(took) == 0 {
+		return -1, -1
+	}
+	slices.Sort(took)
+	return took[(len(took)-1)/2], took[len(took)-1]
+}
+
+// lostBeforeHeal counts the device's messages that were not bridged because their room key was
+// lost before the bridge could heal. It reads three records: what the bridge holds (the Megolm
+// sessions in its crypto store, and the first index each decrypts), what the device sent (each
+// message's session and index, each copy of a room key and when it began to go out), and when the
+// device got the bridge's replacement Olm session (the first new Olm session from the bridge's
+// device since the wedge: the heal as the device sees it).
+//
+// A lost message counts when the bridge does not hold its key (from its index or earlier) and no
+// copy that decrypts it began to go to the bridge's device after the heal, or there was no heal.
+// Every copy it had then went over the broken Olm session (or, in appservice mode, to a bridge
+// Synapse could not reach, whose to-device messages its catch-up transactions drop). A lost
+// message whose key the bridge holds, or whose key was sent again after the heal, is lost by the
+// bridge: it counts in Lost only.
+func (w *World) lostBeforeHeal(ctx context.Context, bridged map[string]time.Time, wedgedAt time.Time) (int, error) {
+	dev := w.Wedged()
+	bridgeDevice, err := w.BridgeDevice(ctx)
+	if err != nil {
+		return 0, err
+	}
+	held, err := w.bridgeRoomKeys(ctx, dev.IdentityKey())
+	if err != nil {
+		return 0, err
+	}
+	var healedAt time.Time
+	for _, s := range dev.NewOlmSessions() {
+		if s.SenderKey == bridgeDevice.IdentityKey && !s.At.Before(wedgedAt) {
+			healedAt = s.At
+			break
+		}
+	}
+	copies := dev.RoomKeysSent()
+	lost := 0
+	for evtID, text := range w.sent {
+		if _, ok := bridged[text]; ok {
+			continue
+		}
+		enc, ok := dev.Sent(evtID)
+		if !ok {
+			return 0, fmt.Errorf("the device has no record of how it encrypted %s", text)
+		}
+		if first, ok := held[enc.SessionID]; ok && first <= enc.Index {
+			continue
+		}
+		afterHeal := !healedAt.IsZero() && slices.ContainsFunc(copies, func(c testclient.RoomKeyCopy) bool {
+			return c.UserID == bridgeDevice.UserID && c.DeviceID == bridgeDevice.DeviceID &&
+				c.SessionID == enc.SessionID && c.Index <= enc.Index && !c.At.Before(healedAt)
+		})
+		if !afterHeal {
+			lost++
+		}
+	}
+	return lost, nil
 }
 
 func sleep(ctx context.Context, d time.Duration) {

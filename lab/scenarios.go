@@ -24,8 +24,12 @@ type Scenario struct {
 	Management bool
 	// Prepare runs once the portal works, before more traffic (for example, taking a backup).
 	Prepare func(ctx context.Context, w *World) error
-	// Wedge breaks the session, after traffic has moved the ratchets on since Prepare.
+	// Wedge breaks the session, after traffic has moved the ratchets on since Prepare. Nil when
+	// no Olm session breaks and the scenario's trouble lies elsewhere (restart-while-sending).
 	Wedge func(ctx context.Context, w *World) error
+	// BeforeEach, if set, runs before each message the device sends in the measured phases:
+	// phase is "wedged" or "after", i counts from 0 to k-1.
+	BeforeEach func(ctx context.Context, w *World, phase string, i, k int) error
 	// WhileWedged, if set, runs after the device sent its messages in the wedged phase.
 	WhileWedged func(ctx context.Context, w *World) error
 }
@@ -98,11 +102,70 @@ var Scenarios = []*Scenario{
 		},
 	},
 	{
+		Name: "fast-rotation",
+		Description: "as bridge-restored-from-backup, with a client that starts a new Megolm session for " +
+			"every message: a key lost over the broken session is asked for after its session was rotated away",
+		Prepare:    snapshotBridgeCrypto,
+		Wedge:      restoreBridgeCrypto,
+		BeforeEach: rotateEveryMessage,
+	},
+	{
+		Name: "restart-while-sending",
+		Description: "the bridge is stopped (SIGTERM) as the device starts a new Megolm session and sends, " +
+			"and started again while it keeps sending; no Olm session breaks",
+		BeforeEach:  restartWhileSending,
+		WhileWedged: startIfStopped,
+	},
+	{
 		Name:        "many-devices",
 		Description: "the user has three devices; only the first one's session is lost",
 		Devices:     3,
 		Wedge:       deleteBridgeSessions,
 	},
+}
+
+// rotateEveryMessage starts a new Megolm session before each message, so that each message's key
+// crosses Olm on its own.
+func rotateEveryMessage(ctx context.Context, w *World, _ string, _, _ int) error {
+	return w.Wedged().RotateRoomKey(ctx, w.Room)
+}
+
+// restartWhileSending stops the bridge before the wedged phase's first message, whose new Megolm
+// session's key then goes out while the bridge is down, and starts it again before message
+// ceil(k/2). Over /sync the key waits in the bot device's inbox; in appservice mode Synapse's
+// catch-up transactions after the outage carry the room events but no to-device messages
+// (synapse/storage/databases/main/appservice.py, get_oldest_unsent_txn), so the key is gone and
+// only a key request or a re-share after a new Olm session can bring it.
+//
+// Nothing measured is in flight when the bridge stops: the churn's messages have arrived and no
+// message of the phase has been sent. After the start the lab waits until the bridge has tried to
+// decrypt every message sent while it was down (Synapse delivered them), so that the rest of the
+// phase goes to a bridge that is back, not one Synapse still holds as down.
+func restartWhileSending(ctx context.Context, w *World, phase string, i, k int) error {
+	if phase != "wedged" {
+		return nil
+	}
+	switch i {
+	case 0:
+		return w.StopBridge()
+	case (k + 1) / 2:
+		return startIfStopped(ctx, w)
+	}
+	return nil
+}
+
+// startIfStopped starts the bridge if the lab stopped it, and waits until it has tried to decrypt
+// every message sent since.
+func startIfStopped(ctx context.Context, w *World) error {
+	n := len(w.downtimes)
+	if n == 0 || !w.downtimes[n-1].to.IsZero() {
+		return nil
+	}
+	stopped := w.downtimes[n-1].from
+	if err := w.StartBridge(ctx); err != nil {
+		return err
+	}
+	return w.waitForTried(ctx, stopped)
 }
 
 // managementCommands are what a Management scenario's user sends in each phase, and how the bot's

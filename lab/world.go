@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -41,15 +42,24 @@ type World struct {
 	Management bool
 	// Stock: the bridge runs without unwedge.
 	Stock bool
+	// Rules are the key-sharing rules of the user's devices.
+	Rules testclient.Rules
 
 	receiver *receiver
 	cleanup  []func()
-	// sent maps the events of the measured phases that the wedged device sent to their texts.
-	sent map[id.EventID]string
+	// sent maps the events of the measured phases that the wedged device sent to their texts,
+	// sentAt to when.
+	sent   map[id.EventID]string
+	sentAt map[id.EventID]time.Time
 	// startedWedged is when the wedged phase's first message was sent, sentWedged how many.
 	startedWedged time.Time
 	sentWedged    int
+	// downtimes are when the lab had the bridge stopped (StopBridge to StartBridge); the last
+	// one's end is zero while it is stopped.
+	downtimes []downtime
 }
+
+type downtime struct{ from, to time.Time }
 
 const chatID = "lab"
 
@@ -64,9 +74,13 @@ func unwedgeConfig(cfg *Config, mode Mode) map[string]any {
 // newWorld starts a bridge on a free slot with a fresh Postgres database and a user with the
 // scenario's devices, then either logs the user in and opens an encrypted portal that every
 // device has joined, or (sc.Management) opens the user's encrypted management room with the bot.
-func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, name string, sc *Scenario) (_ *World, err error) {
+func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, rules testclient.Rules, name string, sc *Scenario) (_ *World, err error) {
 	// w is no named result: the error returns must not make it nil before its cleanups run.
-	w := &World{Env: env, Dir: filepath.Join(cfg.WorkDir, name), Management: sc.Management, sent: map[id.EventID]string{}, Stock: mode == ModeStock}
+	w := &World{
+		Env: env, Dir: filepath.Join(cfg.WorkDir, name), Management: sc.Management,
+		sent: map[id.EventID]string{}, sentAt: map[id.EventID]time.Time{},
+		Stock: mode == ModeStock, Rules: rules,
+	}
 	defer func() {
 		if err != nil {
 			w.Close()
@@ -109,7 +123,7 @@ func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, nam
 	for i := range max(sc.Devices, 1) {
 		dev, err := testclient.New(ctx, testclient.Options{
 			HomeserverURL: env.HomeserverURL, Username: username, Password: "lab password 1719",
-			DataDir: filepath.Join(w.Dir, fmt.Sprintf("device%d", i)), Log: zerolog.Nop(),
+			DataDir: filepath.Join(w.Dir, fmt.Sprintf("device%d", i)), Rules: rules, Log: zerolog.Nop(),
 		})
 		if err != nil {
 			return nil, fmt.Errorf("failed to start device %d: %w", i, err)
@@ -192,13 +206,73 @@ func (w *World) SQL(ctx context.Context, stmts ...string) error {
 
 // WithBridgeStopped stops the bridge, runs fn (on its database), and starts it again.
 func (w *World) WithBridgeStopped(ctx context.Context, fn func() error) error {
-	if err := w.Bridge.Stop(); err != nil {
+	if err := w.StopBridge(); err != nil {
 		return err
 	}
 	if err := fn(); err != nil {
 		return err
 	}
-	return w.Bridge.Start(ctx)
+	return w.StartBridge(ctx)
+}
+
+// StopBridge stops the bridge process with SIGTERM (harness.Bridge.Stop), as an admin's restart
+// or a deployment does, and notes when.
+func (w *World) StopBridge() error {
+	w.downtimes = append(w.downtimes, downtime{from: time.Now()})
+	return w.Bridge.Stop()
+}
+
+// StartBridge starts the bridge again and notes when it was ready.
+func (w *World) StartBridge(ctx context.Context) error {
+	err := w.Bridge.Start(ctx)
+	if n := len(w.downtimes); n > 0 && w.downtimes[n-1].to.IsZero() {
+		w.downtimes[n-1].to = time.Now()
+	}
+	return err
+}
+
+// sentWhileDown counts the messages sent while the lab had the bridge stopped.
+func (w *World) sentWhileDown(sendTimes map[string]time.Time) int {
+	n := 0
+	for _, at := range sendTimes {
+		for _, d := range w.downtimes {
+			if !at.Before(d.from) && (d.to.IsZero() || at.Before(d.to)) {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}
+
+// bridgeRoomKeys returns the Megolm sessions from a sender that the bridge holds, each with the
+// first message index it decrypts (a forwarded or re-shared key may start later than 0). They are
+// read from the bridge's crypto store, unpickled with its pickle key.
+func (w *World) bridgeRoomKeys(ctx context.Context, sender id.IdentityKey) (map[id.SessionID]uint32, error) {
+	db, err := sql.Open("postgres", w.DBURI)
+	if err != nil {
+		return nil, err
+	}
+	defer db.Close()
+	rows, err := db.QueryContext(ctx, "SELECT session_id, session FROM crypto_megolm_inbound_session WHERE sender_key = $1 AND session IS NOT NULL", sender)
+	if err != nil {
+		return nil, fmt.Errorf("failed to read the bridge's room keys: %w", err)
+	}
+	defer rows.Close()
+	out := map[id.SessionID]uint32{}
+	for rows.Next() {
+		var sessionID id.SessionID
+		var pickled []byte
+		if err = rows.Scan(&sessionID, &pickled); err != nil {
+			return nil, err
+		}
+		igs, err := olm.InboundGroupSessionFromPickled(pickled, []byte(w.Bridge.PickleKey()))
+		if err != nil {
+			return nil, fmt.Errorf("failed to unpickle the bridge's room key %s: %w", sessionID, err)
+		}
+		out[sessionID] = igs.FirstKnownIndex()
+	}
+	return out, rows.Err()
 }
 
 // Exchange sends one message each way, rotating both Megolm sessions first so that room keys
@@ -346,6 +420,37 @@ func (w *World) waitForDecryptAttempts(ctx context.Context, since time.Time, n i
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("the bridge tried %d of %d events: %w", len(seen), n, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// waitForTried waits until the bridge has begun to decrypt (bridgev2's "Decrypting received
+// event") every message the device sent since a time, whatever came of it.
+func (w *World) waitForTried(ctx context.Context, since time.Time) error {
+	for {
+		entries, err := w.BridgeLog(since)
+		if err != nil {
+			return err
+		}
+		tried := map[id.EventID]bool{}
+		for _, entry := range entries {
+			if entry.str("message") == stockDecryptStarted {
+				tried[id.EventID(entry.str("event_id"))] = true
+			}
+		}
+		missing := 0
+		for evtID := range w.sent {
+			if sent, ok := w.sentAt[evtID]; ok && !sent.Before(since) && !tried[evtID] {
+				missing++
+			}
+		}
+		if missing == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the bridge has not tried %d messages sent since %s: %w", missing, since.Format(time.RFC3339Nano), ctx.Err())
 		case <-time.After(200 * time.Millisecond):
 		}
 	}

@@ -12,11 +12,13 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 
 	"github.com/unwedge/unwedge/internal/harness"
+	"github.com/unwedge/unwedge/internal/testclient"
 	"github.com/unwedge/unwedge/internal/testenv"
 	"github.com/unwedge/unwedge/lab"
 )
@@ -34,17 +36,19 @@ func main() {
 	parallel := flag.Int("parallel", 0, "scenarios at once (default 2)")
 	keep := flag.String("keep", "", "keep every run's bridge log, config and client files in this directory")
 	appservice := flag.Bool("appservice", false, "to-device events through appservice transactions instead of /sync")
+	rulesFlag := flag.String("rules", "mautrix", "the key-sharing rules of the user's client, comma-separated "+
+		"(mautrix, element-web, element-x), or all; every scenario runs under each")
 	flag.Parse()
 
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
-	if err := run(ctx, *quick, *jsonPath, *modeFlag, *only, *k, *parallel, *keep, *appservice); err != nil {
+	if err := run(ctx, *quick, *jsonPath, *modeFlag, *only, *rulesFlag, *k, *parallel, *keep, *appservice); err != nil {
 		fmt.Fprintln(os.Stderr, "wedgelab:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, quick bool, jsonPath, modeFlag, only string, k, parallel int, keep string, appservice bool) error {
+func run(ctx context.Context, quick bool, jsonPath, modeFlag, only, rulesFlag string, k, parallel int, keep string, appservice bool) error {
 	cfg := lab.FullConfig()
 	if quick {
 		cfg = lab.QuickConfig()
@@ -58,6 +62,9 @@ func run(ctx context.Context, quick bool, jsonPath, modeFlag, only string, k, pa
 	cfg.Appservice = appservice
 	modes, err := parseModes(modeFlag)
 	if err != nil {
+		return err
+	}
+	if cfg.Rules, err = parseRules(rulesFlag); err != nil {
 		return err
 	}
 	scenarios := lab.Scenarios
@@ -85,7 +92,8 @@ func run(ctx context.Context, quick bool, jsonPath, modeFlag, only string, k, pa
 	if cfg.Binary, err = harness.BuildBridge(ctx, cfg.WorkDir); err != nil {
 		return err
 	}
-	fmt.Fprintf(os.Stderr, "running %d scenarios (K=%d, %d at a time, to-device over %s)...\n", len(scenarios), cfg.K, cfg.Parallel, map[bool]string{false: "/sync", true: "appservice transactions"}[cfg.Appservice])
+	fmt.Fprintf(os.Stderr, "running %d scenarios under %d rule sets (K=%d, %d at a time, to-device over %s)...\n",
+		len(scenarios), len(cfg.Rules), cfg.K, cfg.Parallel, map[bool]string{false: "/sync", true: "appservice transactions"}[cfg.Appservice])
 	report := lab.Run(ctx, env, cfg, scenarios, modes)
 	printTable(os.Stdout, report, scenarios, modes)
 	if jsonPath != "" {
@@ -99,10 +107,27 @@ func run(ctx context.Context, quick bool, jsonPath, modeFlag, only string, k, pa
 	}
 	for _, res := range report.Scenarios {
 		if res.Error != "" {
-			return fmt.Errorf("scenario %s (%s) did not complete: %s", res.Name, res.Mode, res.Error)
+			return fmt.Errorf("scenario %s (%s, %s) did not complete: %s", res.Name, res.Rules, res.Mode, res.Error)
 		}
 	}
 	return nil
+}
+
+// resultColumns are a result's columns in the table, tab-separated.
+func resultColumns(res *lab.Result) string {
+	ms := func(v int64, none string) string {
+		if v < 0 {
+			return none
+		}
+		return fmt.Sprintf("%d ms", v)
+	}
+	latency := "-"
+	if res.WedgedBridgedMaxMS >= 0 {
+		latency = fmt.Sprintf("%d/%d ms", res.WedgedBridgedP50MS, res.WedgedBridgedMaxMS)
+	}
+	return fmt.Sprintf("%d/%d\t%d\t%d\t%d/%d\t%d\t%t\t%d\t%s\t%s\t%s", res.Bridged, res.Sent, res.Lost, res.LostBeforeHeal,
+		res.RemoteDecrypted, res.RemoteSent, res.RemoteLost, res.Healed, res.ReplacementSessions,
+		ms(res.TimeToFirstBridgedMS, "never"), ms(res.FailureToFirstBridgedMS, "-"), latency)
 }
 
 func parseModes(s string) ([]lab.Mode, error) {
@@ -115,46 +140,58 @@ func parseModes(s string) ([]lab.Mode, error) {
 	return nil, fmt.Errorf("unknown mode %q (stock, unwedge or both)", s)
 }
 
-// printTable prints one row per scenario with the modes side by side.
+// parseRules reads --rules: "all", or rule set names separated by commas.
+func parseRules(s string) ([]testclient.Rules, error) {
+	if strings.TrimSpace(s) == "all" {
+		return lab.AllRules, nil
+	}
+	var out []testclient.Rules
+	for _, name := range strings.Split(s, ",") {
+		rules, err := testclient.ParseRules(strings.TrimSpace(name))
+		if err != nil {
+			return nil, fmt.Errorf("--rules: %w (or all)", err)
+		}
+		if !slices.Contains(out, rules) {
+			out = append(out, rules)
+		}
+	}
+	return out, nil
+}
+
+// printTable prints one row per scenario and rule set, with the modes side by side.
 func printTable(out io.Writer, report *lab.Report, scenarios []*lab.Scenario, modes []lab.Mode) {
 	byKey := map[string]*lab.Result{}
 	for _, res := range report.Scenarios {
-		byKey[res.Name+"/"+string(res.Mode)] = res
+		byKey[res.Name+"/"+string(res.Rules)+"/"+string(res.Mode)] = res
 	}
+	const columns = 10
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	header := "scenario"
+	header := "scenario\trules"
 	for _, mode := range modes {
-		header += fmt.Sprintf("\t%s: bridged\tlost\tremote decrypted\tremote lost\thealed\tnew sessions\tfirst bridged\tfrom failure", mode)
+		header += fmt.Sprintf("\t%s: bridged\tlost\tlost before heal\tremote decrypted\tremote lost\thealed\tnew sessions\tfirst bridged\tfrom failure\twedged p50/max", mode)
 	}
 	fmt.Fprintln(tw, header)
 	for _, sc := range scenarios {
-		row := sc.Name
-		for _, mode := range modes {
-			res, ok := byKey[sc.Name+"/"+string(mode)]
-			switch {
-			case !mode.Available():
-				row += "\tnot available\t\t\t\t\t\t\t"
-			case !ok || res.Error != "":
-				row += "\terror\t\t\t\t\t\t\t"
-			default:
-				first := "never"
-				if res.TimeToFirstBridgedMS >= 0 {
-					first = fmt.Sprintf("%d ms", res.TimeToFirstBridgedMS)
+		for _, rules := range report.Rules {
+			row := sc.Name + "\t" + string(rules)
+			for _, mode := range modes {
+				res, ok := byKey[sc.Name+"/"+string(rules)+"/"+string(mode)]
+				switch {
+				case !mode.Available():
+					row += "\tnot available" + strings.Repeat("\t", columns-1)
+				case !ok || res.Error != "":
+					row += "\terror" + strings.Repeat("\t", columns-1)
+				default:
+					row += "\t" + resultColumns(res)
 				}
-				fromFailure := "-"
-				if res.FailureToFirstBridgedMS >= 0 {
-					fromFailure = fmt.Sprintf("%d ms", res.FailureToFirstBridgedMS)
-				}
-				row += fmt.Sprintf("\t%d/%d\t%d\t%d/%d\t%d\t%t\t%d\t%s\t%s", res.Bridged, res.Sent, res.Lost,
-					res.RemoteDecrypted, res.RemoteSent, res.RemoteLost, res.Healed, res.ReplacementSessions, first, fromFailure)
 			}
+			fmt.Fprintln(tw, row)
 		}
-		fmt.Fprintln(tw, row)
 	}
 	_ = tw.Flush()
 	for _, res := range report.Scenarios {
 		if res.Error != "" {
-			fmt.Fprintf(out, "%s (%s): %s\n", res.Name, res.Mode, res.Error)
+			fmt.Fprintf(out, "%s (%s, %s): %s\n", res.Name, res.Rules, res.Mode, res.Error)
 		}
 	}
 }
