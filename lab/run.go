@@ -103,14 +103,16 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 		}
 	}
 	wedgedAt := time.Now()
+	w.discardOutbound = true
 	if sc.Wedge != nil {
 		if err = sc.Wedge(stepCtx, w); err != nil {
 			return fmt.Errorf("wedge: %w", err)
 		}
 	}
 
-	// The bridge's next message starts a new Megolm session. Discarding it here, with the bridge
-	// stopped, sends nothing to the device, so the device speaks first after the wedge.
+	// The bridge's next message starts a new Megolm session. Discarding it with the bridge
+	// stopped (in the wedge's own stop, or here) sends nothing to the device, so the device
+	// speaks first after the wedge.
 	if err = w.discardBridgeOutboundSessions(stepCtx); err != nil {
 		return err
 	}

@@ -54,6 +54,12 @@ type World struct {
 	// startedWedged is when the wedged phase's first message was sent, sentWedged how many.
 	startedWedged time.Time
 	sentWedged    int
+	// discardOutbound: the next stop of the bridge also drops its outbound Megolm sessions. The
+	// runner sets it before the wedge, so that a wedge that stops the bridge needs no second
+	// restart: a restart right after the wedge's could cut short a heal the restarted bridge
+	// began (a restored bridge heals at once, on the to-device messages its restored sync
+	// token fetches again).
+	discardOutbound bool
 	// downtimes are when the lab had the bridge stopped (StopBridge to StartBridge); the last
 	// one's end is zero while it is stopped.
 	downtimes []downtime
@@ -204,13 +210,20 @@ func (w *World) SQL(ctx context.Context, stmts ...string) error {
 	return nil
 }
 
-// WithBridgeStopped stops the bridge, runs fn (on its database), and starts it again.
+// WithBridgeStopped stops the bridge, runs fn (on its database), and starts it again. With
+// discardOutbound set it also drops the bridge's outbound Megolm sessions after fn.
 func (w *World) WithBridgeStopped(ctx context.Context, fn func() error) error {
 	if err := w.StopBridge(); err != nil {
 		return err
 	}
 	if err := fn(); err != nil {
 		return err
+	}
+	if w.discardOutbound {
+		if err := w.SQL(ctx, "DELETE FROM crypto_megolm_outbound_session"); err != nil {
+			return err
+		}
+		w.discardOutbound = false
 	}
 	return w.StartBridge(ctx)
 }
@@ -327,11 +340,13 @@ func (w *World) rotateBridgeKey(ctx context.Context) error {
 	return nil
 }
 
-// discardBridgeOutboundSessions drops the bridge's outbound Megolm sessions (bridge stopped).
+// discardBridgeOutboundSessions drops the bridge's outbound Megolm sessions (bridge stopped),
+// unless the wedge already did in its own stop (discardOutbound).
 func (w *World) discardBridgeOutboundSessions(ctx context.Context) error {
-	return w.WithBridgeStopped(ctx, func() error {
-		return w.SQL(ctx, "DELETE FROM crypto_megolm_outbound_session")
-	})
+	if !w.discardOutbound {
+		return nil
+	}
+	return w.WithBridgeStopped(ctx, func() error { return nil })
 }
 
 // BridgeDevice is the bridge's current device as the wedged client knows it. The bot user keeps
