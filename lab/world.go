@@ -127,9 +127,17 @@ func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, rul
 	}
 	w.cleanup = append(w.cleanup, func() { _ = w.Bridge.Stop() })
 	for i := range max(sc.Devices, 1) {
+		// Each device logs to a file beside the bridge's log (kept with --keep): what it shared,
+		// with whom and over which Olm session is half of why a message was lost.
+		logFile, err := os.OpenFile(filepath.Join(w.Dir, fmt.Sprintf("device%d.log", i)), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		w.cleanup = append(w.cleanup, func() { _ = logFile.Close() })
 		dev, err := testclient.New(ctx, testclient.Options{
 			HomeserverURL: env.HomeserverURL, Username: username, Password: "lab password 1719",
-			DataDir: filepath.Join(w.Dir, fmt.Sprintf("device%d", i)), Rules: rules, Log: zerolog.Nop(),
+			DataDir: filepath.Join(w.Dir, fmt.Sprintf("device%d", i)), Rules: rules,
+			Log: zerolog.New(logFile).Level(zerolog.DebugLevel).With().Timestamp().Logger(),
 		})
 		if err != nil {
 			return nil, fmt.Errorf("failed to start device %d: %w", i, err)
