@@ -201,14 +201,15 @@ func TestMain(m *testing.M) {
 }
 
 // TestLabRules runs restart-while-sending in appservice mode under Element's rules, with
-// unwedge. The room key the device sent while the bridge was down never reaches the bridge
-// (Synapse's catch-up transactions drop to-device messages), so what the bridge gets depends on
-// the client's rules:
+// unwedge. The room key the device sent while the bridge was down is not in Synapse's catch-up
+// transactions (they drop to-device messages); it waits in the bot device's inbox, which unwedge
+// reads at startup. What else the bridge gets depends on the client's rules:
 //   - element-web answers the bridge's key request: the session is its current one and it shared
-//     it with the bridge's device, from index 0. Nothing is lost.
-//   - element-x never answers. Every message whose key went out while the bridge was down is lost,
-//     and the lab must count each in lost_before_heal; nothing may be lost besides (a key sent
-//     again after a heal that still did not bring its message would be the bridge's loss).
+//     it with the bridge's device, from index 0. Nothing may be lost.
+//   - element-x never answers key requests. Whatever is lost must be lost before the heal
+//     (lost_before_heal): a key that went to the bridge only while it was down, or only over a
+//     broken Olm session, and that the bridge does not hold. A message lost although the bridge
+//     holds its key, or although the device sent its key again after a heal, is the bridge's loss.
 func TestLabRules(t *testing.T) {
 	t.Parallel()
 	env, ctx, cfg := setupLab(t, 10*time.Minute)
@@ -222,11 +223,8 @@ func TestLabRules(t *testing.T) {
 			}
 		},
 		testclient.RulesElementX: func(t *testing.T, res *Result) {
-			if res.LostBeforeHeal < res.SentWhileDown {
-				t.Errorf("lost before heal %d < %d sent while the bridge was down: their key went only to the stopped bridge", res.LostBeforeHeal, res.SentWhileDown)
-			}
 			if res.Lost != res.LostBeforeHeal {
-				t.Errorf("lost %d, of which %d before the heal: the bridge lost messages whose key it was sent again", res.Lost, res.LostBeforeHeal)
+				t.Errorf("lost %d, of which %d before the heal: the bridge lost messages whose key it got or was sent again", res.Lost, res.LostBeforeHeal)
 			}
 			if res.RemoteLost != 0 {
 				t.Errorf("the device could not decrypt %d remote messages", res.RemoteLost)
