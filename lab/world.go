@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -42,6 +43,8 @@ type World struct {
 	Management bool
 	// Stock: the bridge runs without unwedge.
 	Stock bool
+	// Appservice: the bridge gets to-device events in appservice transactions (Config.Appservice).
+	Appservice bool
 	// Rules are the key-sharing rules of the user's devices.
 	Rules testclient.Rules
 
@@ -65,7 +68,12 @@ type World struct {
 	downtimes []downtime
 }
 
-type downtime struct{ from, to time.Time }
+// downtime is one stop of the bridge: from StopBridge to StartBridge, and how long Synapse's log
+// was at the stop (-1 without it).
+type downtime struct {
+	from, to     time.Time
+	synapseLogAt int64
+}
 
 const chatID = "lab"
 
@@ -85,7 +93,7 @@ func newWorld(ctx context.Context, env *testenv.Env, cfg *Config, mode Mode, rul
 	w := &World{
 		Env: env, Dir: filepath.Join(cfg.WorkDir, name), Management: sc.Management,
 		sent: map[id.EventID]string{}, sentAt: map[id.EventID]time.Time{},
-		Stock: mode == ModeStock, Rules: rules,
+		Stock: mode == ModeStock, Rules: rules, Appservice: cfg.Appservice,
 	}
 	defer func() {
 		if err != nil {
@@ -239,17 +247,87 @@ func (w *World) WithBridgeStopped(ctx context.Context, fn func() error) error {
 // StopBridge stops the bridge process with SIGTERM (harness.Bridge.Stop), as an admin's restart
 // or a deployment does, and notes when.
 func (w *World) StopBridge() error {
-	w.downtimes = append(w.downtimes, downtime{from: time.Now()})
+	d := downtime{from: time.Now(), synapseLogAt: -1}
+	if info, err := os.Stat(w.Env.SynapseLog); err == nil {
+		d.synapseLogAt = info.Size()
+	}
+	w.downtimes = append(w.downtimes, d)
 	return w.Bridge.Stop()
 }
 
-// StartBridge starts the bridge again and notes when it was ready.
+// StartBridge starts the bridge again and notes when it was ready. In appservice mode it then
+// waits until Synapse delivers to-device messages to the bridge again (waitForAppserviceUp).
 func (w *World) StartBridge(ctx context.Context) error {
-	err := w.Bridge.Start(ctx)
-	if n := len(w.downtimes); n > 0 && w.downtimes[n-1].to.IsZero() {
-		w.downtimes[n-1].to = time.Now()
+	if err := w.Bridge.Start(ctx); err != nil {
+		return err
 	}
-	return err
+	n := len(w.downtimes)
+	if n == 0 || !w.downtimes[n-1].to.IsZero() {
+		return nil
+	}
+	w.downtimes[n-1].to = time.Now()
+	if w.Appservice {
+		return w.waitForAppserviceUp(ctx, w.downtimes[n-1].synapseLogAt)
+	}
+	return nil
+}
+
+// Synapse's application service scheduler (synapse/appservice/scheduler.py) logs these when a
+// transaction to an appservice failed and when it delivered everything it held back.
+const (
+	synapseRecovering = "Starting recoverer for AS ID "
+	synapseRecovered  = "Successfully recovered application service AS ID "
+)
+
+// waitForAppserviceUp waits until Synapse holds the bridge's appservice as up again, reading
+// Synapse's log from the offset it had when the bridge stopped. A transaction that failed while
+// the bridge was down makes Synapse mark it down and start a recoverer; until the recoverer has
+// sent the transactions it kept (the bridge's startup ping makes it try at once), Synapse creates
+// no transaction without room events, and the ones it sends carry no to-device messages. A room
+// key sent to the bridge then would be lost because of the lab's own restart, not of what the
+// scenario measures. Without Synapse's log (offset -1) there is nothing to wait for.
+func (w *World) waitForAppserviceUp(ctx context.Context, offset int64) error {
+	if offset < 0 {
+		return nil
+	}
+	asID := w.Bridge.Opts.Slot.ID
+	for {
+		down, err := synapseHoldsDown(w.Env.SynapseLog, offset, asID)
+		if err != nil || !down {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("appservice %s still down in Synapse: %w", asID, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// synapseHoldsDown tells whether, after offset, Synapse's log started a recoverer for the
+// appservice that has not recovered since.
+func synapseHoldsDown(path string, offset int64, asID string) (bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if _, err = f.Seek(offset, io.SeekStart); err != nil {
+		return false, err
+	}
+	down := false
+	scanner := bufio.NewScanner(f)
+	scanner.Buffer(make([]byte, 1<<20), 16<<20)
+	for scanner.Scan() {
+		line := scanner.Text()
+		switch {
+		case strings.HasSuffix(line, synapseRecovering+asID):
+			down = true
+		case strings.HasSuffix(line, synapseRecovered+asID):
+			down = false
+		}
+	}
+	return down, scanner.Err()
 }
 
 // sentWhileDown counts the messages sent while the lab had the bridge stopped.
