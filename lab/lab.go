@@ -101,7 +101,8 @@ type Result struct {
 	// it that reached the webhook; -1 when none did.
 	TimeToFirstBridgedMS int64 `json:"time_to_first_bridged_ms"`
 
-	// OlmFailures counts to-device events the bridge could not decrypt after the wedge.
+	// OlmFailures counts to-device events the bridge could not decrypt after the wedge (an Olm
+	// message it had decrypted already and was handed again is not one).
 	OlmFailures int `json:"olm_failures"`
 	// FailureToFirstBridgedMS is from the bridge's first Olm failure after the wedge to the first
 	// message that reached the webhook after it: the heal as the bridge sees it, without the

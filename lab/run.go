@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -428,6 +429,12 @@ func (w *World) measure(ctx context.Context, res *Result, k int, sendTimes map[s
 	for _, entry := range entries {
 		switch entry.str("message") {
 		case "Failed to decrypt to-device event":
+			if entry.str("error") == crypto.ErrDuplicateMessage.Error() {
+				// An Olm message the bridge had decrypted already, handed to it again (in
+				// appservice mode unwedge reads the bot device's inbox at startup, which holds
+				// what transactions delivered before the restart too): not a failure to decrypt.
+				continue
+			}
 			if res.OlmFailures == 0 {
 				firstFailure = entry.time()
 			}
