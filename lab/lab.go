@@ -150,6 +150,8 @@ type Report struct {
 	K                int    `json:"k"`
 	// Rules are the rule sets every scenario ran under.
 	Rules []testclient.Rules `json:"rules"`
+	// BridgeConfig is Config.BridgeConfig: options the unwedge-mode bridge ran with.
+	BridgeConfig map[string]any `json:"bridge_config,omitempty"`
 	// Transport is how the bridge received to-device events: "sync" or "appservice".
 	Transport string `json:"transport"`
 }

@@ -23,7 +23,7 @@ func Run(ctx context.Context, env *testenv.Env, cfg Config, scenarios []*Scenari
 	if len(cfg.Rules) == 0 {
 		cfg.Rules = DefaultRules
 	}
-	report := &Report{K: cfg.K, Transport: "sync", Rules: cfg.Rules}
+	report := &Report{K: cfg.K, Transport: "sync", Rules: cfg.Rules, BridgeConfig: cfg.BridgeConfig}
 	if cfg.Appservice {
 		report.Transport = "appservice"
 	}

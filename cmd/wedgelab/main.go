@@ -17,60 +17,97 @@ import (
 	"syscall"
 	"text/tabwriter"
 
+	"gopkg.in/yaml.v3"
+
 	"github.com/unwedge/unwedge/internal/harness"
 	"github.com/unwedge/unwedge/internal/testclient"
 	"github.com/unwedge/unwedge/internal/testenv"
 	"github.com/unwedge/unwedge/lab"
 )
 
+// options are the command line's flags.
+type options struct {
+	quick                       bool
+	jsonPath, mode, only, rules string
+	k, parallel                 int
+	keep                        string
+	appservice                  bool
+	bridgeConfig                configSets
+}
+
 func main() {
-	quick := flag.Bool("quick", false, "small K and shorter waits")
-	jsonPath := flag.String("json", "", "also write the results as JSON to this path")
-	modeFlag := flag.String("mode", "both", "stock, unwedge or both")
+	var opts options
+	flag.BoolVar(&opts.quick, "quick", false, "small K and shorter waits")
+	flag.StringVar(&opts.jsonPath, "json", "", "also write the results as JSON to this path")
+	flag.StringVar(&opts.mode, "mode", "both", "stock, unwedge or both")
 	names := make([]string, len(lab.Scenarios))
 	for i, sc := range lab.Scenarios {
 		names[i] = sc.Name
 	}
-	only := flag.String("scenario", "", "comma-separated scenario names (default: all): "+strings.Join(names, ", "))
-	k := flag.Int("k", 0, "messages per phase and direction (default 10, or 3 with --quick)")
-	parallel := flag.Int("parallel", 0, "scenarios at once (default 2)")
-	keep := flag.String("keep", "", "keep every run's bridge log, config and client files in this directory")
-	appservice := flag.Bool("appservice", false, "to-device events through appservice transactions instead of /sync")
-	rulesFlag := flag.String("rules", "mautrix", "the key-sharing rules of the user's client, comma-separated "+
+	flag.StringVar(&opts.only, "scenario", "", "comma-separated scenario names (default: all): "+strings.Join(names, ", "))
+	flag.IntVar(&opts.k, "k", 0, "messages per phase and direction (default 10, or 3 with --quick)")
+	flag.IntVar(&opts.parallel, "parallel", 0, "scenarios at once (default 2)")
+	flag.StringVar(&opts.keep, "keep", "", "keep every run's bridge log, config and client files in this directory")
+	flag.BoolVar(&opts.appservice, "appservice", false, "to-device events through appservice transactions instead of /sync")
+	flag.StringVar(&opts.rules, "rules", "mautrix", "the key-sharing rules of the user's client, comma-separated "+
 		"(mautrix, element-web, element-x), or all; every scenario runs under each")
+	opts.bridgeConfig = configSets{}
+	flag.Var(opts.bridgeConfig, "set", "set an option of the unwedge-mode bridge's config, as dotted.path=value "+
+		"(a YAML value; repeatable), e.g. network.unwedge.startup.enabled=false to measure reactive heals alone")
 	flag.Parse()
 
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
-	if err := run(ctx, *quick, *jsonPath, *modeFlag, *only, *rulesFlag, *k, *parallel, *keep, *appservice); err != nil {
+	if err := run(ctx, opts); err != nil {
 		fmt.Fprintln(os.Stderr, "wedgelab:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, quick bool, jsonPath, modeFlag, only, rulesFlag string, k, parallel int, keep string, appservice bool) error {
+// configSets is the --set flag: config options by dotted path.
+type configSets map[string]any
+
+func (c configSets) String() string { return fmt.Sprint(map[string]any(c)) }
+
+func (c configSets) Set(s string) error {
+	path, value, ok := strings.Cut(s, "=")
+	if !ok || path == "" {
+		return fmt.Errorf("want dotted.path=value, got %q", s)
+	}
+	var parsed any
+	if err := yaml.Unmarshal([]byte(value), &parsed); err != nil {
+		return fmt.Errorf("value of %s: %w", path, err)
+	}
+	c[path] = parsed
+	return nil
+}
+
+func run(ctx context.Context, opts options) error {
 	cfg := lab.FullConfig()
-	if quick {
+	if opts.quick {
 		cfg = lab.QuickConfig()
 	}
-	if k > 0 {
-		cfg.K = k
+	if opts.k > 0 {
+		cfg.K = opts.k
 	}
-	if parallel > 0 {
-		cfg.Parallel = parallel
+	if opts.parallel > 0 {
+		cfg.Parallel = opts.parallel
 	}
-	cfg.Appservice = appservice
-	modes, err := parseModes(modeFlag)
+	if len(opts.bridgeConfig) > 0 {
+		cfg.BridgeConfig = opts.bridgeConfig
+	}
+	cfg.Appservice = opts.appservice
+	modes, err := parseModes(opts.mode)
 	if err != nil {
 		return err
 	}
-	if cfg.Rules, err = parseRules(rulesFlag); err != nil {
+	if cfg.Rules, err = parseRules(opts.rules); err != nil {
 		return err
 	}
 	scenarios := lab.Scenarios
-	if only != "" {
+	if opts.only != "" {
 		scenarios = nil
-		for _, name := range strings.Split(only, ",") {
+		for _, name := range strings.Split(opts.only, ",") {
 			sc, ok := lab.ScenarioByName(strings.TrimSpace(name))
 			if !ok {
 				return fmt.Errorf("unknown scenario %q", name)
@@ -82,8 +119,8 @@ func run(ctx context.Context, quick bool, jsonPath, modeFlag, only, rulesFlag st
 	if err != nil {
 		return err
 	}
-	if keep != "" {
-		cfg.WorkDir = keep
+	if opts.keep != "" {
+		cfg.WorkDir = opts.keep
 	} else if cfg.WorkDir, err = os.MkdirTemp("", "wedgelab-"); err != nil {
 		return err
 	} else {
@@ -96,12 +133,12 @@ func run(ctx context.Context, quick bool, jsonPath, modeFlag, only, rulesFlag st
 		len(scenarios), len(cfg.Rules), cfg.K, cfg.Parallel, map[bool]string{false: "/sync", true: "appservice transactions"}[cfg.Appservice])
 	report := lab.Run(ctx, env, cfg, scenarios, modes)
 	printTable(os.Stdout, report, scenarios, modes)
-	if jsonPath != "" {
+	if opts.jsonPath != "" {
 		data, err := json.MarshalIndent(report, "", "  ")
 		if err != nil {
 			return err
 		}
-		if err = os.WriteFile(jsonPath, append(data, '\n'), 0o644); err != nil {
+		if err = os.WriteFile(opts.jsonPath, append(data, '\n'), 0o644); err != nil {
 			return err
 		}
 	}
