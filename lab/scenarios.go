@@ -134,8 +134,9 @@ func rotateEveryMessage(ctx context.Context, w *World, _ string, _, _ int) error
 // session's key then goes out while the bridge is down, and starts it again before message
 // ceil(k/2). Over /sync the key waits in the bot device's inbox; in appservice mode Synapse's
 // catch-up transactions after the outage carry the room events but no to-device messages
-// (synapse/storage/databases/main/appservice.py, get_oldest_unsent_txn), so the key is gone and
-// only a key request or a re-share after a new Olm session can bring it.
+// (synapse/storage/databases/main/appservice.py, get_oldest_unsent_txn): the key stays only in
+// the bot device's inbox, which unwedge reads at startup, and otherwise only a key request or a
+// re-share after a new Olm session can bring it.
 //
 // Nothing measured is in flight when the bridge stops: the churn's messages have arrived and no
 // message of the phase has been sent. After the start the lab waits until the bridge has tried to
