@@ -272,6 +272,10 @@ func (w *World) StartBridge(ctx context.Context) error {
 	return nil
 }
 
+// appserviceSettle is how long after a start the lab gives Synapse to notice a transaction that
+// failed while the bridge was stopped.
+const appserviceSettle = 1500 * time.Millisecond
+
 // Synapse's application service scheduler (synapse/appservice/scheduler.py) logs these when a
 // transaction to an appservice failed and when it delivered everything it held back.
 const (
@@ -286,10 +290,15 @@ const (
 // no transaction without room events, and the ones it sends carry no to-device messages. A room
 // key sent to the bridge then would be lost because of the lab's own restart, not of what the
 // scenario measures. Without Synapse's log (offset -1) there is nothing to wait for.
+//
+// Synapse can handle a transaction it failed to deliver during a short stop only after the new
+// process is up (seen: refused 50 ms into a stop, recoverer started 250 ms after the new process
+// answered Synapse's ping), so the log is read only after appserviceSettle.
 func (w *World) waitForAppserviceUp(ctx context.Context, offset int64) error {
 	if offset < 0 {
 		return nil
 	}
+	sleep(ctx, appserviceSettle)
 	asID := w.Bridge.Opts.Slot.ID
 	for {
 		down, err := synapseHoldsDown(w.Env.SynapseLog, offset, asID)
