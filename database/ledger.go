@@ -41,9 +41,13 @@ const (
 		UPDATE unwedge_device SET last_created_at = $6, last_session_id = $7
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5`
 	sessionCreatedHealQuery = `UPDATE unwedge_heal SET session_id = $2 WHERE id = $1`
-	finishDeviceQuery       = `
+	// A discarded session ($8, HealEnd.Discarded) that is still the device's last one is
+	// forgotten: the interval does not run from a session no peer can know.
+	finishDeviceQuery = `
 		UPDATE unwedge_device SET lease_owner = '', lease_until = 0,
-			last_failed_at = CASE WHEN $6 THEN $7 ELSE last_failed_at END
+			last_failed_at = CASE WHEN $6 THEN $7 ELSE last_failed_at END,
+			last_created_at = CASE WHEN $8 <> '' AND last_session_id = $8 THEN 0 ELSE last_created_at END,
+			last_session_id = CASE WHEN $8 <> '' AND last_session_id = $8 THEN '' ELSE last_session_id END
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5`
 	finishHealQuery     = `UPDATE unwedge_heal SET outcome = $2, finished_at = $3, attempts = $4, error = $5 WHERE id = $1`
 	postponeDeviceQuery = `
@@ -192,7 +196,7 @@ func (lq *LedgerQuery) SessionCreated(ctx context.Context, ref unwedge.HealRef, 
 func (lq *LedgerQuery) Finish(ctx context.Context, ref unwedge.HealRef, end unwedge.HealEnd) error {
 	return lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
 		permanent := end.Outcome == unwedge.HealFailedPermanent
-		if _, err := lq.db.Exec(ctx, finishDeviceQuery, append(lq.deviceArgs(ref.Device), ref.Owner, permanent, end.At.UnixMilli())...); err != nil {
+		if _, err := lq.db.Exec(ctx, finishDeviceQuery, append(lq.deviceArgs(ref.Device), ref.Owner, permanent, end.At.UnixMilli(), end.Discarded)...); err != nil {
 			return err
 		}
 		_, err := lq.db.Exec(ctx, finishHealQuery, ref.HealID, end.Outcome, end.At.UnixMilli(), end.Attempts, end.Err)

@@ -52,10 +52,12 @@ const (
 	finishManyQuery = `
 		WITH t AS (
 			SELECT * FROM json_to_recordset($2::json) AS t(user_id TEXT, device_id TEXT, identity_key TEXT, owner TEXT,
-				heal_id BIGINT, outcome TEXT, attempts INTEGER, error TEXT, at BIGINT)
+				heal_id BIGINT, outcome TEXT, attempts INTEGER, error TEXT, at BIGINT, discarded TEXT)
 		), d AS (
 			UPDATE unwedge_device AS dev SET lease_owner = '', lease_until = 0,
-				last_failed_at = CASE WHEN t.outcome = 'failed_permanent' THEN t.at ELSE dev.last_failed_at END
+				last_failed_at = CASE WHEN t.outcome = 'failed_permanent' THEN t.at ELSE dev.last_failed_at END,
+				last_created_at = CASE WHEN t.discarded <> '' AND dev.last_session_id = t.discarded THEN 0 ELSE dev.last_created_at END,
+				last_session_id = CASE WHEN t.discarded <> '' AND dev.last_session_id = t.discarded THEN '' ELSE dev.last_session_id END
 			FROM t
 			WHERE dev.bridge_id = $1 AND dev.user_id = t.user_id AND dev.device_id = t.device_id
 				AND dev.identity_key = t.identity_key AND dev.lease_owner = t.owner
@@ -194,17 +196,19 @@ func (lq *LedgerQuery) FinishMany(ctx context.Context, refs []unwedge.HealRef, e
 	}
 	type finished struct {
 		batchDevice
-		Owner    string `json:"owner"`
-		HealID   int64  `json:"heal_id"`
-		Outcome  string `json:"outcome"`
-		Attempts int    `json:"attempts"`
-		Error    string `json:"error"`
-		At       int64  `json:"at"`
+		Owner     string `json:"owner"`
+		HealID    int64  `json:"heal_id"`
+		Outcome   string `json:"outcome"`
+		Attempts  int    `json:"attempts"`
+		Error     string `json:"error"`
+		At        int64  `json:"at"`
+		Discarded string `json:"discarded"`
 	}
 	input := make([]finished, len(refs))
 	for i, ref := range refs {
 		input[i] = finished{batchDevice: toBatchDevice(ref.Device), Owner: ref.Owner, HealID: ref.HealID,
-			Outcome: string(ends[i].Outcome), Attempts: ends[i].Attempts, Error: ends[i].Err, At: ends[i].At.UnixMilli()}
+			Outcome: string(ends[i].Outcome), Attempts: ends[i].Attempts, Error: ends[i].Err, At: ends[i].At.UnixMilli(),
+			Discarded: string(ends[i].Discarded)}
 	}
 	all, err := batchJSON(input)
 	if err != nil {

@@ -118,3 +118,52 @@ func TestLedgerBatch(t *testing.T) {
 		})
 	}
 }
+
+// TestLedgerDiscarded: a heal that ends with its session discarded (the crypto store never kept it
+// and the bridge stopped) leaves the device free to be healed again at once, with Finish and
+// FinishMany; a discarded session that is no longer the device's last one changes nothing.
+func TestLedgerDiscarded(t *testing.T) {
+	t0 := time.UnixMilli(1_800_000_000_000)
+	n := 0
+	for dialect, uri := range testenv.Databases(t) {
+		for _, many := range []bool{false, true} {
+			for _, tc := range []struct {
+				name      string
+				discarded id.SessionID
+				granted   bool
+			}{
+				{"kept", "", false},
+				{"discarded", "session", true},
+				{"another session discarded", "older", false},
+			} {
+				t.Run(fmt.Sprintf("%s/many=%v/%s", dialect, many, tc.name), func(t *testing.T) {
+					ctx := context.Background()
+					lq := openLedger(t, dialect, uri)
+					n++ // a device of its own
+					d := unwedge.LedgerDevice{UserID: id.UserID(fmt.Sprintf("@discard%d:localhost", n)), DeviceID: "PHONE", IdentityKey: "key-alice"}
+					g, err := lq.Acquire(ctx, d, params(t0, "bridge-a"))
+					if err != nil || !g.Granted {
+						t.Fatalf("acquire: %+v %v", g, err)
+					}
+					ref := unwedge.HealRef{Device: d, Owner: "bridge-a", HealID: g.HealID}
+					if err = lq.SessionCreated(ctx, ref, "session", t0); err != nil {
+						t.Fatal(err)
+					}
+					end := unwedge.HealEnd{Outcome: unwedge.HealFailedTransient, Attempts: 1, At: t0, Discarded: tc.discarded}
+					if many {
+						err = lq.FinishMany(ctx, []unwedge.HealRef{ref}, []unwedge.HealEnd{end})
+					} else {
+						err = lq.Finish(ctx, ref, end)
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+					g, err = lq.Acquire(ctx, d, params(t0.Add(time.Minute), "bridge-b"))
+					if err != nil || g.Granted != tc.granted {
+						t.Errorf("next heal a minute later: %+v %v, want granted %v", g, err, tc.granted)
+					}
+				})
+			}
+		}
+	}
+}

@@ -442,8 +442,13 @@ func (u *Unwedger) finishMembers(ctx context.Context, members []*batchMember, st
 			}
 			continue
 		}
+		end := HealEnd{Outcome: m.outcome, Attempts: m.attempts, Err: errText, At: time.Now()}
+		if sess, stored := m.hc.replacement(); sess != nil && !stored && ctx.Err() != nil {
+			// The bridge stopped before the store kept the session: see HealEnd.Discarded.
+			end.Discarded = sess.ID()
+		}
 		refs = append(refs, m.ref)
-		ends = append(ends, HealEnd{Outcome: m.outcome, Attempts: m.attempts, Err: errText, At: time.Now()})
+		ends = append(ends, end)
 		finished = append(finished, m)
 	}
 	if bl, ok := u.ledger.(batchLedger); ok && len(refs) > 0 {

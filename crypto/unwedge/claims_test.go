@@ -99,6 +99,45 @@ func TestHealStoreFailure(t *testing.T) {
 	}
 }
 
+// TestHealDiscardedOnStop: the bridge stops while a heal waits to store its session again (the
+// crypto store is down). No peer can know that session, so the ledger forgets it: the next process
+// heals the device at its next wedge instead of refusing it for min_interval (seen in the wedge
+// lab: a SIGTERM during a heal left a device unhealed for the hour).
+func TestHealDiscardedOnStop(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	fail := &atomic.Int32{}
+	f.bridge.Store.Wrap = func(inner crypto.Store) crypto.Store { return &flakyStore{Store: inner, fail: fail} }
+	f.cfg.MinBackoff, f.cfg.MaxBackoff = time.Minute, time.Minute // the heal waits after its first attempt
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.restartBridge()
+	fail.Store(1000)
+	f.peerSends()
+	f.deliverToBridge()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 5)
+		if err == nil && len(heals) == 1 && heals[0].SessionID != "" {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("no session recorded for the heal: %+v, %v", heals, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	f.unwedger.Stop() // the bridge stops
+	if d := f.decision(); d.Action != unwedge.ActionFailed {
+		t.Fatalf("decision %+v, want failed", d)
+	}
+	fail.Store(0)
+	f.restartBridge()
+	f.peerSends()
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != unwedge.ActionHealed {
+		t.Fatalf("after a restart: %+v, want healed (the discarded session does not start the interval)", d)
+	}
+	f.healedBothWays()
+}
+
 // TestLostClaimAnswer: the homeserver hands out a key, but the bridge never gets the answer (a
 // proxy in front of it times out, or the connection drops). The heal does not claim again, also
 // with the client's own retries on (bridgev2's homeserver.retry_limit): one key, one request, and

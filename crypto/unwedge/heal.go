@@ -158,7 +158,12 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		u.decide(decideCtx, decision)
 		return decision
 	}
-	if err = u.ledger.Finish(finishCtx, ref, HealEnd{Outcome: outcome, Attempts: attempts, Err: errText, At: time.Now()}); err != nil {
+	end := HealEnd{Outcome: outcome, Attempts: attempts, Err: errText, At: time.Now()}
+	discarded := sess != nil && !stored && ctx.Err() != nil
+	if discarded {
+		end.Discarded = sess.ID()
+	}
+	if err = u.ledger.Finish(finishCtx, ref, end); err != nil {
 		log.Err(err).Msg("Failed to record heal outcome in the ledger")
 	}
 	switch {
@@ -174,6 +179,10 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		return decision
 	case claimLost:
 		decision.Detail = fmt.Sprintf("%s after %d attempt(s): the answer to the key claim was lost and the homeserver may have handed out a key, so this heal claims no other", outcome, attempts)
+	case discarded:
+		// The bridge stopped before the store kept the session: no peer can know it, so the
+		// ledger forgot it, and the next process may heal the device again.
+		decision.Detail = fmt.Sprintf("%s after %d attempt(s): the bridge stopped before the crypto store kept session %s, which was discarded", outcome, attempts, sess.ID())
 	case sess != nil && !stored:
 		// The session dies with this process; its key is spent, and the ledger, which recorded
 		// the session, gives the device no new one within the interval.

@@ -45,6 +45,12 @@ type HealEnd struct {
 	// Err is the last error's text, if it did not heal.
 	Err string
 	At  time.Time
+	// Discarded names the heal's session when the crypto store never kept it and it died with a
+	// bridge that stopped: nothing went over it and no peer can learn of it, so the device's
+	// min_interval does not run from it (the ledger forgets the creation), and the next process
+	// may heal the device again. A store that keeps failing while the bridge runs does not
+	// discard: the interval then bounds the keys claimed.
+	Discarded id.SessionID
 }
 
 // LedgerDevice identifies a peer device: a user's device with the identity key it had when
