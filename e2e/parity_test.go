@@ -15,7 +15,6 @@ import (
 	_ "github.com/lib/pq"
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix"
-	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/signatures"
 	"maunium.net/go/mautrix/crypto/ssss"
 	"maunium.net/go/mautrix/event"
@@ -324,13 +323,8 @@ const (
 func (b botDevice) request(t *testing.T, ctx context.Context, requester *testclient.Client, key roomKey, expectRefusal bool) keyAnswer {
 	t.Helper()
 	mach := requester.Machine()
-	store, ok := mach.CryptoStore.(*crypto.SQLCryptoStore)
-	if !ok {
-		t.Fatalf("crypto store is %T", mach.CryptoStore)
-	}
 	// The session itself, or a withheld notice stored in its place by an earlier request.
-	if _, err := store.DB.Exec(ctx, "DELETE FROM crypto_megolm_inbound_session WHERE account_id=$1 AND room_id=$2 AND session_id=$3",
-		store.AccountID, key.room, key.session); err != nil {
+	if err := requester.ForgetRoomKey(ctx, key.room, key.session); err != nil {
 		t.Fatal(err)
 	}
 	wait := answerWait

@@ -244,6 +244,19 @@ func (c *Client) Machine() *crypto.OlmMachine {
 	return c.crypto.Load().mach
 }
 
+// ForgetRoomKey deletes a Megolm session from the client's crypto store (or the withheld notice
+// stored in its place), as if the client never had it.
+func (c *Client) ForgetRoomKey(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) error {
+	c.cryptoLock.RLock()
+	defer c.cryptoLock.RUnlock()
+	store := c.crypto.Load().store
+	if _, err := store.DB.Exec(ctx, "DELETE FROM crypto_megolm_inbound_session WHERE account_id=$1 AND room_id=$2 AND session_id=$3",
+		store.AccountID, roomID, sessionID); err != nil {
+		return fmt.Errorf("failed to forget room key %s: %w", sessionID, err)
+	}
+	return nil
+}
+
 // SyncError returns the error that stopped the sync loop for good (an invalid access token), or nil.
 func (c *Client) SyncError() error {
 	if err := c.syncFailed.Load(); err != nil {
