@@ -178,13 +178,7 @@ func (u *Unwedger) acquireMembers(ctx context.Context, members []*batchMember, c
 		dev := m.device
 		devs[i] = LedgerDevice{UserID: dev.UserID, DeviceID: dev.DeviceID, IdentityKey: dev.IdentityKey}
 		*m.decision = Decision{Class: class, UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey}
-		m.log = zerolog.Ctx(ctx).With().
-			Str("action", "unwedge").
-			Stringer("user_id", dev.UserID).
-			Stringer("device_id", dev.DeviceID).
-			Stringer("identity_key", dev.IdentityKey).
-			Str("class", string(class)).
-			Logger()
+		m.log = deviceLogger(*zerolog.Ctx(ctx), devs[i], class)
 	}
 	if bl, ok := u.ledger.(batchLedger); ok {
 		all, err := bl.AcquireMany(ctx, devs, p)
@@ -223,11 +217,7 @@ func (u *Unwedger) grantMember(ctx context.Context, m *batchMember, now time.Tim
 	}
 	m.ref = HealRef{Device: ldev, Owner: u.owner, HealID: grant.HealID}
 	if m.decision.Class == ClassUnreadableSession && u.repairer != nil {
-		if n, err := u.repairer.DeleteUnreadableSessions(ctx, dev.IdentityKey); err != nil {
-			m.log.Err(err).Msg("Failed to delete unreadable Olm sessions")
-		} else {
-			m.log.Info().Int("deleted", n).Msg("Deleted unreadable Olm sessions")
-		}
+		deleteUnreadable(ctx, u.repairer, m.log, dev.IdentityKey)
 	}
 	// As in Heal: the session is recorded the moment it exists, before m.dummy goes out, so the
 	// interval runs from its creation and ResumeHeals can finish the heal over it.

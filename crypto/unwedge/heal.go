@@ -38,13 +38,7 @@ const (
 func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) Decision {
 	started := time.Now()
 	dev := LedgerDevice{UserID: device.UserID, DeviceID: device.DeviceID, IdentityKey: device.IdentityKey}
-	log := zerolog.Ctx(ctx).With().
-		Str("action", "unwedge").
-		Stringer("user_id", device.UserID).
-		Stringer("device_id", device.DeviceID).
-		Stringer("identity_key", device.IdentityKey).
-		Str("class", string(class)).
-		Logger()
+	log := deviceLogger(*zerolog.Ctx(ctx), dev, class)
 	// Decisions log their own user, device and key fields.
 	decideCtx := ctx
 	ctx = log.WithContext(ctx)
@@ -67,11 +61,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	ref := HealRef{Device: dev, Owner: u.owner, HealID: grant.HealID}
 
 	if class == ClassUnreadableSession && u.repairer != nil {
-		if n, err := u.repairer.DeleteUnreadableSessions(ctx, device.IdentityKey); err != nil {
-			log.Err(err).Msg("Failed to delete unreadable Olm sessions")
-		} else {
-			log.Info().Int("deleted", n).Msg("Deleted unreadable Olm sessions")
-		}
+		deleteUnreadable(ctx, u.repairer, log, device.IdentityKey)
 	}
 
 	// The session is recorded in the ledger the moment it exists, before m.dummy goes out and
@@ -265,16 +255,31 @@ func (u *Unwedger) ResumeHeals(ctx context.Context) {
 	}
 }
 
-// healLogger is the logger of a resumed heal: the fields of the heal's device and its ID.
-func healLogger(log zerolog.Logger, heal *Heal) zerolog.Logger {
+// deviceLogger is the logger of a heal of dev: every line carries the device's fields and the
+// heal's class.
+func deviceLogger(log zerolog.Logger, dev LedgerDevice, class Class) zerolog.Logger {
 	return log.With().
 		Str("action", "unwedge").
-		Stringer("user_id", heal.Device.UserID).
-		Stringer("device_id", heal.Device.DeviceID).
-		Stringer("identity_key", heal.Device.IdentityKey).
-		Str("class", string(heal.Class)).
-		Int64("heal_id", heal.ID).
+		Stringer("user_id", dev.UserID).
+		Stringer("device_id", dev.DeviceID).
+		Stringer("identity_key", dev.IdentityKey).
+		Str("class", string(class)).
 		Logger()
+}
+
+// healLogger is the logger of a resumed heal: the fields of the heal's device and its ID.
+func healLogger(log zerolog.Logger, heal *Heal) zerolog.Logger {
+	return deviceLogger(log, heal.Device, heal.Class).With().Int64("heal_id", heal.ID).Logger()
+}
+
+// deleteUnreadable deletes the stored sessions with key that cannot be loaded (one corrupt row
+// hides every session with the device from the store, the replacement included), and logs it.
+func deleteUnreadable(ctx context.Context, repairer Repairer, log zerolog.Logger, key id.SenderKey) {
+	if n, err := repairer.DeleteUnreadableSessions(ctx, key); err != nil {
+		log.Err(err).Msg("Failed to delete unreadable Olm sessions")
+	} else {
+		log.Info().Int("deleted", n).Msg("Deleted unreadable Olm sessions")
+	}
 }
 
 // postponeResumed keeps a resumed heal in progress for the next round. A heal is counted and

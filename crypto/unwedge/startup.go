@@ -122,11 +122,7 @@ func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, 
 			}
 		}
 		for _, key := range unreadable {
-			if n, err := tables.DeleteUnreadableSessions(ctx, key); err != nil {
-				log.Err(err).Stringer("identity_key", key).Msg("Failed to delete unreadable Olm sessions")
-			} else {
-				log.Info().Stringer("identity_key", key).Int("deleted", n).Msg("Deleted unreadable Olm sessions")
-			}
+			deleteUnreadable(ctx, tables, log.With().Stringer("identity_key", key).Logger(), key)
 		}
 		report.Unreadable = len(unreadable)
 		keys = union(unreadable, lost)
@@ -181,7 +177,6 @@ func (u *Unwedger) countOneTimeKeys(ctx context.Context, report *StartupReport) 
 		return fmt.Errorf("the account is not goolm's (%T): its one-time keys cannot be read", acc.Internal)
 	}
 	report.KeysOnServer = resp.OneTimeKeyCounts.SignedCurve25519
-	report.KeysPublished = 0
 	for _, key := range inner.OTKeys {
 		if key.Published {
 			report.KeysPublished++
