@@ -48,12 +48,19 @@ func (u *Unwedger) HealBatch(ctx context.Context, devices []*id.Device, class Cl
 	// A device listed twice would be two heals of one session: the second is refused here, as
 	// the ledger's lease would refuse it.
 	seen := make(map[id.SenderKey]struct{}, len(devices))
+	owners := u.keyOwners(ctx, devices)
 	var batches [][]int
 	for i, dev := range devices {
+		d := Decision{Class: class, UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey}
 		if _, dup := seen[dev.IdentityKey]; dup {
-			decisions[i] = Decision{Class: class, UserID: dev.UserID, DeviceID: dev.DeviceID, Key: dev.IdentityKey, Action: ActionLimited,
-				Detail: "listed twice in one batch of heals"}
+			decisions[i] = d
+			decisions[i].Action, decisions[i].Detail = ActionLimited, "listed twice in one batch of heals"
 			u.decide(ctx, decisions[i])
+			continue
+		}
+		if refusal, ok := owners.check(ctx, d); !ok {
+			decisions[i] = refusal
+			u.decide(ctx, refusal)
 			continue
 		}
 		seen[dev.IdentityKey] = struct{}{}
@@ -73,7 +80,10 @@ func (u *Unwedger) HealBatch(ctx context.Context, devices []*id.Device, class Cl
 				for j, i := range batch {
 					members[j] = &batchMember{device: devices[i], decision: &decisions[i]}
 				}
-				u.healBatch(ctx, members, class)
+				_ = u.catch(ctx, "heal_batch", func() error {
+					u.healBatch(ctx, members, class)
+					return nil
+				})
 			}
 		}()
 	}
@@ -94,6 +104,8 @@ type batchMember struct {
 	ref     HealRef
 	hc      *healContext
 	release func()
+	// doneReplacing ends Healing for the device.
+	doneReplacing func()
 	// recorded: the ledger has the replacement session. checked: the machine's store has the
 	// device with this identity key (the machine encrypts to the device it stores).
 	recorded, checked bool
@@ -130,7 +142,7 @@ func (u *Unwedger) healBatch(ctx context.Context, members []*batchMember, class 
 	for _, m := range granted {
 		set[m.device.IdentityKey] = m.hc
 		m.release = u.hold(m.log.WithContext(ctx), m.ref)
-		u.setReplacing(m.device.IdentityKey, 1)
+		m.doneReplacing = u.replacingFor(devicePeer(m.device))
 		fault.At(u.ctx, FaultHealGranted)
 	}
 	// One HTTP request per attempt, as in Heal: the client's own retries would claim again
@@ -138,7 +150,7 @@ func (u *Unwedger) healBatch(ctx context.Context, members []*batchMember, class 
 	healCtx := withHeals(mautrix.WithMaxRetries(ctx, 0), set)
 	for attempt := 1; ctx.Err() == nil; attempt++ {
 		if going := u.prepareAttempt(ctx, granted); len(going) > 0 {
-			u.attemptBatch(ctx, healCtx, going, batchLog)
+			u.attemptGroup(ctx, healCtx, going, batchLog)
 		}
 		left := pendingMembers(granted)
 		if left == 0 || attempt >= u.cfg.MaxRetries || ctx.Err() != nil {
@@ -153,7 +165,7 @@ func (u *Unwedger) healBatch(ctx context.Context, members []*batchMember, class 
 		}
 	}
 	for _, m := range granted {
-		u.setReplacing(m.device.IdentityKey, -1)
+		m.doneReplacing()
 		m.release()
 	}
 	u.finishMembers(ctx, granted, started)
@@ -210,20 +222,20 @@ func (u *Unwedger) grantMember(ctx context.Context, m *batchMember, now time.Tim
 		u.decide(ctx, *m.decision)
 		return false
 	} else if !grant.Granted {
-		u.noteReplaced(dev.IdentityKey, grant.LastCreatedAt)
+		u.noteReplaced(devicePeer(dev), grant.LastCreatedAt)
 		m.decision.Action, m.decision.Detail = ActionLimited, grant.Reason(now, u.cfg.MinInterval)
 		u.decide(ctx, *m.decision)
 		return false
 	}
 	m.ref = HealRef{Device: ldev, Owner: u.owner, HealID: grant.HealID}
-	if m.decision.Class == ClassUnreadableSession && u.repairer != nil {
-		deleteUnreadable(ctx, u.repairer, m.log, dev.IdentityKey)
+	if m.decision.Class == ClassUnreadableSession && u.tables != nil {
+		deleteUnreadable(ctx, u.tables, m.log, dev.IdentityKey)
 	}
 	// As in Heal: the session is recorded the moment it exists, before m.dummy goes out, so the
 	// interval runs from its creation and ResumeHeals can finish the heal over it.
 	m.hc = &healContext{key: dev.IdentityKey, onCreated: func(sess *crypto.OlmSession) {
 		createdAt := time.Now()
-		u.noteReplaced(dev.IdentityKey, createdAt)
+		u.noteReplaced(devicePeer(dev), createdAt)
 		if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), m.ref, sess.ID(), createdAt); err != nil {
 			m.log.Err(err).Msg("Failed to record replacement session in the ledger")
 			return
@@ -292,9 +304,9 @@ func (u *Unwedger) checkDevices(ctx context.Context, members []*batchMember) {
 	if len(users) == 0 {
 		return
 	}
-	fetched, err := u.mach.FetchKeys(ctx, users, true)
+	fetched, errs := u.fetchKeys(ctx, users)
 	for _, m := range missing {
-		switch {
+		switch err := errs[m.device.UserID]; {
 		case err != nil && transient(err):
 			m.err = fmt.Errorf("failed to fetch the device's keys: %w", err)
 		case err != nil:
@@ -303,6 +315,33 @@ func (u *Unwedger) checkDevices(ctx context.Context, members []*batchMember) {
 			m.checkKey(fetched[m.device.UserID][m.device.DeviceID])
 		}
 	}
+}
+
+// fetchKeys fetches the users' devices in one key query. When that fails for good (a panic on
+// the answer, say), each user is fetched alone, so that one user's answer fails only that user's
+// devices. It returns the devices and each user's error.
+func (u *Unwedger) fetchKeys(ctx context.Context, users []id.UserID) (map[id.UserID]map[id.DeviceID]*id.Device, map[id.UserID]error) {
+	fetch := func(users []id.UserID) (fetched map[id.UserID]map[id.DeviceID]*id.Device, err error) {
+		err = u.catch(ctx, "fetch_keys", func() error {
+			fetched, err = u.mach.FetchKeys(ctx, users, true)
+			return err
+		})
+		return fetched, err
+	}
+	errs := make(map[id.UserID]error, len(users))
+	fetched, err := fetch(users)
+	if err == nil || len(users) == 1 || transient(err) {
+		for _, userID := range users {
+			errs[userID] = err
+		}
+		return fetched, errs
+	}
+	fetched = make(map[id.UserID]map[id.DeviceID]*id.Device, len(users))
+	for _, userID := range users {
+		one, err := fetch([]id.UserID{userID})
+		fetched[userID], errs[userID] = one[userID], err
+	}
+	return fetched, errs
 }
 
 // checkKey ends the member's heal unless the machine's device is the member's.
@@ -317,10 +356,30 @@ func (m *batchMember) checkKey(stored *id.Device) {
 	}
 }
 
+// attemptGroup makes one attempt for the members going (attemptBatch). When the machine failed
+// on the bridge's side for the whole group, for no member's own reason (a crypto store error
+// while it looked the devices up, a panic on what one member's server answered), the halves are
+// tried again at once, down to single members: the member at fault fails alone, and the others
+// heal in this attempt, for a few more requests than one.
+func (u *Unwedger) attemptGroup(ctx context.Context, healCtx context.Context, going []*batchMember, log zerolog.Logger) {
+	if !u.attemptBatch(ctx, healCtx, going, log) || len(going) < 2 || ctx.Err() != nil {
+		return
+	}
+	half := len(going) / 2
+	for _, part := range [][]*batchMember{going[:half], going[half:]} {
+		if part = slices.DeleteFunc(slices.Clone(part), func(m *batchMember) bool { return m.done }); len(part) > 0 {
+			u.attemptGroup(ctx, healCtx, part, log)
+		}
+	}
+}
+
 // attemptBatch makes one attempt for the members going: the machine claims one key for each
 // that has no replacement session yet (one request), creates and stores the sessions (the
 // heal contexts record them) and encrypts m.dummy over them; then one request sends them all.
-func (u *Unwedger) attemptBatch(ctx context.Context, healCtx context.Context, going []*batchMember, log zerolog.Logger) {
+// It reports whether the machine failed for the whole group on the bridge's side before any
+// member's claim was answered (split: worth trying in smaller groups); with more than one member
+// such a failure ends no member's heal.
+func (u *Unwedger) attemptBatch(ctx context.Context, healCtx context.Context, going []*batchMember, log zerolog.Logger) (split bool) {
 	req := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
 	for _, m := range going {
 		m.attempts++
@@ -329,11 +388,16 @@ func (u *Unwedger) attemptBatch(ctx context.Context, healCtx context.Context, go
 		}
 		req.Messages[m.device.UserID][m.device.DeviceID] = &event.Content{}
 	}
-	encrypted, err := u.mach.EncryptToDevices(healCtx, event.ToDeviceDummy, req)
+	var encrypted *mautrix.ReqSendToDevice
+	err := u.catch(ctx, "encrypt_dummies", func() (err error) {
+		encrypted, err = u.mach.EncryptToDevices(healCtx, event.ToDeviceDummy, req)
+		return err
+	})
 	// The machine looks the devices up, claims one key for each member without a session, then
 	// reads each member's session from the store, which fails only with errCryptoStore (the
 	// heal contexts answer it): with no error or that one, the claim was answered.
 	answered := err == nil || errors.Is(err, errCryptoStore)
+	split = err != nil && !answered && !fromHomeserver(err) && ctx.Err() == nil
 	send := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
 	var sending []*batchMember
 	for _, m := range going {
@@ -364,9 +428,10 @@ func (u *Unwedger) attemptBatch(ctx context.Context, healCtx context.Context, go
 			}
 		case err != nil:
 			// A step before the claim (looking up the devices) or after it (the crypto store)
-			// failed: tried again, over the session if one was made.
+			// failed: tried again, over the session if one was made. A failure of a group is
+			// no member's own until the member is tried alone (attemptGroup).
 			m.err = err
-			if sess == nil && ctx.Err() == nil && !transient(err) {
+			if sess == nil && ctx.Err() == nil && !transient(err) && !(split && len(going) > 1) {
 				m.end(HealFailedPermanent, err)
 			}
 		case sess == nil:
@@ -387,7 +452,7 @@ func (u *Unwedger) attemptBatch(ctx context.Context, healCtx context.Context, go
 		log.Debug().Err(err).Int("devices", len(going)).Msg("Failed to create replacement Olm sessions in a batch")
 	}
 	if len(sending) == 0 {
-		return
+		return split
 	}
 	if _, err = u.mach.Client.SendToDevice(mautrix.WithMaxRetries(ctx, 0), event.ToDeviceEncrypted, send); err != nil {
 		err = fmt.Errorf("failed to send m.dummy to %d devices: %w", len(sending), err)
@@ -402,6 +467,7 @@ func (u *Unwedger) attemptBatch(ctx context.Context, healCtx context.Context, go
 			m.err = err
 		}
 	}
+	return split
 }
 
 // errNoOneTimeKey: the claim was answered, but without a usable one-time key of the device.

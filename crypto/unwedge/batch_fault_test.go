@@ -28,7 +28,7 @@ func TestHealBatchOrder(t *testing.T) {
 	b.unwedger.ArmFaults(func(_ context.Context, point string) {
 		s := seen{point: point, sent: b.hs.ToDeviceRequests(event.ToDeviceEncrypted.Type) != sends}
 		for i, peer := range b.peers {
-			if b.unwedger.Healing(peer.IdentityKey()) {
+			if b.unwedger.Healing(peer.UserID, peer.IdentityKey()) {
 				s.healing++
 			}
 			heals, err := b.ledger.Heals(b.ctx, peer.UserID, peer.DeviceID, 1)

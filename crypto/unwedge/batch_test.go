@@ -386,7 +386,7 @@ func TestHealBatch(t *testing.T) {
 				t.Errorf("%d decisions logged for %d devices", len(logged), len(got))
 			}
 			for _, peer := range b.peers {
-				if b.unwedger.Healing(peer.IdentityKey()) {
+				if b.unwedger.Healing(peer.UserID, peer.IdentityKey()) {
 					t.Errorf("%s is still healing after the batch", peer.UserID)
 				}
 			}
@@ -454,7 +454,7 @@ type plainLedger struct{ unwedge.Ledger }
 func TestHealBatchPlainLedger(t *testing.T) {
 	b := newBatchFixture(t, 12)
 	b.bridge.Restart()
-	b.unwedger = b.bridge.Unwedge(cryptotest.Unwedging{Config: b.cfg, Ledger: plainLedger{b.ledger}, Scope: b.scope, Repair: true})
+	b.unwedger = b.bridge.Unwedge(cryptotest.Unwedging{Config: b.cfg, Ledger: plainLedger{b.ledger}, Scope: b.scope})
 	b.unwedger.OnDecision = b.record
 	if _, err := b.bridge.Mach.GetOwnCrossSigningPublicKeys(b.ctx); err != nil {
 		t.Fatal(err)

@@ -50,7 +50,7 @@ func FuzzRecord(f *testing.F) {
 	udb := cryptotest.UnwedgeDB(f, cryptotest.SQLite(f))
 	cfg := unwedge.DefaultConfig().Recovery
 	cfg.MaxPendingPerUser = 1 << 30
-	rec := unwedge.NewRecovery(cfg, nil, udb.Pending, nil, func(id.SenderKey) bool { return false }, "fuzz", zerolog.Nop())
+	rec := unwedge.NewRecovery(cfg, nil, udb.Pending, nil, func(id.UserID, id.SenderKey) bool { return false }, "fuzz", zerolog.Nop())
 	f.Add([]byte(`{"algorithm":"m.megolm.v1.aes-sha2","sender_key":"key","device_id":"PHONE","session_id":"session","ciphertext":"AwgAEhAAAA"}`))
 	f.Add([]byte(`{"algorithm":"m.megolm.v1.aes-sha2","session_id":"","ciphertext":""}`))
 	f.Add([]byte(`{"algorithm":"m.olm.v1.curve25519-aes-sha2","ciphertext":{}}`))

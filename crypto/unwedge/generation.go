@@ -110,6 +110,9 @@ type GenerationKeeper struct {
 	key    id.IdentityKey
 	log    zerolog.Logger
 
+	// panicGuard keeps the loop going (panics.go).
+	panicGuard
+
 	lock sync.Mutex
 	// flushed is the store's write count when the generation last moved on; mirrored is whether
 	// the homeserver got that generation.
@@ -181,7 +184,9 @@ func (k *GenerationKeeper) Start() {
 			case <-time.After(generationInterval):
 			}
 			// One request: the next round tries again.
-			if err := k.advance(mautrix.WithMaxRetries(ctx, 0), false); err != nil && ctx.Err() == nil {
+			if err := k.catch(ctx, "advance_generation", func() error {
+				return k.advance(mautrix.WithMaxRetries(ctx, 0), false)
+			}); err != nil && ctx.Err() == nil {
 				k.log.Warn().Err(err).Msg("Failed to move the crypto generation on")
 			}
 		}

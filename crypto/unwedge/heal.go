@@ -33,9 +33,10 @@ const (
 // within MinInterval, unless forcedBy names the admin who forces it). Transient failures are
 // retried with backoff and do not start the interval; permanent ones are recorded. A heal claims
 // at most one key: its retries reuse the session the claim gave, and a claim whose answer was
-// lost is not repeated. The decision it returns says how it ended (healed, deferred, failed) or why
-// there was none (limited).
-func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) Decision {
+// lost is not repeated. A device whose identity key another device in the crypto store also
+// claims is not healed (key_conflict). The decision it returns says how it ended (healed,
+// deferred, failed) or why there was none (limited, key_conflict).
+func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) (result Decision) {
 	started := time.Now()
 	dev := LedgerDevice{UserID: device.UserID, DeviceID: device.DeviceID, IdentityKey: device.IdentityKey}
 	log := deviceLogger(*zerolog.Ctx(ctx), dev, class)
@@ -43,6 +44,12 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	decideCtx := ctx
 	ctx = log.WithContext(ctx)
 	decision := Decision{Class: class, UserID: device.UserID, DeviceID: device.DeviceID, Key: device.IdentityKey, ForcedBy: forcedBy}
+	p := devicePeer(device)
+
+	if conflict, ok := u.keyConflict(ctx, decision); !ok {
+		u.decide(decideCtx, conflict)
+		return conflict
+	}
 
 	grant, err := u.ledger.Acquire(ctx, dev, AcquireParams{
 		Now: started, MinInterval: u.cfg.MinInterval, Force: forcedBy != "", Owner: u.owner, Lease: u.cfg.Lease,
@@ -53,15 +60,29 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		u.decide(decideCtx, decision)
 		return decision
 	} else if !grant.Granted {
-		u.noteReplaced(device.IdentityKey, grant.LastCreatedAt)
+		u.noteReplaced(p, grant.LastCreatedAt)
 		decision.Action, decision.Detail = ActionLimited, grant.Reason(started, u.cfg.MinInterval)
 		u.decide(decideCtx, decision)
 		return decision
 	}
 	ref := HealRef{Device: dev, Owner: u.owner, HealID: grant.HealID}
+	// What a peer sent may reach a bug (ours, or mautrix-go's) below: the heal then ends for good,
+	// so that min_interval starts and the peer cannot make the bridge repeat it every lease.
+	finished := false
+	defer func() {
+		if r := recover(); r != nil && !finished {
+			err := u.panicked(ctx, "heal", r)
+			if ferr := u.ledger.Finish(context.WithoutCancel(ctx), ref, HealEnd{Outcome: HealFailedPermanent, Attempts: 1, Err: err.Error(), At: time.Now()}); ferr != nil {
+				log.Err(ferr).Msg("Failed to record heal outcome in the ledger")
+			}
+			decision.Action, decision.Err, decision.Duration = ActionFailed, err, time.Since(started)
+			u.decide(decideCtx, decision)
+			result = decision
+		}
+	}()
 
-	if class == ClassUnreadableSession && u.repairer != nil {
-		deleteUnreadable(ctx, u.repairer, log, device.IdentityKey)
+	if class == ClassUnreadableSession && u.tables != nil {
+		deleteUnreadable(ctx, u.tables, log, device.IdentityKey)
 	}
 
 	// The session is recorded in the ledger the moment it exists, before m.dummy goes out and
@@ -72,7 +93,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	recorded := false
 	hc := &healContext{key: device.IdentityKey, onCreated: func(sess *crypto.OlmSession) {
 		createdAt := time.Now()
-		u.noteReplaced(device.IdentityKey, createdAt)
+		u.noteReplaced(p, createdAt)
 		if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), ref, sess.ID(), createdAt); err != nil {
 			log.Err(err).Msg("Failed to record replacement session in the ledger")
 		} else {
@@ -83,17 +104,21 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		}
 	}}
 	release := u.hold(ctx, ref)
+	defer release()
 	fault.At(u.ctx, FaultHealGranted)
 	// One HTTP request per attempt: the client's own retries (bridgev2 sets
 	// homeserver.retry_limit) would claim again after a claim whose answer was lost, and this loop
 	// retries a claim only when its failure proves that no key was handed out.
 	sendCtx := withHeal(mautrix.WithMaxRetries(ctx, 0), hc)
 	// Until the loop ends, key requests to the device wait (Healing).
-	u.setReplacing(device.IdentityKey, 1)
+	doneReplacing := u.replacingFor(p)
+	defer doneReplacing()
 	outcome, attempts, healErr, claimLost := HealFailedTransient, 0, error(nil), false
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
-		healErr = u.mach.SendEncryptedToDevice(sendCtx, device, event.ToDeviceDummy, event.Content{})
+		healErr = u.catch(ctx, "send_dummy", func() error {
+			return u.mach.SendEncryptedToDevice(sendCtx, device, event.ToDeviceDummy, event.Content{})
+		})
 		claimed := hc.takeClaimed()
 		sess, _ := hc.replacement()
 		if sess != nil && !recorded {
@@ -126,7 +151,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		case <-time.After(wait):
 		}
 	}
-	u.setReplacing(device.IdentityKey, -1)
+	doneReplacing()
 	release()
 	errText := ""
 	if outcome != HealHealed && healErr != nil {
@@ -140,6 +165,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 		// The session exists and the ledger counts it, so finishing as failed would leave the
 		// device wedged for the whole interval: the heal stays in progress without a lease, and
 		// ResumeHeals sends m.dummy over this session once the homeserver answers again.
+		finished = true
 		if err = u.ledger.Postpone(finishCtx, ref, attempts, errText); err != nil {
 			log.Err(err).Msg("Failed to postpone heal in the ledger")
 		}
@@ -153,6 +179,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	if discarded {
 		end.Discarded = sess.ID()
 	}
+	finished = true
 	if err = u.ledger.Finish(finishCtx, ref, end); err != nil {
 		log.Err(err).Msg("Failed to record heal outcome in the ledger")
 	}
@@ -203,11 +230,23 @@ func refused(err error) bool {
 	return errors.As(err, &opErr) && opErr.Op == "dial"
 }
 
+// fromHomeserver reports whether a failure came from the homeserver or the way to it (an error
+// answer, the network, a timeout), not from the bridge's own side.
+func fromHomeserver(err error) bool {
+	var httpErr mautrix.HTTPError
+	var netErr net.Error
+	return errors.As(err, &httpErr) || errors.As(err, &netErr) || errors.Is(err, context.DeadlineExceeded)
+}
+
 // transient reports whether a failure may go away by itself: the homeserver could not be reached,
-// timed out, or answered 429/5xx, or the database failed. Everything else (no one-time key to
-// claim, invalid key signatures, 4xx) is the device's and permanent.
+// timed out, or answered 429/5xx, or the crypto store failed (Store marks its errors). Everything
+// else (no one-time key to claim, invalid key signatures, 4xx, a recovered panic) is the device's
+// and permanent.
 func transient(err error) bool {
-	if errors.Is(err, errCryptoStore) {
+	switch {
+	case errors.Is(err, ErrPanicked):
+		return false
+	case errors.Is(err, errCryptoStore), errors.Is(err, errStore):
 		return true
 	}
 	var httpErr mautrix.HTTPError
@@ -317,7 +356,11 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *Heal) {
 		u.decide(decideCtx, decision)
 		return
 	}
-	device, err := u.mach.GetOrFetchDevice(ctx, dev.UserID, dev.DeviceID)
+	var device *id.Device
+	err := u.catch(ctx, "fetch_device", func() (err error) {
+		device, err = u.mach.GetOrFetchDevice(ctx, dev.UserID, dev.DeviceID)
+		return err
+	})
 	var sess *crypto.OlmSession
 	if err == nil && device != nil && device.IdentityKey == dev.IdentityKey {
 		var sessions crypto.OlmSessionList
@@ -353,7 +396,10 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *Heal) {
 	release := u.hold(ctx, HealRef{Device: dev, Owner: u.owner, HealID: heal.ID})
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
-		if err = u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{}); err == nil || !transient(err) {
+		err = u.catch(ctx, "send_dummy", func() error {
+			return u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{})
+		})
+		if err == nil || !transient(err) {
 			break
 		}
 		select {

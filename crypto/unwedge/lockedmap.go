@@ -1,6 +1,9 @@
 package unwedge
 
-import "sync"
+import (
+	"maps"
+	"sync"
+)
 
 // lockedMap is a map with a lock of its own: each piece of an Unwedger's state has one, so that
 // unrelated state never waits on the same lock. The zero value is ready to use.
@@ -59,4 +62,11 @@ func (l *lockedMap[K, V]) prune(atLeast int, drop func(K, V) bool) {
 			delete(l.m, k)
 		}
 	}
+}
+
+// snapshot returns a copy of the map.
+func (l *lockedMap[K, V]) snapshot() map[K]V {
+	l.lock.Lock()
+	defer l.lock.Unlock()
+	return maps.Clone(l.m)
 }

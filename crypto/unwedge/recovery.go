@@ -69,7 +69,9 @@ type Recovery struct {
 	mach    *crypto.OlmMachine
 	store   PendingStore
 	sink    Sink
-	healing func(key id.SenderKey) bool
+	healing func(userID id.UserID, key id.SenderKey) bool
+	// panicGuard keeps the loop going when an event reaches a bug (panics.go).
+	panicGuard
 	owner   string
 	log     zerolog.Logger
 
@@ -143,7 +145,7 @@ var fullCounts = map[PendingCap]string{
 
 // NewRecovery makes a Recovery. healing reports whether a device's Olm session is being replaced
 // right now (Unwedger.Healing); owner names this process in claims, like the ledger's leases.
-func NewRecovery(cfg RecoveryConfig, mach *crypto.OlmMachine, store PendingStore, sink Sink, healing func(id.SenderKey) bool, owner string, log zerolog.Logger) *Recovery {
+func NewRecovery(cfg RecoveryConfig, mach *crypto.OlmMachine, store PendingStore, sink Sink, healing func(id.UserID, id.SenderKey) bool, owner string, log zerolog.Logger) *Recovery {
 	ctx, cancel := context.WithCancel(log.WithContext(context.Background()))
 	return &Recovery{
 		cfg: cfg, mach: mach, store: store, sink: sink, healing: healing, owner: owner, log: log,
@@ -302,7 +304,10 @@ func (r *Recovery) Start() {
 			if sweep {
 				lastSweep = r.now()
 			}
-			r.pass(r.ctx, sweep)
+			_ = r.catch(r.ctx, "recovery_pass", func() error {
+				r.pass(r.ctx, sweep)
+				return nil
+			})
 			select {
 			case <-r.ctx.Done():
 				return
@@ -495,7 +500,7 @@ func (r *Recovery) requestKeys(ctx context.Context, now, handover time.Time) {
 		switch {
 		case s.Requests >= r.cfg.KeyRequests:
 			// No more requests; the key may still arrive by itself until the retention passes.
-		case r.healing(s.SenderKey):
+		case r.healing(s.Sender, s.SenderKey):
 			// Asked after the heal (DeviceHealed); an answer now would use the broken session.
 			r.count(CountRequestsDeferred)
 			next = now.Add(r.cfg.MinBackoff)

@@ -86,7 +86,7 @@ func newRecoveryFixture(t *testing.T, mutate func(*unwedge.RecoveryConfig)) *rec
 // startRecovery makes a Recovery on the bridge's machine that hands events to sink, as a bridge
 // start does.
 func (f *recoveryFixture) startRecovery(cfg unwedge.RecoveryConfig, sink unwedge.Sink) {
-	f.rec = unwedge.NewRecovery(cfg, f.bridge.Mach, f.pending, sink, func(id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), cryptotest.Logger(f.t))
+	f.rec = unwedge.NewRecovery(cfg, f.bridge.Mach, f.pending, sink, func(id.UserID, id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), cryptotest.Logger(f.t))
 	unwedge.SetClock(f.rec, func() time.Time { return f.clock })
 	f.bridge.Mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
 		f.rec.SessionReceived(roomID, sessionID)

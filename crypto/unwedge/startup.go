@@ -143,11 +143,9 @@ func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, 
 	}
 	log.Info().Int("devices", len(devices)).Str("class", string(class)).Msg("Healing Olm sessions at startup, before handling events")
 	done := make(chan []Decision, 1)
-	u.heals.Add(1)
-	go func() {
-		defer u.heals.Done()
+	u.spawn(u.log.WithContext(u.ctx), "startup_heals", func() {
 		done <- u.HealBatch(u.log.WithContext(u.ctx), devices, class)
-	}()
+	})
 	select {
 	case report.Decisions = <-done:
 		report.Finished = true

@@ -2,6 +2,7 @@ package unwedge
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -166,7 +167,43 @@ func (s *Store) GetLatestSession(ctx context.Context, key id.SenderKey) (*crypto
 		h.setStored()
 		return sess, nil
 	}
-	return s.Store.GetLatestSession(ctx, key)
+	sess, err := s.Store.GetLatestSession(ctx, key)
+	return sess, storeErr(err)
+}
+
+// errStore marks the crypto store's own failures (its database), which say nothing about a
+// peer's device and may go away by themselves: a heal that meets one is retried, and does not
+// end as the device's fault. The device lookups a heal makes go through these methods.
+var errStore = errors.New("crypto store")
+
+func storeErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", errStore, err)
+}
+
+func (s *Store) GetDevice(ctx context.Context, userID id.UserID, deviceID id.DeviceID) (*id.Device, error) {
+	dev, err := s.Store.GetDevice(ctx, userID, deviceID)
+	return dev, storeErr(err)
+}
+
+func (s *Store) GetDevices(ctx context.Context, userID id.UserID) (map[id.DeviceID]*id.Device, error) {
+	devices, err := s.Store.GetDevices(ctx, userID)
+	return devices, storeErr(err)
+}
+
+func (s *Store) FindDeviceByKey(ctx context.Context, userID id.UserID, key id.IdentityKey) (*id.Device, error) {
+	dev, err := s.Store.FindDeviceByKey(ctx, userID, key)
+	return dev, storeErr(err)
+}
+
+func (s *Store) PutDevice(ctx context.Context, userID id.UserID, device *id.Device) error {
+	return storeErr(s.Store.PutDevice(ctx, userID, device))
+}
+
+func (s *Store) PutDevices(ctx context.Context, userID id.UserID, devices map[id.DeviceID]*id.Device) error {
+	return storeErr(s.Store.PutDevices(ctx, userID, devices))
 }
 
 // keep stores a replacement session that the store failed to keep when it was made. The first

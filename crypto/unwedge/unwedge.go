@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"strings"
 	"sync"
 	"time"
 
@@ -24,33 +25,54 @@ type Repairer interface {
 	DeleteUnreadableSessions(ctx context.Context, key id.SenderKey) (int, error)
 }
 
+// KeyOwners finds every device the crypto store knows with given identity keys, of any user
+// (CryptoTables): mautrix-go accepts any curve25519 key that a device signs with its own ed25519
+// key, so a hostile user can list another user's identity key as their device's.
+type KeyOwners interface {
+	DevicesByKey(ctx context.Context, keys []id.IdentityKey) ([]*id.Device, error)
+}
+
+// Tables is what the Unwedger reads and repairs in the crypto store's tables (CryptoTables).
+type Tables interface {
+	Repairer
+	KeyOwners
+}
+
 // Unwedger is the middleware between the bridge's to-device transport and its OlmMachine: it
 // hands every Olm event to the machine, classifies failures, and heals wedged sessions.
 type Unwedger struct {
 	cfg      Config
 	mach     *crypto.OlmMachine
-	ledger   Ledger
-	scope    Scope
-	repairer Repairer
-	owner    string
-	log      zerolog.Logger
+	ledger Ledger
+	scope  Scope
+	// tables is nil where the crypto store is not mautrix-go's SQL store: then no unreadable
+	// session is deleted and no identity key is checked for a second owner.
+	tables Tables
+	owner  string
+	log    zerolog.Logger
+	// answers filters the homeserver's answers about keys (answers.go).
+	answers *answerGuard
 	// ownKey is read once: OlmAccount caches it lazily without a lock.
 	ownKey id.IdentityKey
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	heals  sync.WaitGroup
+	// The in-memory marks below are kept by peer (a user and an identity key), never by identity
+	// key alone: a user who lists another user's identity key as a device of theirs must not
+	// spend, block or take that user's heal.
+	//
 	// healing holds the devices with a heal running in this process, so a burst of failures
 	// from one device makes one ledger request, not one per event.
-	healing lockedMap[healingSlot, struct{}]
-	// replacing counts the heals that hold a ledger grant for a device, by identity key.
-	replacing lockedMap[id.SenderKey, int]
+	healing lockedMap[peer, struct{}]
+	// replacing counts the heals that hold a ledger grant for a device.
+	replacing lockedMap[peer, int]
 	// running holds the ledger IDs of the heals this process is running, which ResumeHeals
 	// must not take for abandoned ones.
 	running lockedMap[int64, struct{}]
 	// replaced remembers when this process last created a session with a device (or learned
-	// from the ledger that one was created), by identity key, for at most MinInterval.
-	replaced lockedMap[id.SenderKey, time.Time]
+	// from the ledger that one was created), for at most MinInterval.
+	replaced lockedMap[peer, time.Time]
 	// lookupMiss remembers when a sender's devices were last fetched for an unknown identity key.
 	lookupMiss lockedMap[id.UserID, time.Time]
 
@@ -72,7 +94,10 @@ type Unwedger struct {
 	OnNewSession func(ctx context.Context, device *id.Device)
 
 	// newSessionAt remembers when a device last opened a new session with the bridge.
-	newSessionAt lockedMap[id.SenderKey, time.Time]
+	newSessionAt lockedMap[peer, time.Time]
+
+	// panicGuard recovers and counts panics (panics.go).
+	panicGuard
 
 	// messagesLock guards messages: the hashes of the Olm messages handled lately, or being
 	// handled, so that one that reaches the bridge twice (in an appservice transaction and again
@@ -108,6 +133,10 @@ const (
 	ActionDeferred Action = "deferred"
 	// ActionFailed: the heal failed (the ledger could not be asked, no one-time key, ...).
 	ActionFailed Action = "failed"
+	// ActionKeyConflict: another device (of this or another user) in the crypto store claims the
+	// same identity key. Olm sessions are stored by identity key alone, so a session made with
+	// one of them would replace the other's: neither is healed, and both are logged.
+	ActionKeyConflict Action = "key_conflict"
 	// ActionHealing: a heal is running (only in the heal history, never decided).
 	ActionHealing Action = "healing"
 )
@@ -116,7 +145,7 @@ const (
 // caps or the ledger.
 func (a Action) Refused() bool {
 	switch a {
-	case ActionOutOfScope, ActionLimited, ActionCapped, ActionThrottled:
+	case ActionOutOfScope, ActionLimited, ActionCapped, ActionThrottled, ActionKeyConflict:
 		return true
 	}
 	return false
@@ -148,7 +177,10 @@ const recentDecisions = 512
 // New makes an Unwedger for a loaded machine whose CryptoStore is a *Store. owner names this process in
 // the ledger's leases (unique per process, e.g. hostname and PID). It takes over the machine's
 // unwedging: the machine's NeedsUnwedgeCallback is set to the Unwedger's.
-func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repairer Repairer, owner string, log zerolog.Logger) (*Unwedger, error) {
+//
+// It also filters, from now on, the homeserver's answers to the machine client's key claims and
+// queries to what was asked (answers.go): they relay other servers' answers.
+func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, tables Tables, owner string, log zerolog.Logger) (*Unwedger, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -157,7 +189,8 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, repair
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	u := &Unwedger{
-		cfg: cfg, mach: mach, ledger: ledger, scope: scope, repairer: repairer, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
+		cfg: cfg, mach: mach, ledger: ledger, scope: scope, tables: tables, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
+		answers: guardAnswers(mach.Client, log),
 		log: log, ctx: log.WithContext(ctx), cancel: cancel, counts: make(map[Count]int64),
 		messages: newRecentSet[[32]byte](recentMessages),
 	}
@@ -181,9 +214,7 @@ func (u *Unwedger) needsUnwedge(ctx context.Context, sender id.UserID, key id.Se
 // HistoryRetention go, and so do devices with nothing recent. It also finishes the heals a
 // stopped process left in progress: now, and once more when that process's leases ran out.
 func (u *Unwedger) Start() {
-	u.heals.Add(1)
-	go func() {
-		defer u.heals.Done()
+	u.spawn(u.ctx, "resume_heals", func() {
 		// Heals left by a stopped process are taken over once their lease runs out, and heals
 		// postponed by an unreachable homeserver are retried, within half a lease.
 		for {
@@ -194,10 +225,8 @@ func (u *Unwedger) Start() {
 			case <-time.After(u.cfg.Lease / 2):
 			}
 		}
-	}()
-	u.heals.Add(1)
-	go func() {
-		defer u.heals.Done()
+	})
+	u.spawn(u.ctx, "prune_ledger", func() {
 		for {
 			now := time.Now()
 			heals, devices, err := u.ledger.Prune(u.ctx, now.Add(-u.cfg.HistoryRetention), now)
@@ -212,7 +241,7 @@ func (u *Unwedger) Start() {
 			case <-time.After(pruneInterval):
 			}
 		}
-	}()
+	})
 }
 
 const pruneInterval = time.Hour
@@ -227,7 +256,11 @@ func (u *Unwedger) Stop() {
 // and, when the sending device's session is wedged, starts a heal in the background.
 func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 	if evt.Type != event.ToDeviceEncrypted {
-		u.mach.HandleToDeviceEvent(ctx, evt)
+		// Key requests and the like: a peer's content all the same.
+		_ = u.catch(ctx, "handle_to_device", func() error {
+			u.mach.HandleToDeviceEvent(ctx, evt)
+			return nil
+		})
 		return
 	}
 	msg, class := parseOlm(evt, u.ownKey)
@@ -241,7 +274,13 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 		return
 	}
 	obs := &observation{hash: msg.hash, ratchet: msg.ratchet}
-	u.mach.HandleToDeviceEvent(withObservation(ctx, obs), evt)
+	if err := u.catch(ctx, "handle_to_device", func() error {
+		u.mach.HandleToDeviceEvent(withObservation(ctx, obs), evt)
+		return nil
+	}); err != nil {
+		u.decide(ctx, Decision{Class: ClassMalformed, UserID: evt.Sender, Key: msg.senderKey, Action: ActionIgnored, Err: err})
+		return
+	}
 	if !obs.decrypted && !obs.duplicate && (obs.sessionsErr != nil || !obs.sessionsRead) {
 		// The store failed (or the machine stopped before reading it): the same message handled
 		// again, after a sync is fetched again, must reach the machine.
@@ -317,19 +356,19 @@ func (u *Unwedger) unclaim(hash [32]byte) {
 // wedged checks scope and the sender's device, then starts a heal unless one runs already.
 func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKey, class Class) {
 	log := zerolog.Ctx(ctx).With().Stringer("user_id", sender).Stringer("identity_key", key).Str("class", string(class)).Logger()
+	p := peer{sender, key}
 	// The ledger decides, but a device this process replaced the session of within the interval
 	// is refused without asking it (or the homeserver): a storm of failures from devices that
 	// are not online yet to learn their new sessions stays cheap.
-	if at, ok := u.recentlyReplaced(key); ok {
+	if at, ok := u.recentlyReplaced(p); ok {
 		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: ActionLimited,
 			Detail: fmt.Sprintf("this bridge replaced the session %s ago (at most one per %s)", time.Since(at).Round(time.Second), u.cfg.MinInterval)})
 		return
 	}
 	// A burst of failures from one device makes one heal: the rest stop here, before the scope
 	// and device lookups (which may query the homeserver).
-	slot := healingSlot{sender, key}
 	running := false
-	u.healing.update(slot, func(_ struct{}, ok bool) (struct{}, bool) {
+	u.healing.update(p, func(_ struct{}, ok bool) (struct{}, bool) {
 		running = ok
 		return struct{}{}, true
 	})
@@ -337,17 +376,14 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: ActionLimited, Detail: "a heal of this device is running"})
 		return
 	}
-	release := func() { u.healing.delete(slot) }
+	release := func() { u.healing.delete(p) }
 	if action, detail, err := u.admission(ctx, sender); action != "" {
 		release()
-		if action == ActionOutOfScope {
-			detail = "left to mautrix-go's own unwedging"
-			// Never worse than the stock bridge: what the machine would have done without unwedge.
-			u.heals.Add(1)
-			go func() {
-				defer u.heals.Done()
-				u.mach.UnwedgeDevice(log.WithContext(u.ctx), sender, key)
-			}()
+		if action == ActionOutOfScope || action == ActionCapped || action == ActionThrottled {
+			// Never worse than the stock bridge: a wedge unwedge does not heal for a reason other
+			// than its own heal gets what the machine would have done without unwedge.
+			detail += "; left to mautrix-go's own unwedging"
+			u.leaveToStock(log.WithContext(u.ctx), sender, key)
 		}
 		u.decide(ctx, Decision{Class: class, UserID: sender, Key: key, Action: action, Detail: detail, Err: err})
 		return
@@ -360,12 +396,68 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 		return
 	}
 	log.Info().Stringer("device_id", device.DeviceID).Msg("Olm session wedged, healing")
-	u.heals.Add(1)
-	go func() {
-		defer u.heals.Done()
+	u.spawn(u.ctx, "heal", func() {
 		defer release()
 		u.Heal(u.ctx, device, class, "")
-	}()
+	})
+}
+
+// leaveToStock hands a wedge to mautrix-go's own unwedging (OlmMachine.UnwedgeDevice: its own
+// interval, a key claim and m.dummy), in the background, as the machine would have done without
+// unwedge. Not when another user's device claims the sender's identity key: the machine would
+// store the session it makes under that key, in place of the other user's.
+func (u *Unwedger) leaveToStock(ctx context.Context, sender id.UserID, key id.SenderKey) {
+	u.spawn(ctx, "stock_unwedge", func() {
+		if others, err := u.otherOwners(ctx, sender, "", key); err != nil || len(others) > 0 {
+			zerolog.Ctx(ctx).Warn().Err(err).Strs("also_claimed_by", deviceNames(others)).
+				Msg("Not leaving the wedge to mautrix-go's own unwedging: another user's device claims the identity key")
+			return
+		}
+		u.mach.UnwedgeDevice(ctx, sender, key)
+	})
+}
+
+// devicesByKey returns the crypto store's devices (of any user) with each of the identity keys.
+func (u *Unwedger) devicesByKey(ctx context.Context, keys []id.IdentityKey) (map[id.IdentityKey][]*id.Device, error) {
+	if u.tables == nil {
+		return nil, nil
+	}
+	devices, err := u.tables.DevicesByKey(ctx, keys)
+	if err != nil {
+		return nil, fmt.Errorf("failed to look up the devices with the identity key: %w", err)
+	}
+	byKey := make(map[id.IdentityKey][]*id.Device, len(keys))
+	for _, dev := range devices {
+		byKey[dev.IdentityKey] = append(byKey[dev.IdentityKey], dev)
+	}
+	return byKey, nil
+}
+
+// otherOwners lists the devices in the crypto store other than the user's device (of any user,
+// or, with no device ID, of other users) that claim the identity key.
+func (u *Unwedger) otherOwners(ctx context.Context, userID id.UserID, deviceID id.DeviceID, key id.IdentityKey) ([]*id.Device, error) {
+	byKey, err := u.devicesByKey(ctx, []id.IdentityKey{key})
+	return othersThan(byKey[key], userID, deviceID), err
+}
+
+// othersThan keeps the devices that are not the user's device (not the user's, with no device ID).
+func othersThan(devices []*id.Device, userID id.UserID, deviceID id.DeviceID) []*id.Device {
+	var others []*id.Device
+	for _, dev := range devices {
+		if dev.UserID != userID || deviceID != "" && dev.DeviceID != deviceID {
+			others = append(others, dev)
+		}
+	}
+	return others
+}
+
+// deviceNames names devices as "user device", for logs.
+func deviceNames(devices []*id.Device) []string {
+	names := make([]string, len(devices))
+	for i, dev := range devices {
+		names[i] = fmt.Sprintf("%s %s", dev.UserID, dev.DeviceID)
+	}
+	return names
 }
 
 // HealRequested heals a device on an admin's request (the bridge's `unwedge heal`), with
@@ -424,13 +516,22 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 	if u.OnNewSession == nil {
 		return
 	}
+	p := peer{sender, key}
 	now := time.Now()
-	u.newSessionAt.prune(1024, func(_ id.SenderKey, at time.Time) bool { return now.Sub(at) >= u.cfg.MinInterval })
-	// Identity keys cost a peer nothing: beyond maxNewSessions within the interval, new ones get
-	// no keys again (a heal still does).
+	if at, ok := u.newSessionAt.get(p); ok && now.Sub(at) < u.cfg.MinInterval {
+		return
+	}
+	// Only users in scope are remembered: identity keys cost anyone nothing, and a user in no
+	// room with the bridge could otherwise fill the set, so that real devices that unwedged
+	// themselves get no keys again.
+	if ok, err := u.scope.InScope(ctx, sender); err != nil || !ok {
+		return
+	}
+	u.newSessionAt.prune(1024, func(_ peer, at time.Time) bool { return now.Sub(at) >= u.cfg.MinInterval })
+	// Beyond maxNewSessions within the interval, new ones get no keys again (a heal still does).
 	full := u.newSessionAt.len() >= maxNewSessions
 	recent := false
-	u.newSessionAt.update(key, func(at time.Time, ok bool) (time.Time, bool) {
+	u.newSessionAt.update(p, func(at time.Time, ok bool) (time.Time, bool) {
 		if recent = ok && now.Sub(at) < u.cfg.MinInterval; recent || full {
 			return at, ok
 		}
@@ -439,33 +540,28 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 	if recent || full {
 		return
 	}
-	u.heals.Add(1)
-	go func() {
-		defer u.heals.Done()
+	u.spawn(u.ctx, "new_session", func() {
 		ctx := u.log.WithContext(u.ctx)
-		if ok, err := u.scope.InScope(ctx, sender); err != nil || !ok {
-			return
-		}
-		device, err := u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
+		device, err := u.lookupDevice(ctx, sender, key)
 		if err != nil || device == nil {
 			return
 		}
 		ctx = u.log.With().Stringer("user_id", sender).Stringer("device_id", device.DeviceID).Stringer("identity_key", key).Logger().WithContext(ctx)
 		u.OnNewSession(ctx, device)
-	}()
+	})
 }
 
-// Healing reports whether this process is replacing the device's Olm session right now (from
-// the ledger's grant until m.dummy was sent or the heal failed): a key request sent meanwhile
-// would be answered over the broken session.
-func (u *Unwedger) Healing(key id.SenderKey) bool {
-	n, _ := u.replacing.get(key)
+// Healing reports whether this process is replacing the user's device's Olm session right now
+// (from the ledger's grant until m.dummy was sent or the heal failed): a key request sent
+// meanwhile would be answered over the broken session.
+func (u *Unwedger) Healing(userID id.UserID, key id.SenderKey) bool {
+	n, _ := u.replacing.get(peer{userID, key})
 	return n > 0
 }
 
 // recentlyReplaced reports when the device's session was last replaced, if within MinInterval.
-func (u *Unwedger) recentlyReplaced(key id.SenderKey) (time.Time, bool) {
-	at := u.replaced.update(key, func(at time.Time, ok bool) (time.Time, bool) {
+func (u *Unwedger) recentlyReplaced(p peer) (time.Time, bool) {
+	at := u.replaced.update(p, func(at time.Time, ok bool) (time.Time, bool) {
 		return at, ok && time.Since(at) < u.cfg.MinInterval
 	})
 	return at, !at.IsZero() && time.Since(at) < u.cfg.MinInterval
@@ -473,12 +569,12 @@ func (u *Unwedger) recentlyReplaced(key id.SenderKey) (time.Time, bool) {
 
 // noteReplaced remembers a replacement session created at at, dropping expired entries now and
 // then so the map stays as small as the set of devices replaced within the interval.
-func (u *Unwedger) noteReplaced(key id.SenderKey, at time.Time) {
+func (u *Unwedger) noteReplaced(p peer, at time.Time) {
 	if at.IsZero() || time.Since(at) >= u.cfg.MinInterval {
 		return
 	}
-	u.replaced.prune(1024, func(_ id.SenderKey, t time.Time) bool { return time.Since(t) >= u.cfg.MinInterval })
-	u.replaced.update(key, func(old time.Time, _ bool) (time.Time, bool) {
+	u.replaced.prune(1024, func(_ peer, t time.Time) bool { return time.Since(t) >= u.cfg.MinInterval })
+	u.replaced.update(p, func(old time.Time, _ bool) (time.Time, bool) {
 		if at.After(old) {
 			return at, true
 		}
@@ -486,19 +582,75 @@ func (u *Unwedger) noteReplaced(key id.SenderKey, at time.Time) {
 	})
 }
 
-func (u *Unwedger) setReplacing(key id.SenderKey, delta int) {
-	u.replacing.update(key, func(n int, _ bool) (int, bool) { return n + delta, n+delta > 0 })
+// replacingFor marks the peer's session as being replaced (Healing) until done is called (done
+// may be called more than once).
+func (u *Unwedger) replacingFor(p peer) (done func()) {
+	u.replacing.update(p, func(n int, _ bool) (int, bool) { return n + 1, true })
+	return sync.OnceFunc(func() {
+		u.replacing.update(p, func(n int, _ bool) (int, bool) { return n - 1, n-1 > 0 })
+	})
+}
+
+// keyConflict refuses a heal of a device whose identity key another device in the crypto store
+// also claims (of any user): mautrix-go keeps Olm sessions by identity key alone, so the session
+// made with one would become the other's newest. Both are named in the log. It returns the
+// refusal, or ok when the key is the device's alone.
+func (u *Unwedger) keyConflict(ctx context.Context, d Decision) (refusal Decision, ok bool) {
+	others, err := u.otherOwners(ctx, d.UserID, d.DeviceID, d.Key)
+	return refuseConflict(ctx, d, others, err)
+}
+
+// refuseConflict makes the refusal of keyConflict from the other devices with the key (or the
+// error looking them up).
+func refuseConflict(ctx context.Context, d Decision, others []*id.Device, err error) (Decision, bool) {
+	switch {
+	case err != nil:
+		d.Action, d.Err = ActionFailed, err
+	case len(others) > 0:
+		d.Action, d.Detail = ActionKeyConflict, "the identity key is also claimed by "+strings.Join(deviceNames(others), ", ")
+		zerolog.Ctx(ctx).Warn().Stringer("user_id", d.UserID).Stringer("device_id", d.DeviceID).Stringer("identity_key", d.Key).
+			Strs("also_claimed_by", deviceNames(others)).
+			Msg("Not healing: another device in the crypto store claims this device's identity key")
+	default:
+		return d, true
+	}
+	return d, false
+}
+
+// keyOwnerSet is what keyConflict reads, for a batch of devices at once (one query).
+type keyOwnerSet struct {
+	byKey map[id.IdentityKey][]*id.Device
+	err   error
+}
+
+func (u *Unwedger) keyOwners(ctx context.Context, devices []*id.Device) keyOwnerSet {
+	keys := make([]id.IdentityKey, len(devices))
+	for i, dev := range devices {
+		keys[i] = dev.IdentityKey
+	}
+	byKey, err := u.devicesByKey(ctx, keys)
+	return keyOwnerSet{byKey, err}
+}
+
+// check is keyConflict for one device of the set.
+func (s keyOwnerSet) check(ctx context.Context, d Decision) (Decision, bool) {
+	return refuseConflict(ctx, d, othersThan(s.byKey[d.Key], d.UserID, d.DeviceID), s.err)
 }
 
 // hold marks a heal as running in this process and keeps its ledger lease fresh (renewed every
 // third of the lease, also while a request to the homeserver hangs), so that neither this
-// process's ResumeHeals nor another replica takes it over; release undoes both and returns once
-// no renewal can happen any more.
+// process's ResumeHeals nor another replica takes it over; release (which may be called more than
+// once) undoes both and returns once no renewal can happen any more.
 func (u *Unwedger) hold(ctx context.Context, ref HealRef) (release func()) {
 	u.running.update(ref.HealID, func(struct{}, bool) (struct{}, bool) { return struct{}{}, true })
 	stop, stopped := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(stopped)
+		defer func() {
+			if r := recover(); r != nil {
+				_ = u.panicked(ctx, "renew_lease", r)
+			}
+		}()
 		for {
 			select {
 			case <-stop:
@@ -512,11 +664,11 @@ func (u *Unwedger) hold(ctx context.Context, ref HealRef) (release func()) {
 			}
 		}
 	}()
-	return func() {
+	return sync.OnceFunc(func() {
 		close(stop)
 		<-stopped
 		u.running.delete(ref.HealID)
-	}
+	})
 }
 
 func (u *Unwedger) isRunning(healID int64) bool {
@@ -536,7 +688,11 @@ func (u *Unwedger) lookupDevice(ctx context.Context, sender id.UserID, key id.Se
 	if missed && time.Since(missedAt) < unknownKeyBackoff {
 		return u.mach.CryptoStore.FindDeviceByKey(ctx, sender, key)
 	}
-	device, err := u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
+	var device *id.Device
+	err := u.catch(ctx, "fetch_device", func() (err error) {
+		device, err = u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
+		return err
+	})
 	if err == nil && device != nil {
 		return device, nil
 	}
@@ -545,11 +701,14 @@ func (u *Unwedger) lookupDevice(ctx context.Context, sender id.UserID, key id.Se
 	return device, err
 }
 
-// healingSlot is a device with a heal running in this process.
-type healingSlot struct {
-	sender id.UserID
-	key    id.SenderKey
+// peer is a device as a to-device event names it before it is looked up: its user and its
+// identity key. Another user's device that lists the same identity key is another peer.
+type peer struct {
+	user id.UserID
+	key  id.SenderKey
 }
+
+func devicePeer(device *id.Device) peer { return peer{device.UserID, device.IdentityKey} }
 
 // Count is one kind of decision: what was detected and what unwedge did about it. Resumed
 // decisions (see Decision.Resumed) are counted apart, so that the decisions that are not resumed

@@ -50,7 +50,7 @@ func (r *Recovery) RequestSession(ctx context.Context, roomID id.RoomID, senderK
 		deviceID = "*"
 	}
 	log := r.log.With().Stringer("user_id", userID).Stringer("device_id", deviceID).Stringer("session_id", sessionID).Stringer("room_id", roomID).Logger()
-	if r.healing(senderKey) {
+	if r.healing(userID, senderKey) {
 		log.Debug().Msg("Not sending key request while the sender's Olm session is being replaced")
 		return
 	}

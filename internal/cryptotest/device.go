@@ -137,7 +137,6 @@ type Unwedging struct {
 	Ledger unwedge.Ledger
 	// Scope is whose devices it heals; nil: everyone's.
 	Scope unwedge.Scope
-	// Repair deletes unreadable sessions of the device's SQL store, as the bridge does.
 	Repair bool
 	// Owner names the process in the ledger's leases; "": a name of its own.
 	Owner string
@@ -149,9 +148,11 @@ type Unwedging struct {
 // restarts), and routes the device's to-device events through it.
 func (d *Device) Unwedge(opts Unwedging) *unwedge.Unwedger {
 	d.t.Helper()
-	var repairer unwedge.Repairer
-	if opts.Repair {
-		repairer = &unwedge.CryptoTables{DB: d.SQL.DB, AccountID: string(d.DeviceID), PickleKey: []byte(PickleKey)}
+	// On an SQL store, the bridge's tables: unreadable sessions are deleted, and identity keys
+	// checked for a second owner.
+	var tables unwedge.Tables
+	if d.SQL != nil {
+		tables = &unwedge.CryptoTables{DB: d.SQL.DB, AccountID: string(d.DeviceID), PickleKey: []byte(PickleKey)}
 	}
 	if opts.Scope == nil {
 		opts.Scope = Everyone{}
@@ -163,7 +164,7 @@ func (d *Device) Unwedge(opts Unwedging) *unwedge.Unwedger {
 	if opts.Log != nil {
 		log = *opts.Log
 	}
-	u, err := unwedge.New(opts.Config, d.Mach, opts.Ledger, opts.Scope, repairer, opts.Owner, log)
+	u, err := unwedge.New(opts.Config, d.Mach, opts.Ledger, opts.Scope, tables, opts.Owner, log)
 	if err != nil {
 		d.t.Fatal(err)
 	}
