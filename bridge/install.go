@@ -2,6 +2,10 @@ package bridge
 
 import (
 	_ "embed"
+	"fmt"
+	"reflect"
+	"strings"
+	"time"
 
 	up "go.mau.fi/util/configupgrade"
 	"maunium.net/go/mautrix/bridgev2/commands"
@@ -18,28 +22,57 @@ var ExampleConfig string
 // UpgradeConfig copies the `unwedge:` block at prefix (for example "unwedge" under the network
 // section) in a bridge's config upgrader, so old configs keep working and new keys get defaults.
 func UpgradeConfig(helper up.Helper, prefix ...string) {
-	path := func(keys ...string) []string { return append(append([]string{}, prefix...), keys...) }
-	helper.Copy(up.Bool, path("enabled")...)
-	helper.Copy(up.Str, path("min_interval")...)
-	helper.Copy(up.Str, path("scope")...)
-	helper.Copy(up.Int, path("max_heals_per_user")...)
-	helper.Copy(up.Int, path("max_heals_per_minute")...)
-	helper.Copy(up.Int, path("max_retries")...)
-	helper.Copy(up.Str, path("min_backoff")...)
-	helper.Copy(up.Str, path("max_backoff")...)
-	helper.Copy(up.Str, path("lease")...)
-	helper.Copy(up.Str, path("history_retention")...)
-	helper.Copy(up.Bool, path("startup", "enabled")...)
-	helper.Copy(up.Str, path("startup", "wait")...)
-	helper.Copy(up.Bool, path("appservice_inbox")...)
-	helper.Copy(up.Bool, path("recovery", "enabled")...)
-	helper.Copy(up.Str, path("recovery", "retention")...)
-	helper.Copy(up.Int, path("recovery", "key_requests")...)
-	helper.Copy(up.Str, path("recovery", "min_backoff")...)
-	helper.Copy(up.Str, path("recovery", "max_backoff")...)
-	helper.Copy(up.Int, path("recovery", "max_pending_per_user")...)
-	helper.Copy(up.Bool, path("metrics", "enabled")...)
-	helper.Copy(up.Str, path("metrics", "listen")...)
+	for _, key := range upgradeKeys {
+		helper.Copy(key.typ, append(append([]string{}, prefix...), key.path...)...)
+	}
+}
+
+// upgradeKey is one option of the `unwedge:` block and the YAML type its value has.
+type upgradeKey struct {
+	path []string
+	typ  up.YAMLType
+}
+
+// upgradeKeys are derived from unwedge.Config rather than listed by hand: a hand-kept list missed
+// recovery.max_pending_per_room and recovery.max_pending, so an upgrade put the admin's limits
+// back to the defaults (and raised ones then failed Validate, keeping the bridge from starting).
+var upgradeKeys = configUpgradeKeys(reflect.TypeFor[unwedge.Config](), nil)
+
+// configUpgradeKeys walks a config struct's yaml tags. A field of a type it cannot copy panics,
+// at package initialization: a new option must never be skipped by the upgrader unnoticed.
+func configUpgradeKeys(typ reflect.Type, parent []string) []upgradeKey {
+	var keys []upgradeKey
+	for field := range typ.Fields() {
+		name, flags, _ := strings.Cut(field.Tag.Get("yaml"), ",")
+		if name == "-" {
+			continue
+		}
+		path := append(append([]string{}, parent...), name)
+		// yaml.v3 would read an untagged field under its lower-cased name and an inline one from
+		// the parent block: the upgrader would copy neither where the example has it.
+		if name == "" || !field.IsExported() || flags != "" && flags != "omitempty" {
+			panic(fmt.Sprintf("bridge: config field %s.%s needs a plain yaml tag for the upgrader", typ, field.Name))
+		}
+		if field.Type == reflect.TypeFor[time.Duration]() {
+			// yaml.v3 reads durations from strings such as "1h" only.
+			keys = append(keys, upgradeKey{path, up.Str})
+			continue
+		}
+		switch field.Type.Kind() {
+		case reflect.Struct:
+			keys = append(keys, configUpgradeKeys(field.Type, path)...)
+		case reflect.Bool:
+			keys = append(keys, upgradeKey{path, up.Bool})
+		case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+			reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+			keys = append(keys, upgradeKey{path, up.Int})
+		case reflect.String:
+			keys = append(keys, upgradeKey{path, up.Str})
+		default:
+			panic(fmt.Sprintf("bridge: the config upgrader cannot copy %s (%s, field %s.%s)", strings.Join(path, "."), field.Type, typ, field.Name))
+		}
+	}
+	return keys
 }
 
 // Install puts unwedge into a bridge made with mxmain: call it from BridgeMain.PostInit, after

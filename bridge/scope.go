@@ -30,6 +30,23 @@ func NewScope(br *bridgev2.Bridge, rooms *sqlstatestore.SQLStateStore, mode unwe
 const sharesRoomQuery = `
 	SELECT EXISTS(SELECT 1 FROM mx_user_profile WHERE user_id = $1 AND membership IN ('join', 'invite'))`
 
+// portalMemberQuery asks whether the user is joined to or invited into an encrypted portal room
+// of this bridge: mx_user_profile (the state store) joined with bridgev2's portal table, which
+// bridgev2 keeps in the same database (its Matrix connector opens the state store on the bridge's
+// database). mautrix-go's FindSharedRooms is no substitute: it also lists rooms the user left or
+// was banned from (security finding 10). Encrypted rooms only, as FindSharedRooms does and as the
+// OlmMachine tracks devices: a user who shares only unencrypted portals with the bridge has no
+// room key to send it, so a heal would only spend a one-time key. An encrypted room is known as
+// such from its m.room.encryption event, which precedes its first encrypted message.
+const portalMemberQuery = `
+	SELECT EXISTS(
+		SELECT 1 FROM mx_user_profile
+		INNER JOIN portal ON portal.bridge_id = $2 AND portal.mxid = mx_user_profile.room_id
+		INNER JOIN mx_room_state ON mx_room_state.room_id = mx_user_profile.room_id
+		WHERE mx_user_profile.user_id = $1 AND mx_user_profile.membership IN ('join', 'invite')
+			AND mx_room_state.encryption IS NOT NULL
+	)`
+
 func (s *Scope) InScope(ctx context.Context, userID id.UserID) (bool, error) {
 	if s.br.IsGhostMXID(userID) || userID == s.br.Bot.GetMXID() {
 		return false, nil
@@ -50,16 +67,11 @@ func (s *Scope) InScope(ctx context.Context, userID id.UserID) (bool, error) {
 		}
 		return user != nil && len(user.GetUserLoginIDs()) > 0, nil
 	case unwedge.ScopePortalMembers:
-		rooms, err := s.rooms.FindSharedRooms(ctx, userID)
-		if err != nil {
-			return false, fmt.Errorf("failed to find shared rooms: %w", err)
+		var member bool
+		if err := s.rooms.QueryRow(ctx, portalMemberQuery, userID, s.br.ID).Scan(&member); err != nil {
+			return false, fmt.Errorf("failed to find portals shared with the bridge: %w", err)
 		}
-		for _, roomID := range rooms {
-			if portal, err := s.br.GetPortalByMXID(ctx, roomID); err == nil && portal != nil {
-				return true, nil
-			}
-		}
-		return false, nil
+		return member, nil
 	}
 	return false, fmt.Errorf("unknown scope %q", s.mode)
 }

@@ -1,11 +1,24 @@
 package bridge
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/appservice"
+	"maunium.net/go/mautrix/bridgev2/bridgeconfig"
+	"maunium.net/go/mautrix/bridgev2/matrix"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 )
 
 // parseEvent parses an event as an appservice transaction does (content parsed by type).
@@ -59,5 +72,88 @@ func TestRedacted(t *testing.T) {
 		if got := redacted(&evt); got != want {
 			t.Errorf("redacted(%s) = %t, want %t", raw, got, want)
 		}
+	}
+}
+
+// memberHomeserver answers what Deliver asks the homeserver about an event that waited for its
+// key: its sender is joined, the event is not redacted, and the bot posted no notice after it.
+func memberHomeserver(t *testing.T) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		switch path := r.URL.Path; {
+		case strings.Contains(path, "/state/m.room.member/"):
+			_, _ = w.Write([]byte(`{"membership":"join"}`))
+		case strings.Contains(path, "/event/"):
+			_, _ = w.Write([]byte(`{"type":"m.room.encrypted","event_id":"$e","room_id":"!portal:example.org","sender":"@alice:example.org",
+				"content":{"algorithm":"m.megolm.v1.aes-sha2","ciphertext":"abc","session_id":"s","sender_key":"k","device_id":"PHONE"}}`))
+		case strings.Contains(path, "/context/"):
+			_, _ = w.Write([]byte(`{"events_after":[]}`))
+		default:
+			w.WriteHeader(http.StatusNotFound)
+			_, _ = w.Write([]byte(`{"errcode":"M_UNRECOGNIZED"}`))
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// TestDeliverVerificationLevel: an event that became decryptable late passes the check bridgev2
+// applies to the events it decrypts itself (matrix.Connector.postDecrypt): below
+// encryption.verification_levels.send, the level mautrix-go's config sets for incoming Matrix
+// messages, it is dropped and never reaches the portal; at or above it, it is bridged (security
+// finding 1, and finding 12: no test held this check).
+func TestDeliverVerificationLevel(t *testing.T) {
+	cases := []struct {
+		name          string
+		send, receive id.TrustState
+		trust         id.TrustState
+		bridged       bool
+	}{
+		{"unverified, tofu required", id.TrustStateCrossSignedTOFU, id.TrustStateUnset, id.TrustStateUnset, false},
+		{"cross-signed untrusted, tofu required", id.TrustStateCrossSignedTOFU, id.TrustStateUnset, id.TrustStateCrossSignedUntrusted, false},
+		{"tofu, tofu required", id.TrustStateCrossSignedTOFU, id.TrustStateUnset, id.TrustStateCrossSignedTOFU, true},
+		{"verified, tofu required", id.TrustStateCrossSignedTOFU, id.TrustStateUnset, id.TrustStateVerified, true},
+		{"unverified, default", id.TrustStateUnset, id.TrustStateUnset, id.TrustStateUnset, true},
+		{"forwarded key, default", id.TrustStateUnset, id.TrustStateUnset, id.TrustStateForwarded, true},
+		{"device key mismatch, default", id.TrustStateUnset, id.TrustStateUnset, id.TrustStateDeviceKeyMismatch, false},
+		{"blacklisted, default", id.TrustStateUnset, id.TrustStateUnset, id.TrustStateBlacklisted, false},
+		// receive is the level the bridge shares its own room keys at, not a rule for incoming events.
+		{"unverified, receive verified", id.TrustStateUnset, id.TrustStateVerified, id.TrustStateUnset, true},
+	}
+	srv := memberHomeserver(t)
+	client, err := mautrix.NewClient(srv.URL, testBot, "token")
+	if err != nil {
+		t.Fatal(err)
+	}
+	br, _ := newTestBridge(t, "test", cryptotest.Database(t))
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var dispatched []id.EventID
+			processor := appservice.NewEventProcessor(nil)
+			processor.ExecMode, processor.ExecSyncWarnTime, processor.ExecSyncTimeout = appservice.Sync, 0, 0
+			processor.On(event.EventMessage, func(_ context.Context, evt *event.Event) { dispatched = append(dispatched, evt.ID) })
+			cfg := &bridgeconfig.Config{}
+			cfg.Encryption.VerificationLevels.Send, cfg.Encryption.VerificationLevels.Receive = tc.send, tc.receive
+			sink := &recoverySink{h: &Helper{conn: &matrix.Connector{
+				Config: cfg, Bot: &appservice.IntentAPI{Client: client}, Bridge: br, EventProcessor: processor,
+			}}}
+
+			eventID := id.EventID(fmt.Sprintf("$late%d", i))
+			original := &event.Event{ID: eventID, RoomID: cmdPortal, Sender: cmdAlice, Type: event.EventEncrypted,
+				Content: event.Content{Raw: map[string]any{}}}
+			decrypted := &event.Event{ID: eventID, RoomID: cmdPortal, Sender: cmdAlice, Type: event.EventMessage,
+				Content: event.Content{Parsed: &event.MessageEventContent{MsgType: event.MsgText, Body: "hello"}},
+				Mautrix: event.MautrixInfo{TrustState: tc.trust}}
+			err := sink.Deliver(t.Context(), original, decrypted, 1)
+
+			var dropped *unwedge.DroppedError
+			if tc.bridged {
+				if err != nil || len(dispatched) != 1 || dispatched[0] != eventID {
+					t.Errorf("trust %s with send %s: Deliver = %v, dispatched %v; want it bridged", tc.trust, tc.send, err, dispatched)
+				}
+			} else if !errors.As(err, &dropped) || !strings.Contains(dropped.Reason, "verification level") || len(dispatched) != 0 {
+				t.Errorf("trust %s with send %s: Deliver = %v, dispatched %v; want it dropped for its verification level", tc.trust, tc.send, err, dispatched)
+			}
+		})
 	}
 }

@@ -18,7 +18,8 @@ const (
 	ScopeRoomMembers ScopeMode = "room_members"
 	// ScopeLoggedIn heals devices of Matrix users that are logged in to the bridge (have a user login).
 	ScopeLoggedIn ScopeMode = "logged_in"
-	// ScopePortalMembers heals devices of users who share a portal room with the bridge.
+	// ScopePortalMembers heals devices of users joined to or invited into an encrypted portal room
+	// of the bridge: not those who left it or were banned.
 	ScopePortalMembers ScopeMode = "portal_members"
 	// ScopeEveryone heals any device that sends the bridge an undecryptable Olm message.
 	ScopeEveryone ScopeMode = "everyone"
