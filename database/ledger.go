@@ -256,7 +256,8 @@ func (lq *LedgerQuery) CountCreated(ctx context.Context, userID id.UserID, devic
 }
 
 // Prune deletes heal records older than before, device rows whose last event is older than
-// before and that no lease holds, and the records of Megolm sessions shared before before.
+// before and that no lease holds, and the records of Megolm sessions shared before before that
+// no room uses any more, unwedge's and mautrix-go's crypto store's (pruneShared).
 func (lq *LedgerQuery) Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error) {
 	res, err := lq.db.Exec(ctx, pruneHealsQuery, lq.BridgeID, before.UnixMilli())
 	if err != nil {
@@ -268,10 +269,7 @@ func (lq *LedgerQuery) Prune(ctx context.Context, before, now time.Time) (heals,
 		return heals, 0, err
 	}
 	devices, _ = res.RowsAffected()
-	if _, err = lq.db.Exec(ctx, pruneSharedQuery, lq.BridgeID, before.UnixMilli()); err != nil {
-		return heals, devices, fmt.Errorf("failed to prune shared Megolm session records: %w", err)
-	}
-	return heals, devices, nil
+	return heals, devices, pruneShared(ctx, lq.db, lq.BridgeID, before)
 }
 
 func msTime(ms int64) time.Time {

@@ -15,13 +15,16 @@ import (
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 	"github.com/unwedge/unwedge/internal/testenv"
 )
 
 var testDevice = unwedge.LedgerDevice{UserID: "@alice:localhost", DeviceID: "PHONE", IdentityKey: "curve-key-a"}
 
 func openLedger(t *testing.T, dialect, uri string) *database.LedgerQuery {
-	db := database.NewUnwedgeDB("test-bridge", testenv.OpenDatabase(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
+	parent := testenv.OpenDatabase(t, dialect, uri)
+	cryptotest.CryptoTables(t, parent)
+	db := database.NewUnwedgeDB("test-bridge", parent, dbutil.ZeroLogger(zerolog.Nop()))
 	testenv.Upgrade(t, db)
 	return db.Ledger
 }

@@ -16,13 +16,16 @@ import (
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
+	"github.com/unwedge/unwedge/internal/cryptotest"
 	"github.com/unwedge/unwedge/internal/testenv"
 )
 
 func openPending(t *testing.T) map[string]*database.UnwedgeDB {
 	dbs := map[string]*database.UnwedgeDB{}
 	for dialect, uri := range testenv.Databases(t) {
-		db := database.NewUnwedgeDB("test-bridge", testenv.OpenDatabase(t, dialect, uri), dbutil.ZeroLogger(zerolog.Nop()))
+		parent := testenv.OpenDatabase(t, dialect, uri)
+		cryptotest.CryptoTables(t, parent)
+		db := database.NewUnwedgeDB("test-bridge", parent, dbutil.ZeroLogger(zerolog.Nop()))
 		testenv.Upgrade(t, db)
 		dbs[dialect] = db
 	}

@@ -19,8 +19,33 @@ const (
 		ON CONFLICT (bridge_id, session_id, identity_key) DO NOTHING`
 	firstSharedQuery = `
 		SELECT first_index FROM unwedge_megolm_shared WHERE bridge_id = $1 AND session_id = $2 AND identity_key = $3`
-	pruneSharedQuery = `DELETE FROM unwedge_megolm_shared WHERE bridge_id = $1 AND shared_at < $2`
-	sharedKeysQuery  = `
+	// mautrix-go's record of who got each of the bridge's Megolm sessions
+	// (crypto_megolm_outbound_session_shared, v0.32.0 schema: no time, no account) would grow by
+	// devices x sessions forever. The bridge reads it only for a room's current session
+	// (ReshareOwnSessions), so it is pruned with ours, before ours, for the sessions whose every
+	// share we recorded is older than the retention. Sessions we never recorded (shared before
+	// unwedge ran, or records pruned earlier) keep their rows: we cannot tell their age. Session
+	// IDs are unique, so another account's rows in the same table are never touched.
+	pruneMautrixSharedQuery = `
+		DELETE FROM crypto_megolm_outbound_session_shared
+		WHERE session_id IN (
+			SELECT session_id FROM unwedge_megolm_shared WHERE bridge_id = $1
+			GROUP BY session_id HAVING MAX(shared_at) < $2
+		) AND NOT EXISTS (
+			SELECT 1 FROM crypto_megolm_outbound_session ogs
+			WHERE ogs.session_id = crypto_megolm_outbound_session_shared.session_id
+		)`
+	// A room's current session keeps both records whatever their age: ReshareOwnSessions sends it
+	// again only to devices in mautrix-go's, and AnswerOwnSession answers from the index in ours
+	// (without it the stock rule answers an admin's device from the session's first index).
+	// Deleting ours alone would also leave mautrix-go's rows with nothing to date them once the
+	// session expires.
+	pruneSharedQuery = `
+		DELETE FROM unwedge_megolm_shared WHERE bridge_id = $1 AND shared_at < $2 AND NOT EXISTS (
+			SELECT 1 FROM crypto_megolm_outbound_session ogs
+			WHERE ogs.session_id = unwedge_megolm_shared.session_id
+		)`
+	sharedKeysQuery = `
 		SELECT identity_key FROM unwedge_megolm_shared WHERE bridge_id = $1 AND shared_at >= $2
 		GROUP BY identity_key ORDER BY MAX(shared_at) DESC LIMIT $3`
 )
@@ -51,6 +76,20 @@ func (sq *SharedQuery) FirstShared(ctx context.Context, sessionID id.SessionID, 
 		return 0, false, fmt.Errorf("failed to read the index a Megolm session was shared at: %w", err)
 	}
 	return uint32(index), true, nil
+}
+
+// pruneShared deletes the records of shares older than before, ours and mautrix-go's, in one
+// transaction so that a failure cannot leave mautrix-go's rows without ours to date them.
+func pruneShared(ctx context.Context, db *dbutil.Database, bridgeID string, before time.Time) error {
+	return db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if _, err := db.Exec(ctx, pruneMautrixSharedQuery, bridgeID, before.UnixMilli()); err != nil {
+			return fmt.Errorf("failed to prune the crypto store's records of shared Megolm sessions: %w", err)
+		}
+		if _, err := db.Exec(ctx, pruneSharedQuery, bridgeID, before.UnixMilli()); err != nil {
+			return fmt.Errorf("failed to prune shared Megolm session records: %w", err)
+		}
+		return nil
+	})
 }
 
 // SharedKeys lists the identity keys of the devices the bridge shared one of its Megolm sessions

@@ -131,13 +131,24 @@ func NewGenerationKeeper(local Generations, remote GenerationMirror, store *Stor
 // Check compares the database's generation with the homeserver's, then moves the generation on
 // (the bridge starts a new one whatever it found). An error reading either side is returned with
 // no check: the caller cannot tell.
+//
+// The homeserver is read first. Every replica writes a generation to the database (Advance,
+// committed) before it mirrors it, so a generation read from the homeserver is at most the
+// database's from then on, unless the database went back. Read the other way round, another
+// replica moving the generation on between the two reads would look like a rollback, and this
+// replica would heal every device for nothing.
+//
+// A slower replica's mirror write can land after a faster one's and take the homeserver back
+// (the database has 6, the homeserver 5): that is harmless, a homeserver behind the database is no
+// rollback. It only lets a restore to those last generations go unnoticed until the next write
+// mirrors the database's generation again, the same blind spot as a write the homeserver missed.
 func (k *GenerationKeeper) Check(ctx context.Context) (GenerationCheck, error) {
 	var check GenerationCheck
 	var err error
-	if check.Local, check.HasLocal, err = k.local.Current(ctx); err != nil {
+	if check.Remote, check.HasRemote, err = k.remote.Get(ctx); err != nil {
 		return check, err
 	}
-	if check.Remote, check.HasRemote, err = k.remote.Get(ctx); err != nil {
+	if check.Local, check.HasLocal, err = k.local.Current(ctx); err != nil {
 		return check, err
 	}
 	// A generation of another device (the bot's device was reset) says nothing about this one.

@@ -62,12 +62,21 @@ func SQLite(t testing.TB) *dbutil.Database {
 	return testenv.OpenDatabase(t, testenv.SQLite, testenv.SQLiteURI(t))
 }
 
-// UnwedgeDB makes unwedge's tables in db, for a bridge named "test".
+// UnwedgeDB makes unwedge's tables in db, for a bridge named "test", beside mautrix-go's crypto
+// tables (CryptoTables) as in the bridge's database.
 func UnwedgeDB(t testing.TB, db *dbutil.Database) *database.UnwedgeDB {
 	t.Helper()
+	CryptoTables(t, db)
 	udb := database.NewUnwedgeDB("test", db, dbutil.ZeroLogger(zerolog.Nop()))
 	testenv.Upgrade(t, udb)
 	return udb
+}
+
+// CryptoTables makes the tables of mautrix-go's SQL crypto store in db, which the bridge's
+// database always has beside unwedge's: the ledger's prune reads and prunes them too.
+func CryptoTables(t testing.TB, db *dbutil.Database) {
+	t.Helper()
+	testenv.Upgrade(t, crypto.NewSQLCryptoStore(db, dbutil.ZeroLogger(zerolog.Nop()), "", "", nil).DB)
 }
 
 // Config is unwedge's default configuration with retries that take milliseconds, not minutes.
