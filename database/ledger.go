@@ -92,11 +92,12 @@ const (
 	countCreatedQuery = `
 		SELECT COUNT(*) FROM unwedge_heal
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND session_id <> '' AND started_at >= $4`
-	// Both caps of a heal's admission in one round trip.
+	// Both caps of a heal's admission in one round trip; heals at startup ($5, $6: their classes)
+	// count towards neither.
 	countRecentHealsQuery = `
 		SELECT
-			(SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND user_id = $2 AND forced_by = '' AND started_at >= $3),
-			(SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND started_at >= $4)`
+			(SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND user_id = $2 AND forced_by = '' AND started_at >= $3 AND class NOT IN ($5, $6)),
+			(SELECT COUNT(*) FROM unwedge_heal WHERE bridge_id = $1 AND started_at >= $4 AND class NOT IN ($5, $6))`
 	pruneHealsQuery   = `DELETE FROM unwedge_heal WHERE bridge_id = $1 AND started_at < $2 AND outcome <> 'in_progress'`
 	pruneDevicesQuery = `
 		DELETE FROM unwedge_device WHERE bridge_id = $1 AND last_created_at < $2 AND last_failed_at < $2 AND lease_until < $3`
@@ -161,9 +162,11 @@ func (lq *LedgerQuery) refusal(ctx context.Context, dev unwedge.LedgerDevice) (*
 // RecentHeals counts, in one query, the automatic heals of the user's devices started at or
 // after userSince (forced ones are not counted), for the per-user cap, and the heals of all
 // devices, automatic and forced, started at or after allSince (by every replica on the
-// database), for the bridge's cap on heals per minute.
+// database), for the bridge's cap on heals per minute. Heals at startup count towards neither:
+// the caps bound what peers make the bridge do, and the bridge starts those on its own.
 func (lq *LedgerQuery) RecentHeals(ctx context.Context, userID id.UserID, userSince, allSince time.Time) (counts unwedge.HealCounts, err error) {
-	err = lq.db.QueryRow(ctx, countRecentHealsQuery, lq.BridgeID, userID, userSince.UnixMilli(), allSince.UnixMilli()).Scan(&counts.User, &counts.All)
+	err = lq.db.QueryRow(ctx, countRecentHealsQuery, lq.BridgeID, userID, userSince.UnixMilli(), allSince.UnixMilli(),
+		unwedge.ClassRolledBack, unwedge.ClassSessionLost).Scan(&counts.User, &counts.All)
 	if err != nil {
 		return counts, fmt.Errorf("failed to count recent heals: %w", err)
 	}

@@ -195,7 +195,8 @@ func TestLedgerPrune(t *testing.T) {
 
 // TestLedgerRecentHeals: the bridge's cap on heals per minute counts every heal it started within
 // the window, automatic and forced, of any device, on any replica; not older ones, nor another
-// bridge's on the same database. The per-user cap counts only the user's automatic heals.
+// bridge's on the same database, nor heals at startup. The per-user cap counts only the user's
+// automatic heals, not those at startup (the bridge starts them on its own).
 func TestLedgerRecentHeals(t *testing.T) {
 	t0 := time.UnixMilli(1_800_000_000_000)
 	for dialect, uri := range testenv.Databases(t) {
@@ -208,15 +209,21 @@ func TestLedgerRecentHeals(t *testing.T) {
 				device id.DeviceID
 				at     time.Duration
 				force  bool
+				class  unwedge.Class
 			}{
-				{lq, "PHONE", 0, false},
-				{replica, "TABLET", 10 * time.Second, true},
-				{lq, "LAPTOP", -2 * time.Minute, false},
-				{otherDB.Ledger, "PHONE", 20 * time.Second, false},
+				{lq, "PHONE", 0, false, ""},
+				{replica, "TABLET", 10 * time.Second, true, ""},
+				{lq, "LAPTOP", -2 * time.Minute, false, ""},
+				{otherDB.Ledger, "PHONE", 20 * time.Second, false, ""},
+				{lq, "WATCH", 5 * time.Second, false, unwedge.ClassRolledBack},
+				{replica, "DESKTOP", 15 * time.Second, false, unwedge.ClassSessionLost},
 			}
 			for _, h := range heals {
 				dev := unwedge.LedgerDevice{UserID: testDevice.UserID, DeviceID: h.device, IdentityKey: id.IdentityKey("key-" + h.device)}
 				p := params(t0.Add(h.at), "bridge")
+				if h.class != "" {
+					p.Class = h.class
+				}
 				if p.Force = h.force; h.force {
 					p.ForcedBy = "@admin:localhost"
 				}
