@@ -140,7 +140,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 		decisions = u.Counts()
 	}
 	failures := olmFailures(decisions)
-	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0, "deferred": 0, "user_capped": 0, "throttled": 0}
+	heals := map[string]int64{"attempted": 0, "succeeded": 0, "failed": 0, "rate_limited": 0, "deferred": 0, "user_capped": 0, "throttled": 0, "key_conflict": 0}
 	var outOfScope, unknownDevice int64
 	for c, n := range decisions {
 		switch c.Action {
@@ -158,6 +158,8 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 			heals["user_capped"] += n
 		case unwedge.ActionThrottled:
 			heals["throttled"] += n
+		case unwedge.ActionKeyConflict:
+			heals["key_conflict"] += n
 		case unwedge.ActionOutOfScope:
 			outOfScope += n
 		case unwedge.ActionUnknownDevice:
@@ -166,7 +168,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	}
 	family(out, "unwedge_olm_failures_total", "counter", "Olm to-device events that the bridge could not decrypt or that showed a wedge, by class.")
 	labelled(out, "unwedge_olm_failures_total", "class", failures)
-	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, wedges not healed because of the MSC1719 limit (rate_limited), heals whose m.dummy waits for the homeserver (deferred; they end as succeeded or failed later), wedges not healed because the user's devices reached unwedge.max_heals_per_user within the interval (user_capped), and wedges not healed because the bridge started unwedge.max_heals_per_minute heals within the last minute (throttled).")
+	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, wedges not healed because of the MSC1719 limit (rate_limited), heals whose m.dummy waits for the homeserver (deferred; they end as succeeded or failed later), wedges not healed because the user's devices reached unwedge.max_heals_per_user within the interval (user_capped; left to mautrix-go's own unwedging), wedges not healed because the bridge started unwedge.max_heals_per_minute heals within the last minute (throttled; left to mautrix-go's own unwedging), and devices not healed because another device in the crypto store claims the same identity key (key_conflict).")
 	labelled(out, "unwedge_heals_total", "result", heals)
 	family(out, "unwedge_out_of_scope_total", "counter", "Wedged sessions of users outside unwedge.scope (left to mautrix-go's own unwedging, as with the stock bridge).")
 	fmt.Fprintf(out, "unwedge_out_of_scope_total %d\n", outOfScope)
@@ -231,6 +233,27 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	}
 	family(out, "unwedge_crypto_store_rolled_back", "gauge", "1 when this process found at startup that the crypto store had gone back in time (restored from a backup).")
 	fmt.Fprintf(out, "unwedge_crypto_store_rolled_back %d\n", rolledBack)
+	panics := map[string]int64{}
+	for _, site := range unwedge.PanicSites() {
+		panics[string(site)] = 0
+	}
+	dropped := map[string]int64{string(unwedge.EndpointClaim): 0, string(unwedge.EndpointQuery): 0}
+	if u != nil {
+		addCounts(panics, u.Panics())
+		for endpoint, n := range u.AnswersDropped() {
+			dropped[string(endpoint)] += n
+		}
+	}
+	if m.h.recovery != nil {
+		addCounts(panics, m.h.recovery.Panics())
+	}
+	if m.h.generation != nil {
+		addCounts(panics, m.h.generation.Panics())
+	}
+	family(out, "unwedge_panics_total", "counter", "Panics recovered in unwedge's goroutines and in its calls into mautrix-go with a peer's data, by where (a heal that panicked ended as failed_permanent). Any value above zero is a bug worth reporting.")
+	labelled(out, "unwedge_panics_total", "where", panics)
+	family(out, "unwedge_answer_entries_dropped_total", "counter", "Entries of the homeserver's answers to the bridge's key claims and queries that named users, devices or keys the bridge did not ask for (dropped before mautrix-go read them), by endpoint.")
+	labelled(out, "unwedge_answer_entries_dropped_total", "endpoint", dropped)
 	family(out, "unwedge_appservice_inbox_messages_total", "counter", "Encrypted to-device messages read from the bot device's inbox in appservice mode (unwedge.appservice_inbox) and handed to unwedge; those it had from a transaction already are counted here but not handled twice.")
 	fmt.Fprintf(out, "unwedge_appservice_inbox_messages_total %d\n", m.h.inboxHandled.Load())
 }
@@ -247,6 +270,12 @@ func olmFailures(decisions map[unwedge.Count]int64) map[string]int64 {
 		}
 	}
 	return failures
+}
+
+func addCounts(sum map[string]int64, counts map[unwedge.PanicSite]int64) {
+	for site, n := range counts {
+		sum[string(site)] += n
+	}
 }
 
 func family(out *bufio.Writer, name, kind, help string) {

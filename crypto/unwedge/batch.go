@@ -80,7 +80,7 @@ func (u *Unwedger) HealBatch(ctx context.Context, devices []*id.Device, class Cl
 				for j, i := range batch {
 					members[j] = &batchMember{device: devices[i], decision: &decisions[i]}
 				}
-				_ = u.catch(ctx, "heal_batch", func() error {
+				_ = u.catch(ctx, PanicHealBatch, func() error {
 					u.healBatch(ctx, members, class)
 					return nil
 				})
@@ -322,7 +322,7 @@ func (u *Unwedger) checkDevices(ctx context.Context, members []*batchMember) {
 // devices. It returns the devices and each user's error.
 func (u *Unwedger) fetchKeys(ctx context.Context, users []id.UserID) (map[id.UserID]map[id.DeviceID]*id.Device, map[id.UserID]error) {
 	fetch := func(users []id.UserID) (fetched map[id.UserID]map[id.DeviceID]*id.Device, err error) {
-		err = u.catch(ctx, "fetch_keys", func() error {
+		err = u.catch(ctx, PanicFetchKeys, func() error {
 			fetched, err = u.mach.FetchKeys(ctx, users, true)
 			return err
 		})
@@ -389,7 +389,7 @@ func (u *Unwedger) attemptBatch(ctx context.Context, healCtx context.Context, go
 		req.Messages[m.device.UserID][m.device.DeviceID] = &event.Content{}
 	}
 	var encrypted *mautrix.ReqSendToDevice
-	err := u.catch(ctx, "encrypt_dummies", func() (err error) {
+	err := u.catch(ctx, PanicEncryptDummies, func() (err error) {
 		encrypted, err = u.mach.EncryptToDevices(healCtx, event.ToDeviceDummy, req)
 		return err
 	})

@@ -195,7 +195,7 @@ func (k *GenerationKeeper) Start() {
 			case <-time.After(generationInterval):
 			}
 			// One request: the next round tries again.
-			if err := k.catch(ctx, "advance_generation", func() error {
+			if err := k.catch(ctx, PanicAdvanceGeneration, func() error {
 				return k.advance(mautrix.WithMaxRetries(ctx, 0), false)
 			}); err != nil && ctx.Err() == nil {
 				k.log.Warn().Err(err).Msg("Failed to move the crypto generation on")

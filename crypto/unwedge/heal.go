@@ -71,7 +71,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	finished := false
 	defer func() {
 		if r := recover(); r != nil && !finished {
-			err := u.panicked(ctx, "heal", r)
+			err := u.panicked(ctx, PanicHeal, r)
 			if ferr := u.ledger.Finish(context.WithoutCancel(ctx), ref, HealEnd{Outcome: HealFailedPermanent, Attempts: 1, Err: err.Error(), At: time.Now()}); ferr != nil {
 				log.Err(ferr).Msg("Failed to record heal outcome in the ledger")
 			}
@@ -116,7 +116,7 @@ func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, for
 	outcome, attempts, healErr, claimLost := HealFailedTransient, 0, error(nil), false
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
-		healErr = u.catch(ctx, "send_dummy", func() error {
+		healErr = u.catch(ctx, PanicSendDummy, func() error {
 			return u.mach.SendEncryptedToDevice(sendCtx, device, event.ToDeviceDummy, event.Content{})
 		})
 		claimed := hc.takeClaimed()
@@ -357,7 +357,7 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *Heal) {
 		return
 	}
 	var device *id.Device
-	err := u.catch(ctx, "fetch_device", func() (err error) {
+	err := u.catch(ctx, PanicFetchDevice, func() (err error) {
 		device, err = u.mach.GetOrFetchDevice(ctx, dev.UserID, dev.DeviceID)
 		return err
 	})
@@ -396,7 +396,7 @@ func (u *Unwedger) resumeHeal(ctx, decideCtx context.Context, heal *Heal) {
 	release := u.hold(ctx, HealRef{Device: dev, Owner: u.owner, HealID: heal.ID})
 	for attempts < u.cfg.MaxRetries && ctx.Err() == nil {
 		attempts++
-		err = u.catch(ctx, "send_dummy", func() error {
+		err = u.catch(ctx, PanicSendDummy, func() error {
 			return u.mach.SendEncryptedToDevice(withHeal(ctx, hc), device, event.ToDeviceDummy, event.Content{})
 		})
 		if err == nil || !transient(err) {

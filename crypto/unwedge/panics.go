@@ -17,15 +17,41 @@ import (
 // ErrPanicked marks a failure that was a recovered panic. It is never transient.
 var ErrPanicked = errors.New("recovered from a panic")
 
+// PanicSite names where a panic was recovered (the label of unwedge_panics_total).
+type PanicSite string
+
+const (
+	PanicHandleToDevice    PanicSite = "handle_to_device"
+	PanicHeal              PanicSite = "heal"
+	PanicSendDummy         PanicSite = "send_dummy"
+	PanicFetchDevice       PanicSite = "fetch_device"
+	PanicFetchKeys         PanicSite = "fetch_keys"
+	PanicEncryptDummies    PanicSite = "encrypt_dummies"
+	PanicHealBatch         PanicSite = "heal_batch"
+	PanicStartupHeals      PanicSite = "startup_heals"
+	PanicNewSession        PanicSite = "new_session"
+	PanicStockUnwedge      PanicSite = "stock_unwedge"
+	PanicResumeHeals       PanicSite = "resume_heals"
+	PanicPruneLedger       PanicSite = "prune_ledger"
+	PanicRenewLease        PanicSite = "renew_lease"
+	PanicRecoveryPass      PanicSite = "recovery_pass"
+	PanicAdvanceGeneration PanicSite = "advance_generation"
+)
+
+// PanicSites lists every site, so that metrics show each from the start.
+func PanicSites() []PanicSite {
+	return []PanicSite{PanicHandleToDevice, PanicHeal, PanicSendDummy, PanicFetchDevice, PanicFetchKeys, PanicEncryptDummies, PanicHealBatch, PanicStartupHeals, PanicNewSession, PanicStockUnwedge, PanicResumeHeals, PanicPruneLedger, PanicRenewLease, PanicRecoveryPass, PanicAdvanceGeneration}
+}
+
 // panicGuard recovers panics and counts them by where; the Unwedger, Recovery and the
 // GenerationKeeper each have one.
 type panicGuard struct {
-	panics lockedMap[string, int64]
+	panics lockedMap[PanicSite, int64]
 }
 
 // catch runs f and returns its error, or an ErrPanicked error when f panicked (logged once, with
 // the stack, and counted by where).
-func (g *panicGuard) catch(ctx context.Context, where string, f func() error) (err error) {
+func (g *panicGuard) catch(ctx context.Context, where PanicSite, f func() error) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = g.panicked(ctx, where, p)
@@ -35,20 +61,20 @@ func (g *panicGuard) catch(ctx context.Context, where string, f func() error) (e
 }
 
 // panicked logs and counts a recovered panic and returns it as an error.
-func (g *panicGuard) panicked(ctx context.Context, where string, p any) error {
+func (g *panicGuard) panicked(ctx context.Context, where PanicSite, p any) error {
 	g.panics.update(where, func(n int64, _ bool) (int64, bool) { return n + 1, true })
-	zerolog.Ctx(ctx).Error().Str("panic_in", where).Interface("panic", p).Bytes(zerolog.ErrorStackFieldName, debug.Stack()).
+	zerolog.Ctx(ctx).Error().Str("panic_in", string(where)).Interface("panic", p).Bytes(zerolog.ErrorStackFieldName, debug.Stack()).
 		Msg("Recovered from a panic; the process goes on")
 	return fmt.Errorf("%w in %s: %v", ErrPanicked, where, p)
 }
 
 // Panics returns how many panics were recovered since the start, by where.
-func (g *panicGuard) Panics() map[string]int64 {
+func (g *panicGuard) Panics() map[PanicSite]int64 {
 	return g.panics.snapshot()
 }
 
 // spawn runs f in a goroutine that Stop waits for; a panic in it is recovered, logged and counted.
-func (u *Unwedger) spawn(ctx context.Context, where string, f func()) {
+func (u *Unwedger) spawn(ctx context.Context, where PanicSite, f func()) {
 	u.heals.Add(1)
 	go func() {
 		defer u.heals.Done()

@@ -304,7 +304,7 @@ func (r *Recovery) Start() {
 			if sweep {
 				lastSweep = r.now()
 			}
-			_ = r.catch(r.ctx, "recovery_pass", func() error {
+			_ = r.catch(r.ctx, PanicRecoveryPass, func() error {
 				r.pass(r.ctx, sweep)
 				return nil
 			})

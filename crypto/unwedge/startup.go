@@ -143,7 +143,7 @@ func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, 
 	}
 	log.Info().Int("devices", len(devices)).Str("class", string(class)).Msg("Healing Olm sessions at startup, before handling events")
 	done := make(chan []Decision, 1)
-	u.spawn(u.log.WithContext(u.ctx), "startup_heals", func() {
+	u.spawn(u.log.WithContext(u.ctx), PanicStartupHeals, func() {
 		done <- u.HealBatch(u.log.WithContext(u.ctx), devices, class)
 	})
 	select {

@@ -214,7 +214,7 @@ func (u *Unwedger) needsUnwedge(ctx context.Context, sender id.UserID, key id.Se
 // HistoryRetention go, and so do devices with nothing recent. It also finishes the heals a
 // stopped process left in progress: now, and once more when that process's leases ran out.
 func (u *Unwedger) Start() {
-	u.spawn(u.ctx, "resume_heals", func() {
+	u.spawn(u.ctx, PanicResumeHeals, func() {
 		// Heals left by a stopped process are taken over once their lease runs out, and heals
 		// postponed by an unreachable homeserver are retried, within half a lease.
 		for {
@@ -226,7 +226,7 @@ func (u *Unwedger) Start() {
 			}
 		}
 	})
-	u.spawn(u.ctx, "prune_ledger", func() {
+	u.spawn(u.ctx, PanicPruneLedger, func() {
 		for {
 			now := time.Now()
 			heals, devices, err := u.ledger.Prune(u.ctx, now.Add(-u.cfg.HistoryRetention), now)
@@ -257,7 +257,7 @@ func (u *Unwedger) Stop() {
 func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 	if evt.Type != event.ToDeviceEncrypted {
 		// Key requests and the like: a peer's content all the same.
-		_ = u.catch(ctx, "handle_to_device", func() error {
+		_ = u.catch(ctx, PanicHandleToDevice, func() error {
 			u.mach.HandleToDeviceEvent(ctx, evt)
 			return nil
 		})
@@ -274,7 +274,7 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 		return
 	}
 	obs := &observation{hash: msg.hash, ratchet: msg.ratchet}
-	if err := u.catch(ctx, "handle_to_device", func() error {
+	if err := u.catch(ctx, PanicHandleToDevice, func() error {
 		u.mach.HandleToDeviceEvent(withObservation(ctx, obs), evt)
 		return nil
 	}); err != nil {
@@ -396,7 +396,7 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 		return
 	}
 	log.Info().Stringer("device_id", device.DeviceID).Msg("Olm session wedged, healing")
-	u.spawn(u.ctx, "heal", func() {
+	u.spawn(u.ctx, PanicHeal, func() {
 		defer release()
 		u.Heal(u.ctx, device, class, "")
 	})
@@ -407,7 +407,7 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 // unwedge. Not when another user's device claims the sender's identity key: the machine would
 // store the session it makes under that key, in place of the other user's.
 func (u *Unwedger) leaveToStock(ctx context.Context, sender id.UserID, key id.SenderKey) {
-	u.spawn(ctx, "stock_unwedge", func() {
+	u.spawn(ctx, PanicStockUnwedge, func() {
 		if others, err := u.otherOwners(ctx, sender, "", key); err != nil || len(others) > 0 {
 			zerolog.Ctx(ctx).Warn().Err(err).Strs("also_claimed_by", deviceNames(others)).
 				Msg("Not leaving the wedge to mautrix-go's own unwedging: another user's device claims the identity key")
@@ -540,7 +540,7 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 	if recent || full {
 		return
 	}
-	u.spawn(u.ctx, "new_session", func() {
+	u.spawn(u.ctx, PanicNewSession, func() {
 		ctx := u.log.WithContext(u.ctx)
 		device, err := u.lookupDevice(ctx, sender, key)
 		if err != nil || device == nil {
@@ -648,7 +648,7 @@ func (u *Unwedger) hold(ctx context.Context, ref HealRef) (release func()) {
 		defer close(stopped)
 		defer func() {
 			if r := recover(); r != nil {
-				_ = u.panicked(ctx, "renew_lease", r)
+				_ = u.panicked(ctx, PanicRenewLease, r)
 			}
 		}()
 		for {
@@ -689,7 +689,7 @@ func (u *Unwedger) lookupDevice(ctx context.Context, sender id.UserID, key id.Se
 		return u.mach.CryptoStore.FindDeviceByKey(ctx, sender, key)
 	}
 	var device *id.Device
-	err := u.catch(ctx, "fetch_device", func() (err error) {
+	err := u.catch(ctx, PanicFetchDevice, func() (err error) {
 		device, err = u.mach.GetOrFetchDeviceByKey(ctx, sender, key)
 		return err
 	})
