@@ -75,7 +75,9 @@ func (f *fixture) hostile() *hostileServer {
 	h := &hostileServer{next: http.DefaultTransport}
 	if f.bridge.Client.Client != nil && f.bridge.Client.Client.Transport != nil {
 		h.next = f.bridge.Client.Client.Transport
-		if _, guarded := h.next.(interface{ Dropped() map[unwedge.Endpoint]int64 }); guarded {
+		if _, guarded := h.next.(interface {
+			Dropped() map[unwedge.Endpoint]int64
+		}); guarded {
 			h.next = http.DefaultTransport
 		}
 	}

@@ -72,8 +72,8 @@ type Recovery struct {
 	healing func(userID id.UserID, key id.SenderKey) bool
 	// panicGuard keeps the loop going when an event reaches a bug (panics.go).
 	panicGuard
-	owner   string
-	log     zerolog.Logger
+	owner string
+	log   zerolog.Logger
 
 	ctx    context.Context
 	cancel context.CancelFunc

@@ -41,8 +41,8 @@ type Tables interface {
 // Unwedger is the middleware between the bridge's to-device transport and its OlmMachine: it
 // hands every Olm event to the machine, classifies failures, and heals wedged sessions.
 type Unwedger struct {
-	cfg      Config
-	mach     *crypto.OlmMachine
+	cfg    Config
+	mach   *crypto.OlmMachine
 	ledger Ledger
 	scope  Scope
 	// tables is nil where the crypto store is not mautrix-go's SQL store: then no unreadable
@@ -191,7 +191,7 @@ func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, tables
 	u := &Unwedger{
 		cfg: cfg, mach: mach, ledger: ledger, scope: scope, tables: tables, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		answers: guardAnswers(mach.Client, log),
-		log: log, ctx: log.WithContext(ctx), cancel: cancel, counts: make(map[Count]int64),
+		log:     log, ctx: log.WithContext(ctx), cancel: cancel, counts: make(map[Count]int64),
 		messages: newRecentSet[[32]byte](recentMessages),
 	}
 	mach.NeedsUnwedgeCallback = u.needsUnwedge

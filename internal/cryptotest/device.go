@@ -136,7 +136,7 @@ type Unwedging struct {
 	Config unwedge.Config
 	Ledger unwedge.Ledger
 	// Scope is whose devices it heals; nil: everyone's.
-	Scope unwedge.Scope
+	Scope  unwedge.Scope
 	Repair bool
 	// Owner names the process in the ledger's leases; "": a name of its own.
 	Owner string
