@@ -245,6 +245,31 @@ func TestHealBatch(t *testing.T) {
 			}
 		},
 	}, {
+		// The machine looks every device of a batch up again before its claim, and one failure
+		// fails its call for the whole batch: the batch is tried again in halves at once, and
+		// only the device whose lookup fails is left, failed_transient (no min_interval).
+		name:  "a crypto store error looking up one device fails it alone",
+		peers: 20,
+		before: func(b *batchFixture) ([]int, []int) {
+			b.bridge.Store.Wrap = func(inner crypto.Store) crypto.Store {
+				return &lookupFlakyStore{Store: inner, user: b.peers[13].UserID}
+			}
+			b.restart()
+			return nil, []int{13}
+		},
+		want:    counts{claims: 5, keys: 19, sends: 5},
+		actions: map[unwedge.Action]int{unwedge.ActionHealed: 19, unwedge.ActionFailed: 1},
+		after: func(t *testing.T, b *batchFixture) {
+			if h := b.lastHeal(13); h.Outcome != unwedge.HealFailedTransient || !strings.Contains(h.Error, "database is down") {
+				t.Errorf("heal of the device whose lookup failed: %+v, want failed_transient with the store's error", h)
+			}
+			for i := range b.peers {
+				if i != 13 {
+					b.healedBothWays(i)
+				}
+			}
+		},
+	}, {
 		name:  "the crypto store fails to keep one session",
 		peers: 20,
 		before: func(b *batchFixture) ([]int, []int) {
@@ -444,6 +469,21 @@ func (s *keyFlakyStore) AddSession(ctx context.Context, key id.SenderKey, sess *
 		return errors.New("database is down")
 	}
 	return s.Store.AddSession(ctx, key, sess)
+}
+
+// lookupFlakyStore answers the first lookup of one user's device and fails every later one, as a
+// database that goes away between the batch's own check and the machine's.
+type lookupFlakyStore struct {
+	crypto.Store
+	user  id.UserID
+	calls atomic.Int32
+}
+
+func (s *lookupFlakyStore) GetDevice(ctx context.Context, userID id.UserID, deviceID id.DeviceID) (*id.Device, error) {
+	if userID == s.user && s.calls.Add(1) > 1 {
+		return nil, errors.New("database is down")
+	}
+	return s.Store.GetDevice(ctx, userID, deviceID)
 }
 
 // plainLedger is a Ledger without the batch statements: a batch asks it device by device.
