@@ -6,6 +6,7 @@ package unwedge_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
@@ -326,5 +328,72 @@ func TestHostileForgedIdentityKey(t *testing.T) {
 		if decisions[i].Action != want {
 			t.Errorf("batch decision %d: %+v, want %s", i, decisions[i], want)
 		}
+	}
+}
+
+// TestCappedWedgeLeftToStock (finding 17): a wedge that unwedge does not heal because of its caps
+// (a user's max_heals_per_user, the bridge's max_heals_per_minute) gets what the stock bridge
+// would have done: mautrix-go's own unwedging, which opens a new session and sends m.dummy.
+// Before, such wedges got nothing, and a user with sock puppets could keep everyone's there.
+func TestCappedWedgeLeftToStock(t *testing.T) {
+	f := newFixture(t)
+	f.cfg.MaxHealsPerUser = 1
+	f.establish()
+	// Alice's second device had a session that the bridge lost.
+	tablet := f.newPeer(peerUser, "TABLET")
+	f.hs.Exchange(tablet, f.bridge)
+	f.noDecision()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1 AND sender_key=$2", string(bridgeDevice), tablet.IdentityKey())
+	f.restartBridge()
+
+	f.unwedger.HandleToDevice(f.ctx, f.garbageFrom(peerUser))
+	if d := f.decision(); d.Action != unwedge.ActionHealed {
+		t.Fatalf("the phone's wedge: %+v, want healed", d)
+	}
+	claims := f.hs.Claims()
+	tablet.SendDummy(f.bridge)
+	f.deliverToBridge()
+	if d := f.decision(); d.Action != unwedge.ActionCapped || !strings.Contains(d.Detail, "mautrix-go") {
+		t.Fatalf("the tablet's wedge: %+v, want capped and left to mautrix-go", d)
+	}
+	f.hs.AwaitInbox(tablet, 5*time.Second) // mautrix-go's unwedging runs in the background
+	if n := f.hs.Claims() - claims; n != 1 {
+		t.Errorf("%d key claims for the capped device, want 1 (mautrix-go's own unwedging)", n)
+	}
+	if got := f.hs.Inbox(tablet); len(got) != 1 {
+		t.Errorf("the capped device got %d events, want mautrix-go's m.dummy", len(got))
+	}
+}
+
+// TestNewSessionOutOfScope (finding 18): a device that opens a new session while its user is out
+// of scope is not remembered, so it takes no place among the devices that get the bridge's room
+// keys again, and gets them once its user is in scope.
+func TestNewSessionOutOfScope(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	reshared := make(chan id.DeviceID, 4)
+	f.unwedger.OnNewSession = func(_ context.Context, device *id.Device) { reshared <- device.DeviceID }
+	newSession := func() {
+		f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
+		f.peer.Restart()
+		time.Sleep(1100 * time.Millisecond) // the SQL store keeps second precision
+		f.peerSends()
+		f.deliverToBridge()
+		f.noDecision()
+	}
+	f.scope.allowed.Store(false)
+	newSession()
+	f.scope.allowed.Store(true)
+	newSession()
+	select {
+	case dev := <-reshared:
+		if dev != peerDevice {
+			t.Errorf("room keys again for %s, want %s", dev, peerDevice)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the device got no room keys again once its user was in scope: its new session was remembered while out of scope")
+	}
+	if len(reshared) != 0 {
+		t.Errorf("room keys again %d more times", len(reshared))
 	}
 }
