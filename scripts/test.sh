@@ -34,13 +34,16 @@ fault_points() {
 }
 
 # Every fuzz target runs for a bounded number of inputs (its seed corpus already ran as a test),
-# about 10 s each here. A count, not a duration: Go 1.26's fuzz coordinator can fail a target that
+# about 10 s each here; a target whose inputs cost more (FuzzKeyAnswers: a heal each) names a
+# smaller count after a second colon. A count, not a duration: Go 1.26's fuzz coordinator can fail a target that
 # found nothing with "context deadline exceeded" when a -fuzztime duration ends while a worker is
 # busy (go.dev/issue/75804, fixed in Go 1.27). UNWEDGE_FUZZTIME takes either.
 fuzz() {
 	local fuzztime=${UNWEDGE_FUZZTIME:-20000x} target
-	for target in crypto/unwedge:FuzzParseOlm crypto/unwedge:FuzzHandleToDevice crypto/unwedge:FuzzRecord webhook:FuzzPostMessageBody; do
-		go test -tags goolm -count=1 "$@" -run '^$' -fuzz "^${target#*:}\$" -fuzztime "$fuzztime" "./${target%%:*}/"
+	for target in crypto/unwedge:FuzzParseOlm crypto/unwedge:FuzzHandleToDevice crypto/unwedge:FuzzRecord crypto/unwedge:FuzzKeyAnswers:5000x webhook:FuzzPostMessageBody; do
+		local pkg name count
+		IFS=: read -r pkg name count <<<"$target"
+		go test -tags goolm -count=1 "$@" -run '^$' -fuzz "^${name}\$" -fuzztime "${UNWEDGE_FUZZTIME:-${count:-$fuzztime}}" "./${pkg}/"
 	done
 }
 

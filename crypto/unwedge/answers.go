@@ -136,12 +136,16 @@ func requestBody(req *http.Request) ([]byte, error) {
 }
 
 // filterAnswer cuts an answer of the endpoint down to what the request asked, and names what it
-// dropped. An answer that is no JSON object is passed on as it is (the client's parser refuses
-// it); a field of the wrong shape is dropped whole.
+// dropped. An answer that is no JSON at all is passed on as it is (the client's parser refuses
+// it); JSON that is no object (null, a list) is answered as {}: mautrix-go v0.32.0 reads a null
+// claim answer as no answer and dereferences it. A field of the wrong shape is dropped whole.
 func filterAnswer(endpoint Endpoint, asked, answer []byte) ([]byte, []string) {
+	if !json.Valid(answer) {
+		return answer, nil
+	}
 	var fields map[string]json.RawMessage
 	if json.Unmarshal(answer, &fields) != nil || fields == nil {
-		return answer, nil
+		return []byte("{}"), []string{"the whole answer (no JSON object)"}
 	}
 	var dropped []string
 	switch endpoint {

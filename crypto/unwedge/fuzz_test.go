@@ -1,7 +1,9 @@
 package unwedge_test
 
 import (
+	"bytes"
 	"encoding/json"
+	"sync"
 	"testing"
 	"time"
 
@@ -77,6 +79,90 @@ func FuzzRecord(f *testing.F) {
 		for _, p := range list {
 			if p.EventID == evt.ID && p.SessionID != parsed.SessionID {
 				t.Fatalf("session %q came back as %q", parsed.SessionID, p.SessionID)
+			}
+		}
+	})
+}
+
+// FuzzKeyAnswers hands heals arbitrary answers to their /keys/claim and /keys/query, as a hostile
+// federated server relayed by the homeserver may shape them: a forced heal of one device, or a
+// batch of two whose devices the bridge must fetch. Whatever the answers, no panic happens (not
+// even one that unwedge recovers), no device gets more than one new session from a heal, and no
+// session is stored under an identity key that is not one of the devices' own.
+func FuzzKeyAnswers(f *testing.F) {
+	fx := newFixtureOn(f, cryptotest.SQLite(f))
+	fx.cfg.MinInterval, fx.cfg.MaxRetries = time.Millisecond, 1 // every heal is granted, and tried once
+	fx.establish()
+	bob := fx.newPeer("@bob:example.org", "LAPTOP")
+	fx.hs.Exchange(bob, fx.bridge)
+	h := fx.hostile()
+	fx.unwedger.OnDecision = nil
+	devices := []*id.Device{fx.bridge.Fetch(peerUser, peerDevice), fx.bridge.Fetch(bob.UserID, bob.DeviceID)}
+	keys := map[id.IdentityKey]bool{fx.peerKey(): true, bob.IdentityKey(): true}
+
+	// The seeds are the homeserver's real answers, and a few hostile shapes of them.
+	var seen sync.Map
+	record := func(suffix string) func([]byte) []byte {
+		return func(answer []byte) []byte { seen.Store(suffix, answer); return answer }
+	}
+	h.set("/keys/claim", record("claim"))
+	h.set("/keys/query", record("query"))
+	fx.exec("DELETE FROM crypto_device WHERE user_id=$1", string(bob.UserID))
+	fx.unwedger.HealBatch(fx.ctx, devices, unwedge.ClassSessionLost)
+	claim, _ := seen.Load("claim")
+	query, _ := seen.Load("query")
+	f.Add(claim.([]byte), query.([]byte), false)
+	f.Add(claim.([]byte), query.([]byte), true)
+	extra := bytes.Replace(claim.([]byte), []byte(`"`+string(peerDevice)+`"`), []byte(`"EVIL"`), 1)
+	f.Add(extra, query.([]byte), false)
+	f.Add(extra, query.([]byte), true)
+	f.Add([]byte(`{"one_time_keys":{"@alice:example.org":{"PHONE":null,"EVIL":{"signed_curve25519:A":{}}},"":[]}}`), []byte(`{"device_keys":{"@bob:example.org":{"LAPTOP":null},"@x:y":{"Z":{}}},"master_keys":[]}`), true)
+	f.Add([]byte(`null`), []byte(`{"device_keys":7}`), true)
+
+	f.Fuzz(func(t *testing.T, claim, query []byte, batch bool) {
+		h.set("/keys/claim", func([]byte) []byte { return claim })
+		h.set("/keys/query", func([]byte) []byte { return query })
+		// The fixture's helpers fail through f, which a fuzz target may not use.
+		sessions := func(key id.IdentityKey) (n int) {
+			if err := fx.db.QueryRow(fx.ctx, "SELECT COUNT(*) FROM crypto_olm_session WHERE account_id=$1 AND sender_key=$2", string(bridgeDevice), key).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+		before := map[id.IdentityKey]int{}
+		for key := range keys {
+			before[key] = sessions(key)
+		}
+		if batch {
+			if _, err := fx.db.Exec(fx.ctx, "DELETE FROM crypto_device WHERE user_id=$1", string(bob.UserID)); err != nil {
+				t.Fatal(err)
+			}
+			fx.unwedger.HealBatch(fx.ctx, devices, unwedge.ClassSessionLost)
+		} else {
+			fx.unwedger.Heal(fx.ctx, devices[0], unwedge.ClassForced, "@admin:example.org")
+		}
+		for site, n := range fx.unwedger.Panics() {
+			if n > 0 {
+				t.Fatalf("a panic in %s", site)
+			}
+		}
+		for key := range keys {
+			if n := sessions(key) - before[key]; n > 1 {
+				t.Fatalf("%d new sessions with %s from one heal", n, key)
+			}
+		}
+		rows, err := fx.db.Query(fx.ctx, "SELECT DISTINCT sender_key FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var key id.IdentityKey
+			if err = rows.Scan(&key); err != nil {
+				t.Fatal(err)
+			}
+			if !keys[key] {
+				t.Fatalf("a session stored under %s, no device's identity key", key)
 			}
 		}
 	})

@@ -28,30 +28,34 @@ import (
 )
 
 // hostileServer sits between the bridge's client and the homeserver, below unwedge's filter: it
-// rewrites the answers to one key endpoint as a federated server relayed by the homeserver could.
+// rewrites the answers to key endpoints as a federated server relayed by the homeserver could.
 type hostileServer struct {
 	next http.RoundTripper
 
 	lock sync.Mutex
-	// rewrite changes the answer to requests whose path ends with suffix; nil passes it on.
-	suffix  string
-	rewrite func(answer []byte) []byte
-	// seen is the last answer of that endpoint as the homeserver gave it.
-	seen []byte
+	// rewrites change the answers to requests whose path ends with their key.
+	rewrites map[string]func(answer []byte) []byte
 }
 
+// set rewrites the answers to requests whose path ends with suffix; nil passes them on.
 func (h *hostileServer) set(suffix string, rewrite func(answer []byte) []byte) {
 	h.lock.Lock()
 	defer h.lock.Unlock()
-	h.suffix, h.rewrite = suffix, rewrite
+	if rewrite == nil {
+		delete(h.rewrites, suffix)
+		return
+	}
+	h.rewrites[suffix] = rewrite
 }
 
 func (h *hostileServer) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp, err := h.next.RoundTrip(req)
+	var rewrite func([]byte) []byte
 	h.lock.Lock()
-	rewrite := h.rewrite
-	if h.suffix == "" || !strings.HasSuffix(req.URL.Path, h.suffix) {
-		rewrite = nil
+	for suffix, fn := range h.rewrites {
+		if strings.HasSuffix(req.URL.Path, suffix) {
+			rewrite = fn
+		}
 	}
 	h.lock.Unlock()
 	if err != nil || rewrite == nil {
@@ -62,9 +66,6 @@ func (h *hostileServer) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
-	h.lock.Lock()
-	h.seen = body
-	h.lock.Unlock()
 	body = rewrite(body)
 	resp.Body, resp.ContentLength = io.NopCloser(bytes.NewReader(body)), int64(len(body))
 	resp.Header.Del("Content-Length")
@@ -74,7 +75,7 @@ func (h *hostileServer) RoundTrip(req *http.Request) (*http.Response, error) {
 // hostile puts a hostileServer under the bridge's client and restarts the bridge, whose new
 // Unwedger filters on top of it.
 func (f *fixture) hostile() *hostileServer {
-	h := &hostileServer{next: http.DefaultTransport}
+	h := &hostileServer{next: http.DefaultTransport, rewrites: map[string]func([]byte) []byte{}}
 	if f.bridge.Client.Client != nil && f.bridge.Client.Client.Transport != nil {
 		h.next = f.bridge.Client.Client.Transport
 		if _, guarded := h.next.(interface {
@@ -132,6 +133,8 @@ func TestHostileClaimAnswers(t *testing.T) {
 	cases := []struct {
 		name string
 		edit func(t *testing.T, f *fixture, answer map[string]any)
+		// null answers null instead (after edit).
+		null bool
 		// want is how the heal ends; panics, whether a recovered panic ended it.
 		want   unwedge.Action
 		panics bool
@@ -175,6 +178,13 @@ func TestHostileClaimAnswers(t *testing.T) {
 		edit: func(_ *testing.T, f *fixture, answer map[string]any) { answer["one_time_keys"] = []any{1, "two"} },
 		want: unwedge.ActionFailed,
 	}, {
+		// mautrix-go v0.32.0 reads a null answer as no answer and dereferences it (found by
+		// FuzzKeyAnswers).
+		name: "a null answer",
+		edit: func(*testing.T, *fixture, map[string]any) {},
+		null: true,
+		want: unwedge.ActionFailed,
+	}, {
 		name: "an answer that makes the client panic",
 		edit: func(*testing.T, *fixture, map[string]any) {
 			panic("a bug that what the server sent reached")
@@ -187,7 +197,13 @@ func TestHostileClaimAnswers(t *testing.T) {
 			f := newFixture(t)
 			f.establish()
 			h := f.hostile()
-			h.set("/keys/claim", editJSON(t, func(answer map[string]any) { tc.edit(t, f, answer) }))
+			edit := editJSON(t, func(answer map[string]any) { tc.edit(t, f, answer) })
+			h.set("/keys/claim", func(answer []byte) []byte {
+				if answer = edit(answer); tc.null {
+					return []byte("null")
+				}
+				return answer
+			})
 			before := f.sessions(f.bridge, f.peerKey())
 
 			f.unwedger.HandleToDevice(f.ctx, f.garbageFrom(peerUser))
@@ -213,7 +229,7 @@ func TestHostileClaimAnswers(t *testing.T) {
 				t.Errorf("the ledger has the heal as %s, want %s", heals[0].Outcome, want)
 			}
 			// Healed or failed for good, the next wedge within the interval is limited.
-			h.set("", nil)
+			h.set("/keys/claim", nil)
 			f.unwedger.HandleToDevice(f.ctx, f.garbageFrom(peerUser))
 			if d := f.decision(); d.Action != unwedge.ActionLimited {
 				t.Errorf("the next wedge: %+v, want limited", d)
