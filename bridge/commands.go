@@ -365,6 +365,8 @@ func replyHeal(ce *commands.Event, dev string, d unwedge.Decision) {
 		reply(ce, fmt.Sprintf("Created a new Olm session with device %s; m.dummy is not sent yet (%s), it is sent when the homeserver answers.", dev, why))
 	case unwedge.ActionOutOfScope:
 		reply(ce, fmt.Sprintf("Not healed: the user of device %s is outside unwedge's scope (%s). `unwedge heal --force` heals anyway.", dev, why))
+	case unwedge.ActionKeyConflict:
+		reply(ce, fmt.Sprintf("Not healed: %s. A session made with device %s would be stored under an identity key another device lists too; check which device is genuine, then `unwedge heal --force` heals it.", why, dev))
 	case unwedge.ActionCapped, unwedge.ActionLimited, unwedge.ActionThrottled:
 		reply(ce, fmt.Sprintf("Not healed: device %s is %s: %s. (`unwedge heal --force` skips min\\_interval, max\\_heals\\_per\\_user and max\\_heals\\_per\\_minute, not a running heal, at most once per device per %s.)",
 			dev, escapeText(string(d.Action)), why, forcedHealWindow))

@@ -42,7 +42,7 @@ func (r *copyRecorder) Copy(_ up.YAMLType, path ...string) {
 }
 
 // TestUpgradeConfigCopiesEveryKey: the upgrader copies every option of unwedge.Config, so an
-// admin's value is never replaced by the example's (finding 11: it lost
+// admin's value is never replaced by the example's (security finding 20: it lost
 // recovery.max_pending_per_room and recovery.max_pending). The count makes a new option a
 // conscious change here.
 func TestUpgradeConfigCopiesEveryKey(t *testing.T) {

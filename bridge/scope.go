@@ -34,7 +34,7 @@ const sharesRoomQuery = `
 // of this bridge: mx_user_profile (the state store) joined with bridgev2's portal table, which
 // bridgev2 keeps in the same database (its Matrix connector opens the state store on the bridge's
 // database). mautrix-go's FindSharedRooms is no substitute: it also lists rooms the user left or
-// was banned from (security finding 10). Encrypted rooms only, as FindSharedRooms does and as the
+// was banned from (security finding 19). Encrypted rooms only, as FindSharedRooms does and as the
 // OlmMachine tracks devices: a user who shares only unencrypted portals with the bridge has no
 // room key to send it, so a heal would only spend a one-time key. An encrypted room is known as
 // such from its m.room.encryption event, which precedes its first encrypted message.

@@ -53,7 +53,7 @@ func newTestBridge(t *testing.T, bridgeID networkid.BridgeID, db *dbutil.Databas
 }
 
 // TestScopePortalMembers: portal_members is the users joined to or invited into an encrypted
-// portal room of this bridge, as the state store knows them now (finding 10: users who left or
+// portal room of this bridge, as the state store knows them now (security finding 19: users who left or
 // were banned stayed in scope).
 func TestScopePortalMembers(t *testing.T) {
 	const (

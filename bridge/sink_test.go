@@ -101,7 +101,7 @@ func memberHomeserver(t *testing.T) *httptest.Server {
 // applies to the events it decrypts itself (matrix.Connector.postDecrypt): below
 // encryption.verification_levels.send, the level mautrix-go's config sets for incoming Matrix
 // messages, it is dropped and never reaches the portal; at or above it, it is bridged (security
-// finding 1, and finding 12: no test held this check).
+// finding 1, and security finding 21: no test held this check).
 func TestDeliverVerificationLevel(t *testing.T) {
 	cases := []struct {
 		name          string

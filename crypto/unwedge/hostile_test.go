@@ -1,6 +1,6 @@
 package unwedge_test
 
-// Tests of what a hostile world can do on purpose (docs/security.md, findings 13 and on): a
+// Tests of what a hostile world can do on purpose (docs/security.md, findings 10 to 21): a
 // federated homeserver's answers to the bridge's key claims and queries, and a user who lists
 // another user's identity key as their own device's.
 
@@ -124,7 +124,7 @@ func claimedKeys(answer map[string]any, userID id.UserID, deviceID id.DeviceID) 
 	return keys
 }
 
-// TestHostileClaimAnswers (finding 13): a heal's /keys/claim answer, as a hostile federated
+// TestHostileClaimAnswers (security finding 10): a heal's /keys/claim answer, as a hostile federated
 // server can shape it. mautrix-go v0.32.0 dereferences nil for a device it did not ask about,
 // which killed the process. Now the answer is cut to what was asked, and whatever the rest, the
 // process goes on, the asked device gets at most one session, and a heal that cannot be made
@@ -238,7 +238,7 @@ func TestHostileClaimAnswers(t *testing.T) {
 	}
 }
 
-// TestHostileQueryAnswer (finding 13): a /keys/query answer that carries other users' devices
+// TestHostileQueryAnswer (security finding 10): a /keys/query answer that carries other users' devices
 // (a hostile server answering for users on other servers) does not put them in the crypto store.
 func TestHostileQueryAnswer(t *testing.T) {
 	f := newFixture(t)
@@ -294,7 +294,7 @@ func forgeDevice(t *testing.T, d *cryptotest.Device, key id.IdentityKey) {
 	}
 }
 
-// TestHostileForgedIdentityKey (finding 14): Mallory lists Alice's identity key as her device's
+// TestHostileForgedIdentityKey (security finding 11): Mallory lists Alice's identity key as her device's
 // and sends one garbage Olm message with Alice's key. The bridge must not make a session under
 // Alice's key with Mallory's device (it would be Alice's newest, and she could not decrypt the
 // bridge's messages), nor let Mallory's failure limit Alice's own heals.
@@ -335,6 +335,11 @@ func TestHostileForgedIdentityKey(t *testing.T) {
 		t.Errorf("Alice's wedge while Mallory's forged device lists her key: %+v, want key_conflict (neither device is healed)", d)
 	}
 
+	// An admin who checked both devices can force the heal of Alice's.
+	if d := f.unwedger.HealRequested(f.ctx, f.bridge.Fetch(peerUser, peerDevice), "@admin:example.org", true); d.Action != unwedge.ActionHealed {
+		t.Errorf("Alice's forced heal: %+v, want healed", d)
+	}
+
 	// At startup, neither device with the key is picked: Alice's batch heal is refused too, and
 	// another device in the same batch heals.
 	bob := f.newPeer("@bob:example.org", "LAPTOP")
@@ -347,7 +352,7 @@ func TestHostileForgedIdentityKey(t *testing.T) {
 	}
 }
 
-// TestCappedWedgeLeftToStock (finding 17): a wedge that unwedge does not heal because of its caps
+// TestCappedWedgeLeftToStock (security finding 14): a wedge that unwedge does not heal because of its caps
 // (a user's max_heals_per_user, the bridge's max_heals_per_minute) gets what the stock bridge
 // would have done: mautrix-go's own unwedging, which opens a new session and sends m.dummy.
 // Before, such wedges got nothing, and a user with sock puppets could keep everyone's there.
@@ -381,7 +386,7 @@ func TestCappedWedgeLeftToStock(t *testing.T) {
 	}
 }
 
-// TestNewSessionOutOfScope (finding 18): a device that opens a new session while its user is out
+// TestNewSessionOutOfScope (security finding 15): a device that opens a new session while its user is out
 // of scope is not remembered, so it takes no place among the devices that get the bridge's room
 // keys again, and gets them once its user is in scope.
 func TestNewSessionOutOfScope(t *testing.T) {

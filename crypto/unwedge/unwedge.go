@@ -466,7 +466,8 @@ func deviceNames(devices []*id.Device) []string {
 // devices must have had fewer than max_heals_per_user heals within min_interval (capped), the
 // bridge fewer than max_heals_per_minute heals within the last minute (throttled), and the ledger
 // refuses it within min_interval of the device's last session (limited); the ledger records no
-// forced_by. With force, the scope, the caps and the interval are skipped (the heal still counts
+// forced_by. With force, the scope, the caps, the interval and the check for another device with
+// the same identity key (key_conflict) are skipped (the heal still counts
 // towards max_heals_per_minute) and the ledger records by as forced_by (Heal with forcedBy): the
 // caller must limit how often it does that, since every forced heal claims one of the device's
 // one-time keys. It returns the decision, whose Action, Detail and Err say how it ended or why
@@ -764,7 +765,7 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 	switch d.Action {
 	case ActionIgnored:
 		level = zerolog.DebugLevel
-	case ActionFailed, ActionDeferred, ActionUnknownDevice, ActionCapped, ActionThrottled:
+	case ActionFailed, ActionDeferred, ActionUnknownDevice, ActionCapped, ActionThrottled, ActionKeyConflict:
 		level = zerolog.WarnLevel
 	}
 	evt := zerolog.Ctx(ctx).WithLevel(level).
@@ -803,4 +804,5 @@ var decisionMessages = map[Action]string{
 	ActionHealed:        "Replaced wedged Olm session and sent m.dummy",
 	ActionDeferred:      "Replaced wedged Olm session; m.dummy not sent yet, it is sent when the homeserver answers",
 	ActionFailed:        "Failed to replace wedged Olm session",
+	ActionKeyConflict:   "Olm session not replaced: another device in the crypto store claims the same identity key",
 }
