@@ -46,6 +46,8 @@ type Helper struct {
 	inboxPoke chan struct{}
 	// inboxHandled counts the encrypted to-device messages read from the inbox.
 	inboxHandled atomic.Int64
+	// inboxPanics counts the inbox rounds that panicked (inboxRound).
+	inboxPanics atomic.Int64
 	// startup is what the heals at startup found (nil before, or when they are off).
 	startup atomic.Pointer[unwedge.StartupReport]
 

@@ -3,10 +3,14 @@ package bridge
 import (
 	"context"
 	"fmt"
+	"runtime/debug"
 	"time"
 
+	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
 // In appservice mode (encryption.appservice) the homeserver pushes the bot device's to-device
@@ -136,14 +140,9 @@ func (h *Helper) pokeInbox() {
 // followInbox reads the inbox every inboxInterval, and when poked, until ctx ends; first it
 // drains it, if it was never read.
 func (h *Helper) followInbox(ctx context.Context) {
+	// The loop goes on after a round that panicked (inboxRound).
 	for {
-		token, err := h.store.LoadNextBatch(ctx, h.client.UserID)
-		var report inboxReport
-		if err == nil && token == "" {
-			report, err = h.drainInbox(ctx)
-		} else if err == nil {
-			report, err = h.readInbox(mautrix.WithMaxRetries(ctx, 0), inboxStartupPages)
-		}
+		report, err := h.inboxRound(ctx)
 		switch {
 		case err != nil && ctx.Err() == nil:
 			h.log.Warn().Err(err).Msg("Failed to read the bot device's to-device inbox; tried again later")
@@ -167,4 +166,25 @@ func (h *Helper) followInbox(ctx context.Context) {
 		case <-time.After(inboxInterval - inboxMinInterval):
 		}
 	}
+}
+
+// inboxRound reads the inbox once (all of it the first time). What a peer sent may reach a bug:
+// a panic ends the round with an error, logged with its stack and counted
+// (unwedge_panics_total{where="appservice_inbox"}), and the next round comes as usual.
+func (h *Helper) inboxRound(ctx context.Context) (report inboxReport, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			h.inboxPanics.Add(1)
+			h.log.Error().Str("panic_in", string(unwedge.PanicAppserviceInbox)).Interface("panic", p).
+				Bytes(zerolog.ErrorStackFieldName, debug.Stack()).Msg("Recovered from a panic; the process goes on")
+			err = fmt.Errorf("%w in %s: %v", unwedge.ErrPanicked, unwedge.PanicAppserviceInbox, p)
+		}
+	}()
+	token, err := h.store.LoadNextBatch(ctx, h.client.UserID)
+	if err == nil && token == "" {
+		return h.drainInbox(ctx)
+	} else if err == nil {
+		return h.readInbox(mautrix.WithMaxRetries(ctx, 0), inboxStartupPages)
+	}
+	return report, err
 }

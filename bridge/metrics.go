@@ -250,6 +250,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	if m.h.generation != nil {
 		addCounts(panics, m.h.generation.Panics())
 	}
+	panics[string(unwedge.PanicAppserviceInbox)] += m.h.inboxPanics.Load()
 	family(out, "unwedge_panics_total", "counter", "Panics recovered in unwedge's goroutines and in its calls into mautrix-go with a peer's data, by where (a heal that panicked ended as failed_permanent). Any value above zero is a bug worth reporting.")
 	labelled(out, "unwedge_panics_total", "where", panics)
 	family(out, "unwedge_answer_entries_dropped_total", "counter", "Entries of the homeserver's answers to the bridge's key claims and queries that named users, devices or keys the bridge did not ask for (dropped before mautrix-go read them), by endpoint.")

@@ -36,11 +36,13 @@ const (
 	PanicRenewLease        PanicSite = "renew_lease"
 	PanicRecoveryPass      PanicSite = "recovery_pass"
 	PanicAdvanceGeneration PanicSite = "advance_generation"
+	// PanicAppserviceInbox is the bridge's reading of the bot device's inbox (package bridge).
+	PanicAppserviceInbox PanicSite = "appservice_inbox"
 )
 
 // PanicSites lists every site, so that metrics show each from the start.
 func PanicSites() []PanicSite {
-	return []PanicSite{PanicHandleToDevice, PanicHeal, PanicSendDummy, PanicFetchDevice, PanicFetchKeys, PanicEncryptDummies, PanicHealBatch, PanicStartupHeals, PanicNewSession, PanicStockUnwedge, PanicResumeHeals, PanicPruneLedger, PanicRenewLease, PanicRecoveryPass, PanicAdvanceGeneration}
+	return []PanicSite{PanicHandleToDevice, PanicHeal, PanicSendDummy, PanicFetchDevice, PanicFetchKeys, PanicEncryptDummies, PanicHealBatch, PanicStartupHeals, PanicNewSession, PanicStockUnwedge, PanicResumeHeals, PanicPruneLedger, PanicRenewLease, PanicRecoveryPass, PanicAdvanceGeneration, PanicAppserviceInbox}
 }
 
 // panicGuard recovers panics and counts them by where; the Unwedger, Recovery and the
