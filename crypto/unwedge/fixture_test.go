@@ -91,6 +91,18 @@ func (f *fixture) restartBridge() {
 // peerSends sends an m.dummy from the peer to the bridge over the peer's latest session.
 func (f *fixture) peerSends() { f.peer.SendDummy(f.bridge) }
 
+// peerOpensNewSession makes the peer lose its sessions and open a new one with the bridge: its
+// m.dummy reaches the bridge as a prekey message, and decrypts (no decision).
+func (f *fixture) peerOpensNewSession() {
+	f.t.Helper()
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
+	f.peer.Restart()
+	time.Sleep(1100 * time.Millisecond) // the SQL store keeps second precision
+	f.peerSends()
+	f.deliverToBridge()
+	f.noDecision()
+}
+
 // bridgeSends sends an m.dummy from the bridge to the peer.
 func (f *fixture) bridgeSends() { f.bridge.SendDummy(f.peer) }
 

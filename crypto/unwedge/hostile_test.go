@@ -394,18 +394,10 @@ func TestNewSessionOutOfScope(t *testing.T) {
 	f.establish()
 	reshared := make(chan id.DeviceID, 4)
 	f.unwedger.OnNewSession = func(_ context.Context, device *id.Device) { reshared <- device.DeviceID }
-	newSession := func() {
-		f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
-		f.peer.Restart()
-		time.Sleep(1100 * time.Millisecond) // the SQL store keeps second precision
-		f.peerSends()
-		f.deliverToBridge()
-		f.noDecision()
-	}
 	f.scope.allowed.Store(false)
-	newSession()
+	f.peerOpensNewSession()
 	f.scope.allowed.Store(true)
-	newSession()
+	f.peerOpensNewSession()
 	select {
 	case dev := <-reshared:
 		if dev != peerDevice {

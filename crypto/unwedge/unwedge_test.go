@@ -526,12 +526,7 @@ func TestSessionChoice(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The peer loses its session and opens a new one: its m.dummy arrives as a prekey message.
-	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(peerDevice))
-	f.peer.Restart()
-	time.Sleep(1100 * time.Millisecond) // the SQL store keeps second precision
-	f.peerSends()
-	f.deliverToBridge()
-	f.noDecision()
+	f.peerOpensNewSession()
 	latest, err := f.bridge.Mach.CryptoStore.GetLatestSession(f.ctx, f.peerKey())
 	if err != nil || latest == nil || latest.ID() == old.ID() {
 		t.Fatalf("bridge still encrypts with %v (old %s), err %v", latest, old.ID(), err)
