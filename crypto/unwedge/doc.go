@@ -7,7 +7,9 @@
 //
 //   - unwedge.go: the Unwedger, the middleware between the bridge's to-device transport and its
 //     OlmMachine; store.go: the crypto store decorator through which it sees how each Olm event
-//     ended.
+//     ended; answers.go: the filter that cuts the homeserver's key claim and query answers to
+//     what was asked (they relay other servers'); panics.go: what keeps a peer's input that
+//     reaches a bug from stopping the process.
 //   - detect.go: detect: parse and classify each failure (wedged or not, and why).
 //   - ledger.go: limit: the ledger decides whether a device may get a new session now (MSC1719's
 //     interval, leases across replicas); unwedge.go's admission adds the scope and the caps.

@@ -34,8 +34,8 @@ const (
 // retried with backoff and do not start the interval; permanent ones are recorded. A heal claims
 // at most one key: its retries reuse the session the claim gave, and a claim whose answer was
 // lost is not repeated. A device whose identity key another device in the crypto store also
-// claims is not healed (key_conflict) unless an admin forces it. The decision it returns says how it ended (healed,
-// deferred, failed) or why there was none (limited, key_conflict).
+// claims is not healed (key_conflict) unless an admin forces it. The decision it returns says how
+// it ended (healed, deferred, failed) or why there was none (limited, key_conflict).
 func (u *Unwedger) Heal(ctx context.Context, device *id.Device, class Class, forcedBy id.UserID) (result Decision) {
 	started := time.Now()
 	dev := LedgerDevice{UserID: device.UserID, DeviceID: device.DeviceID, IdentityKey: device.IdentityKey}
