@@ -192,8 +192,9 @@ func TestLostClaimAnswer(t *testing.T) {
 }
 
 // TestHealsPerMinute: at most max_heals_per_minute heals of all users' devices start within a
-// minute. Over it a wedge is throttled (no key claimed), and so is an admin's heal without force;
-// a forced heal is not refused, and counts.
+// minute. Over it a wedge is throttled (unwedge claims no key; mautrix-go's own unwedging runs, as
+// on the stock bridge), and so is an admin's heal without force (nothing runs); a forced heal is
+// not refused, and counts.
 func TestHealsPerMinute(t *testing.T) {
 	f := newFixture(t)
 	f.cfg.MaxHealsPerMinute = 1
@@ -217,6 +218,12 @@ func TestHealsPerMinute(t *testing.T) {
 	if d := f.decision(); d.Action != unwedge.ActionThrottled || d.UserID != second.UserID {
 		t.Fatalf("another user's wedge within the minute: %+v, want throttled", d)
 	}
+	// The throttled wedge gets mautrix-go's own unwedging, as on the stock bridge: one key.
+	f.hs.AwaitInbox(second, 5*time.Second)
+	if n := f.hs.Claims() - claims; n != 1 {
+		t.Errorf("%d key claims for the throttled wedge, want 1 (mautrix-go's own unwedging)", n)
+	}
+	claims = f.hs.Claims()
 	bob := f.bridge.Fetch(second.UserID, second.DeviceID)
 	if d := f.unwedger.HealRequested(f.ctx, bob, "@admin:example.org", false); d.Action != unwedge.ActionThrottled {
 		t.Errorf("admin's heal within the minute: %+v, want throttled", d)
