@@ -18,9 +18,8 @@ import (
 
 // PeerTables is what startup reads from the crypto store's tables (CryptoTables implements it).
 type PeerTables interface {
-	Repairer
+	Tables
 	OlmPeers(ctx context.Context) (readable, unreadable []id.SenderKey, err error)
-	DevicesByKey(ctx context.Context, keys []id.IdentityKey) ([]*id.Device, error)
 	DiscardOutboundSessions(ctx context.Context) (int64, error)
 }
 
