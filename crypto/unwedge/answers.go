@@ -140,11 +140,11 @@ func requestBody(req *http.Request) ([]byte, error) {
 // it); JSON that is no object (null, a list) is answered as {}: mautrix-go v0.32.0 reads a null
 // claim answer as no answer and dereferences it. A field of the wrong shape is dropped whole.
 func filterAnswer(endpoint Endpoint, asked, answer []byte) ([]byte, []string) {
-	if !json.Valid(answer) {
-		return answer, nil
-	}
 	var fields map[string]json.RawMessage
-	if json.Unmarshal(answer, &fields) != nil || fields == nil {
+	if err := json.Unmarshal(answer, &fields); err != nil || fields == nil {
+		if !json.Valid(answer) {
+			return answer, nil
+		}
 		return []byte("{}"), []string{"the whole answer (no JSON object)"}
 	}
 	var dropped []string
