@@ -170,8 +170,7 @@ func (l *healLab) start(ctx context.Context, stock bool) {
 		cfg := unwedge.DefaultConfig()
 		cfg.Scope = unwedge.ScopeEveryone
 		cfg.MinInterval, cfg.HistoryRetention = time.Millisecond, time.Hour // a heal every round
-		u := l.bridge.Unwedge(cryptotest.Unwedging{Config: cfg, Ledger: udb.Ledger, Owner: "heal-bench"})
-		u.OnHealed = l.onHealed
+		l.bridge.Unwedge(cryptotest.Unwedging{Config: cfg, Ledger: udb.Ledger, Owner: "heal-bench", Followers: healFollower{l}})
 	}
 
 	syncCtx, cancel := context.WithCancel(ctx)
@@ -244,6 +243,12 @@ func (l *healLab) responseHook(req *http.Request, _ *http.Response, _ error, dur
 		}
 	}
 }
+
+// healFollower follows the bench's heals: DeviceHealed asks for the lost key (onHealed).
+type healFollower struct{ l *healLab }
+
+func (f healFollower) DeviceHealed(ctx context.Context, device *id.Device) { f.l.onHealed(ctx, device) }
+func (healFollower) Reshare(context.Context, *id.Device)                   {}
 
 // onHealed asks the healed device for the room key that was lost, as the bridge does for the
 // sessions bridgev2 waits for.

@@ -65,7 +65,7 @@ func runLedger(t *testing.T, dialect, uri string, rows int) LedgerResult {
 			dev = unwedge.LedgerDevice{UserID: id.UserID(fmt.Sprintf("@user%d:example.org", g)), DeviceID: "PHONE", IdentityKey: id.IdentityKey(fmt.Sprintf("key%d", g))}
 		}
 		started := time.Now()
-		_, err := udb.Ledger.Acquire(ctx, dev, unwedge.AcquireParams{
+		_, err := udb.Ledger.AcquireDevice(ctx, dev, unwedge.AcquireParams{
 			Now: now, MinInterval: time.Hour, Owner: "bench", Lease: time.Minute, Class: "no_session",
 		})
 		durations = append(durations, time.Since(started))

@@ -45,7 +45,7 @@ func TestStatusFromLedger(t *testing.T) {
 	// that is gone since.
 	heal := func(d unwedge.LedgerDevice, at time.Time, class unwedge.Class, session id.SessionID, outcome unwedge.HealOutcome, healErr string) {
 		t.Helper()
-		grant, err := udb.Ledger.Acquire(ctx, d, unwedge.AcquireParams{Now: at, MinInterval: time.Hour, Force: true, Owner: "old-process", Lease: time.Minute, Class: class})
+		grant, err := udb.Ledger.AcquireDevice(ctx, d, unwedge.AcquireParams{Now: at, MinInterval: time.Hour, Force: true, Owner: "old-process", Lease: time.Minute, Class: class})
 		if err != nil || !grant.Granted {
 			t.Fatalf("acquire: %+v, %v", grant, err)
 		}
@@ -54,7 +54,7 @@ func TestStatusFromLedger(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if err = udb.Ledger.Finish(ctx, unwedge.HealRef{Device: d, Owner: "old-process", HealID: grant.HealID}, unwedge.HealEnd{Outcome: outcome, Attempts: 1, Err: healErr, At: at.Add(time.Second)}); err != nil {
+		if err = udb.Ledger.FinishHeal(ctx, unwedge.HealRef{Device: d, Owner: "old-process", HealID: grant.HealID}, unwedge.HealEnd{Outcome: outcome, Attempts: 1, Err: healErr, At: at.Add(time.Second)}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -102,7 +102,7 @@ func TestStatusFromLedger(t *testing.T) {
 
 	// This process decides something that is no heal: PHONE's session wedges again within the
 	// hour. It is shown as the last decision; the heal history stays below it.
-	h.unwedger, err = unwedge.New(unwedge.DefaultConfig(), mach, udb.Ledger, cryptotest.Everyone{}, nil, "this-process", log)
+	h.unwedger, err = unwedge.New(unwedge.DefaultConfig(), mach, unwedge.Parts{Store: store, Ledger: udb.Ledger, Scope: cryptotest.Everyone{}}, "this-process", log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,6 +164,7 @@ type commandFixture struct {
 	hs     *cryptotest.Homeserver
 	udb    *database.UnwedgeDB
 	mach   *crypto.OlmMachine
+	store  *unwedge.Store // the machine's
 	h      *Helper
 	bot    *fakeBot
 	phone  *id.Device // alice's
@@ -177,7 +178,7 @@ func newCommandFixture(t *testing.T) *commandFixture {
 	f.hs.NewDevice(cmdAlice, "PHONE", cryptotest.Store{})
 	f.hs.NewDevice(cmdBob, "TABLET", cryptotest.Store{})
 	bridge := f.hs.NewDevice("@bridgebot:example.org", "BRIDGE", cryptotest.Store{Shared: f.udb.Shared})
-	f.mach = bridge.Mach
+	f.mach, f.store = bridge.Mach, bridge.Wrapped
 	f.phone, f.tablet = bridge.Fetch(cmdAlice, "PHONE"), bridge.Fetch(cmdBob, "TABLET")
 	f.restart()
 	return f
@@ -191,13 +192,14 @@ func (f *commandFixture) sentKeyRequests() []cryptotest.KeyRequest { return f.hs
 func (f *commandFixture) restart() {
 	cfg := unwedge.DefaultConfig()
 	cfg.MinBackoff, cfg.MaxBackoff, cfg.MaxRetries = time.Millisecond, time.Millisecond, 1
-	u, err := unwedge.New(cfg, f.mach, f.udb.Ledger, userScope{cmdAlice: true}, nil, fmt.Sprintf("process-%p", f), zerolog.Nop())
+	replacing := unwedge.NewReplacing()
+	recovery := unwedge.NewRecovery(cfg.Recovery, f.mach, f.udb.Pending, nil, replacing.Healing, fmt.Sprintf("process-%p", f), zerolog.Nop())
+	u, err := unwedge.New(cfg, f.mach, unwedge.Parts{Store: f.store, Ledger: f.udb.Ledger, Scope: userScope{cmdAlice: true}, Replacing: replacing}, fmt.Sprintf("process-%p", f), zerolog.Nop())
 	if err != nil {
 		f.t.Fatal(err)
 	}
 	f.t.Cleanup(u.Stop)
-	f.h = &Helper{db: f.udb, mach: f.mach, unwedger: u,
-		recovery: unwedge.NewRecovery(cfg.Recovery, f.mach, f.udb.Pending, nil, u.Healing, fmt.Sprintf("process-%p", f), zerolog.Nop())}
+	f.h = &Helper{db: f.udb, mach: f.mach, unwedger: u, recovery: recovery}
 }
 
 // run sends `unwedge <args>` from room (the admin's management room, or a portal) and returns
@@ -233,14 +235,14 @@ func (f *commandFixture) healedBefore(d *id.Device, ago time.Duration) {
 	f.t.Helper()
 	dev := unwedge.LedgerDevice{UserID: d.UserID, DeviceID: d.DeviceID, IdentityKey: d.IdentityKey}
 	at := time.Now().Add(-ago)
-	grant, err := f.udb.Ledger.Acquire(f.ctx, dev, unwedge.AcquireParams{Now: at, MinInterval: time.Hour, Owner: "earlier", Lease: time.Minute, Class: "bad_mac"})
+	grant, err := f.udb.Ledger.AcquireDevice(f.ctx, dev, unwedge.AcquireParams{Now: at, MinInterval: time.Hour, Owner: "earlier", Lease: time.Minute, Class: "bad_mac"})
 	if err != nil || !grant.Granted {
 		f.t.Fatalf("acquire: %+v, %v", grant, err)
 	}
 	if err = f.udb.Ledger.SessionCreated(f.ctx, unwedge.HealRef{Device: dev, Owner: "earlier", HealID: grant.HealID}, "earlierSession", at); err != nil {
 		f.t.Fatal(err)
 	}
-	if err = f.udb.Ledger.Finish(f.ctx, unwedge.HealRef{Device: dev, Owner: "earlier", HealID: grant.HealID}, unwedge.HealEnd{Outcome: unwedge.HealHealed, Attempts: 1, At: at.Add(time.Second)}); err != nil {
+	if err = f.udb.Ledger.FinishHeal(f.ctx, unwedge.HealRef{Device: dev, Owner: "earlier", HealID: grant.HealID}, unwedge.HealEnd{Outcome: unwedge.HealHealed, Attempts: 1, At: at.Add(time.Second)}); err != nil {
 		f.t.Fatal(err)
 	}
 }
@@ -382,11 +384,11 @@ func TestStatusEscapes(t *testing.T) {
 		t.Fatal(err)
 	}
 	dev := unwedge.LedgerDevice{UserID: cmdAlice, DeviceID: evil.DeviceID, IdentityKey: evil.IdentityKey}
-	grant, err := f.udb.Ledger.Acquire(f.ctx, dev, unwedge.AcquireParams{Now: time.Now(), MinInterval: time.Hour, Owner: "o", Lease: time.Minute, Class: unwedge.Class(hostile[2])})
+	grant, err := f.udb.Ledger.AcquireDevice(f.ctx, dev, unwedge.AcquireParams{Now: time.Now(), MinInterval: time.Hour, Owner: "o", Lease: time.Minute, Class: unwedge.Class(hostile[2])})
 	if err != nil || !grant.Granted {
 		t.Fatalf("acquire: %+v, %v", grant, err)
 	}
-	if err = f.udb.Ledger.Finish(f.ctx, unwedge.HealRef{Device: dev, Owner: "o", HealID: grant.HealID}, unwedge.HealEnd{Outcome: unwedge.HealFailedPermanent, Attempts: 1, Err: hostile[3] + hostile[7] + hostile[8], At: time.Now()}); err != nil {
+	if err = f.udb.Ledger.FinishHeal(f.ctx, unwedge.HealRef{Device: dev, Owner: "o", HealID: grant.HealID}, unwedge.HealEnd{Outcome: unwedge.HealFailedPermanent, Attempts: 1, Err: hostile[3] + hostile[7] + hostile[8], At: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	f.bot.answers = nil

@@ -30,7 +30,9 @@ type Helper struct {
 	cfg  unwedge.Config
 	log  zerolog.Logger
 
-	store    *matrix.SQLCryptoStore
+	store *matrix.SQLCryptoStore
+	// wrapped decorates store; it is the machine's CryptoStore.
+	wrapped  *unwedge.Store
 	db       *database.UnwedgeDB
 	client   *mautrix.Client
 	mach     *crypto.OlmMachine
@@ -76,18 +78,29 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 	hostname, _ := os.Hostname()
 	owner := fmt.Sprintf("%s/%d/%d", hostname, os.Getpid(), time.Now().UnixNano())
 	tables := &unwedge.CryptoTables{DB: h.store.DB, AccountID: string(br.ID), PickleKey: []byte(h.conn.Config.Encryption.PickleKey)}
-	var err error
-	h.unwedger, err = unwedge.New(h.cfg, h.mach, h.db.Ledger, NewScope(br, h.conn.StateStore, h.cfg.Scope), tables, owner, h.log)
-	if err != nil {
-		return err
-	}
 	if h.metrics == nil {
 		h.metrics = newMetrics(h)
 		// Once, like the metrics (Reset runs initUnwedge again): a redaction of a pending event
 		// drops it. On appends, so bridgev2's own redaction handler still runs, first.
 		h.conn.EventProcessor.On(event.EventRedaction, h.handleRedaction)
 	}
-	h.unwedger.OnDecision = h.metrics.observe
+	// The parts are built in the order they need each other, each with all it needs: recovery
+	// asks which sessions are being replaced, and the Unwedger replaces them and tells recovery.
+	replacing := unwedge.NewReplacing()
+	// Recovery owns everything about waiting for a key; the helper routes bridgev2's calls to it.
+	h.recovery = unwedge.NewRecovery(h.cfg.Recovery, h.mach, h.db.Pending, &recoverySink{h: h}, replacing.Healing, owner, h.log)
+	h.recovery.Lease = h.cfg.Lease
+	var err error
+	if err = armRecoveryFaults(h.log, h.recovery); err != nil {
+		return err
+	}
+	h.unwedger, err = unwedge.New(h.cfg, h.mach, unwedge.Parts{
+		Store: h.wrapped, Ledger: h.db.Ledger, Scope: NewScope(br, h.conn.StateStore, h.cfg.Scope), Tables: tables,
+		Replacing: replacing, Followers: h.recovery, Observer: h.metrics.observe,
+	}, owner, h.log)
+	if err != nil {
+		return err
+	}
 	if h.cfg.Metrics.Enabled {
 		if err = h.metrics.start(h.cfg.Metrics.Listen); err != nil {
 			return err
@@ -96,14 +109,6 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 	if err = armHealFaults(h.log, h.unwedger); err != nil {
 		return err
 	}
-	// Recovery owns everything about waiting for a key; the helper routes bridgev2's calls to it.
-	h.recovery = unwedge.NewRecovery(h.cfg.Recovery, h.mach, h.db.Pending, &recoverySink{h: h}, h.unwedger.Healing, owner, h.log)
-	if err = armRecoveryFaults(h.log, h.recovery); err != nil {
-		return err
-	}
-	h.recovery.Lease = h.cfg.Lease
-	h.unwedger.OnHealed = h.recovery.DeviceHealed
-	h.unwedger.OnNewSession = h.recovery.Reshare
 	h.unwedger.Start()
 	if h.cfg.Recovery.Enabled {
 		h.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
@@ -129,9 +134,8 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 	if h.cfg.Startup.Enabled {
 		// Before Init returns, so before bridgev2 handles any event: heals of sessions the bridge
 		// can know are broken go out before anyone sends over them.
-		store := h.mach.CryptoStore.(*unwedge.Store)
-		h.generation = unwedge.NewGenerationKeeper(h.db.Generation, &unwedge.AccountDataMirror{Client: h.client}, store, h.mach.OwnIdentity().IdentityKey, h.log)
-		report := h.unwedger.HealAtStartup(h.log.WithContext(ctx), h.generation, tables, h.db.Shared, h.cfg.Startup.Wait)
+		h.generation = unwedge.NewGenerationKeeper(h.db.Generation, &unwedge.AccountDataMirror{Client: h.client}, h.wrapped, h.mach.OwnIdentity().IdentityKey, h.log)
+		report := h.unwedger.HealAtStartup(h.log.WithContext(ctx), h.generation, h.db.Shared, h.cfg.Startup.Wait)
 		h.startup.Store(report)
 		h.logStartup(report)
 		h.generation.Start()
@@ -194,7 +198,7 @@ func (h *Helper) stopUnwedge() {
 func (h *Helper) allowKeyShare(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
 	enc := h.conn.Config.Encryption
 	if enc.AllowKeySharing && device.Trust != id.TrustStateBlacklisted && h.conn.StateStore.IsInRoom(ctx, info.RoomID, device.UserID) {
-		handled, err := unwedge.AnswerOwnSession(ctx, h.mach, device, info)
+		handled, err := unwedge.AnswerOwnSession(ctx, h.mach, h.db.Shared, device, info)
 		switch {
 		case err != nil:
 			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to send the bridge's own room key again")

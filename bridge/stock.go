@@ -73,7 +73,8 @@ func (h *Helper) Init(ctx context.Context) error {
 	if err = h.db.Upgrade(ctx); err != nil {
 		return bridgev2.DBUpgradeError{Section: "unwedge", Err: err}
 	}
-	h.mach = crypto.NewOlmMachine(h.client, &h.log, unwedge.NewStore(h.store, h.db.Shared), h.conn.StateStore)
+	h.wrapped = unwedge.NewStore(h.store, h.db.Shared)
+	h.mach = crypto.NewOlmMachine(h.client, &h.log, h.wrapped, h.conn.StateStore)
 	h.configureMachine()
 	if enc.DeleteKeys.PeriodicallyDeleteExpired {
 		loopCtx, cancel := context.WithCancel(context.Background())

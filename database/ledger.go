@@ -57,23 +57,8 @@ const (
 		UPDATE unwedge_heal SET outcome = 'failed_transient', finished_at = $6, error = $7
 		WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND outcome = 'in_progress' AND id <> $5`
 	postponeHealQuery = `UPDATE unwedge_heal SET attempts = $2, error = $3 WHERE id = $1`
-	// On Postgres the steps after a grant (open the heal record, link it to the device, close
-	// the device's older heals still in progress), and the two records of a created session, are
-	// one statement each: data-modifying CTEs on different tables, which all see the snapshot
-	// from before the statement (so the new heal is not among the superseded). One round trip
-	// each instead of three and four, on the path from a wedge to its m.dummy.
-	openHealPostgresQuery = `
-		WITH h AS (
-			INSERT INTO unwedge_heal (bridge_id, user_id, device_id, identity_key, class, forced_by, started_at)
-			VALUES ($1, $2, $3, $4, $6, $7, $8) RETURNING id
-		), d AS (
-			UPDATE unwedge_device SET heal_id = (SELECT id FROM h)
-			WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND lease_owner = $5
-		), s AS (
-			UPDATE unwedge_heal SET outcome = 'failed_transient', finished_at = $8, error = 'superseded by heal ' || (SELECT id FROM h)
-			WHERE bridge_id = $1 AND user_id = $2 AND device_id = $3 AND identity_key = $4 AND outcome = 'in_progress'
-		)
-		SELECT id FROM h`
+	// On Postgres the two records of a created session are one statement: data-modifying CTEs
+	// on different tables. One round trip instead of two, on the path from a wedge to its m.dummy.
 	sessionCreatedPostgresQuery = `
 		WITH d AS (
 			UPDATE unwedge_device SET last_created_at = $6, last_session_id = $7
@@ -113,9 +98,41 @@ func (lq *LedgerQuery) deviceArgs(dev unwedge.LedgerDevice) []any {
 	return []any{lq.BridgeID, dev.UserID, dev.DeviceID, dev.IdentityKey}
 }
 
-// Acquire decides whether unwedge may create a new session with the device now and, if so,
-// holds the device for the lease and opens a heal record.
-func (lq *LedgerQuery) Acquire(ctx context.Context, dev unwedge.LedgerDevice, p unwedge.AcquireParams) (*unwedge.Grant, error) {
+// Acquire decides, for each device (each listed once), whether unwedge may create a new session
+// with it now and, if so, holds the device for the lease and opens a heal record. It returns one
+// grant per device, in order. Postgres decides a whole group in three statements
+// (ledgerbatch.go); SQLite, where a statement costs no round trip, runs acquireSQLite per device
+// in one transaction.
+func (lq *LedgerQuery) Acquire(ctx context.Context, devs []unwedge.LedgerDevice, p unwedge.AcquireParams) ([]*unwedge.Grant, error) {
+	if lq.db.Dialect == dbutil.Postgres {
+		return lq.acquirePostgres(ctx, devs, p)
+	}
+	grants := make([]*unwedge.Grant, len(devs))
+	err := lq.db.DoTxn(ctx, nil, func(ctx context.Context) (err error) {
+		for i, dev := range devs {
+			if grants[i], err = lq.acquireSQLite(ctx, dev, p); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return grants, nil
+}
+
+// AcquireDevice is Acquire for one device: the batch of one.
+func (lq *LedgerQuery) AcquireDevice(ctx context.Context, dev unwedge.LedgerDevice, p unwedge.AcquireParams) (*unwedge.Grant, error) {
+	grants, err := lq.Acquire(ctx, []unwedge.LedgerDevice{dev}, p)
+	if err != nil {
+		return nil, err
+	}
+	return grants[0], nil
+}
+
+// acquireSQLite is Acquire's decision for one device on SQLite.
+func (lq *LedgerQuery) acquireSQLite(ctx context.Context, dev unwedge.LedgerDevice, p unwedge.AcquireParams) (*unwedge.Grant, error) {
 	now := p.Now.UnixMilli()
 	args := append(lq.deviceArgs(dev), p.Owner, p.Now.Add(p.Lease).UnixMilli(), now, p.Force, p.Now.Add(-p.MinInterval).UnixMilli())
 	var lastCreated int64
@@ -126,13 +143,6 @@ func (lq *LedgerQuery) Acquire(ctx context.Context, dev unwedge.LedgerDevice, p 
 		return nil, fmt.Errorf("failed to acquire device: %w", err)
 	}
 	grant := &unwedge.Grant{Granted: true, LastCreatedAt: msTime(lastCreated)}
-	if lq.db.Dialect == dbutil.Postgres {
-		err = lq.db.QueryRow(ctx, openHealPostgresQuery, append(lq.deviceArgs(dev), p.Owner, p.Class, p.ForcedBy, now)...).Scan(&grant.HealID)
-		if err != nil {
-			return nil, fmt.Errorf("failed to record heal: %w", err)
-		}
-		return grant, nil
-	}
 	err = lq.db.QueryRow(ctx, insertHealQuery, append(lq.deviceArgs(dev), p.Class, p.ForcedBy, now)...).Scan(&grant.HealID)
 	if err != nil {
 		return nil, fmt.Errorf("failed to record heal: %w", err)
@@ -194,17 +204,42 @@ func (lq *LedgerQuery) SessionCreated(ctx context.Context, ref unwedge.HealRef, 
 	})
 }
 
-// Finish releases the device and records how the heal ended. A permanent failure also starts the
-// interval, so the device is not retried until it passes.
-func (lq *LedgerQuery) Finish(ctx context.Context, ref unwedge.HealRef, end unwedge.HealEnd) error {
+// Finish releases the devices and records how each heal ended (refs[i] as ends[i]). A permanent
+// failure also starts the interval, so the device is not retried until it passes. Postgres
+// records a whole group in one statement (ledgerbatch.go); SQLite runs finishSQLite per heal in
+// one transaction.
+func (lq *LedgerQuery) Finish(ctx context.Context, refs []unwedge.HealRef, ends []unwedge.HealEnd) error {
+	if len(refs) != len(ends) {
+		return fmt.Errorf("%d heals with %d ends", len(refs), len(ends))
+	}
+	if lq.db.Dialect == dbutil.Postgres {
+		return lq.finishPostgres(ctx, refs, ends)
+	}
 	return lq.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		permanent := end.Outcome == unwedge.HealFailedPermanent
-		if _, err := lq.db.Exec(ctx, finishDeviceQuery, append(lq.deviceArgs(ref.Device), ref.Owner, permanent, end.At.UnixMilli(), end.Discarded)...); err != nil {
-			return err
+		for i, ref := range refs {
+			if err := lq.finishSQLite(ctx, ref, ends[i]); err != nil {
+				return err
+			}
 		}
-		_, err := lq.db.Exec(ctx, finishHealQuery, ref.HealID, end.Outcome, end.At.UnixMilli(), end.Attempts, end.Err)
-		return err
+		return nil
 	})
+}
+
+// FinishHeal is Finish for one heal: the batch of one.
+func (lq *LedgerQuery) FinishHeal(ctx context.Context, ref unwedge.HealRef, end unwedge.HealEnd) error {
+	return lq.Finish(ctx, []unwedge.HealRef{ref}, []unwedge.HealEnd{end})
+}
+
+// finishSQLite is Finish for one heal on SQLite.
+func (lq *LedgerQuery) finishSQLite(ctx context.Context, ref unwedge.HealRef, end unwedge.HealEnd) error {
+	permanent := end.Outcome == unwedge.HealFailedPermanent
+	if _, err := lq.db.Exec(ctx, finishDeviceQuery, append(lq.deviceArgs(ref.Device), ref.Owner, permanent, end.At.UnixMilli(), end.Discarded)...); err != nil {
+		return fmt.Errorf("failed to release device: %w", err)
+	}
+	if _, err := lq.db.Exec(ctx, finishHealQuery, ref.HealID, end.Outcome, end.At.UnixMilli(), end.Attempts, end.Err); err != nil {
+		return fmt.Errorf("failed to record heal outcome: %w", err)
+	}
+	return nil
 }
 
 // Postpone keeps a heal in progress but gives up its lease, so that ResumeHeals (in any process)

@@ -37,7 +37,7 @@ func params(now time.Time, owner string) unwedge.AcquireParams {
 func heal(t *testing.T, lq *database.LedgerQuery, p unwedge.AcquireParams, outcome unwedge.HealOutcome) bool {
 	t.Helper()
 	ctx := context.Background()
-	grant, err := lq.Acquire(ctx, testDevice, p)
+	grant, err := lq.AcquireDevice(ctx, testDevice, p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +49,7 @@ func heal(t *testing.T, lq *database.LedgerQuery, p unwedge.AcquireParams, outco
 			t.Fatal(err)
 		}
 	}
-	if err = lq.Finish(ctx, unwedge.HealRef{Device: testDevice, Owner: p.Owner, HealID: grant.HealID}, unwedge.HealEnd{Outcome: outcome, Attempts: 1, At: p.Now}); err != nil {
+	if err = lq.FinishHeal(ctx, unwedge.HealRef{Device: testDevice, Owner: p.Owner, HealID: grant.HealID}, unwedge.HealEnd{Outcome: outcome, Attempts: 1, At: p.Now}); err != nil {
 		t.Fatal(err)
 	}
 	return true
@@ -101,18 +101,18 @@ func TestLedgerLease(t *testing.T) {
 		t.Run(dialect, func(t *testing.T) {
 			ctx := context.Background()
 			lq := openLedger(t, dialect, uri)
-			held, err := lq.Acquire(ctx, testDevice, params(t0, "crashed"))
+			held, err := lq.AcquireDevice(ctx, testDevice, params(t0, "crashed"))
 			if err != nil || !held.Granted {
 				t.Fatalf("first acquire: %+v %v", held, err)
 			}
 			// A forced heal still respects a live lease: two heals never run at once.
 			p := params(t0.Add(time.Minute), "other")
 			p.Force = true
-			if g, err := lq.Acquire(ctx, testDevice, p); err != nil || g.Granted || g.LeaseOwner != "crashed" {
+			if g, err := lq.AcquireDevice(ctx, testDevice, p); err != nil || g.Granted || g.LeaseOwner != "crashed" {
 				t.Fatalf("acquire under a live lease: %+v %v", g, err)
 			}
 			// The holder died without creating a session: after the lease the device can be healed.
-			if g, err := lq.Acquire(ctx, testDevice, params(t0.Add(3*time.Minute), "other")); err != nil || !g.Granted {
+			if g, err := lq.AcquireDevice(ctx, testDevice, params(t0.Add(3*time.Minute), "other")); err != nil || !g.Granted {
 				t.Fatalf("acquire after the lease ran out: %+v %v", g, err)
 			}
 			// The dead holder's heal can no longer be resumed: the new one closed it.
@@ -124,10 +124,10 @@ func TestLedgerLease(t *testing.T) {
 				t.Fatalf("heals = %+v, want the first one closed as superseded", heals)
 			}
 			// The dead holder's late Finish must not release the new holder's lease.
-			if err = lq.Finish(ctx, unwedge.HealRef{Device: testDevice, Owner: "crashed", HealID: held.HealID}, unwedge.HealEnd{Outcome: unwedge.HealFailedTransient, Attempts: 1, Err: "late", At: t0.Add(4 * time.Minute)}); err != nil {
+			if err = lq.FinishHeal(ctx, unwedge.HealRef{Device: testDevice, Owner: "crashed", HealID: held.HealID}, unwedge.HealEnd{Outcome: unwedge.HealFailedTransient, Attempts: 1, Err: "late", At: t0.Add(4 * time.Minute)}); err != nil {
 				t.Fatal(err)
 			}
-			if g, _ := lq.Acquire(ctx, testDevice, params(t0.Add(4*time.Minute), "third")); g.Granted {
+			if g, _ := lq.AcquireDevice(ctx, testDevice, params(t0.Add(4*time.Minute), "third")); g.Granted {
 				t.Fatal("a stale owner released someone else's lease")
 			}
 		})
@@ -149,7 +149,7 @@ func TestLedgerConcurrency(t *testing.T) {
 					defer wg.Done()
 					lq := replicas[i%2]
 					p := params(t0, fmt.Sprintf("replica-%d/goroutine-%d", i%2, i))
-					g, err := lq.Acquire(context.Background(), testDevice, p)
+					g, err := lq.AcquireDevice(context.Background(), testDevice, p)
 					if err != nil {
 						t.Error(err)
 						return
@@ -157,7 +157,7 @@ func TestLedgerConcurrency(t *testing.T) {
 					if g.Granted {
 						granted.Add(1)
 						_ = lq.SessionCreated(context.Background(), unwedge.HealRef{Device: testDevice, Owner: p.Owner, HealID: g.HealID}, "s", t0)
-						_ = lq.Finish(context.Background(), unwedge.HealRef{Device: testDevice, Owner: p.Owner, HealID: g.HealID}, unwedge.HealEnd{Outcome: unwedge.HealHealed, Attempts: 1, At: t0})
+						_ = lq.FinishHeal(context.Background(), unwedge.HealRef{Device: testDevice, Owner: p.Owner, HealID: g.HealID}, unwedge.HealEnd{Outcome: unwedge.HealHealed, Attempts: 1, At: t0})
 					}
 				}()
 			}
@@ -167,7 +167,7 @@ func TestLedgerConcurrency(t *testing.T) {
 			}
 			// A restart (a new process on the same database) is still limited.
 			restarted := openLedger(t, dialect, uri)
-			if g, err := restarted.Acquire(context.Background(), testDevice, params(t0.Add(time.Minute), "restarted")); err != nil || g.Granted {
+			if g, err := restarted.AcquireDevice(context.Background(), testDevice, params(t0.Add(time.Minute), "restarted")); err != nil || g.Granted {
 				t.Fatalf("after restart: %+v %v", g, err)
 			}
 		})
@@ -227,7 +227,7 @@ func TestLedgerRecentHeals(t *testing.T) {
 				if p.Force = h.force; h.force {
 					p.ForcedBy = "@admin:localhost"
 				}
-				if g, err := h.lq.Acquire(context.Background(), dev, p); err != nil || !g.Granted {
+				if g, err := h.lq.AcquireDevice(context.Background(), dev, p); err != nil || !g.Granted {
 					t.Fatalf("heal of %s: %+v, %v", h.device, g, err)
 				}
 			}

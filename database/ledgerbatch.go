@@ -10,13 +10,13 @@ import (
 	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
-// The ledger's statements for a batch of heals (unwedge's HealBatch), on Postgres: the devices go
-// in as one JSON array, so a batch of 50 is decided, opened and finished with a few statements
-// instead of a few per device. Each does per device what its one-device counterpart in ledger.go
-// does. On SQLite, where a statement costs no network round trip, the batch runs those.
+// The ledger's statements on Postgres for Acquire and Finish: the devices of a group of heals (one
+// or up to unwedge.BatchDevices) go in as one JSON array, so a group is decided, opened and
+// finished with a few statements instead of a few per device. Each does per device what its
+// SQLite counterpart in ledger.go does.
 const (
 	batchInput = `json_to_recordset($2::json) AS t(user_id TEXT, device_id TEXT, identity_key TEXT)`
-	// acquireQuery for each device; a device listed twice would be an error (unwedge lists
+	// acquireQuery (SQLite) for each device; a device listed twice would be an error (unwedge lists
 	// each once).
 	acquireManyQuery = `
 		INSERT INTO unwedge_device (bridge_id, user_id, device_id, identity_key, lease_owner, lease_until)
@@ -26,7 +26,7 @@ const (
 			WHERE unwedge_device.lease_until < $5
 				AND ($6 OR (unwedge_device.last_created_at <= $7 AND unwedge_device.last_failed_at <= $7))
 		RETURNING user_id, device_id, identity_key, last_created_at`
-	// openHealPostgresQuery for each device acquired.
+	// insertHealQuery, setHealIDQuery and supersedeHealsQuery (SQLite) for each device acquired.
 	openHealsQuery = `
 		WITH h AS (
 			INSERT INTO unwedge_heal (bridge_id, user_id, device_id, identity_key, class, forced_by, started_at)
@@ -42,7 +42,7 @@ const (
 				AND old.identity_key = h.identity_key AND old.outcome = 'in_progress'
 		)
 		SELECT id, user_id, device_id, identity_key FROM h`
-	// getDeviceQuery for each device refused.
+	// getDeviceQuery (SQLite) for each device refused.
 	getDevicesQuery = `
 		SELECT dev.user_id, dev.device_id, dev.identity_key, dev.last_created_at, dev.last_failed_at, dev.lease_owner, dev.lease_until
 		FROM unwedge_device AS dev JOIN ` + batchInput + `
@@ -85,21 +85,10 @@ func batchJSON(v any) (string, error) {
 	return string(data), nil
 }
 
-// AcquireMany is Acquire for each device (each device listed once), with three statements for
-// the batch on Postgres: the decision, the heal records of the devices granted, and the rows of
-// those refused (for the reason). It returns one grant per device, in order.
-func (lq *LedgerQuery) AcquireMany(ctx context.Context, devs []unwedge.LedgerDevice, p unwedge.AcquireParams) ([]*unwedge.Grant, error) {
+// acquirePostgres is Acquire on Postgres, with three statements for the group: the decision, the
+// heal records of the devices granted, and the rows of those refused (for the reason).
+func (lq *LedgerQuery) acquirePostgres(ctx context.Context, devs []unwedge.LedgerDevice, p unwedge.AcquireParams) ([]*unwedge.Grant, error) {
 	grants := make([]*unwedge.Grant, len(devs))
-	if lq.db.Dialect != dbutil.Postgres {
-		for i, dev := range devs {
-			grant, err := lq.Acquire(ctx, dev, p)
-			if err != nil {
-				return nil, err
-			}
-			grants[i] = grant
-		}
-		return grants, nil
-	}
 	index := make(map[batchDevice]int, len(devs))
 	input := make([]batchDevice, len(devs))
 	for i, dev := range devs {
@@ -181,19 +170,8 @@ func (lq *LedgerQuery) AcquireMany(ctx context.Context, devs []unwedge.LedgerDev
 	return grants, nil
 }
 
-// FinishMany is Finish for each heal (refs[i] ended as ends[i]), in one statement on Postgres.
-func (lq *LedgerQuery) FinishMany(ctx context.Context, refs []unwedge.HealRef, ends []unwedge.HealEnd) error {
-	if len(refs) != len(ends) {
-		return fmt.Errorf("%d heals with %d ends", len(refs), len(ends))
-	}
-	if lq.db.Dialect != dbutil.Postgres {
-		for i, ref := range refs {
-			if err := lq.Finish(ctx, ref, ends[i]); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
+// finishPostgres is Finish on Postgres, in one statement for the group.
+func (lq *LedgerQuery) finishPostgres(ctx context.Context, refs []unwedge.HealRef, ends []unwedge.HealEnd) error {
 	type finished struct {
 		batchDevice
 		Owner     string `json:"owner"`

@@ -12,7 +12,7 @@ import (
 	"github.com/unwedge/unwedge/internal/testenv"
 )
 
-// TestLedgerBatch: AcquireMany and FinishMany decide and record, for a batch of devices, what
+// TestLedgerBatch: Acquire and Finish decide and record, for a batch of devices, what
 // Acquire and Finish do for each: new devices and devices past the interval are granted (an
 // abandoned heal of theirs superseded), a device within the interval, after a permanent failure
 // or under another owner's lease is refused with its reason; the outcomes release the leases and
@@ -29,7 +29,7 @@ func TestLedgerBatch(t *testing.T) {
 			lq := openLedger(t, dialect, uri)
 			// The devices' history, one device at a time.
 			finish := func(d unwedge.LedgerDevice, at time.Duration, outcome unwedge.HealOutcome) {
-				g, err := lq.Acquire(ctx, d, params(t0.Add(at), "bridge-a"))
+				g, err := lq.AcquireDevice(ctx, d, params(t0.Add(at), "bridge-a"))
 				if err != nil || !g.Granted {
 					t.Fatalf("acquire %s: %+v %v", d.UserID, g, err)
 				}
@@ -40,7 +40,7 @@ func TestLedgerBatch(t *testing.T) {
 					}
 				}
 				if outcome != unwedge.HealInProgress {
-					if err = lq.Finish(ctx, ref, unwedge.HealEnd{Outcome: outcome, Attempts: 1, At: t0.Add(at)}); err != nil {
+					if err = lq.FinishHeal(ctx, ref, unwedge.HealEnd{Outcome: outcome, Attempts: 1, At: t0.Add(at)}); err != nil {
 						t.Fatal(err)
 					}
 				}
@@ -49,15 +49,15 @@ func TestLedgerBatch(t *testing.T) {
 			finish(abandoned, 0, unwedge.HealInProgress) // a process died; its lease runs out after 2 minutes
 			finish(recent, 90*time.Minute, unwedge.HealHealed)
 			finish(failed, 100*time.Minute, unwedge.HealFailedPermanent)
-			if g, err := lq.Acquire(ctx, leased, params(t0.Add(119*time.Minute), "bridge-b")); err != nil || !g.Granted {
+			if g, err := lq.AcquireDevice(ctx, leased, params(t0.Add(119*time.Minute), "bridge-b")); err != nil || !g.Granted {
 				t.Fatalf("acquire by another owner: %+v %v", g, err)
 			}
 
 			now := t0.Add(2 * time.Hour)
 			devs := []unwedge.LedgerDevice{newDev, recent, pastDev, leased, abandoned, failed}
-			grants, err := lq.AcquireMany(ctx, devs, params(now, "bridge-a"))
+			grants, err := lq.Acquire(ctx, devs, params(now, "bridge-a"))
 			if err != nil || len(grants) != len(devs) {
-				t.Fatalf("AcquireMany: %d grants, %v", len(grants), err)
+				t.Fatalf("Acquire: %d grants, %v", len(grants), err)
 			}
 			want := []unwedge.Grant{
 				{Granted: true},
@@ -96,20 +96,20 @@ func TestLedgerBatch(t *testing.T) {
 					ends = append(ends, unwedge.HealEnd{Outcome: outcomes[i], Attempts: i + 1, Err: fmt.Sprintf("error %d", i), At: now})
 				}
 			}
-			if err = lq.FinishMany(ctx, refs, ends); err != nil {
+			if err = lq.Finish(ctx, refs, ends); err != nil {
 				t.Fatal(err)
 			}
 			for i, ref := range refs {
 				heals, err := lq.Heals(ctx, ref.Device.UserID, "", 1)
 				if err != nil || len(heals) != 1 || heals[0].ID != ref.HealID || heals[0].Outcome != ends[i].Outcome ||
 					heals[0].Attempts != ends[i].Attempts || heals[0].Error != ends[i].Err || !heals[0].FinishedAt.Equal(now) {
-					t.Errorf("heal of %s after FinishMany: %+v, %v; want %+v", ref.Device.UserID, heals, err, ends[i])
+					t.Errorf("heal of %s after Finish: %+v, %v; want %+v", ref.Device.UserID, heals, err, ends[i])
 				}
 			}
 			// The leases are released: a minute later only the permanent failure waits.
 			later := params(now.Add(time.Minute), "bridge-c")
 			for _, d := range []unwedge.LedgerDevice{newDev, pastDev, abandoned} {
-				g, err := lq.Acquire(ctx, d, later)
+				g, err := lq.AcquireDevice(ctx, d, later)
 				wantGranted := d != pastDev
 				if err != nil || g.Granted != wantGranted || !wantGranted && !g.LastFailedAt.Equal(now) {
 					t.Errorf("%s a minute later: %+v, %v; want granted %t", d.UserID, g, err, wantGranted)
@@ -121,7 +121,7 @@ func TestLedgerBatch(t *testing.T) {
 
 // TestLedgerDiscarded: a heal that ends with its session discarded (the crypto store never kept it
 // and the bridge stopped) leaves the device free to be healed again at once, with Finish and
-// FinishMany; a discarded session that is no longer the device's last one changes nothing.
+// Finish; a discarded session that is no longer the device's last one changes nothing.
 func TestLedgerDiscarded(t *testing.T) {
 	t0 := time.UnixMilli(1_800_000_000_000)
 	n := 0
@@ -141,7 +141,7 @@ func TestLedgerDiscarded(t *testing.T) {
 					lq := openLedger(t, dialect, uri)
 					n++ // a device of its own
 					d := unwedge.LedgerDevice{UserID: id.UserID(fmt.Sprintf("@discard%d:localhost", n)), DeviceID: "PHONE", IdentityKey: "key-alice"}
-					g, err := lq.Acquire(ctx, d, params(t0, "bridge-a"))
+					g, err := lq.AcquireDevice(ctx, d, params(t0, "bridge-a"))
 					if err != nil || !g.Granted {
 						t.Fatalf("acquire: %+v %v", g, err)
 					}
@@ -151,14 +151,14 @@ func TestLedgerDiscarded(t *testing.T) {
 					}
 					end := unwedge.HealEnd{Outcome: unwedge.HealFailedTransient, Attempts: 1, At: t0, Discarded: tc.discarded}
 					if many {
-						err = lq.FinishMany(ctx, []unwedge.HealRef{ref}, []unwedge.HealEnd{end})
+						err = lq.Finish(ctx, []unwedge.HealRef{ref}, []unwedge.HealEnd{end})
 					} else {
-						err = lq.Finish(ctx, ref, end)
+						err = lq.FinishHeal(ctx, ref, end)
 					}
 					if err != nil {
 						t.Fatal(err)
 					}
-					g, err = lq.Acquire(ctx, d, params(t0.Add(time.Minute), "bridge-b"))
+					g, err = lq.AcquireDevice(ctx, d, params(t0.Add(time.Minute), "bridge-b"))
 					if err != nil || g.Granted != tc.granted {
 						t.Errorf("next heal a minute later: %+v %v, want granted %v", g, err, tc.granted)
 					}

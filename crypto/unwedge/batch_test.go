@@ -63,6 +63,7 @@ func (s *peerStore) has(sessionID id.SessionID) bool {
 
 func newBatchFixture(t *testing.T, peers int) *batchFixture {
 	b := &batchFixture{fixture: newFixture(t)}
+	b.observe = b.record
 	for i := range peers {
 		store := &peerStore{}
 		// On SQL stores in the bridge's database, as newPeer's (each its own account): the
@@ -93,7 +94,6 @@ func (b *batchFixture) restart() {
 	if _, err := b.bridge.Mach.GetOwnCrossSigningPublicKeys(b.ctx); err != nil {
 		b.t.Fatal(err)
 	}
-	b.unwedger.OnDecision = b.record
 }
 
 // record keeps a decision of the Unwedger.
@@ -484,46 +484,4 @@ func (s *lookupFlakyStore) GetDevice(ctx context.Context, userID id.UserID, devi
 		return nil, errors.New("database is down")
 	}
 	return s.Store.GetDevice(ctx, userID, deviceID)
-}
-
-// plainLedger is a Ledger without the batch statements: a batch asks it device by device.
-type plainLedger struct{ unwedge.Ledger }
-
-// TestHealBatchPlainLedger: with a ledger that decides one device at a time, a batch still makes
-// one claim and one send, limits the devices healed within the interval and records every heal.
-func TestHealBatchPlainLedger(t *testing.T) {
-	b := newBatchFixture(t, 12)
-	b.bridge.Restart()
-	b.unwedger = b.bridge.Unwedge(cryptotest.Unwedging{Config: b.cfg, Ledger: plainLedger{b.ledger}, Scope: b.scope})
-	b.unwedger.OnDecision = b.record
-	if _, err := b.bridge.Mach.GetOwnCrossSigningPublicKeys(b.ctx); err != nil {
-		t.Fatal(err)
-	}
-	if d := b.unwedger.Heal(b.ctx, b.devices[5], unwedge.ClassSessionLost, ""); d.Action != unwedge.ActionHealed {
-		t.Fatalf("heal of peer 5: %+v", d)
-	}
-	b.hs.Inbox(b.peers[5])
-	before, decided := b.counts(), len(b.decisions())
-	got := b.unwedger.HealBatch(b.ctx, b.devices, unwedge.ClassSessionLost)
-	if n := len(b.decisions()) - decided; n != len(got) {
-		t.Errorf("%d decisions logged for %d devices", n, len(got))
-	}
-	if c := b.counts().minus(before); c != (counts{claims: 1, keys: 11, sends: 1}) {
-		t.Errorf("cost %+v, want one claim of 11 keys and one send", c)
-	}
-	for i, d := range got {
-		want, outcome := unwedge.ActionHealed, unwedge.HealHealed
-		if i == 5 {
-			want = unwedge.ActionLimited
-		}
-		if d.Action != want {
-			t.Errorf("peer %d: %+v, want %s", i, d, want)
-		}
-		if h := b.lastHeal(i); h.Outcome != outcome || h.SessionID == "" {
-			t.Errorf("heal of peer %d: %+v, want healed with its session", i, h)
-		}
-		if i != 5 {
-			b.healedBothWays(i)
-		}
-	}
 }

@@ -39,7 +39,19 @@ type fixture struct {
 	decisions chan unwedge.Decision
 	// unwedgerLog, if set, is where the Unwedger logs (at debug level) from its next start.
 	unwedgerLog io.Writer
+	// From the Unwedger's next start: observe, if set, gets its decisions instead of decisions;
+	// reshare, if set, follows the sessions peers open (Followers.Reshare). quiet drops the
+	// decisions at once.
+	observe func(unwedge.Decision)
+	reshare func(ctx context.Context, device *id.Device)
+	quiet   atomic.Bool
 }
+
+// fixtureFollowers passes the sessions peers open to the fixture's reshare.
+type fixtureFollowers struct{ f *fixture }
+
+func (fixtureFollowers) DeviceHealed(context.Context, *id.Device)         {}
+func (x fixtureFollowers) Reshare(ctx context.Context, device *id.Device) { x.f.reshare(ctx, device) }
 
 type staticScope struct{ allowed atomic.Bool }
 
@@ -78,8 +90,19 @@ func (f *fixture) startUnwedger() {
 		log := zerolog.New(f.unwedgerLog).Level(zerolog.DebugLevel)
 		opts.Log = &log
 	}
+	opts.Observer = func(d unwedge.Decision) {
+		switch {
+		case f.quiet.Load():
+		case f.observe != nil:
+			f.observe(d)
+		default:
+			f.decisions <- d
+		}
+	}
+	if f.reshare != nil {
+		opts.Followers = fixtureFollowers{f}
+	}
 	f.unwedger = f.bridge.Unwedge(opts)
-	f.unwedger.OnDecision = func(d unwedge.Decision) { f.decisions <- d }
 }
 
 // restartBridge stops the Unwedger and reloads the bridge's machine from the database.

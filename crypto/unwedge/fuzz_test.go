@@ -22,7 +22,7 @@ import (
 func FuzzHandleToDevice(f *testing.F) {
 	fx := newFixture(f)
 	fx.establish()
-	fx.unwedger.OnDecision = nil
+	fx.quiet.Store(true)
 	fx.peerSends()
 	real := fx.hs.Inbox(fx.bridge)[0]
 	realJSON, _ := json.Marshal(real.Content.Parsed)
@@ -96,7 +96,7 @@ func FuzzKeyAnswers(f *testing.F) {
 	bob := fx.newPeer("@bob:example.org", "LAPTOP")
 	fx.hs.Exchange(bob, fx.bridge)
 	h := fx.hostile()
-	fx.unwedger.OnDecision = nil
+	fx.quiet.Store(true)
 	devices := []*id.Device{fx.bridge.Fetch(peerUser, peerDevice), fx.bridge.Fetch(bob.UserID, bob.DeviceID)}
 	keys := map[id.IdentityKey]bool{fx.peerKey(): true, bob.IdentityKey(): true}
 

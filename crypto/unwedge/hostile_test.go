@@ -215,7 +215,7 @@ func TestHostileClaimAnswers(t *testing.T) {
 			if got := f.sessions(f.bridge, f.peerKey()) - before; got > 1 || (tc.want == unwedge.ActionHealed) != (got == 1) {
 				t.Errorf("%d new sessions with the device, want %d", got, map[bool]int{true: 1}[tc.want == unwedge.ActionHealed])
 			}
-			if panics := f.unwedger.Panics()["send_dummy"]; (panics > 0) != tc.panics {
+			if panics := f.unwedger.Panics()[unwedge.PanicEncryptDummies]; (panics > 0) != tc.panics {
 				t.Errorf("%d panics recovered in the heal, want panics %v", panics, tc.panics)
 			}
 			if tc.panics && !errors.Is(d.Err, unwedge.ErrPanicked) {
@@ -393,7 +393,9 @@ func TestNewSessionOutOfScope(t *testing.T) {
 	f := newFixture(t)
 	f.establish()
 	reshared := make(chan id.DeviceID, 4)
-	f.unwedger.OnNewSession = func(_ context.Context, device *id.Device) { reshared <- device.DeviceID }
+	f.reshare = func(_ context.Context, device *id.Device) { reshared <- device.DeviceID }
+	f.unwedger.Stop()
+	f.startUnwedger()
 	f.scope.allowed.Store(false)
 	f.peerOpensNewSession()
 	f.scope.allowed.Store(true)

@@ -12,10 +12,13 @@ import (
 // goroutines, restarts and replicas, whether a device may get a new one now.
 // LedgerQuery implements it on Postgres and SQLite.
 type Ledger interface {
-	Acquire(ctx context.Context, dev LedgerDevice, p AcquireParams) (*Grant, error)
+	// Acquire decides, for each device (each listed once), whether it may get a new session now;
+	// it returns one grant per device, in order.
+	Acquire(ctx context.Context, devs []LedgerDevice, p AcquireParams) ([]*Grant, error)
 	RenewLease(ctx context.Context, ref HealRef, until time.Time) error
 	SessionCreated(ctx context.Context, ref HealRef, sessionID id.SessionID, at time.Time) error
-	Finish(ctx context.Context, ref HealRef, end HealEnd) error
+	// Finish ends each heal, refs[i] as ends[i].
+	Finish(ctx context.Context, refs []HealRef, ends []HealEnd) error
 	Postpone(ctx context.Context, ref HealRef, attempts int, healErr string) error
 	Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error)
 	UnfinishedHeals(ctx context.Context) ([]*Heal, error)

@@ -27,7 +27,6 @@ const (
 	PanicFetchDevice       PanicSite = "fetch_device"
 	PanicFetchKeys         PanicSite = "fetch_keys"
 	PanicEncryptDummies    PanicSite = "encrypt_dummies"
-	PanicHealBatch         PanicSite = "heal_batch"
 	PanicStartupHeals      PanicSite = "startup_heals"
 	PanicNewSession        PanicSite = "new_session"
 	PanicStockUnwedge      PanicSite = "stock_unwedge"
@@ -42,7 +41,7 @@ const (
 
 // PanicSites lists every site, so that metrics show each from the start.
 func PanicSites() []PanicSite {
-	return []PanicSite{PanicHandleToDevice, PanicHeal, PanicSendDummy, PanicFetchDevice, PanicFetchKeys, PanicEncryptDummies, PanicHealBatch, PanicStartupHeals, PanicNewSession, PanicStockUnwedge, PanicResumeHeals, PanicPruneLedger, PanicRenewLease, PanicRecoveryPass, PanicAdvanceGeneration, PanicAppserviceInbox}
+	return []PanicSite{PanicHandleToDevice, PanicHeal, PanicSendDummy, PanicFetchDevice, PanicFetchKeys, PanicEncryptDummies, PanicStartupHeals, PanicNewSession, PanicStockUnwedge, PanicResumeHeals, PanicPruneLedger, PanicRenewLease, PanicRecoveryPass, PanicAdvanceGeneration, PanicAppserviceInbox}
 }
 
 // panicGuard recovers panics and counts them by where; the Unwedger, Recovery and the

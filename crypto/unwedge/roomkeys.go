@@ -15,13 +15,12 @@ import (
 // Olm session: it forwards the session from the index the device first got it at, never from an
 // earlier one, so the device gets back only what it had (the rule matrix-rust-sdk's
 // should_share_key follows for other users' devices). handled is false when the session is not
-// the bridge's own or was never shared with the device (as far as the machine's store, a *Store
-// with a SharedIndex, recorded): then this says nothing, and the caller's own rule decides.
+// the bridge's own or was never shared with the device (as far as shared, the record the
+// machine's Store keeps, knows): then this says nothing, and the caller's own rule decides.
 // Whoever calls it checks first that the device may still have the room's keys (its user is in
 // the room, it is not blacklisted).
-func AnswerOwnSession(ctx context.Context, mach *crypto.OlmMachine, device *id.Device, info event.RequestedKeyInfo) (handled bool, err error) {
-	store, ok := mach.CryptoStore.(*Store)
-	if !ok || store.shared == nil {
+func AnswerOwnSession(ctx context.Context, mach *crypto.OlmMachine, shared SharedIndex, device *id.Device, info event.RequestedKeyInfo) (handled bool, err error) {
+	if shared == nil {
 		return false, nil
 	}
 	igs, err := mach.CryptoStore.GetGroupSession(ctx, info.RoomID, info.SessionID)
@@ -30,8 +29,8 @@ func AnswerOwnSession(ctx context.Context, mach *crypto.OlmMachine, device *id.D
 	} else if igs == nil || igs.SenderKey != mach.OwnIdentity().IdentityKey {
 		return false, nil
 	}
-	index, shared, err := store.shared.FirstShared(ctx, info.SessionID, device.IdentityKey)
-	if err != nil || !shared {
+	index, ok, err := shared.FirstShared(ctx, info.SessionID, device.IdentityKey)
+	if err != nil || !ok {
 		return false, err
 	}
 	// A key cannot be exported from before the session's first known index (keys deleted on

@@ -27,7 +27,7 @@ func TestAnswerOwnSession(t *testing.T) {
 	answered := 0
 	decided := make(chan bool, 4)
 	answerOwn := func(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
-		handled, err := unwedge.AnswerOwnSession(ctx, f.bridge.Mach, device, info)
+		handled, err := unwedge.AnswerOwnSession(ctx, f.bridge.Mach, f.udb.Shared, device, info)
 		if err != nil {
 			t.Errorf("AnswerOwnSession: %v", err)
 		}

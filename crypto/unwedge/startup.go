@@ -16,13 +16,6 @@ import (
 // requests (Element X) or answer them only for their current session (Element Web). At startup,
 // the bridge can know some sessions are broken before anyone sends over them.
 
-// PeerTables is what startup reads from the crypto store's tables (CryptoTables implements it).
-type PeerTables interface {
-	Tables
-	OlmPeers(ctx context.Context) (readable, unreadable []id.SenderKey, err error)
-	DiscardOutboundSessions(ctx context.Context) (int64, error)
-}
-
 // SharedPeers lists the devices the bridge shared its Megolm sessions with (SharedQuery).
 type SharedPeers interface {
 	SharedKeys(ctx context.Context, since time.Time, limit int) ([]id.IdentityKey, error)
@@ -69,7 +62,7 @@ func (r *StartupReport) RolledBack() bool { return r.Generation.RolledBack }
 // Only devices of users in scope are healed, each as the ledger allows (class rolled_back or
 // session_lost; the caps for peers' heals do not apply). It waits for the heals up to wait; heals
 // still running then go on in the background. keeper may be nil (no generation is kept).
-func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, tables PeerTables, shared SharedPeers, wait time.Duration) *StartupReport {
+func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, shared SharedPeers, wait time.Duration) *StartupReport {
 	log := zerolog.Ctx(ctx).With().Str("action", "unwedge startup").Logger()
 	ctx = log.WithContext(ctx)
 	report := &StartupReport{}
@@ -80,6 +73,11 @@ func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, 
 	}
 	if report.GenerationErr != nil {
 		log.Warn().Err(report.GenerationErr).Msg("Could not tell whether the crypto store went back in time; looking for lost sessions only")
+	}
+	tables := u.tables
+	if tables == nil {
+		log.Error().Msg("The crypto store's tables are not known (not mautrix-go's SQL store); no heals at startup")
+		return report
 	}
 	readable, unreadable, err := tables.OlmPeers(ctx)
 	if err != nil {

@@ -17,8 +17,7 @@ import (
 // keeper is the fixture's generation keeper: the bridge's database and the bot's account data on
 // the kit's homeserver.
 func (f *fixture) keeper() *unwedge.GenerationKeeper {
-	store := f.bridge.Mach.CryptoStore.(*unwedge.Store)
-	return unwedge.NewGenerationKeeper(f.udb.Generation, &unwedge.AccountDataMirror{Client: f.bridge.Client}, store, f.bridgeKey(), f.bridge.Log)
+	return unwedge.NewGenerationKeeper(f.udb.Generation, &unwedge.AccountDataMirror{Client: f.bridge.Client}, f.bridge.Wrapped, f.bridgeKey(), f.bridge.Log)
 }
 
 func (f *fixture) tables() *unwedge.CryptoTables {
@@ -29,7 +28,7 @@ func (f *fixture) tables() *unwedge.CryptoTables {
 func (f *fixture) healAtStartup() *unwedge.StartupReport {
 	f.t.Helper()
 	f.restartBridge()
-	return f.unwedger.HealAtStartup(f.ctx, f.keeper(), f.tables(), f.udb.Shared, 10*time.Second)
+	return f.unwedger.HealAtStartup(f.ctx, f.keeper(), f.udb.Shared, 10*time.Second)
 }
 
 // mirrored is the generation in the bot's account data.

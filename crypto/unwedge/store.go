@@ -18,8 +18,8 @@ import (
 // session to use, and tells it what it decrypted; Store uses that to
 //   - see how each Olm to-device event ended (decrypted, replayed, unreadable session, a peer
 //     that went back in time), through an observation that HandleToDevice puts in the context,
-//   - make SendEncryptedToDevice (a heal) or EncryptToDevices (a batch of heals) create a new
-//     outbound session during a heal (a heal in the context makes HasSession false until the
+//   - make EncryptToDevices (the heal engine's one call) create a new outbound session for each
+//     device it heals (a heal in the context makes HasSession false until the
 //     new session exists, and then returns only it),
 //     with one one-time key claimed per heal: a session the crypto store failed to keep stays
 //     in the heal and is stored on its next attempt, instead of being lost with its key,
@@ -152,7 +152,7 @@ func (s *Store) HasSession(ctx context.Context, key id.SenderKey) bool {
 }
 
 // GetLatestSession in a heal returns only the replacement session, and only once the store has
-// it: if no one-time key could be claimed, SendEncryptedToDevice fails instead of sending m.dummy
+// it: if no one-time key could be claimed, EncryptToDevices encrypts nothing instead of m.dummy
 // over the broken session, and no message goes over a session that a restart would lose. A
 // session the store failed to keep when it was made is stored now, or the attempt fails.
 func (s *Store) GetLatestSession(ctx context.Context, key id.SenderKey) (*crypto.OlmSession, error) {
@@ -343,6 +343,9 @@ func (h *healContext) takeClaimed() bool {
 
 // replacement returns the replacement session (nil until a claim gave one) and whether it is stored.
 func (h *healContext) replacement() (*crypto.OlmSession, bool) {
+	if h == nil {
+		return nil, false
+	}
 	h.lock.Lock()
 	defer h.lock.Unlock()
 	return h.session, h.stored
@@ -360,11 +363,7 @@ func (h *healContext) setStored() {
 	h.lock.Unlock()
 }
 
-func withHeal(ctx context.Context, h *healContext) context.Context {
-	return context.WithValue(ctx, healKey, h)
-}
-
-// healSet marks the heals of a batch (HealBatch), by identity key: one call of the machine
+// healSet marks the heals of a group (the heal engine), by identity key: one call of the machine
 // creates the replacement sessions of them all. It is not changed while the machine uses it.
 type healSet map[id.SenderKey]*healContext
 
@@ -373,13 +372,6 @@ func withHeals(ctx context.Context, set healSet) context.Context {
 }
 
 func healFrom(ctx context.Context, key id.SenderKey) *healContext {
-	switch h := ctx.Value(healKey).(type) {
-	case *healContext:
-		if h.key == key {
-			return h
-		}
-	case healSet:
-		return h[key]
-	}
-	return nil
+	set, _ := ctx.Value(healKey).(healSet)
+	return set[key]
 }

@@ -13,7 +13,7 @@ import (
 // CryptoTables reads and repairs mautrix-go's SQL crypto store (crypto_olm_session, crypto_device,
 // crypto_megolm_outbound_session) where its Store interface cannot: which devices the bridge holds
 // Olm sessions with, which of those rows cannot be read, and the devices with given identity keys.
-// It implements Repairer and PeerTables.
+// It implements Tables.
 type CryptoTables struct {
 	DB        *dbutil.Database
 	AccountID string
@@ -21,8 +21,8 @@ type CryptoTables struct {
 }
 
 var (
-	_ Repairer   = (*CryptoTables)(nil)
-	_ PeerTables = (*CryptoTables)(nil)
+	_ Repairer = (*CryptoTables)(nil)
+	_ Tables   = (*CryptoTables)(nil)
 )
 
 // DeleteUnreadableSessions deletes the stored sessions with the key that cannot be unpickled.

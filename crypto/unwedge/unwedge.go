@@ -32,10 +32,14 @@ type KeyOwners interface {
 	DevicesByKey(ctx context.Context, keys []id.IdentityKey) ([]*id.Device, error)
 }
 
-// Tables is what the Unwedger reads and repairs in the crypto store's tables (CryptoTables).
+// Tables is what the Unwedger reads and repairs in the crypto store's tables (CryptoTables): the
+// heals delete unreadable sessions and check identity keys for a second owner, and startup lists
+// the Olm peers and discards the outbound Megolm sessions after a rollback.
 type Tables interface {
 	Repairer
 	KeyOwners
+	OlmPeers(ctx context.Context) (readable, unreadable []id.SenderKey, err error)
+	DiscardOutboundSessions(ctx context.Context) (int64, error)
 }
 
 // Unwedger is the middleware between the bridge's to-device transport and its OlmMachine: it
@@ -43,6 +47,7 @@ type Tables interface {
 type Unwedger struct {
 	cfg    Config
 	mach   *crypto.OlmMachine
+	store  *Store
 	ledger Ledger
 	scope  Scope
 	// tables is nil where the crypto store is not mautrix-go's SQL store: then no unreadable
@@ -65,8 +70,8 @@ type Unwedger struct {
 	// healing holds the devices with a heal running in this process, so a burst of failures
 	// from one device makes one ledger request, not one per event.
 	healing lockedMap[peer, struct{}]
-	// replacing counts the heals that hold a ledger grant for a device.
-	replacing lockedMap[peer, int]
+	// replacing counts the heals that hold a ledger grant for a device (shared with Recovery).
+	replacing *Replacing
 	// running holds the ledger IDs of the heals this process is running, which ResumeHeals
 	// must not take for abandoned ones.
 	running lockedMap[int64, struct{}]
@@ -83,15 +88,9 @@ type Unwedger struct {
 	recent     []Decision
 	recentNext int
 
-	// OnDecision, if set, is told every decision (for metrics).
-	OnDecision func(Decision)
-	// OnHealed, if set, is called after a device got its replacement session: the time to
-	// re-request the Megolm keys that were lost with the old one.
-	OnHealed func(ctx context.Context, device *id.Device)
-	// OnNewSession, if set, is called (at most once per device per MinInterval) when a device of
-	// an in-scope user opened a new Olm session with the bridge (it unwedged its side): the time
-	// to send it again the room keys that went over the old session.
-	OnNewSession func(ctx context.Context, device *id.Device)
+	// observe and followers are Parts.Observer and Parts.Followers.
+	observe   func(Decision)
+	followers Followers
 
 	// newSessionAt remembers when a device last opened a new session with the bridge.
 	newSessionAt lockedMap[peer, time.Time]
@@ -174,22 +173,58 @@ type Decision struct {
 // recentDecisions is how many decisions Recent can look back on.
 const recentDecisions = 512
 
-// New makes an Unwedger for a loaded machine whose CryptoStore is a *Store. owner names this process in
-// the ledger's leases (unique per process, e.g. hostname and PID). It takes over the machine's
-// unwedging: the machine's NeedsUnwedgeCallback is set to the Unwedger's.
+// Parts are what an Unwedger works with besides its machine: all of it is given to New, and
+// nothing is set afterwards.
+type Parts struct {
+	// Store is the machine's CryptoStore (the machine was made with it: NewStore).
+	Store  *Store
+	Ledger Ledger
+	Scope  Scope
+	// Tables is nil where the crypto store is not mautrix-go's SQL store (see Unwedger.tables).
+	Tables Tables
+	// Replacing says which sessions are being replaced; Recovery reads it (NewReplacing). New
+	// makes one when it is nil.
+	Replacing *Replacing
+	// Followers, if not nil, is told of every heal and of every session a peer opened (Recovery).
+	Followers Followers
+	// Observer, if not nil, is told every decision (metrics).
+	Observer func(Decision)
+}
+
+// Followers act on what the Unwedger did (Recovery implements it).
+type Followers interface {
+	// DeviceHealed is called after a device got its replacement session: the time to re-request
+	// the Megolm keys that were lost with the old one.
+	DeviceHealed(ctx context.Context, device *id.Device)
+	// Reshare is called (at most once per device per MinInterval) when a device of an in-scope
+	// user opened a new Olm session with the bridge (it unwedged its side): the time to send it
+	// again the room keys that went over the old session.
+	Reshare(ctx context.Context, device *id.Device)
+}
+
+// New makes an Unwedger for a loaded machine whose CryptoStore is parts.Store. owner names this
+// process in the ledger's leases (unique per process, e.g. hostname and PID). It takes over the
+// machine's unwedging: the machine's NeedsUnwedgeCallback is set to the Unwedger's.
 //
 // It also filters, from now on, the homeserver's answers to the machine client's key claims and
 // queries to what was asked (answers.go): they relay other servers' answers.
-func New(cfg Config, mach *crypto.OlmMachine, ledger Ledger, scope Scope, tables Tables, owner string, log zerolog.Logger) (*Unwedger, error) {
+func New(cfg Config, mach *crypto.OlmMachine, parts Parts, owner string, log zerolog.Logger) (*Unwedger, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	if _, ok := mach.CryptoStore.(*Store); !ok {
-		return nil, fmt.Errorf("the OlmMachine's store must be wrapped with unwedge.NewStore")
+	if parts.Store == nil || mach.CryptoStore != crypto.Store(parts.Store) {
+		return nil, fmt.Errorf("the OlmMachine's store must be the unwedge.Store given (unwedge.NewStore)")
+	} else if parts.Ledger == nil || parts.Scope == nil {
+		return nil, fmt.Errorf("an Unwedger needs a ledger and a scope")
+	}
+	if parts.Replacing == nil {
+		parts.Replacing = NewReplacing()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	u := &Unwedger{
-		cfg: cfg, mach: mach, ledger: ledger, scope: scope, tables: tables, owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
+		cfg: cfg, mach: mach, store: parts.Store, ledger: parts.Ledger, scope: parts.Scope, tables: parts.Tables,
+		replacing: parts.Replacing, followers: parts.Followers, observe: parts.Observer,
+		owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		answers: guardAnswers(mach.Client, log),
 		log:     log, ctx: log.WithContext(ctx), cancel: cancel, counts: make(map[Count]int64),
 		messages: newRecentSet[[32]byte](recentMessages),
@@ -511,10 +546,11 @@ func (u *Unwedger) admission(ctx context.Context, userID id.UserID) (action Acti
 // maxNewSessions bounds the devices remembered for having opened a new session.
 const maxNewSessions = 4096
 
-// peerNewSession passes a session the peer opened to OnNewSession, for devices of users in scope,
-// at most once per device per MinInterval (a peer cannot make the bridge send room keys at will).
+// peerNewSession passes a session the peer opened to the followers (Reshare), for devices of
+// users in scope, at most once per device per MinInterval (a peer cannot make the bridge send
+// room keys at will).
 func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.SenderKey) {
-	if u.OnNewSession == nil {
+	if u.followers == nil {
 		return
 	}
 	p := peer{sender, key}
@@ -548,16 +584,40 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 			return
 		}
 		ctx = u.log.With().Stringer("user_id", sender).Stringer("device_id", device.DeviceID).Stringer("identity_key", key).Logger().WithContext(ctx)
-		u.OnNewSession(ctx, device)
+		u.followers.Reshare(ctx, device)
 	})
 }
 
 // Healing reports whether this process is replacing the user's device's Olm session right now
+// (Replacing.Healing).
+func (u *Unwedger) Healing(userID id.UserID, key id.SenderKey) bool {
+	return u.replacing.Healing(userID, key)
+}
+
+// Replacing counts, per device, the heals that hold a ledger grant in this process: the Unwedger
+// marks them, and Recovery asks before it sends a key request.
+type Replacing struct {
+	devices lockedMap[peer, int]
+}
+
+// NewReplacing makes an empty Replacing, to share between an Unwedger and a Recovery.
+func NewReplacing() *Replacing { return &Replacing{} }
+
+// Healing reports whether this process is replacing the user's device's Olm session right now
 // (from the ledger's grant until m.dummy was sent or the heal failed): a key request sent
 // meanwhile would be answered over the broken session.
-func (u *Unwedger) Healing(userID id.UserID, key id.SenderKey) bool {
-	n, _ := u.replacing.get(peer{userID, key})
+func (r *Replacing) Healing(userID id.UserID, key id.SenderKey) bool {
+	n, _ := r.devices.get(peer{userID, key})
 	return n > 0
+}
+
+// begin marks the peer's session as being replaced until done is called (done may be called more
+// than once).
+func (r *Replacing) begin(p peer) (done func()) {
+	r.devices.update(p, func(n int, _ bool) (int, bool) { return n + 1, true })
+	return sync.OnceFunc(func() {
+		r.devices.update(p, func(n int, _ bool) (int, bool) { return n - 1, n-1 > 0 })
+	})
 }
 
 // recentlyReplaced reports when the device's session was last replaced, if within MinInterval.
@@ -580,15 +640,6 @@ func (u *Unwedger) noteReplaced(p peer, at time.Time) {
 			return at, true
 		}
 		return old, true
-	})
-}
-
-// replacingFor marks the peer's session as being replaced (Healing) until done is called (done
-// may be called more than once).
-func (u *Unwedger) replacingFor(p peer) (done func()) {
-	u.replacing.update(p, func(n int, _ bool) (int, bool) { return n + 1, true })
-	return sync.OnceFunc(func() {
-		u.replacing.update(p, func(n int, _ bool) (int, bool) { return n - 1, n-1 > 0 })
 	})
 }
 
@@ -789,8 +840,8 @@ func (u *Unwedger) decide(ctx context.Context, d Decision) {
 		evt = evt.Bool("resumed", true)
 	}
 	evt.AnErr("error", d.Err).Msg(decisionMessages[d.Action])
-	if u.OnDecision != nil {
-		u.OnDecision(d)
+	if u.observe != nil {
+		u.observe(d)
 	}
 }
 

@@ -357,11 +357,11 @@ func TestBurst(t *testing.T) {
 		f.peerSends()
 	}
 	events := f.hs.Inbox(f.bridge)
-	second, err := unwedge.New(f.cfg, f.bridge.Mach, f.ledger, f.scope, nil, "replica-2", zerolog.Nop())
+	second, err := unwedge.New(f.cfg, f.bridge.Mach, unwedge.Parts{Store: f.bridge.Wrapped, Ledger: f.ledger, Scope: f.scope,
+		Observer: func(d unwedge.Decision) { f.decisions <- d }}, "replica-2", zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
-	second.OnDecision = func(d unwedge.Decision) { f.decisions <- d }
 	defer second.Stop()
 	before := f.hs.Claims()
 	done := make(chan struct{})
@@ -472,8 +472,8 @@ func TestHomeserverOutlastsRetries(t *testing.T) {
 	f.unwedger.ResumeHeals(f.ctx)
 	f.noDecision()
 	if heals, err = f.ledger.Heals(f.ctx, peerUser, peerDevice, 5); err != nil || len(heals) != 1 || heals[0].Outcome != unwedge.HealInProgress ||
-		!strings.Contains(heals[0].Error, "failed to look up") {
-		t.Fatalf("heals = %+v, %v; want one in progress that failed to look up its session", heals, err)
+		!strings.Contains(heals[0].Error, "failed to fetch the device's keys") {
+		t.Fatalf("heals = %+v, %v; want one in progress that failed to fetch its device", heals, err)
 	}
 	f.hs.FailQueries(0)
 	f.hs.FailSends(f.bridge, 0)

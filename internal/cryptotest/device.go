@@ -37,6 +37,8 @@ type Device struct {
 	Mach     *crypto.OlmMachine
 	// SQL is the SQL crypto store under the machine's; nil on a memory store.
 	SQL *crypto.SQLCryptoStore
+	// Wrapped is the machine's store when it is unwedge's (Store.Shared is set), else nil.
+	Wrapped *unwedge.Store
 	// Unwedger, when set, gets the device's to-device events (Handle) instead of its machine, as
 	// the bridge's transport hands them over.
 	Unwedger *unwedge.Unwedger
@@ -90,8 +92,10 @@ func (d *Device) load() {
 	if d.Store.Wrap != nil {
 		store = d.Store.Wrap(store)
 	}
+	d.Wrapped = nil
 	if d.Store.Shared != nil {
-		store = unwedge.NewStore(store, d.Store.Shared)
+		d.Wrapped = unwedge.NewStore(store, d.Store.Shared)
+		store = d.Wrapped
 	}
 	log := d.Log.With().Stringer("device_id", d.DeviceID).Logger()
 	d.Mach = crypto.NewOlmMachine(d.Client, &log, store, mautrix.NewMemoryStateStore().(crypto.StateStore))
@@ -142,6 +146,10 @@ type Unwedging struct {
 	Owner string
 	// Log, when set, is where it logs instead of the device's Log.
 	Log *zerolog.Logger
+	// Replacing, Followers and Observer are unwedge.Parts'.
+	Replacing *unwedge.Replacing
+	Followers unwedge.Followers
+	Observer  func(unwedge.Decision)
 }
 
 // Unwedge puts an Unwedger on the device's machine, stopped when the test ends (or the device
@@ -164,7 +172,10 @@ func (d *Device) Unwedge(opts Unwedging) *unwedge.Unwedger {
 	if opts.Log != nil {
 		log = *opts.Log
 	}
-	u, err := unwedge.New(opts.Config, d.Mach, opts.Ledger, opts.Scope, tables, opts.Owner, log)
+	u, err := unwedge.New(opts.Config, d.Mach, unwedge.Parts{
+		Store: d.Wrapped, Ledger: opts.Ledger, Scope: opts.Scope, Tables: tables,
+		Replacing: opts.Replacing, Followers: opts.Followers, Observer: opts.Observer,
+	}, opts.Owner, log)
 	if err != nil {
 		d.t.Fatal(err)
 	}
