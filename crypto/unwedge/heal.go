@@ -356,7 +356,7 @@ func (u *Unwedger) acquire(ctx context.Context, members []*member, now time.Time
 				if m.class == ClassUnreadableSession && u.tables != nil {
 					deleteUnreadable(ctx, u.tables, m.log, m.device.IdentityKey)
 				}
-				m.hc = &healContext{key: m.device.IdentityKey, onCreated: u.sessionCreated(ctx, m)}
+				m.hc = &healContext{key: m.device.IdentityKey, onCreated: func(sess *crypto.OlmSession) { u.sessionCreated(ctx, m, sess) }}
 				granted = append(granted, u.ready(ctx, m))
 			}
 		}
@@ -379,17 +379,15 @@ func (u *Unwedger) ready(ctx context.Context, m *member) *member {
 // way): the interval runs from its creation (the peer learns it from whatever is sent over it
 // next), and a process that dies before sending m.dummy leaves a heal that ResumeHeals finishes
 // over this very session instead of making a second one.
-func (u *Unwedger) sessionCreated(ctx context.Context, m *member) func(*crypto.OlmSession) {
-	return func(sess *crypto.OlmSession) {
-		createdAt := time.Now()
-		u.noteReplaced(devicePeer(m.device), createdAt)
-		if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), m.ref, sess.ID(), createdAt); err != nil {
-			m.log.Err(err).Msg("Failed to record replacement session in the ledger")
-			return
-		}
-		m.recorded = true
-		fault.At(u.ctx, FaultSessionCreated)
+func (u *Unwedger) sessionCreated(ctx context.Context, m *member, sess *crypto.OlmSession) {
+	createdAt := time.Now()
+	u.noteReplaced(devicePeer(m.device), createdAt)
+	if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), m.ref, sess.ID(), createdAt); err != nil {
+		m.log.Err(err).Msg("Failed to record replacement session in the ledger")
+		return
 	}
+	m.recorded = true
+	fault.At(u.ctx, FaultSessionCreated)
 }
 
 // prepareAttempt readies the members still going for the next attempt and returns those that
