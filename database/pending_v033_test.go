@@ -16,6 +16,15 @@ func inRoom(p *unwedge.Pending, room id.RoomID) *unwedge.Pending {
 	return p
 }
 
+// sessionsOf lists pending sessions readably for failure messages.
+func sessionsOf(list []*unwedge.PendingSession) []unwedge.PendingSession {
+	out := make([]unwedge.PendingSession, len(list))
+	for i, s := range list {
+		out[i] = *s
+	}
+	return out
+}
+
 // TestPendingSameSessionTwoRooms: mautrix-go v0.33 keys Megolm sessions by room and session ID
 // ("to avoid cross-room session confusion"): a session ID names a session only within its room.
 // Pending events are kept, asked for and retried by room and session, so events of the same
@@ -46,7 +55,7 @@ func TestPendingSameSessionTwoRooms(t *testing.T) {
 			// starts its own count.
 			due, err := pq.DueSessions(ctx, t0, t0, 10)
 			if err != nil || len(due) != 1 {
-				t.Fatalf("DueSessions = %v, %v", due, err)
+				t.Fatalf("DueSessions = %+v, %v", sessionsOf(due), err)
 			}
 			if err = pq.MarkRequested(ctx, due[0], 3, t0.Add(time.Hour)); err != nil {
 				t.Fatal(err)
@@ -54,11 +63,11 @@ func TestPendingSameSessionTwoRooms(t *testing.T) {
 			add(inRoom(pendingEvent(2, session, t0), roomB))
 			due, err = pq.DueSessions(ctx, t0, t0, 10)
 			if err != nil || len(due) != 1 || due[0].RoomID != roomB || due[0].Requests != 0 {
-				t.Fatalf("DueSessions after room A's requests = %+v, %v; want room B's session alone, not asked yet", due, err)
+				t.Fatalf("DueSessions after room A's requests = %+v, %v; want room B's session alone, not asked yet", sessionsOf(due), err)
 			}
 			waiting, err := pq.WaitingSessions(ctx, t0, 10)
 			if err != nil || len(waiting) != 2 {
-				t.Fatalf("WaitingSessions = %+v, %v; want one session per room", waiting, err)
+				t.Fatalf("WaitingSessions = %+v, %v; want one session per room", sessionsOf(waiting), err)
 			}
 
 			// A key for room A's session retries room A's event only.
