@@ -195,6 +195,7 @@ func (h *Helper) stopUnwedge() {
 // in the room, whatever the device's verification level or the user's permissions
 // (unwedge.AnswerOwnSession). It had the key already; it may have lost it with an Olm session that
 // wedged. Blacklisted devices get nothing, and nobody gets more than stock gives them otherwise.
+// Relies on crypto/keysharing.go sending nothing after KeyShareRejectNoResponse (pinned in internal/upstream).
 func (h *Helper) allowKeyShare(ctx context.Context, device *id.Device, info event.RequestedKeyInfo) *crypto.KeyShareRejection {
 	enc := h.conn.Config.Encryption
 	if enc.AllowKeySharing && device.Trust != id.TrustStateBlacklisted && h.conn.StateStore.IsInRoom(ctx, info.RoomID, device.UserID) {

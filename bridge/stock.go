@@ -1,12 +1,14 @@
 package bridge
 
 // This file is the stock encryption helper of mautrix-go, matrix.CryptoHelper in
-// bridgev2/matrix/crypto.go, as of maunium.net/go/mautrix v0.33.0 (see mirroredMautrix; byte-identical to v0.32.0's), written
-// again on an OlmMachine that unwedge can reach (the stock helper keeps its machine unexported).
+// bridgev2/matrix/crypto.go, as of the mautrix-go release and file hash pinned in internal/upstream
+// (v0.33.0, whose crypto.go is byte-identical to v0.32.0's), written again on an OlmMachine that
+// unwedge can reach (the stock helper keeps its machine unexported).
 // Every `encryption:` option of the bridge config does here what it does there, in the same
-// order; the places where unwedge deviates are marked "unwedge:". TestStockMirror fails when
-// go.mod moves to a mautrix-go whose crypto.go differs from the one mirrored: then read the diff,
-// bring this file along, and update mirroredMautrix.
+// order; the places where unwedge deviates are marked "unwedge:". TestStockMirror (and
+// internal/upstream's TestPinned, for every file unwedge relies on) fails when go.mod moves to a
+// mautrix-go whose crypto.go differs from the one mirrored: then read the diff, bring this file
+// along, and update its entry in internal/upstream.
 //
 // The parity table in docs/admin-guide.md lists every option and the test that shows it.
 
@@ -34,13 +36,6 @@ import (
 	"github.com/unwedge/unwedge/crypto/unwedge"
 	"github.com/unwedge/unwedge/database"
 )
-
-// mirroredMautrix is the mautrix-go release whose bridgev2/matrix/crypto.go this file mirrors,
-// and that file's SHA-256.
-var mirroredMautrix = struct{ Version, CryptoSHA256 string }{
-	Version:      "v0.33.0",
-	CryptoSHA256: "e6f7ec103a8ac33755f76a774fbdfd5fdf04c87f5cd56c67d4af68265dc47eca",
-}
 
 // otkRepairNeeded is the bridgev2 kv_store key that asks the helper to repair the bot's one-time
 // keys at the next start.

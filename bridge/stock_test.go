@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"maps"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"regexp"
@@ -22,34 +21,36 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
+	"github.com/unwedge/unwedge/internal/upstream"
 )
 
 // TestStockMirror fails the day go.mod moves to a mautrix-go release other than the one stock.go
-// mirrors, and says whether the stock helper's source changed with it.
+// mirrors, and says whether the stock helper's source changed with it. The mirrored file is pinned,
+// with the others unwedge relies on, in internal/upstream (TestPinned there checks them all).
 func TestStockMirror(t *testing.T) {
 	version, data := stockCryptoSource(t)
+	pin := upstream.Lookup(stockCryptoPath)
 	sum := sha256.Sum256(data)
 	switch got := hex.EncodeToString(sum[:]); {
-	case got != mirroredMautrix.CryptoSHA256:
-		t.Errorf("go.mod requires mautrix-go %s, whose bridgev2/matrix/crypto.go (sha256 %s) differs from the one in %s that bridge/stock.go mirrors: "+
-			"diff the two, bring stock.go and the parity table in docs/admin-guide.md along, then update mirroredMautrix", version, got, mirroredMautrix.Version)
-	case version != mirroredMautrix.Version:
-		t.Errorf("go.mod requires mautrix-go %s; bridge/stock.go mirrors %s, and crypto.go is the same in both: set mirroredMautrix.Version to %s", version, mirroredMautrix.Version, version)
+	case got != pin.SHA256:
+		t.Errorf("go.mod requires mautrix-go %s, whose %s (sha256 %s) differs from the one in %s that bridge/stock.go mirrors: "+
+			"diff the two, bring stock.go and the parity table in docs/admin-guide.md along, then update its entry in internal/upstream", version, stockCryptoPath, got, upstream.Version)
+	case version != upstream.Version:
+		t.Errorf("go.mod requires mautrix-go %s; bridge/stock.go mirrors %s, and crypto.go is the same in both: check the other files internal/upstream pins, then set upstream.Version to %s", version, upstream.Version, version)
 	}
 }
+
+// stockCryptoPath is the stock encryption helper's file in mautrix-go.
+const stockCryptoPath = "bridgev2/matrix/crypto.go"
 
 // stockCryptoSource returns the version of mautrix-go that go.mod requires and the source of its
 // stock encryption helper.
 func stockCryptoSource(t *testing.T) (version string, source []byte) {
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Version}}\t{{.Dir}}", "maunium.net/go/mautrix").Output()
+	version, dir, err := upstream.Locate()
 	if err != nil {
-		t.Fatalf("go list -m maunium.net/go/mautrix: %v", err)
+		t.Fatal(err)
 	}
-	version, dir, _ := strings.Cut(strings.TrimSpace(string(out)), "\t")
-	if dir == "" {
-		t.Fatalf("mautrix-go %s is not in the module cache (go mod download)", version)
-	}
-	source, err = os.ReadFile(filepath.Join(dir, "bridgev2", "matrix", "crypto.go"))
+	source, err = os.ReadFile(filepath.Join(dir, filepath.FromSlash(stockCryptoPath)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,6 +26,7 @@ const (
 	// share we recorded is older than the retention. Sessions we never recorded (shared before
 	// unwedge ran, or records pruned earlier) keep their rows: we cannot tell their age. Session
 	// IDs are unique, so another account's rows in the same table are never touched.
+	// Relies on crypto/sql_store_upgrade/00-latest-revision.sql's crypto_megolm_outbound_session_shared (pinned in internal/upstream).
 	pruneMautrixSharedQuery = `
 		DELETE FROM crypto_megolm_outbound_session_shared
 		WHERE session_id IN (

@@ -33,6 +33,7 @@ const (
 
 // answerGuard is the machine client's HTTP transport: it passes every request on, and filters the
 // answers of /keys/claim and /keys/query to what the request asked.
+// Relies on crypto/encryptolm.go createOutboundSessions dereferencing the claim answer unchecked (pinned in internal/upstream).
 type answerGuard struct {
 	next http.RoundTripper
 	log  zerolog.Logger

@@ -174,6 +174,7 @@ func parseOlm(evt *event.Event, ownKey id.IdentityKey) (*olmMessage, Class) {
 
 // classifyFailure names a failed decryption from what the store saw during it, and for prekey
 // messages from whether a stored session matches (checked here, after the machine gave up).
+// Relies on crypto/decryptolm.go tryDecryptOlmCiphertext: GetOlmHash, GetSessions, then PutOlmHash on success (pinned in internal/upstream).
 func classifyFailure(obs *observation, msg *olmMessage, sessions crypto.OlmSessionList) Class {
 	switch {
 	case obs.duplicate:

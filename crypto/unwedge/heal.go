@@ -550,7 +550,7 @@ func (u *Unwedger) attemptGroup(ctx context.Context, healCtx context.Context, go
 //
 // It relies on the order in which mautrix-go's EncryptToDevices (crypto/encryptolm.go) calls the
 // store: HasSession per device, one ClaimKeys, AddSession per new session, then GetLatestSession
-// per device before encrypting (Store and healContext answer them).
+// per device before encrypting (Store and healContext answer them; pinned in internal/upstream).
 func (u *Unwedger) attempt(ctx context.Context, healCtx context.Context, going []*member) (split bool) {
 	req := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
 	for _, m := range going {

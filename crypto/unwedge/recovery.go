@@ -22,6 +22,7 @@ import (
 // StockWait is how long bridgev2 itself waits for a missing Megolm session before it gives up on
 // an event (3 s, a key request, then 22 s more in mautrix-go v0.31.0 and v0.32.0), plus a margin. Until then
 // the event is bridgev2's; after it, Recovery's.
+// Relies on bridgev2/matrix/matrix.go's initialSessionWaitTimeout and extendedSessionWaitTimeout (pinned in internal/upstream).
 const StockWait = 30 * time.Second
 
 // bridgeWait is how long bridgev2 itself waits for a missing Megolm session (3 s, then 22 s more

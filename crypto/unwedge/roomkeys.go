@@ -19,6 +19,7 @@ import (
 // machine's Store keeps, knows): then this says nothing, and the caller's own rule decides.
 // Whoever calls it checks first that the device may still have the room's keys (its user is in
 // the room, it is not blacklisted).
+// Relies on crypto/keysharing.go HandleRoomKeyRequest asking AllowKeyShare before GetGroupSession (pinned in internal/upstream).
 func AnswerOwnSession(ctx context.Context, mach *crypto.OlmMachine, shared SharedIndex, device *id.Device, info event.RequestedKeyInfo) (handled bool, err error) {
 	if shared == nil {
 		return false, nil
@@ -70,6 +71,7 @@ type MembershipCheck func(ctx context.Context, roomID id.RoomID, userID id.UserI
 // ShareGroupSession applies: not blacklisted, trusted at least at the machine's SendKeysMinTrust,
 // and its user still a member of the room. It returns how many sessions it sent; errors of single
 // rooms are joined, the other rooms still go out.
+// Relies on crypto/encryptmegolm.go ShareGroupSession's checks and MarkOutboundGroupSessionShared (pinned in internal/upstream).
 func ReshareOwnSessions(ctx context.Context, mach *crypto.OlmMachine, device *id.Device, rooms []id.RoomID, member MembershipCheck) (int, error) {
 	if device.Trust == id.TrustStateBlacklisted {
 		return 0, nil

@@ -30,6 +30,9 @@ import (
 // NeedsUnwedgeCallback instead of unwedging by itself, and the Unwedger sets that callback.
 //
 // Without such a context value every call goes to the wrapped store unchanged.
+//
+// Relies on the call orders of crypto/decryptolm.go, crypto/encryptolm.go and
+// crypto/encryptmegolm.go (pinned in internal/upstream).
 type Store struct {
 	crypto.Store
 	shared SharedIndex
@@ -144,6 +147,9 @@ func sharedIndex(sess *crypto.OutboundGroupSession) (uint32, error) {
 // HasSession in a heal says whether the heal has its replacement session yet. The machine claims
 // one of the device's one-time keys when told false, so false is said only until a claim gave one
 // (whether or not the store could keep the session it made), and is noted as a claim.
+//
+// Relies on crypto/encryptolm.go createOutboundSessions claiming a key when HasSession is false
+// (pinned in internal/upstream).
 func (s *Store) HasSession(ctx context.Context, key id.SenderKey) bool {
 	if h := healFrom(ctx, key); h != nil {
 		return !h.claiming()
@@ -155,6 +161,9 @@ func (s *Store) HasSession(ctx context.Context, key id.SenderKey) bool {
 // it: if no one-time key could be claimed, EncryptToDevices encrypts nothing instead of m.dummy
 // over the broken session, and no message goes over a session that a restart would lose. A
 // session the store failed to keep when it was made is stored now, or the attempt fails.
+//
+// Relies on crypto/encryptolm.go EncryptToDevices calling it after createOutboundSessions (pinned
+// in internal/upstream).
 func (s *Store) GetLatestSession(ctx context.Context, key id.SenderKey) (*crypto.OlmSession, error) {
 	if h := healFrom(ctx, key); h != nil {
 		sess, stored := h.replacement()
@@ -222,6 +231,10 @@ func (s *Store) keep(ctx context.Context, key id.SenderKey, sess *crypto.OlmSess
 	return fmt.Errorf("failed to store replacement Olm session %s: %w", sess.ID(), err)
 }
 
+// AddSession notes a new session: a heal's replacement (whether or not the store kept it), or an
+// inbound session a peer opened. Relies on crypto/encryptolm.go only logging AddSession's error,
+// and crypto/decryptolm.go calling it after PutOlmHash for a new inbound session (pinned in
+// internal/upstream).
 func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypto.OlmSession) error {
 	s.writes.Add(1)
 	err := s.Store.AddSession(ctx, key, session)

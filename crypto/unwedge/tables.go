@@ -14,6 +14,7 @@ import (
 // crypto_megolm_outbound_session) where its Store interface cannot: which devices the bridge holds
 // Olm sessions with, which of those rows cannot be read, and the devices with given identity keys.
 // It implements Tables.
+// Relies on crypto/sql_store_upgrade/00-latest-revision.sql's tables (pinned in internal/upstream).
 type CryptoTables struct {
 	DB        *dbutil.Database
 	AccountID string

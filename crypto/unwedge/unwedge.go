@@ -237,6 +237,7 @@ func New(cfg Config, mach *crypto.OlmMachine, parts Parts, owner string, log zer
 // session now: an Olm message failed with a matching session, a normal message found none, or a
 // prekey message could not open one. During HandleToDevice it marks the event's observation, and
 // HandleToDevice decides; an event that reached the machine another way is decided here.
+// Relies on crypto/decryptolm.go calling NeedsUnwedgeCallback with the decryption's own context (pinned in internal/upstream).
 func (u *Unwedger) needsUnwedge(ctx context.Context, sender id.UserID, key id.SenderKey) {
 	if obs := observationFrom(ctx); obs != nil {
 		obs.needsUnwedge = true
@@ -289,6 +290,7 @@ func (u *Unwedger) Stop() {
 
 // HandleToDevice hands a to-device event to the machine. For Olm events it watches the outcome
 // and, when the sending device's session is wedged, starts a heal in the background.
+// Relies on crypto/machine.go HandleToDeviceEvent decrypting synchronously with this context (pinned in internal/upstream).
 func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 	if evt.Type != event.ToDeviceEncrypted {
 		// Key requests and the like: a peer's content all the same.

@@ -102,6 +102,7 @@ const (
 	// liveTTL is how long an event and its sender are remembered. bridgev2 waits right after its
 	// decrypt failed, and a second time 3 s later (mautrix-go v0.32.0), asking for the senders
 	// again.
+	// Relies on bridgev2/matrix/matrix.go handleEncryptedEvent's two WaitForSession calls (pinned in internal/upstream).
 	liveTTL = 10 * time.Second
 	// maxLiveSessions, maxLiveEvents and maxLiveQueue bound what is held (sessions, fresh events
 	// of all of them, and what is to be forgotten): the oldest is forgotten first.
