@@ -21,7 +21,11 @@
 //   - Before the first event, the same steps without a failed message: generation.go notices that
 //     the crypto store went back in time, startup.go finds lost or unreadable sessions and lost
 //     one-time keys and heals them all; tables.go reads mautrix-go's crypto tables for both.
+//   - Beside the flow: config.go, the `unwedge:` config block and its checks; lockedmap.go and
+//     recent.go, the containers of the steps' state in memory (a map with its own lock, a set that
+//     keeps the latest members); fault.go, the fault points that
+//     only the test build (tag unwedgefault) has.
 //
-// The database package implements Ledger, PendingStore, SharedIndex and Generations on Postgres
-// and SQLite.
+// The database package implements Ledger, PendingStore, SharedIndex, SharedPeers and Generations
+// on Postgres and SQLite.
 package unwedge
