@@ -27,6 +27,24 @@ func readGuide(t *testing.T) string {
 	return string(data)
 }
 
+// section returns the part of the guide under a heading ("## Metrics"), up to the next heading of
+// the same or a higher level; it fails the test when the heading is missing.
+func section(t *testing.T, guide, heading string) string {
+	t.Helper()
+	start := strings.Index(guide, "\n"+heading+"\n")
+	if start < 0 {
+		t.Fatalf("the guide has no heading %q", heading)
+	}
+	body := guide[start+len(heading)+2:]
+	level := heading[:strings.IndexByte(heading, ' ')+1]
+	for i := 1; i <= len(level)-1; i++ {
+		if end := strings.Index(body, "\n"+level[:i]+" "); end >= 0 {
+			body = body[:end]
+		}
+	}
+	return body
+}
+
 // tableNames returns the first column's `code` names of the guide's table rows with a prefix.
 func tableNames(guide, prefix string) []string {
 	re := regexp.MustCompile("(?m)^\\| `(" + regexp.QuoteMeta(prefix) + "[a-z0-9_.]*)`(?:, `([a-z_]+)`)?")
@@ -54,7 +72,7 @@ func TestGuideMetrics(t *testing.T) {
 		}
 	}
 	slices.Sort(served)
-	documented := tableNames(readGuide(t), "unwedge_")
+	documented := tableNames(section(t, readGuide(t), "## Metrics"), "unwedge_")
 	if len(served) < 8 {
 		t.Fatalf("only %d metric families served", len(served))
 	}

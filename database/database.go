@@ -1,8 +1,11 @@
-// Package database holds unwedge's tables and their queries (the heal ledger, the events waiting
-// for their keys, the index each device got the bridge's Megolm sessions at), on Postgres (the
-// production database, through lib/pq) and SQLite. It implements crypto/unwedge's Ledger,
-// PendingStore and SharedIndex. The tables have their own version table, unwedge_version, so
-// they upgrade independently of bridgev2's tables.
+// Package database holds unwedge's tables and their queries, on Postgres (the production
+// database, through lib/pq) and SQLite: the heal ledger (unwedge_device, unwedge_heal), the
+// events waiting for their keys (unwedge_pending, and unwedge_pending_lock, which keeps their
+// caps one writer at a time), the index each device got the bridge's Megolm sessions at
+// (unwedge_megolm_shared) and the crypto store's generation (unwedge_generation). It implements
+// crypto/unwedge's Ledger, PendingStore, SharedIndex, SharedPeers and Generations. The tables
+// have their own version table, unwedge_version, so they upgrade independently of bridgev2's
+// tables.
 package database
 
 import (

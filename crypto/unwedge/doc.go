@@ -13,15 +13,20 @@
 //   - detect.go: detect: parse and classify each failure (wedged or not, and why).
 //   - ledger.go: limit: the ledger decides whether a device may get a new session now (MSC1719's
 //     interval, leases across replicas); unwedge.go's admission adds the scope and the caps.
-//   - heal.go: heal: claim one one-time key, create the session, send m.dummy; resume heals a
-//     stopped process left. batch.go: many devices at once (the heals at startup).
+//   - heal.go: heal, the one engine for one device or many (a wedge, an admin's request, the
+//     heals at startup, heals a stopped process left): admit, acquire the ledger's grant, claim
+//     one one-time key per device, create the sessions, send m.dummy, record.
 //   - recovery.go: recover: the one owner of waiting for a key; waits.go: bridgev2's own wait in
 //     memory; pending.go: the events kept in the database until their key comes; roomkeys.go:
 //     the bridge's own room keys, answered and shared again after a heal.
 //   - Before the first event, the same steps without a failed message: generation.go notices that
 //     the crypto store went back in time, startup.go finds lost or unreadable sessions and lost
 //     one-time keys and heals them all; tables.go reads mautrix-go's crypto tables for both.
+//   - Beside the flow: config.go, the `unwedge:` config block and its checks; lockedmap.go and
+//     recent.go, the containers of the steps' state in memory (a map with its own lock, a set that
+//     keeps the latest members); fault.go, the fault points that
+//     only the test build (tag unwedgefault) has.
 //
-// The database package implements Ledger, PendingStore, SharedIndex and Generations on Postgres
-// and SQLite.
+// The database package implements Ledger, PendingStore, SharedIndex, SharedPeers and Generations
+// on Postgres and SQLite.
 package unwedge
