@@ -174,7 +174,7 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 			b.WriteString(", no longer among the user's devices")
 		}
 		b.WriteString("\n")
-		var deviceHeals []*unwedge.Heal
+		var deviceHeals []*unwedge.HealRecord
 		for _, heal := range heals {
 			if heal.Device.DeviceID == deviceID {
 				deviceHeals = append(deviceHeals, heal)
@@ -219,7 +219,7 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 
 // lastDecision is the newest of what this process remembers deciding about the identity key and
 // the device's newest heal in the ledger (as the decision it ended with); fromMemory tells which.
-func lastDecision(recent []unwedge.Decision, key id.SenderKey, heals []*unwedge.Heal) (last *unwedge.Decision, fromMemory bool) {
+func lastDecision(recent []unwedge.Decision, key id.SenderKey, heals []*unwedge.HealRecord) (last *unwedge.Decision, fromMemory bool) {
 	for i := range recent {
 		if recent[i].Key == key {
 			last, fromMemory = &recent[i], true
@@ -227,40 +227,15 @@ func lastDecision(recent []unwedge.Decision, key id.SenderKey, heals []*unwedge.
 		}
 	}
 	if len(heals) > 0 {
-		if d := healDecision(heals[0]); last == nil || d.At.After(last.At) {
+		if d := heals[0].Decision(); last == nil || d.At.After(last.At) {
 			return &d, false
 		}
 	}
 	return last, fromMemory
 }
 
-// healDecision is the decision a heal in the ledger ended with, or is at: healed, failed,
-// deferred (its session exists, m.dummy waits for the homeserver) or healing (still running).
-func healDecision(heal *unwedge.Heal) unwedge.Decision {
-	d := unwedge.Decision{At: heal.StartedAt, Class: heal.Class, UserID: heal.Device.UserID, DeviceID: heal.Device.DeviceID,
-		Key: heal.Device.IdentityKey, ForcedBy: heal.ForcedBy}
-	if !heal.FinishedAt.IsZero() {
-		d.At = heal.FinishedAt
-	}
-	switch {
-	case heal.Outcome == unwedge.HealHealed:
-		d.Action = unwedge.ActionHealed
-		d.Detail = fmt.Sprintf("new Olm session %s after %d attempt(s)", heal.SessionID, heal.Attempts)
-	case heal.Postponed():
-		d.Action = unwedge.ActionDeferred
-		d.Detail = fmt.Sprintf("session %s created, m.dummy not sent yet after %d attempt(s): %s", heal.SessionID, heal.Attempts, heal.Error)
-	case heal.Outcome == unwedge.HealInProgress:
-		d.Action = unwedge.ActionHealing
-		d.Detail = "a heal is running"
-	default:
-		d.Action = unwedge.ActionFailed
-		d.Detail = fmt.Sprintf("%s after %d attempt(s): %s", heal.Outcome, heal.Attempts, heal.Error)
-	}
-	return d
-}
-
 // describeHeal is one heal of the history: outcome, class, when, session, who forced it, error.
-func describeHeal(heal *unwedge.Heal) string {
+func describeHeal(heal *unwedge.HealRecord) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s (%s) %s ago", escapeText(heal.Outcome), escapeText(heal.Class), since(heal.StartedAt))
 	if heal.SessionID != "" {

@@ -168,7 +168,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	}
 	family(out, "unwedge_olm_failures_total", "counter", "Olm to-device events that the bridge could not decrypt or that showed a wedge, by class.")
 	labelled(out, "unwedge_olm_failures_total", "class", failures)
-	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, wedges not healed because of the MSC1719 limit (rate_limited), heals whose m.dummy waits for the homeserver (deferred; they end as succeeded or failed later), wedges not healed because the user's devices reached unwedge.max_heals_per_user within the interval (user_capped; left to mautrix-go's own unwedging), wedges not healed because the bridge started unwedge.max_heals_per_minute heals within the last minute (throttled; left to mautrix-go's own unwedging), and devices not healed because another device in the crypto store claims the same identity key (key_conflict).")
+	family(out, "unwedge_heals_total", "counter", "Replacement Olm sessions: heals attempted, succeeded, failed, wedges not healed because of the MSC1719 limit (rate_limited), heals whose m.dummy waits for the homeserver (deferred; they end as succeeded or failed later), wedges not healed because the user's devices reached unwedge.max_heals_per_user within the interval (user_capped; left to mautrix-go's own unwedging), wedges not healed because the bridge started unwedge.max_heals_per_minute heals within the last minute (throttled; left to mautrix-go's own unwedging), and devices not healed because another device in the crypto store lists the same identity key (key_conflict).")
 	labelled(out, "unwedge_heals_total", "result", heals)
 	family(out, "unwedge_out_of_scope_total", "counter", "Wedged sessions of users outside unwedge.scope (left to mautrix-go's own unwedging, as with the stock bridge).")
 	fmt.Fprintf(out, "unwedge_out_of_scope_total %d\n", outOfScope)
@@ -176,7 +176,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	fmt.Fprintf(out, "unwedge_unknown_device_total %d\n", unknownDevice)
 
 	m.lock.Lock()
-	family(out, "unwedge_heal_duration_seconds", "histogram", "Time from detecting a wedge to m.dummy sent over the replacement session.")
+	family(out, "unwedge_heal_duration_seconds", "histogram", "Time from the heal engine taking a device up (a group of devices healed together shares its start; a resumed heal counts from its resumption) to m.dummy sent over the replacement session, for heals that ended healed.")
 	var cumulative uint64
 	for i, bound := range m.buckets {
 		cumulative += m.counts[i]

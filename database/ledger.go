@@ -254,8 +254,8 @@ func (lq *LedgerQuery) Postpone(ctx context.Context, ref unwedge.HealRef, attemp
 	})
 }
 
-func scanHeal(row dbutil.Scannable) (*unwedge.Heal, error) {
-	var h unwedge.Heal
+func scanHeal(row dbutil.Scannable) (*unwedge.HealRecord, error) {
+	var h unwedge.HealRecord
 	var started, finished int64
 	err := row.Scan(&h.ID, &h.Device.UserID, &h.Device.DeviceID, &h.Device.IdentityKey, &h.Class, &h.ForcedBy,
 		&started, &finished, &h.Outcome, &h.SessionID, &h.Attempts, &h.Error)
@@ -267,18 +267,18 @@ func scanHeal(row dbutil.Scannable) (*unwedge.Heal, error) {
 }
 
 // Heals lists the newest heals of a user (all devices when deviceID is empty).
-func (lq *LedgerQuery) Heals(ctx context.Context, userID id.UserID, deviceID id.DeviceID, limit int) ([]*unwedge.Heal, error) {
-	return dbutil.ConvertRowFn[*unwedge.Heal](scanHeal).NewRowIter(lq.db.Query(ctx, listHealsQuery, lq.BridgeID, userID, deviceID, limit)).AsList()
+func (lq *LedgerQuery) Heals(ctx context.Context, userID id.UserID, deviceID id.DeviceID, limit int) ([]*unwedge.HealRecord, error) {
+	return dbutil.ConvertRowFn[*unwedge.HealRecord](scanHeal).NewRowIter(lq.db.Query(ctx, listHealsQuery, lq.BridgeID, userID, deviceID, limit)).AsList()
 }
 
 // UnfinishedHeals lists heals that a stopped process left in progress.
-func (lq *LedgerQuery) UnfinishedHeals(ctx context.Context) ([]*unwedge.Heal, error) {
-	return dbutil.ConvertRowFn[*unwedge.Heal](scanHeal).NewRowIter(lq.db.Query(ctx, unfinishedHealsQuery, lq.BridgeID)).AsList()
+func (lq *LedgerQuery) UnfinishedHeals(ctx context.Context) ([]*unwedge.HealRecord, error) {
+	return dbutil.ConvertRowFn[*unwedge.HealRecord](scanHeal).NewRowIter(lq.db.Query(ctx, unfinishedHealsQuery, lq.BridgeID)).AsList()
 }
 
 // Resume takes over the device of a heal that a stopped process left in progress, once that
 // process's lease ran out; it reports whether owner now holds the device for the heal.
-func (lq *LedgerQuery) Resume(ctx context.Context, heal *unwedge.Heal, owner string, now, until time.Time) (bool, error) {
+func (lq *LedgerQuery) Resume(ctx context.Context, heal *unwedge.HealRecord, owner string, now, until time.Time) (bool, error) {
 	res, err := lq.db.Exec(ctx, resumeQuery, append(lq.deviceArgs(heal.Device), heal.ID, owner, until.UnixMilli(), now.UnixMilli())...)
 	if err != nil {
 		return false, fmt.Errorf("failed to take over heal %d: %w", heal.ID, err)

@@ -58,36 +58,36 @@ const (
 		WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND sender_key = $4 AND sender = $5`
 	requestNowQuery = `
 		UPDATE unwedge_pending SET next_request = $4 WHERE bridge_id = $1 AND sender = $2 AND sender_key = $3 AND next_request > $4`
-	// The claims load at most $8 (and $6) events at once, the earliest arrivals first. The
-	// claim's condition stands in the outer WHERE too: on Postgres a claim that waited for
+	// The leases take at most $8 (and $6) events at once, the earliest arrivals first. The
+	// lease's condition stands in the outer WHERE too: on Postgres a lease that waited for
 	// another's row lock checks only that WHERE again, against the committed row (the subquery's
-	// rows are from before the wait), so a row another owner just claimed is left out.
-	claimSessionQuery = `
-		UPDATE unwedge_pending SET claim_owner = $4, claim_until = $5
-		WHERE bridge_id = $1 AND claim_until < $7 AND event_id IN (
+	// rows are from before the wait), so a row another owner just leased is left out.
+	leaseSessionQuery = `
+		UPDATE unwedge_pending SET lease_owner = $4, lease_until = $5
+		WHERE bridge_id = $1 AND lease_until < $7 AND event_id IN (
 			SELECT event_id FROM unwedge_pending
-			WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND first_seen <= $6 AND claim_until < $7
+			WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3 AND first_seen <= $6 AND lease_until < $7
 			ORDER BY arrival LIMIT $8
 		)
 		RETURNING ` + pendingColumns
-	claimExpiredQuery = `
-		UPDATE unwedge_pending SET claim_owner = $2, claim_until = $3
-		WHERE bridge_id = $1 AND claim_until < $5 AND event_id IN (
+	leaseExpiredQuery = `
+		UPDATE unwedge_pending SET lease_owner = $2, lease_until = $3
+		WHERE bridge_id = $1 AND lease_until < $5 AND event_id IN (
 			SELECT event_id FROM unwedge_pending
-			WHERE bridge_id = $1 AND first_seen < $4 AND claim_until < $5
+			WHERE bridge_id = $1 AND first_seen < $4 AND lease_until < $5
 			ORDER BY arrival LIMIT $6
 		)
 		RETURNING ` + pendingColumns
 	releasePendingQuery = `
-		UPDATE unwedge_pending SET claim_owner = '', claim_until = 0, last_error = $4
-		WHERE bridge_id = $1 AND event_id = $2 AND claim_owner = $3`
-	// A redaction removes the event whatever its claim: a hand-over in progress checks the
+		UPDATE unwedge_pending SET lease_owner = '', lease_until = 0, last_error = $4
+		WHERE bridge_id = $1 AND event_id = $2 AND lease_owner = $3`
+	// A redaction removes the event whatever its lease: a hand-over in progress checks the
 	// redaction itself. An empty $4 matches any sender (a moderator's redaction).
 	deleteRedactedQuery = `
 		DELETE FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $2 AND event_id = $3 AND ($4 = '' OR sender = $4)
 		RETURNING sender`
-	deleteClaimedQuery = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2 AND claim_owner = $3`
-	listPendingQuery   = `
+	deleteLeasedQuery = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2 AND lease_owner = $3`
+	listPendingQuery  = `
 		SELECT ` + pendingColumns + ` FROM unwedge_pending
 		WHERE bridge_id = $1 AND ($2 = '' OR sender = $2) ORDER BY arrival, event_id LIMIT $3`
 )
@@ -200,30 +200,30 @@ func (pq *PendingQuery) RequestNow(ctx context.Context, sender id.UserID, sender
 	return res.RowsAffected()
 }
 
-// ClaimSession holds a session's events that passed the hand-over time for owner until until,
+// LeaseSession holds a session's events that passed the hand-over time for owner until until,
 // so no other worker or replica hands them to the bridge at the same time. Events that another
-// owner holds are left out. At most limit events are claimed, the first to arrive; they come back
+// owner holds are left out. At most limit events are leased, the first to arrive; they come back
 // in the order they arrived.
-func (pq *PendingQuery) ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time, limit int) ([]*unwedge.Pending, error) {
-	rows, err := pq.db.Query(ctx, claimSessionQuery, pq.BridgeID, roomID, sessionID, owner, until.UnixMilli(), handover.UnixMilli(), now.UnixMilli(), limit)
+func (pq *PendingQuery) LeaseSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time, limit int) ([]*unwedge.Pending, error) {
+	rows, err := pq.db.Query(ctx, leaseSessionQuery, pq.BridgeID, roomID, sessionID, owner, until.UnixMilli(), handover.UnixMilli(), now.UnixMilli(), limit)
 	return sortPending(dbutil.ConvertRowFn[*unwedge.Pending](scanPending).NewRowIter(rows, err).AsList())
 }
 
-// ClaimExpired holds at most limit of the events first seen before before, to be given up.
-func (pq *PendingQuery) ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time, limit int) ([]*unwedge.Pending, error) {
-	rows, err := pq.db.Query(ctx, claimExpiredQuery, pq.BridgeID, owner, until.UnixMilli(), before.UnixMilli(), now.UnixMilli(), limit)
+// LeaseExpired holds at most limit of the events first seen before before, to be given up.
+func (pq *PendingQuery) LeaseExpired(ctx context.Context, before time.Time, owner string, now, until time.Time, limit int) ([]*unwedge.Pending, error) {
+	rows, err := pq.db.Query(ctx, leaseExpiredQuery, pq.BridgeID, owner, until.UnixMilli(), before.UnixMilli(), now.UnixMilli(), limit)
 	return sortPending(dbutil.ConvertRowFn[*unwedge.Pending](scanPending).NewRowIter(rows, err).AsList())
 }
 
-// Release gives a claimed event back, with the error that kept it pending.
+// Release gives a leased event back, with the error that kept it pending.
 func (pq *PendingQuery) Release(ctx context.Context, eventID id.EventID, owner, lastErr string) error {
 	_, err := pq.db.Exec(ctx, releasePendingQuery, pq.BridgeID, eventID, owner, lastErr)
 	return err
 }
 
-// Done removes a claimed event: it was bridged or given up.
+// Done removes a leased event: it was bridged or given up.
 func (pq *PendingQuery) Done(ctx context.Context, eventID id.EventID, owner string) error {
-	_, err := pq.db.Exec(ctx, deleteClaimedQuery, pq.BridgeID, eventID, owner)
+	_, err := pq.db.Exec(ctx, deleteLeasedQuery, pq.BridgeID, eventID, owner)
 	return err
 }
 

@@ -102,7 +102,7 @@ func TestPending(t *testing.T) {
 			// Claiming session A gets its handed-over events in the order they arrived; a
 			// second owner gets nothing while the claim lasts, and the released event after.
 			now := t0.Add(2 * time.Minute)
-			claimed, err := pq.ClaimSession(ctx, "!room:localhost", "A", "owner-1", now, now.Add(time.Minute), now.Add(-handover), 10)
+			claimed, err := pq.LeaseSession(ctx, "!room:localhost", "A", "owner-1", now, now.Add(time.Minute), now.Add(-handover), 10)
 			if err != nil || len(claimed) != 3 {
 				t.Fatalf("claim = %d events, %v; want 3", len(claimed), err)
 			}
@@ -115,7 +115,7 @@ func TestPending(t *testing.T) {
 			if content.SessionID != "A" || string(content.MegolmCiphertext) != "ciphertext-1" || claimed[0].Event.RoomID != "!room:localhost" {
 				t.Fatalf("stored event did not round-trip: %+v", claimed[0].Event)
 			}
-			if other, err := pq.ClaimSession(ctx, "!room:localhost", "A", "owner-2", now, now.Add(time.Minute), now.Add(-handover), 10); err != nil || len(other) != 0 {
+			if other, err := pq.LeaseSession(ctx, "!room:localhost", "A", "owner-2", now, now.Add(time.Minute), now.Add(-handover), 10); err != nil || len(other) != 0 {
 				t.Fatalf("second claim = %d events, %v; want none", len(other), err)
 			}
 			if err = pq.Done(ctx, "$event1", "owner-1"); err != nil {
@@ -127,24 +127,24 @@ func TestPending(t *testing.T) {
 			if err = pq.Release(ctx, "$event3", "owner-1", "still no key"); err != nil {
 				t.Fatal(err)
 			}
-			other, err := pq.ClaimSession(ctx, "!room:localhost", "A", "owner-2", now, now.Add(time.Minute), now.Add(-handover), 10)
+			other, err := pq.LeaseSession(ctx, "!room:localhost", "A", "owner-2", now, now.Add(time.Minute), now.Add(-handover), 10)
 			if err != nil || len(other) != 1 || other[0].EventID != "$event3" || other[0].LastError != "still no key" {
 				t.Fatalf("claim after release = %+v, %v; want $event3 with its error", other, err)
 			}
 			// $event4 is still held by owner-1 until its claim runs out.
 			later := now.Add(2 * time.Minute)
-			if other, err = pq.ClaimSession(ctx, "!room:localhost", "A", "owner-2", later, later.Add(time.Minute), later.Add(-handover), 10); err != nil || len(other) != 2 {
+			if other, err = pq.LeaseSession(ctx, "!room:localhost", "A", "owner-2", later, later.Add(time.Minute), later.Add(-handover), 10); err != nil || len(other) != 2 {
 				t.Fatalf("claim after the claims ran out = %d events, %v; want 2", len(other), err)
 			}
 
 			// Retention: only events first seen before the cut-off are claimed to be given up, at
 			// most as many as asked for at once (security finding 2: queries that load rows have
 			// limits), the first to arrive first.
-			expired, err := pq.ClaimExpired(ctx, t0.Add(time.Second), "owner-3", later.Add(2*time.Minute), later.Add(3*time.Minute), 1)
+			expired, err := pq.LeaseExpired(ctx, t0.Add(time.Second), "owner-3", later.Add(2*time.Minute), later.Add(3*time.Minute), 1)
 			if err != nil || len(expired) != 1 || expired[0].EventID != "$event2" {
 				t.Fatalf("expired, one at most = %+v, %v; want $event2", expired, err)
 			}
-			expired, err = pq.ClaimExpired(ctx, t0.Add(time.Second), "owner-3", later.Add(2*time.Minute), later.Add(3*time.Minute), 10)
+			expired, err = pq.LeaseExpired(ctx, t0.Add(time.Second), "owner-3", later.Add(2*time.Minute), later.Add(3*time.Minute), 10)
 			if err != nil || len(expired) != 1 || expired[0].EventID != "$event3" {
 				t.Fatalf("expired = %+v, %v; want $event3 (the claim of $event2 holds)", expired, err)
 			}
@@ -280,7 +280,7 @@ func TestPendingSenders(t *testing.T) {
 				t.Fatalf("request now for the victim = %d, %v; want 1 row", n, err)
 			}
 			// First arrival first: the victim's event, although the attacker's claims to be older.
-			claimed, err := pq.ClaimSession(ctx, victim.RoomID, "A", "owner", t0, t0.Add(time.Minute), t0, 10)
+			claimed, err := pq.LeaseSession(ctx, victim.RoomID, "A", "owner", t0, t0.Add(time.Minute), t0, 10)
 			if err != nil || len(claimed) != 3 || claimed[0].EventID != victim.EventID {
 				t.Fatalf("claimed = %+v, %v; want 3 events, the victim's first", claimed, err)
 			}
@@ -390,9 +390,9 @@ func TestPendingConcurrentClaims(t *testing.T) {
 				// Even rounds hand a session over, odd ones give expired events up.
 				claim := func(pq *database.PendingQuery, owner string) ([]*unwedge.Pending, error) {
 					if round%2 == 0 {
-						return pq.ClaimSession(ctx, "!room:localhost", session, owner, t0, t0.Add(time.Minute), t0, 100)
+						return pq.LeaseSession(ctx, "!room:localhost", session, owner, t0, t0.Add(time.Minute), t0, 100)
 					}
-					return pq.ClaimExpired(ctx, t0.Add(time.Second), owner, t0, t0.Add(time.Minute), 100)
+					return pq.LeaseExpired(ctx, t0.Add(time.Second), owner, t0, t0.Add(time.Minute), 100)
 				}
 				var wg sync.WaitGroup
 				claimed := make([][]*unwedge.Pending, len(replicas))

@@ -71,9 +71,9 @@ func TestPendingSameSessionTwoRooms(t *testing.T) {
 			}
 
 			// A key for room A's session retries room A's event only.
-			claimed, err := pq.ClaimSession(ctx, roomA, session, "owner", t0, t0.Add(time.Minute), t0, 10)
+			claimed, err := pq.LeaseSession(ctx, roomA, session, "owner", t0, t0.Add(time.Minute), t0, 10)
 			if err != nil || len(claimed) != 1 || claimed[0].RoomID != roomA {
-				t.Fatalf("ClaimSession(%s) = %+v, %v; want room A's event alone", roomA, claimed, err)
+				t.Fatalf("LeaseSession(%s) = %+v, %v; want room A's event alone", roomA, claimed, err)
 			}
 			if waiting, err := pq.Waiting(ctx, roomB, session); err != nil || !waiting {
 				t.Fatalf("Waiting(%s) = %v, %v after room A's claim", roomB, waiting, err)

@@ -110,7 +110,7 @@ func (b *batchFixture) decisions() []unwedge.Decision {
 }
 
 // lastHeal is the ledger's newest heal of peer i.
-func (b *batchFixture) lastHeal(i int) *unwedge.Heal {
+func (b *batchFixture) lastHeal(i int) *unwedge.HealRecord {
 	b.t.Helper()
 	heals, err := b.ledger.Heals(b.ctx, b.peers[i].UserID, b.peers[i].DeviceID, 1)
 	if err != nil || len(heals) != 1 {

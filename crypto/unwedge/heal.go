@@ -137,7 +137,7 @@ type member struct {
 	class    Class
 	forcedBy id.UserID
 	// resumed is the ledger's heal that ResumeHeals took over; nil for a new heal.
-	resumed  *Heal
+	resumed  *HealRecord
 	decision *Decision
 	log      zerolog.Logger
 
@@ -716,7 +716,7 @@ func (u *Unwedger) record(ctx context.Context, members []*member, started time.T
 func (u *Unwedger) decideMember(ctx context.Context, m *member, started time.Time) {
 	d := m.decision
 	d.Duration = time.Since(started)
-	d.Action, d.Err, d.Detail = outcomeOf(m, u.deferrable(ctx, m), ctx.Err() != nil, u.cfg.Lease)
+	d.Action, d.Detail, d.Err = outcomeOf(m, u.deferrable(ctx, m), ctx.Err() != nil, u.cfg.Lease)
 	if d.Action == ActionDeferred && m.resumed != nil && m.resumed.Postponed() {
 		m.log.Debug().Err(m.err).Msg("Heal still deferred")
 		return
@@ -727,37 +727,66 @@ func (u *Unwedger) decideMember(ctx context.Context, m *member, started time.Tim
 	}
 }
 
-// outcomeOf is the one place that says, for people and for the decision, how a heal ended.
-func outcomeOf(m *member, deferred, stopping bool, lease time.Duration) (Action, error, string) {
+// outcomeOf and HealRecord.Decision are the one place that says, for people and for the
+// decision, how a heal ended: outcomeOf as the engine ends it, Decision as the ledger recorded it.
+func outcomeOf(m *member, deferred, stopping bool, lease time.Duration) (action Action, detail string, err error) {
 	sess, stored := m.hc.replacement()
 	attempts := fmt.Sprintf("%d attempt(s)", m.attempts)
 	switch {
 	case deferred && m.resumed != nil:
-		return ActionDeferred, m.err, "resuming an interrupted heal"
+		return ActionDeferred, "resuming an interrupted heal", m.err
 	case deferred:
-		return ActionDeferred, m.err, fmt.Sprintf("session %s created; m.dummy failed %d time(s), retried within %s", sess.ID(), m.attempts, lease/2)
+		return ActionDeferred, fmt.Sprintf("session %s created; m.dummy failed %d time(s), retried within %s", sess.ID(), m.attempts, lease/2), m.err
 	case m.outcome == HealHealed && m.resumed != nil:
-		return ActionHealed, nil, fmt.Sprintf("resumed an interrupted heal: m.dummy sent over session %s", sess.ID())
+		return ActionHealed, fmt.Sprintf("resumed an interrupted heal: m.dummy sent over session %s", sess.ID()), nil
 	case m.outcome == HealHealed:
-		return ActionHealed, nil, fmt.Sprintf("new Olm session %s after %s", sess.ID(), attempts)
+		return ActionHealed, healedDetail(sess.ID(), m.attempts), nil
 	case m.resumed != nil && m.resumed.SessionID == "":
-		return ActionFailed, m.err, "a stopped process left this heal before creating a session; the next failure heals again"
+		return ActionFailed, "a stopped process left this heal before creating a session; the next failure heals again", m.err
 	case m.resumed != nil:
-		return ActionFailed, m.err, fmt.Sprintf("resuming an interrupted heal: %s after %s", m.outcome, attempts)
+		return ActionFailed, fmt.Sprintf("resuming an interrupted heal: %s after %s", m.outcome, attempts), m.err
 	case m.claimLost:
-		return ActionFailed, m.err, fmt.Sprintf("%s after %s: the answer to the key claim was lost and the homeserver may have handed out a key, so this heal claims no other", m.outcome, attempts)
+		return ActionFailed, fmt.Sprintf("%s after %s: the answer to the key claim was lost and the homeserver may have handed out a key, so this heal claims no other", m.outcome, attempts), m.err
 	case sess != nil && !stored && stopping:
 		// The bridge stopped before the store kept the session: no peer can know it, so the
 		// ledger forgot it (HealEnd.Discarded), and the next process may heal the device again.
-		return ActionFailed, m.err, fmt.Sprintf("%s after %s: the bridge stopped before the crypto store kept session %s, which was discarded", m.outcome, attempts, sess.ID())
+		return ActionFailed, fmt.Sprintf("%s after %s: the bridge stopped before the crypto store kept session %s, which was discarded", m.outcome, attempts, sess.ID()), m.err
 	case sess != nil && !stored:
 		// The session dies with this process; its key is spent, and the ledger, which recorded
 		// the session, gives the device no new one within the interval (unless it was discarded:
 		// see HealEnd.Discarded).
-		return ActionFailed, m.err, fmt.Sprintf("%s after %s: the crypto store never kept session %s", m.outcome, attempts, sess.ID())
+		return ActionFailed, fmt.Sprintf("%s after %s: the crypto store never kept session %s", m.outcome, attempts, sess.ID()), m.err
 	default:
-		return ActionFailed, m.err, fmt.Sprintf("%s after %s", m.outcome, attempts)
+		return ActionFailed, fmt.Sprintf("%s after %s", m.outcome, attempts), m.err
 	}
+}
+
+// healedDetail says which session a heal made, and how many attempts it took.
+func healedDetail(session id.SessionID, attempts int) string {
+	return fmt.Sprintf("new Olm session %s after %d attempt(s)", session, attempts)
+}
+
+// Decision is the decision a heal in the ledger ended with, or is at: healed, failed, deferred
+// (its session exists, m.dummy waits for the homeserver) or healing (still running).
+func (h *HealRecord) Decision() Decision {
+	d := Decision{At: h.StartedAt, Class: h.Class, UserID: h.Device.UserID, DeviceID: h.Device.DeviceID,
+		Key: h.Device.IdentityKey, ForcedBy: h.ForcedBy}
+	if !h.FinishedAt.IsZero() {
+		d.At = h.FinishedAt
+	}
+	switch {
+	case h.Outcome == HealHealed:
+		d.Action, d.Detail = ActionHealed, healedDetail(h.SessionID, h.Attempts)
+	case h.Postponed():
+		d.Action = ActionDeferred
+		d.Detail = fmt.Sprintf("session %s created, m.dummy not sent yet after %d attempt(s): %s", h.SessionID, h.Attempts, h.Error)
+	case h.Outcome == HealInProgress:
+		d.Action, d.Detail = ActionHealing, "a heal is running"
+	default:
+		d.Action = ActionFailed
+		d.Detail = fmt.Sprintf("%s after %d attempt(s): %s", h.Outcome, h.Attempts, h.Error)
+	}
+	return d
 }
 
 // pendingMembers counts the members whose heal has not ended.

@@ -21,8 +21,8 @@ type Ledger interface {
 	Finish(ctx context.Context, refs []HealRef, ends []HealEnd) error
 	Postpone(ctx context.Context, ref HealRef, attempts int, healErr string) error
 	Prune(ctx context.Context, before, now time.Time) (heals, devices int64, err error)
-	UnfinishedHeals(ctx context.Context) ([]*Heal, error)
-	Resume(ctx context.Context, heal *Heal, owner string, now, until time.Time) (bool, error)
+	UnfinishedHeals(ctx context.Context) ([]*HealRecord, error)
+	Resume(ctx context.Context, heal *HealRecord, owner string, now, until time.Time) (bool, error)
 	// RecentHeals counts the automatic heals of the user's devices started at or after userSince,
 	// and the heals of all devices, forced ones too, started at or after allSince.
 	RecentHeals(ctx context.Context, userID id.UserID, userSince, allSince time.Time) (HealCounts, error)
@@ -113,8 +113,8 @@ const (
 	HealFailedPermanent HealOutcome = "failed_permanent"
 )
 
-// Heal is one row of the heal history.
-type Heal struct {
+// HealRecord is one row of the heal history.
+type HealRecord struct {
 	ID         int64
 	Device     LedgerDevice
 	Class      Class
@@ -129,4 +129,4 @@ type Heal struct {
 
 // Postponed reports whether Postpone kept the heal in progress at least once (only Postpone
 // writes an error into a heal that is still in progress).
-func (h *Heal) Postponed() bool { return h.Outcome == HealInProgress && h.Error != "" }
+func (h *HealRecord) Postponed() bool { return h.Outcome == HealInProgress && h.Error != "" }

@@ -19,8 +19,8 @@ type PendingStore interface {
 	WaitingSessions(ctx context.Context, handover time.Time, limit int) ([]*PendingSession, error)
 	MarkRequested(ctx context.Context, s *PendingSession, requests int, next time.Time) error
 	RequestNow(ctx context.Context, sender id.UserID, senderKey id.SenderKey, now time.Time) (int64, error)
-	ClaimSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time, limit int) ([]*Pending, error)
-	ClaimExpired(ctx context.Context, before time.Time, owner string, now, until time.Time, limit int) ([]*Pending, error)
+	LeaseSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, owner string, now, until, handover time.Time, limit int) ([]*Pending, error)
+	LeaseExpired(ctx context.Context, before time.Time, owner string, now, until time.Time, limit int) ([]*Pending, error)
 	Release(ctx context.Context, eventID id.EventID, owner, lastErr string) error
 	Done(ctx context.Context, eventID id.EventID, owner string) error
 	DeleteRedacted(ctx context.Context, roomID id.RoomID, eventID id.EventID, sender id.UserID) (id.UserID, error)

@@ -145,7 +145,7 @@ var fullCounts = map[PendingCap]string{
 }
 
 // NewRecovery makes a Recovery. healing reports whether a device's Olm session is being replaced
-// right now (Unwedger.Healing); owner names this process in claims, like the ledger's leases.
+// right now (Unwedger.Healing); owner names this process in the leases of pending events, as in the ledger's.
 func NewRecovery(cfg RecoveryConfig, mach *crypto.OlmMachine, store PendingStore, sink Sink, healing func(id.UserID, id.SenderKey) bool, owner string, log zerolog.Logger) *Recovery {
 	ctx, cancel := context.WithCancel(log.WithContext(context.Background()))
 	return &Recovery{
@@ -276,7 +276,7 @@ func (r *Recovery) Reshare(ctx context.Context, device *id.Device) {
 	}
 }
 
-// finish removes a claimed event that was bridged, dropped or given up.
+// finish removes a leased event that was bridged, dropped or given up.
 func (r *Recovery) finish(ctx context.Context, eventID id.EventID) error {
 	if err := r.store.Done(ctx, eventID, r.owner); err != nil {
 		return err
@@ -397,15 +397,15 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 	delivered, handled, requested := 0, 0, 0
 	var last *Pending
 	for {
-		claimed, err := r.store.ClaimSession(ctx, roomID, sessionID, r.owner, now, now.Add(r.Lease), handover, batchLimit)
+		leased, err := r.store.LeaseSession(ctx, roomID, sessionID, r.owner, now, now.Add(r.Lease), handover, batchLimit)
 		if err != nil {
 			if ctx.Err() == nil {
-				log.Err(err).Msg("Failed to claim pending events")
+				log.Err(err).Msg("Failed to lease pending events")
 			}
 			break
 		}
 		released := 0
-		for _, p := range claimed {
+		for _, p := range leased {
 			last = p
 			requested = max(requested, p.Requests)
 			switch r.deliverEvent(ctx, log, p, now) {
@@ -419,8 +419,8 @@ func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, session
 			}
 		}
 		// A full batch of events that all went through may have more behind it; events given
-		// back would only be claimed again.
-		if len(claimed) < batchLimit || released > 0 {
+		// back would only be leased again.
+		if len(leased) < batchLimit || released > 0 {
 			break
 		}
 	}
@@ -439,11 +439,11 @@ const (
 	eventDropped
 	// eventReleased: it still cannot be bridged, and waits on.
 	eventReleased
-	// eventKept: it went through, but its row could not be removed; the claim runs out.
+	// eventKept: it went through, but its row could not be removed; the lease runs out.
 	eventKept
 )
 
-// deliverEvent decrypts one claimed event and hands it to the bridge.
+// deliverEvent decrypts one leased event and hands it to the bridge.
 func (r *Recovery) deliverEvent(ctx context.Context, log zerolog.Logger, p *Pending, now time.Time) eventOutcome {
 	elog := log.With().Stringer("event_id", p.EventID).Stringer("user_id", p.Sender).Stringer("identity_key", p.SenderKey).Logger()
 	decrypted, err := r.mach.DecryptMegolmEvent(ctx, p.Event)
@@ -473,7 +473,7 @@ func (r *Recovery) deliverEvent(ctx context.Context, log zerolog.Logger, p *Pend
 	}
 	fault.At(r.ctx, FaultEventDelivered)
 	if err = r.finish(ctx, p.EventID); err != nil {
-		// The claim runs out and the event is handed over again; the sink knows it was bridged.
+		// The lease runs out and the event is handed over again; the sink knows it was bridged.
 		elog.Err(err).Msg("Failed to remove bridged event from pending events")
 	}
 	r.count(CountRecovered)
@@ -529,12 +529,12 @@ func (r *Recovery) requestKeys(ctx context.Context, now, handover time.Time) {
 }
 
 // requestTarget is the device that sent the session: found by its identity key, else as the
-// event claims, else all the sender's devices.
-func (r *Recovery) requestTarget(ctx context.Context, sender id.UserID, key id.SenderKey, claimed id.DeviceID) id.DeviceID {
+// event names it (its deprecated device_id), else all the sender's devices.
+func (r *Recovery) requestTarget(ctx context.Context, sender id.UserID, key id.SenderKey, named id.DeviceID) id.DeviceID {
 	if dev, err := r.mach.CryptoStore.FindDeviceByKey(ctx, sender, key); err == nil && dev != nil {
 		return dev.DeviceID
-	} else if claimed != "" {
-		return claimed
+	} else if named != "" {
+		return named
 	}
 	return "*"
 }
@@ -599,7 +599,7 @@ var ErrGaveUp = errors.New("the bridge never received the keys to decrypt it")
 
 // giveUp removes events that waited longer than the retention, telling their senders.
 func (r *Recovery) giveUp(ctx context.Context, now time.Time) {
-	expired, err := r.store.ClaimExpired(ctx, now.Add(-r.cfg.Retention), r.owner, now, now.Add(r.Lease), batchLimit)
+	expired, err := r.store.LeaseExpired(ctx, now.Add(-r.cfg.Retention), r.owner, now, now.Add(r.Lease), batchLimit)
 	if err != nil {
 		if ctx.Err() == nil {
 			zerolog.Ctx(ctx).Err(err).Msg("Failed to list expired pending events")

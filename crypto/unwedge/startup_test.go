@@ -11,17 +11,12 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
-	"github.com/unwedge/unwedge/internal/cryptotest"
 )
 
 // keeper is the fixture's generation keeper: the bridge's database and the bot's account data on
 // the kit's homeserver.
 func (f *fixture) keeper() *unwedge.GenerationKeeper {
 	return unwedge.NewGenerationKeeper(f.udb.Generation, &unwedge.AccountDataMirror{Client: f.bridge.Client}, f.bridge.Wrapped, f.bridgeKey(), f.bridge.Log)
-}
-
-func (f *fixture) tables() *unwedge.CryptoTables {
-	return &unwedge.CryptoTables{DB: f.db, AccountID: string(bridgeDevice), PickleKey: []byte(cryptotest.PickleKey)}
 }
 
 // healAtStartup runs the startup heals as the bridge does, on a freshly loaded bridge.

@@ -132,7 +132,7 @@ const (
 	ActionDeferred Action = "deferred"
 	// ActionFailed: the heal failed (the ledger could not be asked, no one-time key, ...).
 	ActionFailed Action = "failed"
-	// ActionKeyConflict: another device (of this or another user) in the crypto store claims the
+	// ActionKeyConflict: another device (of this or another user) in the crypto store lists the
 	// same identity key. Olm sessions are stored by identity key alone, so a session made with
 	// one of them would replace the other's: neither is healed, and both are logged.
 	ActionKeyConflict Action = "key_conflict"
@@ -306,7 +306,7 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Action: ActionIgnored})
 		return
 	}
-	if !u.claim(msg.hash) {
+	if !u.firstHandling(msg.hash) {
 		u.decide(ctx, Decision{Class: ClassDuplicate, UserID: evt.Sender, Key: msg.senderKey, Action: ActionIgnored})
 		return
 	}
@@ -321,7 +321,7 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 	if !obs.decrypted && !obs.duplicate && (obs.sessionsErr != nil || !obs.sessionsRead) {
 		// The store failed (or the machine stopped before reading it): the same message handled
 		// again, after a sync is fetched again, must reach the machine.
-		u.unclaim(msg.hash)
+		u.forgetHandled(msg.hash)
 	}
 	switch {
 	case obs.duplicate:
@@ -373,8 +373,8 @@ func (u *Unwedger) HandleCopy(ctx context.Context, evt *event.Event) {
 	u.HandleToDevice(ctx, evt)
 }
 
-// claim marks an Olm message as handled, and reports false when it was already.
-func (u *Unwedger) claim(hash [32]byte) bool {
+// firstHandling marks an Olm message as handled, and reports false when it was already.
+func (u *Unwedger) firstHandling(hash [32]byte) bool {
 	u.messagesLock.Lock()
 	defer u.messagesLock.Unlock()
 	if u.messages.has(hash) {
@@ -384,7 +384,7 @@ func (u *Unwedger) claim(hash [32]byte) bool {
 	return true
 }
 
-func (u *Unwedger) unclaim(hash [32]byte) {
+func (u *Unwedger) forgetHandled(hash [32]byte) {
 	u.messagesLock.Lock()
 	defer u.messagesLock.Unlock()
 	u.messages.remove(hash)
@@ -441,13 +441,13 @@ func (u *Unwedger) wedged(ctx context.Context, sender id.UserID, key id.SenderKe
 
 // leaveToStock hands a wedge to mautrix-go's own unwedging (OlmMachine.UnwedgeDevice: its own
 // interval, a key claim and m.dummy), in the background, as the machine would have done without
-// unwedge. Not when another user's device claims the sender's identity key: the machine would
+// unwedge. Not when another user's device lists the sender's identity key: the machine would
 // store the session it makes under that key, in place of the other user's.
 func (u *Unwedger) leaveToStock(ctx context.Context, sender id.UserID, key id.SenderKey) {
 	u.spawn(ctx, PanicStockUnwedge, func() {
 		if others, err := u.otherOwners(ctx, sender, "", key); err != nil || len(others) > 0 {
-			zerolog.Ctx(ctx).Warn().Err(err).Strs("also_claimed_by", deviceNames(others)).
-				Msg("Not leaving the wedge to mautrix-go's own unwedging: another user's device claims the identity key")
+			zerolog.Ctx(ctx).Warn().Err(err).Strs("also_listed_by", deviceNames(others)).
+				Msg("Not leaving the wedge to mautrix-go's own unwedging: another user's device lists the identity key")
 			return
 		}
 		u.mach.UnwedgeDevice(ctx, sender, key)
@@ -471,7 +471,7 @@ func (u *Unwedger) devicesByKey(ctx context.Context, keys []id.IdentityKey) (map
 }
 
 // otherOwners lists the devices in the crypto store other than the user's device (of any user,
-// or, with no device ID, of other users) that claim the identity key.
+// or, with no device ID, of other users) that list the identity key.
 func (u *Unwedger) otherOwners(ctx context.Context, userID id.UserID, deviceID id.DeviceID, key id.IdentityKey) ([]*id.Device, error) {
 	byKey, err := u.devicesByKey(ctx, []id.IdentityKey{key})
 	return othersThan(byKey[key], userID, deviceID), err
@@ -645,33 +645,26 @@ func (u *Unwedger) noteReplaced(p peer, at time.Time) {
 	})
 }
 
-// keyConflict refuses a heal of a device whose identity key another device in the crypto store
-// also claims (of any user): mautrix-go keeps Olm sessions by identity key alone, so the session
+// refuseConflict refuses a heal of a device whose identity key another device in the crypto store
+// also lists (of any user): mautrix-go keeps Olm sessions by identity key alone, so the session
 // made with one would become the other's newest. Both are named in the log. It returns the
-// refusal, or ok when the key is the device's alone.
-func (u *Unwedger) keyConflict(ctx context.Context, d Decision) (refusal Decision, ok bool) {
-	others, err := u.otherOwners(ctx, d.UserID, d.DeviceID, d.Key)
-	return refuseConflict(ctx, d, others, err)
-}
-
-// refuseConflict makes the refusal of keyConflict from the other devices with the key (or the
-// error looking them up).
+// refusal, or ok when the key is the device's alone (or the error looking the others up).
 func refuseConflict(ctx context.Context, d Decision, others []*id.Device, err error) (Decision, bool) {
 	switch {
 	case err != nil:
 		d.Action, d.Err = ActionFailed, err
 	case len(others) > 0:
-		d.Action, d.Detail = ActionKeyConflict, "the identity key is also claimed by "+strings.Join(deviceNames(others), ", ")
+		d.Action, d.Detail = ActionKeyConflict, "the identity key is also listed by "+strings.Join(deviceNames(others), ", ")
 		zerolog.Ctx(ctx).Warn().Stringer("user_id", d.UserID).Stringer("device_id", d.DeviceID).Stringer("identity_key", d.Key).
-			Strs("also_claimed_by", deviceNames(others)).
-			Msg("Not healing: another device in the crypto store claims this device's identity key")
+			Strs("also_listed_by", deviceNames(others)).
+			Msg("Not healing: another device in the crypto store lists this device's identity key")
 	default:
 		return d, true
 	}
 	return d, false
 }
 
-// keyOwnerSet is what keyConflict reads, for a batch of devices at once (one query).
+// keyOwnerSet is what refuseConflict reads, for a group of devices at once (one query).
 type keyOwnerSet struct {
 	byKey map[id.IdentityKey][]*id.Device
 	err   error
@@ -686,7 +679,7 @@ func (u *Unwedger) keyOwners(ctx context.Context, devices []*id.Device) keyOwner
 	return keyOwnerSet{byKey, err}
 }
 
-// check is keyConflict for one device of the set.
+// check is refuseConflict for one device of the set.
 func (s keyOwnerSet) check(ctx context.Context, d Decision) (Decision, bool) {
 	return refuseConflict(ctx, d, othersThan(s.byKey[d.Key], d.UserID, d.DeviceID), s.err)
 }
@@ -857,5 +850,5 @@ var decisionMessages = map[Action]string{
 	ActionHealed:        "Replaced wedged Olm session and sent m.dummy",
 	ActionDeferred:      "Replaced wedged Olm session; m.dummy not sent yet, it is sent when the homeserver answers",
 	ActionFailed:        "Failed to replace wedged Olm session",
-	ActionKeyConflict:   "Olm session not replaced: another device in the crypto store claims the same identity key",
+	ActionKeyConflict:   "Olm session not replaced: another device in the crypto store lists the same identity key",
 }

@@ -83,7 +83,7 @@ func TestOwnSessionKeepsItsRoom(t *testing.T) {
 	// The peer lost room A's key and asks for it: it gets room A's key back.
 	f.exec("DELETE FROM crypto_megolm_inbound_session WHERE account_id=$1 AND session_id=$2", string(peerDevice), sessionID)
 	handled, err := unwedge.AnswerOwnSession(f.ctx, f.bridge.Mach, f.udb.Shared, f.device(f.bridge.Mach, peerUser, peerDevice),
-		event.RequestedKeyInfo{Algorithm: id.AlgorithmMegolmV1, RoomID: roomA, SenderKey: f.bridgeKey(), SessionID: sessionID})
+		event.RequestedKeyInfo{Algorithm: id.AlgorithmMegolmV1, RoomID: roomA, SessionID: sessionID})
 	if err != nil || !handled {
 		t.Fatalf("AnswerOwnSession(room A) = %v, %v", handled, err)
 	}

@@ -1,4 +1,4 @@
--- v0 -> v5: Latest revision of unwedge's tables
+-- v0 -> v6: Latest revision of unwedge's tables
 -- One row per (user, device, identity key) that unwedge has acted on: the MSC1719 rate limit
 -- ("one new session per device per hour") is decided on this row in one statement.
 CREATE TABLE unwedge_device (
@@ -67,9 +67,9 @@ CREATE TABLE unwedge_pending (
 	-- Key requests sent for the event's session, and when the next one is due (Unix ms).
 	requests      INTEGER NOT NULL DEFAULT 0,
 	next_request  BIGINT  NOT NULL,
-	-- A worker handing the event to the bridge holds it until claim_until (Unix ms).
-	claim_owner   TEXT    NOT NULL DEFAULT '',
-	claim_until   BIGINT  NOT NULL DEFAULT 0,
+	-- A worker handing the event to the bridge holds it until lease_until (Unix ms).
+	lease_owner   TEXT    NOT NULL DEFAULT '',
+	lease_until   BIGINT  NOT NULL DEFAULT 0,
 	last_error    TEXT    NOT NULL DEFAULT '',
 	-- The order in which the bridge first received the event (Unix ns, strictly increasing per
 	-- process): events are handed over and listed in this order, not by the sender-controlled
