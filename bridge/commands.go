@@ -208,10 +208,14 @@ func (h *Helper) statusReport(ctx context.Context, userID id.UserID) string {
 				escape(d.Key), escapeText(d.Action), escapeText(d.Class), since(d.At), detail(d))
 		}
 	}
-	pending, err := h.db.Pending.List(ctx, userID, 1000)
-	if err != nil {
+	const countLimit = 1000
+	pending, err := h.db.Pending.List(ctx, userID, countLimit)
+	switch {
+	case err != nil:
 		fmt.Fprintf(&b, "\nFailed to read pending events: %s\n", escapeText(err.Error()))
-	} else {
+	case len(pending) >= countLimit:
+		fmt.Fprintf(&b, "\nMessages waiting for their keys: %d or more\n", countLimit)
+	default:
 		fmt.Fprintf(&b, "\nMessages waiting for their keys: %d\n", len(pending))
 	}
 	return b.String()

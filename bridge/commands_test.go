@@ -102,7 +102,7 @@ func TestStatusFromLedger(t *testing.T) {
 
 	// This process decides something that is no heal: PHONE's session wedges again within the
 	// hour. It is shown as the last decision; the heal history stays below it.
-	h.unwedger, err = unwedge.New(unwedge.DefaultConfig(), mach, unwedge.Parts{Store: store, Ledger: udb.Ledger, Scope: cryptotest.Everyone{}}, "this-process", log)
+	h.unwedger, err = unwedge.New(unwedge.DefaultConfig(), mach, unwedge.Parts{Store: store, Ledger: udb.Ledger, Audience: cryptotest.Everyone{}}, "this-process", log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -194,7 +194,7 @@ func (f *commandFixture) restart() {
 	cfg.MinBackoff, cfg.MaxBackoff, cfg.MaxRetries = time.Millisecond, time.Millisecond, 1
 	replacing := unwedge.NewReplacing()
 	recovery := unwedge.NewRecovery(cfg.Recovery, f.mach, f.udb.Pending, nil, replacing.Healing, fmt.Sprintf("process-%p", f), zerolog.Nop())
-	u, err := unwedge.New(cfg, f.mach, unwedge.Parts{Store: f.store, Ledger: f.udb.Ledger, Scope: userScope{cmdAlice: true}, Replacing: replacing}, fmt.Sprintf("process-%p", f), zerolog.Nop())
+	u, err := unwedge.New(cfg, f.mach, unwedge.Parts{Store: f.store, Ledger: f.udb.Ledger, Audience: userScope{cmdAlice: true}, Replacing: replacing}, fmt.Sprintf("process-%p", f), zerolog.Nop())
 	if err != nil {
 		f.t.Fatal(err)
 	}

@@ -95,7 +95,7 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 		return err
 	}
 	h.unwedger, err = unwedge.New(h.cfg, h.mach, unwedge.Parts{
-		Store: h.wrapped, Ledger: h.db.Ledger, Scope: NewScope(br, h.conn.StateStore, h.cfg.Scope), Tables: tables,
+		Store: h.wrapped, Ledger: h.db.Ledger, Audience: NewAudience(br, h.conn.StateStore, h.cfg.Scope), Tables: tables,
 		Replacing: replacing, Followers: h.recovery, Observer: h.metrics.observe,
 	}, owner, h.log)
 	if err != nil {

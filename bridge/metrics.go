@@ -186,13 +186,13 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	fmt.Fprintf(out, "unwedge_heal_duration_seconds_sum %g\nunwedge_heal_duration_seconds_count %d\n", m.sum, m.observed)
 	m.lock.Unlock()
 
-	recovery := map[string]int64{}
+	recovery := map[unwedge.RecoveryCount]int64{}
 	if m.h.recovery != nil {
 		recovery = m.h.recovery.Counts()
 	}
-	events := map[string]int64{"recorded": 0, "recovered": 0, "given_up": 0, "dropped": 0, "decrypted_by_bridge": 0, "not_recorded": 0}
-	for _, name := range []string{unwedge.CountRecorded, unwedge.CountRecovered, unwedge.CountGivenUp, unwedge.CountDropped, unwedge.CountDecryptedStock, unwedge.CountNotRecorded} {
-		events[name] = recovery[name]
+	events := map[string]int64{}
+	for _, c := range []unwedge.RecoveryCount{unwedge.CountRecorded, unwedge.CountRecovered, unwedge.CountGivenUp, unwedge.CountDropped, unwedge.CountDecryptedStock, unwedge.CountNotRecorded} {
+		events[string(c)] = recovery[c]
 	}
 	requests := map[string]int64{
 		"sent":     recovery[unwedge.CountRequestsSent],

@@ -242,7 +242,9 @@ func (s *recoverySink) sendStatus(ctx context.Context, original *event.Event, st
 func (s *recoverySink) redactNotices(ctx context.Context, original *event.Event) {
 	bot := s.h.conn.Bot
 	log := zerolog.Ctx(ctx).With().Stringer("event_id", original.ID).Logger()
-	resp, err := bot.Context(ctx, original.RoomID, original.ID, nil, noticeSearchLimit)
+	// /context splits its limit between the events before and after (Synapse: half each), and
+	// only those after are searched.
+	resp, err := bot.Context(ctx, original.RoomID, original.ID, nil, 2*noticeSearchLimit)
 	if err != nil {
 		log.Warn().Err(err).Msg("Failed to look for undecryptable-message notices to redact")
 		return

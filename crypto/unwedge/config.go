@@ -8,21 +8,21 @@ import (
 	"github.com/unwedge/unwedge/internal/backoff"
 )
 
-// ScopeMode says whose devices are healed.
-type ScopeMode string
+// Scope says whose devices are healed.
+type Scope string
 
 const (
 	// ScopeRoomMembers heals devices of every Matrix user who shares a room with the bridge: its
 	// bot (a management room, including users who have not logged in yet) or a portal (relay
 	// users too). The default: nobody who talks to the bridge is left without healing.
-	ScopeRoomMembers ScopeMode = "room_members"
+	ScopeRoomMembers Scope = "room_members"
 	// ScopeLoggedIn heals devices of Matrix users that are logged in to the bridge (have a user login).
-	ScopeLoggedIn ScopeMode = "logged_in"
+	ScopeLoggedIn Scope = "logged_in"
 	// ScopePortalMembers heals devices of users joined to or invited into an encrypted portal room
 	// of the bridge: not those who left it or were banned.
-	ScopePortalMembers ScopeMode = "portal_members"
+	ScopePortalMembers Scope = "portal_members"
 	// ScopeEveryone heals any device that sends the bridge an undecryptable Olm message.
-	ScopeEveryone ScopeMode = "everyone"
+	ScopeEveryone Scope = "everyone"
 )
 
 // Config is the `unwedge:` block of the bridge config.
@@ -32,7 +32,7 @@ type Config struct {
 	MinInterval time.Duration `yaml:"min_interval"`
 	// Scope says whose devices unwedge heals. Devices of users outside it are left to mautrix-go's
 	// own unwedging, as with the stock bridge.
-	Scope ScopeMode `yaml:"scope"`
+	Scope Scope `yaml:"scope"`
 	// MaxHealsPerUser bounds the heals started for one user's devices within MinInterval, so a
 	// user with many devices (or many fake ones) cannot make the bridge claim a key for each.
 	// Heals an admin forces do not count and are not refused.

@@ -85,7 +85,7 @@ func (f *fixture) newPeer(userID id.UserID, deviceID id.DeviceID) *cryptotest.De
 }
 
 func (f *fixture) startUnwedger() {
-	opts := cryptotest.Unwedging{Config: f.cfg, Ledger: f.ledger, Scope: f.scope, Owner: fmt.Sprintf("owner-%p", f.bridge.Mach)}
+	opts := cryptotest.Unwedging{Config: f.cfg, Ledger: f.ledger, Audience: f.scope, Owner: fmt.Sprintf("owner-%p", f.bridge.Mach)}
 	if f.unwedgerLog != nil {
 		log := zerolog.New(f.unwedgerLog).Level(zerolog.DebugLevel)
 		opts.Log = &log

@@ -93,7 +93,7 @@ type Recovery struct {
 	arrival int64
 	// received holds Megolm sessions that arrived, until their events were handed over.
 	received map[receivedSession]time.Time
-	counts   map[string]int64
+	counts   map[RecoveryCount]int64
 
 	// live and waits are what bridgev2's own wait for a session is about (waits.go).
 	live  liveEvents
@@ -113,21 +113,24 @@ type receivedSession struct {
 	sessionID id.SessionID
 }
 
+// RecoveryCount names one of Recovery's counters (Counts).
+type RecoveryCount string
+
 // Recovery counters, as returned by Counts.
 const (
-	CountRecorded    = "recorded"
-	CountNotRecorded = "not_recorded"
+	CountRecorded    RecoveryCount = "recorded"
+	CountNotRecorded RecoveryCount = "not_recorded"
 	// Events not recorded because of each cap (also counted in CountNotRecorded).
-	CountFullSender       = "not_recorded_sender_cap"
-	CountFullRoom         = "not_recorded_room_cap"
-	CountFullTotal        = "not_recorded_total_cap"
-	CountDecryptedStock   = "decrypted_by_bridge"
-	CountRecovered        = "recovered"
-	CountGivenUp          = "given_up"
-	CountDropped          = "dropped"
-	CountRequestsSent     = "key_requests_sent"
-	CountRequestsFilled   = "key_requests_filled"
-	CountRequestsDeferred = "key_requests_deferred"
+	CountFullSender       RecoveryCount = "not_recorded_sender_cap"
+	CountFullRoom         RecoveryCount = "not_recorded_room_cap"
+	CountFullTotal        RecoveryCount = "not_recorded_total_cap"
+	CountDecryptedStock   RecoveryCount = "decrypted_by_bridge"
+	CountRecovered        RecoveryCount = "recovered"
+	CountGivenUp          RecoveryCount = "given_up"
+	CountDropped          RecoveryCount = "dropped"
+	CountRequestsSent     RecoveryCount = "key_requests_sent"
+	CountRequestsFilled   RecoveryCount = "key_requests_filled"
+	CountRequestsDeferred RecoveryCount = "key_requests_deferred"
 )
 
 const (
@@ -140,7 +143,7 @@ const (
 )
 
 // fullCounts is the counter of each cap.
-var fullCounts = map[PendingCap]string{
+var fullCounts = map[PendingCap]RecoveryCount{
 	CapSender: CountFullSender, CapRoom: CountFullRoom, CapTotal: CountFullTotal,
 }
 
@@ -151,7 +154,7 @@ func NewRecovery(cfg RecoveryConfig, mach *crypto.OlmMachine, store PendingStore
 	return &Recovery{
 		cfg: cfg, mach: mach, store: store, sink: sink, healing: healing, owner: owner, log: log,
 		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
-		recorded: newRecentSet[id.EventID](maxRecorded), decrypted: newRecentSet[id.EventID](maxDecrypted), received: make(map[receivedSession]time.Time), counts: make(map[string]int64),
+		recorded: newRecentSet[id.EventID](maxRecorded), decrypted: newRecentSet[id.EventID](maxDecrypted), received: make(map[receivedSession]time.Time), counts: make(map[RecoveryCount]int64),
 		now: time.Now, Lease: defaultLease,
 	}
 }
@@ -326,13 +329,13 @@ func (r *Recovery) Stop() {
 }
 
 // Counts returns the recovery counters since start.
-func (r *Recovery) Counts() map[string]int64 {
+func (r *Recovery) Counts() map[RecoveryCount]int64 {
 	r.lock.Lock()
 	defer r.lock.Unlock()
 	return maps.Clone(r.counts)
 }
 
-func (r *Recovery) count(name string) {
+func (r *Recovery) count(name RecoveryCount) {
 	r.lock.Lock()
 	r.counts[name]++
 	r.lock.Unlock()

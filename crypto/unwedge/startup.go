@@ -126,6 +126,8 @@ func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, 
 		report.Lost = len(keys) - len(unreadable)
 	}
 	if len(keys) > maxStartupHeals {
+		log.Warn().Int("devices", len(keys)).Int("healed_at_most", maxStartupHeals).
+			Msg("More devices to heal at startup than one startup heals; the others heal when they next send")
 		keys = keys[:maxStartupHeals]
 	}
 	devices, err := tables.DevicesByKey(ctx, keys)
@@ -199,7 +201,7 @@ func (u *Unwedger) inScope(ctx context.Context, devices []*id.Device) []*id.Devi
 		ok, seen := users[dev.UserID]
 		if !seen {
 			var err error
-			if ok, err = u.scope.InScope(ctx, dev.UserID); err != nil {
+			if ok, err = u.audience.InScope(ctx, dev.UserID); err != nil {
 				zerolog.Ctx(ctx).Warn().Err(err).Stringer("user_id", dev.UserID).Msg("Failed to check whether a user is in scope; not healing their devices at startup")
 			}
 			users[dev.UserID] = ok

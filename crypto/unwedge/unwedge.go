@@ -14,8 +14,8 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// Scope decides whose devices are healed.
-type Scope interface {
+// Audience decides whose devices are healed: the users in unwedge.scope (bridge.Audience).
+type Audience interface {
 	InScope(ctx context.Context, userID id.UserID) (bool, error)
 }
 
@@ -45,11 +45,11 @@ type Tables interface {
 // Unwedger is the middleware between the bridge's to-device transport and its OlmMachine: it
 // hands every Olm event to the machine, classifies failures, and heals wedged sessions.
 type Unwedger struct {
-	cfg    Config
-	mach   *crypto.OlmMachine
-	store  *Store
-	ledger Ledger
-	scope  Scope
+	cfg      Config
+	mach     *crypto.OlmMachine
+	store    *Store
+	ledger   Ledger
+	audience Audience
 	// tables is nil where the crypto store is not mautrix-go's SQL store: then no unreadable
 	// session is deleted and no identity key is checked for a second owner.
 	tables Tables
@@ -177,9 +177,9 @@ const recentDecisions = 512
 // nothing is set afterwards.
 type Parts struct {
 	// Store is the machine's CryptoStore (the machine was made with it: NewStore).
-	Store  *Store
-	Ledger Ledger
-	Scope  Scope
+	Store    *Store
+	Ledger   Ledger
+	Audience Audience
 	// Tables is nil where the crypto store is not mautrix-go's SQL store (see Unwedger.tables).
 	Tables Tables
 	// Replacing says which sessions are being replaced; Recovery reads it (NewReplacing). New
@@ -214,7 +214,7 @@ func New(cfg Config, mach *crypto.OlmMachine, parts Parts, owner string, log zer
 	}
 	if parts.Store == nil || mach.CryptoStore != crypto.Store(parts.Store) {
 		return nil, fmt.Errorf("the OlmMachine's store must be the unwedge.Store given (unwedge.NewStore)")
-	} else if parts.Ledger == nil || parts.Scope == nil {
+	} else if parts.Ledger == nil || parts.Audience == nil {
 		return nil, fmt.Errorf("an Unwedger needs a ledger and a scope")
 	}
 	if parts.Replacing == nil {
@@ -222,7 +222,7 @@ func New(cfg Config, mach *crypto.OlmMachine, parts Parts, owner string, log zer
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	u := &Unwedger{
-		cfg: cfg, mach: mach, store: parts.Store, ledger: parts.Ledger, scope: parts.Scope, tables: parts.Tables,
+		cfg: cfg, mach: mach, store: parts.Store, ledger: parts.Ledger, audience: parts.Audience, tables: parts.Tables,
 		replacing: parts.Replacing, followers: parts.Followers, observe: parts.Observer,
 		owner: owner, ownKey: mach.OwnIdentity().IdentityKey,
 		answers: guardAnswers(mach.Client, log),
@@ -529,7 +529,7 @@ func (u *Unwedger) HealRequested(ctx context.Context, device *id.Device, by id.U
 // asked) with its detail and error. Both caps are counted in the ledger before the heal's row
 // exists, so heals admitted while others are still starting can pass a cap by the number starting.
 func (u *Unwedger) admission(ctx context.Context, userID id.UserID) (action Action, detail string, err error) {
-	if ok, err := u.scope.InScope(ctx, userID); err != nil || !ok {
+	if ok, err := u.audience.InScope(ctx, userID); err != nil || !ok {
 		return ActionOutOfScope, fmt.Sprintf("unwedge.scope is %s", u.cfg.Scope), err
 	}
 	now := time.Now()
@@ -563,7 +563,7 @@ func (u *Unwedger) peerNewSession(ctx context.Context, sender id.UserID, key id.
 	// Only users in scope are remembered: identity keys cost anyone nothing, and a user in no
 	// room with the bridge could otherwise fill the set, so that real devices that unwedged
 	// themselves get no keys again.
-	if ok, err := u.scope.InScope(ctx, sender); err != nil || !ok {
+	if ok, err := u.audience.InScope(ctx, sender); err != nil || !ok {
 		return
 	}
 	u.newSessionAt.prune(1024, func(_ peer, at time.Time) bool { return now.Sub(at) >= u.cfg.MinInterval })

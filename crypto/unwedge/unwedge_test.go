@@ -357,7 +357,7 @@ func TestBurst(t *testing.T) {
 		f.peerSends()
 	}
 	events := f.hs.Inbox(f.bridge)
-	second, err := unwedge.New(f.cfg, f.bridge.Mach, unwedge.Parts{Store: f.bridge.Wrapped, Ledger: f.ledger, Scope: f.scope,
+	second, err := unwedge.New(f.cfg, f.bridge.Mach, unwedge.Parts{Store: f.bridge.Wrapped, Ledger: f.ledger, Audience: f.scope,
 		Observer: func(d unwedge.Decision) { f.decisions <- d }}, "replica-2", zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)

@@ -139,9 +139,9 @@ func (d *Device) Handle(evt *event.Event) {
 type Unwedging struct {
 	Config unwedge.Config
 	Ledger unwedge.Ledger
-	// Scope is whose devices it heals; nil: everyone's.
-	Scope  unwedge.Scope
-	Repair bool
+	// Audience is whose devices it heals; nil: everyone's.
+	Audience unwedge.Audience
+	Repair   bool
 	// Owner names the process in the ledger's leases; "": a name of its own.
 	Owner string
 	// Log, when set, is where it logs instead of the device's Log.
@@ -162,8 +162,8 @@ func (d *Device) Unwedge(opts Unwedging) *unwedge.Unwedger {
 	if d.SQL != nil {
 		tables = &unwedge.CryptoTables{DB: d.SQL.DB, AccountID: string(d.DeviceID), PickleKey: []byte(PickleKey)}
 	}
-	if opts.Scope == nil {
-		opts.Scope = Everyone{}
+	if opts.Audience == nil {
+		opts.Audience = Everyone{}
 	}
 	if opts.Owner == "" {
 		opts.Owner = fmt.Sprintf("%s-%p", d.DeviceID, d.Mach)
@@ -173,7 +173,7 @@ func (d *Device) Unwedge(opts Unwedging) *unwedge.Unwedger {
 		log = *opts.Log
 	}
 	u, err := unwedge.New(opts.Config, d.Mach, unwedge.Parts{
-		Store: d.Wrapped, Ledger: opts.Ledger, Scope: opts.Scope, Tables: tables,
+		Store: d.Wrapped, Ledger: opts.Ledger, Audience: opts.Audience, Tables: tables,
 		Replacing: opts.Replacing, Followers: opts.Followers, Observer: opts.Observer,
 	}, opts.Owner, log)
 	if err != nil {

@@ -11,16 +11,16 @@ import (
 	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
-// Scope decides with bridgev2's users and portals whose devices are healed.
-type Scope struct {
+// Audience decides with bridgev2's users and portals whose devices are healed.
+type Audience struct {
 	br    *bridgev2.Bridge
 	rooms *sqlstatestore.SQLStateStore
-	mode  unwedge.ScopeMode
+	mode  unwedge.Scope
 }
 
-// NewScope returns the scope for a mode; rooms is the bridge's Matrix state store.
-func NewScope(br *bridgev2.Bridge, rooms *sqlstatestore.SQLStateStore, mode unwedge.ScopeMode) *Scope {
-	return &Scope{br: br, rooms: rooms, mode: mode}
+// NewAudience returns the audience of a scope (unwedge.scope); rooms is the bridge's Matrix state store.
+func NewAudience(br *bridgev2.Bridge, rooms *sqlstatestore.SQLStateStore, mode unwedge.Scope) *Audience {
+	return &Audience{br: br, rooms: rooms, mode: mode}
 }
 
 // sharesRoomQuery asks the bridge's Matrix state store (mautrix-go's sqlstatestore table
@@ -47,7 +47,7 @@ const portalMemberQuery = `
 			AND mx_room_state.encryption IS NOT NULL
 	)`
 
-func (s *Scope) InScope(ctx context.Context, userID id.UserID) (bool, error) {
+func (s *Audience) InScope(ctx context.Context, userID id.UserID) (bool, error) {
 	if s.br.IsGhostMXID(userID) || userID == s.br.Bot.GetMXID() {
 		return false, nil
 	}

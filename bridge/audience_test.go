@@ -111,7 +111,7 @@ func TestScopePortalMembers(t *testing.T) {
 					}
 				}
 			}
-			scope := NewScope(br, states, unwedge.ScopePortalMembers)
+			scope := NewAudience(br, states, unwedge.ScopePortalMembers)
 			for _, tc := range cases {
 				if got, err := scope.InScope(ctx, tc.user); err != nil || got != tc.inScope {
 					t.Errorf("%s (%v): in scope %t (%v), want %t", tc.user, tc.rooms, got, err, tc.inScope)
