@@ -37,8 +37,8 @@ const (
 	// VarRequireStack makes Require fail instead of skip when the stack is missing ("1").
 	VarRequireStack = "UNWEDGE_REQUIRE_STACK"
 	// VarFaultTests allows tests to stop and restart the shared homeserver and Postgres ("1"):
-	// only safe when nothing else uses the stack meanwhile (scripts/test.sh runs one package at
-	// a time and sets it).
+	// only safe when nothing else uses the stack meanwhile (scripts/test.sh sets it for its
+	// first phase, which runs those tests alone on the stack).
 	VarFaultTests = "UNWEDGE_FAULT_TESTS"
 
 	// DefaultEnvFile is where scripts/stack.sh writes the env file.
