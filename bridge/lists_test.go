@@ -405,15 +405,7 @@ func logFields(t *testing.T, files []goFile) map[string]bool {
 	t.Helper()
 	fields := map[string]bool{}
 	for _, f := range files {
-		ast.Inspect(f.ast, func(n ast.Node) bool {
-			call, ok := n.(*ast.CallExpr)
-			if !ok {
-				return true
-			}
-			sel, ok := call.Fun.(*ast.SelectorExpr)
-			if !ok {
-				return true
-			}
+		selectorCalls(f.ast, func(call *ast.CallExpr, sel *ast.SelectorExpr) {
 			switch {
 			case sel.Sel.Name == "Err" && len(call.Args) == 1:
 				fields["error"] = true
@@ -438,10 +430,65 @@ func logFields(t *testing.T, files []goFile) map[string]bool {
 					t.Errorf("%s: %s with a computed field name: name the field with a literal", f.name, sel.Sel.Name)
 				}
 			}
-			return true
 		})
 	}
 	return fields
+}
+
+// selectorCalls calls fn for every call of a selector (x.Name(...)) in the file.
+func selectorCalls(file *ast.File, fn func(call *ast.CallExpr, sel *ast.SelectorExpr)) {
+	ast.Inspect(file, func(n ast.Node) bool {
+		if call, ok := n.(*ast.CallExpr); ok {
+			if sel, ok := call.Fun.(*ast.SelectorExpr); ok {
+				fn(call, sel)
+			}
+		}
+		return true
+	})
+}
+
+// TestOneHealEngine: every heal goes through one engine. In crypto/unwedge's product code there
+// is one call that encrypts a heal's m.dummy, one that asks the ledger for heals and one that
+// records how they ended, all in heal.go; a second copy of any of them is where the copies used
+// to differ.
+func TestOneHealEngine(t *testing.T) {
+	sites := map[string][]string{}
+	for _, f := range parseDir(t, "../crypto/unwedge") {
+		selectorCalls(f.ast, func(call *ast.CallExpr, sel *ast.SelectorExpr) {
+			var what string
+			switch name := sel.Sel.Name; {
+			case (name == "EncryptToDevices" || name == "SendEncryptedToDevice") && slices.ContainsFunc(call.Args, isDummy):
+				what = "m.dummy"
+			case (name == "Acquire" || name == "Finish") && isLedger(sel.X):
+				what = "ledger." + name
+			default:
+				return
+			}
+			sites[what] = append(sites[what], f.name)
+		})
+	}
+	for _, what := range []string{"m.dummy", "ledger.Acquire", "ledger.Finish"} {
+		if got := sites[what]; len(got) != 1 || got[0] != "heal.go" {
+			t.Errorf("%s is called in %v, want once, in heal.go", what, got)
+		}
+	}
+}
+
+// isDummy reports whether an argument is event.ToDeviceDummy.
+func isDummy(arg ast.Expr) bool {
+	sel, ok := arg.(*ast.SelectorExpr)
+	return ok && sel.Sel.Name == "ToDeviceDummy"
+}
+
+// isLedger reports whether x is a ledger: u.ledger or ledger.
+func isLedger(x ast.Expr) bool {
+	switch x := x.(type) {
+	case *ast.SelectorExpr:
+		return x.Sel.Name == "ledger"
+	case *ast.Ident:
+		return x.Name == "ledger"
+	}
+	return false
 }
 
 // The admin guide's log-field table has a row for every field the code of crypto/unwedge and
