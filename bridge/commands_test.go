@@ -70,7 +70,7 @@ func TestStatusFromLedger(t *testing.T) {
 		t.Fatal(err)
 	}
 	client.DeviceID = "BRIDGE"
-	store := unwedge.NewStore(crypto.NewMemoryStore(nil), udb.Shared)
+	store := unwedge.NewStore(crypto.NewMemoryStore(nil), udb.Shared, nil)
 	if err := store.PutDevices(ctx, alice, map[id.DeviceID]*id.Device{phone.DeviceID: phone, laptop.DeviceID: laptop}); err != nil {
 		t.Fatal(err)
 	}

@@ -46,7 +46,7 @@ func (r *copyRecorder) Copy(_ up.YAMLType, path ...string) {
 // recovery.max_pending_per_room and recovery.max_pending). The count makes a new option a
 // conscious change here.
 func TestUpgradeConfigCopiesEveryKey(t *testing.T) {
-	const leafKeys = 23
+	const leafKeys = 24
 	want := configLeaves(reflect.TypeFor[unwedge.Config](), "unwedge.")
 	if len(want) != leafKeys {
 		t.Errorf("unwedge.Config has %d options, this test knows %d: check the example config, the admin guide and this count", len(want), leafKeys)

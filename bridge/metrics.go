@@ -255,6 +255,17 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	labelled(out, "unwedge_panics_total", "where", panics)
 	family(out, "unwedge_answer_entries_dropped_total", "counter", "Entries of the homeserver's answers to the bridge's key claims and queries that named users, devices or keys the bridge did not ask for (dropped before mautrix-go read them), by endpoint.")
 	labelled(out, "unwedge_answer_entries_dropped_total", "endpoint", dropped)
+	history := map[string]int64{}
+	for _, outcome := range unwedge.HistoryOutcomes() {
+		history[string(outcome)] = 0
+	}
+	if u != nil {
+		for outcome, n := range u.HistoryCounts() {
+			history[string(outcome)] += n
+		}
+	}
+	family(out, "unwedge_olm_history_total", "counter", "Olm messages that failed and were tried against the Olm history (unwedge.olm_history), by outcome: recovered_from_history (an earlier state of the session decrypted it: a client restored from a backup), no_state, replay_refused (the bridge had decrypted these bytes before), limited (the device tried too often), failed.")
+	labelled(out, "unwedge_olm_history_total", "outcome", history)
 	family(out, "unwedge_appservice_inbox_messages_total", "counter", "Encrypted to-device messages read from the bot device's inbox in appservice mode (unwedge.appservice_inbox) and handed to unwedge; those it had from a transaction already are counted here but not handled twice.")
 	fmt.Fprintf(out, "unwedge_appservice_inbox_messages_total %d\n", m.h.inboxHandled.Load())
 }

@@ -68,7 +68,10 @@ func (h *Helper) Init(ctx context.Context) error {
 	if err = h.db.Upgrade(ctx); err != nil {
 		return bridgev2.DBUpgradeError{Section: "unwedge", Err: err}
 	}
-	h.wrapped = unwedge.NewStore(h.store, h.db.Shared)
+	// unwedge: earlier states of the Olm sessions, pickled as the crypto store pickles them (with
+	// unwedge.olm_history 0, none, and those kept before are pruned).
+	history := unwedge.NewHistory(h.db.History, []byte(enc.PickleKey), h.cfg.OlmHistory)
+	h.wrapped = unwedge.NewStore(h.store, h.db.Shared, history)
 	h.mach = crypto.NewOlmMachine(h.client, &h.log, h.wrapped, h.conn.StateStore)
 	h.configureMachine()
 	if enc.DeleteKeys.PeriodicallyDeleteExpired {

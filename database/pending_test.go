@@ -170,14 +170,22 @@ func TestUnwedgeUpgrades(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// unwedge_pending's changes of v4 (arrival, and unwedge_pending_lock).
+	pendingV4, err := os.ReadFile("upgrades/unwedge/04-pending-limits.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	history := []string{"unwedge_olm_history", "unwedge_olm_seen"} // v7
 	for _, tc := range []struct {
 		from    int
 		dropped []string // the tables that versions after from added or changed
 	}{
-		{1, []string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}},
-		{2, []string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}},
-		{3, []string{"unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}},
-		{4, []string{"unwedge_generation"}},
+		{1, append([]string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}, history...)},
+		{2, append([]string{"unwedge_megolm_shared", "unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}, history...)},
+		{3, append([]string{"unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}, history...)},
+		{4, append([]string{"unwedge_pending", "unwedge_pending_lock", "unwedge_generation"}, history...)},
+		{5, append([]string{"unwedge_pending", "unwedge_pending_lock"}, history...)},
+		{6, history},
 	} {
 		for dialect, db := range openPending(t) {
 			t.Run(fmt.Sprintf("from v%d/%s", tc.from, dialect), func(t *testing.T) {
@@ -187,10 +195,18 @@ func TestUnwedgeUpgrades(t *testing.T) {
 						t.Fatal(err)
 					}
 				}
-				if tc.from >= 2 && tc.from < 4 {
+				if tc.from >= 2 && tc.from < 6 {
+					// unwedge_pending as versions 2 to 5 had it (v6 renamed its claim columns).
 					if _, err := db.Exec(ctx, string(pendingV2)); err != nil {
 						t.Fatal(err)
 					}
+				}
+				if tc.from >= 4 && tc.from < 6 {
+					if _, err := db.Exec(ctx, string(pendingV4)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if tc.from >= 2 && tc.from < 4 {
 					// A row from before v4 gets an arrival from when it was first seen.
 					if _, err := db.Exec(ctx, `INSERT INTO unwedge_pending (bridge_id, event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, next_request)
 						VALUES ('test-bridge', '$old', '!room:localhost', 'A', 'curve-key-a', '@alice:localhost', 'PHONE', '{}', 5, 7, 0)`); err != nil {
@@ -217,6 +233,11 @@ func TestUnwedgeUpgrades(t *testing.T) {
 				}
 				if gen, err := db.Generation.Advance(ctx, "key"); err != nil || gen.Value != 1 {
 					t.Errorf("generation after upgrading: %+v %v", gen, err)
+				}
+				if err := db.History.KeepState(ctx, "key", "session", []byte("pickle"), time.Now()); err != nil {
+					t.Errorf("Olm history after upgrading: %v", err)
+				} else if states, err := db.History.States(ctx, "key", time.Now().Add(-time.Hour), 10); err != nil || len(states) != 1 {
+					t.Errorf("Olm history after upgrading: %+v %v", states, err)
 				}
 			})
 		}

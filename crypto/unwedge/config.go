@@ -52,6 +52,9 @@ type Config struct {
 	Lease time.Duration `yaml:"lease"`
 	// HistoryRetention is how long heal records are kept.
 	HistoryRetention time.Duration `yaml:"history_retention"`
+	// OlmHistory is how long earlier states of the bridge's Olm sessions are kept, to decrypt
+	// what a client restored from a backup sends (history.go); 0 keeps none.
+	OlmHistory time.Duration `yaml:"olm_history"`
 	// Startup heals at startup what the bridge can know is broken, before it handles events.
 	Startup StartupConfig `yaml:"startup"`
 	// AppserviceInbox, in appservice mode (encryption.appservice), reads the bot device's
@@ -119,6 +122,7 @@ func DefaultConfig() Config {
 		MaxBackoff:        time.Minute,
 		Lease:             2 * time.Minute,
 		HistoryRetention:  30 * 24 * time.Hour,
+		OlmHistory:        7 * 24 * time.Hour,
 		Startup:           StartupConfig{Enabled: true, Wait: time.Minute},
 		AppserviceInbox:   true,
 		Recovery: RecoveryConfig{
@@ -163,6 +167,9 @@ func (c *Config) Validate() error {
 	}
 	if c.HistoryRetention < c.MinInterval {
 		errs = append(errs, errors.New("unwedge.history_retention must not be shorter than unwedge.min_interval"))
+	}
+	if c.OlmHistory != 0 && c.OlmHistory < time.Hour {
+		errs = append(errs, errors.New("unwedge.olm_history must be 0 (keep none) or at least 1h"))
 	}
 	if c.Startup.Enabled && c.Startup.Wait < 0 {
 		errs = append(errs, errors.New("unwedge.startup.wait must not be negative"))

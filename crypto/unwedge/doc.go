@@ -16,6 +16,8 @@
 //   - heal.go: heal, the one engine for one device or many (a wedge, an admin's request, the
 //     heals at startup, heals a stopped process left): admit, acquire the ledger's grant, claim
 //     one one-time key per device, create the sessions, send m.dummy, record.
+//   - history.go: recover what a client restored from a backup sends: earlier states of the Olm
+//     sessions, kept by the store, decrypt the message that the current state no longer can.
 //   - recovery.go: recover: the one owner of waiting for a key; waits.go: bridgev2's own wait in
 //     memory; pending.go: the events kept in the database until their key comes; roomkeys.go:
 //     the bridge's own room keys, answered and shared again after a heal.
@@ -27,6 +29,6 @@
 //     keeps the latest members); fault.go, the fault points that
 //     only the test build (tag unwedgefault) has.
 //
-// The database package implements Ledger, PendingStore, SharedIndex, SharedPeers and Generations
-// on Postgres and SQLite.
+// The database package implements Ledger, PendingStore, SharedIndex, SharedPeers, Generations and
+// OlmHistory on Postgres and SQLite.
 package unwedge

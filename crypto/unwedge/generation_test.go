@@ -81,7 +81,7 @@ func TestGenerationCheckReplicas(t *testing.T) {
 
 	// newKeeper is a replica: its own store and keeper, the shared database and mirror.
 	newKeeper := func(local unwedge.Generations, remote unwedge.GenerationMirror) (*unwedge.GenerationKeeper, *unwedge.Store) {
-		store := unwedge.NewStore(crypto.NewMemoryStore(nil), nil)
+		store := unwedge.NewStore(crypto.NewMemoryStore(nil), nil, nil)
 		return unwedge.NewGenerationKeeper(local, remote, store, key, zerolog.Nop()), store
 	}
 	// start is a replica that ran before: the generation is 1 in both places.

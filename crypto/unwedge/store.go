@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/id"
@@ -36,6 +37,8 @@ import (
 type Store struct {
 	crypto.Store
 	shared SharedIndex
+	// history, if not nil, keeps earlier states of the Olm sessions (history.go).
+	history *History
 
 	// outbound holds the bridge's outbound Megolm sessions that the machine loaded or stored, by
 	// session ID (the latest one per room), to read the index a share hands out. A session the
@@ -58,9 +61,11 @@ type SharedIndex interface {
 }
 
 // NewStore wraps a crypto store. shared, if not nil, records the index each device got the
-// bridge's Megolm sessions at.
-func NewStore(inner crypto.Store, shared SharedIndex) *Store {
-	return &Store{Store: inner, shared: shared, outbound: make(map[id.SessionID]*crypto.OutboundGroupSession), outboundRoom: make(map[id.RoomID]id.SessionID)}
+// bridge's Megolm sessions at; history, if not nil, keeps earlier states of the Olm sessions
+// (unwedge.olm_history).
+func NewStore(inner crypto.Store, shared SharedIndex, history *History) *Store {
+	return &Store{Store: inner, shared: shared, history: history,
+		outbound: make(map[id.SessionID]*crypto.OutboundGroupSession), outboundRoom: make(map[id.RoomID]id.SessionID)}
 }
 
 // keepOutbound remembers the room's current outbound session.
@@ -236,8 +241,16 @@ func (s *Store) keep(ctx context.Context, key id.SenderKey, sess *crypto.OlmSess
 // and crypto/decryptolm.go calling it after PutOlmHash for a new inbound session (pinned in
 // internal/upstream).
 func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypto.OlmSession) error {
+	obs := observationFrom(ctx)
+	if obs != nil && obs.replay != nil {
+		// A state from the history decrypts one message; nothing else is stored meanwhile.
+		return errReplayOnly
+	}
 	s.writes.Add(1)
 	err := s.Store.AddSession(ctx, key, session)
+	if err == nil && s.history.on() {
+		s.history.keep(ctx, key, session, "new session")
+	}
 	if h := healFrom(ctx, key); h != nil {
 		// The machine only logs a failure here and would forget the session, whose one-time key
 		// is spent: the heal keeps it, and its next attempt stores it instead of claiming again.
@@ -247,23 +260,47 @@ func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypt
 		}
 		return err
 	}
-	if obs := observationFrom(ctx); obs != nil && err == nil {
+	if obs != nil && err == nil {
 		obs.newInbound = true
 	}
 	return err
 }
 
+// errReplayOnly refuses to store a session while a state from the history decrypts a message.
+var errReplayOnly = errors.New("no session is stored while a state from the Olm history decrypts a message")
+
+// UpdateSession also keeps the session's state in the history when its ratchet moved: after a
+// decryption (an observation) that began a new receiving chain, after an encryption that began a
+// new sending chain. A state from the history that decrypted one message is never written back.
 func (s *Store) UpdateSession(ctx context.Context, key id.SenderKey, session *crypto.OlmSession) error {
-	if obs := observationFrom(ctx); obs != nil && obs.hash != ([32]byte{}) && wentBack(session, obs.ratchet) {
+	obs := observationFrom(ctx)
+	if obs != nil && obs.replay != nil {
+		return nil
+	}
+	if obs != nil && obs.hash != ([32]byte{}) && wentBack(session, obs.ratchet) {
 		obs.wentBack = true
 	}
 	s.writes.Add(1)
-	return s.Store.UpdateSession(ctx, key, session)
+	if err := s.Store.UpdateSession(ctx, key, session); err != nil {
+		return err
+	}
+	switch {
+	case !s.history.on():
+	case obs != nil:
+		s.history.decrypted(ctx, key, session, obs.ratchet)
+	default:
+		s.history.encrypted(ctx, key, session)
+	}
+	return nil
 }
 
 func (s *Store) GetSessions(ctx context.Context, key id.SenderKey) (crypto.OlmSessionList, error) {
+	obs := observationFrom(ctx)
+	if obs != nil && obs.replay != nil {
+		return crypto.OlmSessionList{obs.replay}, nil
+	}
 	sessions, err := s.Store.GetSessions(ctx, key)
-	if obs := observationFrom(ctx); obs != nil {
+	if obs != nil {
 		obs.sessionsRead = true
 		obs.sessionCount = len(sessions)
 		obs.sessionsErr = err
@@ -279,9 +316,17 @@ func (s *Store) GetOlmHash(ctx context.Context, hash [32]byte) (time.Time, error
 	return at, err
 }
 
+// PutOlmHash is called once an Olm message decrypted; the history keeps its hash as long as its
+// states, so that none of them decrypts the message again (the crypto store keeps its own hashes
+// for minutes).
 func (s *Store) PutOlmHash(ctx context.Context, hash [32]byte, at time.Time) error {
 	if obs := observationFrom(ctx); obs != nil && obs.hash == hash {
 		obs.decrypted = true
+	}
+	if s.history.on() {
+		if err := s.history.db.MarkSeen(ctx, hash, at); err != nil {
+			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to record a decrypted Olm message in the Olm history")
+		}
 	}
 	return s.Store.PutOlmHash(ctx, hash, at)
 }
@@ -307,6 +352,9 @@ type observation struct {
 	sessionsErr  error
 	// needsUnwedge: the machine said it would unwedge the sender (NeedsUnwedgeCallback).
 	needsUnwedge bool
+	// replay, if set, is a state from the Olm history that decrypts this message: the store
+	// gives the machine only this session and writes nothing of it back.
+	replay *crypto.OlmSession
 }
 
 func withObservation(ctx context.Context, obs *observation) context.Context {

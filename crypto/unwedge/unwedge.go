@@ -94,6 +94,10 @@ type Unwedger struct {
 
 	// newSessionAt remembers when a device last opened a new session with the bridge.
 	newSessionAt lockedMap[peer, time.Time]
+	// historyTries counts each device's tries of the Olm history (historyBudget), and
+	// historyCounts what the tries came to.
+	historyTries  lockedMap[peer, historyBudget]
+	historyCounts lockedMap[HistoryOutcome, int64]
 
 	// panicGuard recovers and counts panics (panics.go).
 	panicGuard
@@ -265,6 +269,7 @@ func (u *Unwedger) Start() {
 	u.spawn(u.ctx, PanicPruneLedger, func() {
 		for {
 			now := time.Now()
+			u.pruneHistory(u.ctx, now)
 			heals, devices, err := u.ledger.Prune(u.ctx, now.Add(-u.cfg.HistoryRetention), now)
 			if err != nil && u.ctx.Err() == nil {
 				u.log.Err(err).Msg("Failed to prune the unwedge ledger")
@@ -346,6 +351,11 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 	if !class.Wedged() && !obs.needsUnwedge {
 		u.decide(ctx, Decision{Class: class, UserID: evt.Sender, Key: msg.senderKey, Action: ActionIgnored})
 		return
+	}
+	if u.store.history.on() && class.Wedged() {
+		// A sender that went back in time sends from a state the bridge once had: an earlier
+		// state of the session may decrypt the message. The session is replaced all the same.
+		u.fromHistory(ctx, evt, msg)
 	}
 	u.wedged(ctx, evt.Sender, msg.senderKey, class)
 }

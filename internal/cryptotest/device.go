@@ -24,6 +24,8 @@ type Store struct {
 	DB *dbutil.Database
 	// Shared, when set, wraps the store in unwedge's, as the bridge's is; nil leaves it stock.
 	Shared unwedge.SharedIndex
+	// History, with Shared, is the Olm history unwedge's store keeps; nil keeps none.
+	History *unwedge.History
 	// Wrap, when set, wraps the store under unwedge's, for failures of a database that a real one
 	// cannot produce on demand.
 	Wrap func(crypto.Store) crypto.Store
@@ -94,7 +96,7 @@ func (d *Device) load() {
 	}
 	d.Wrapped = nil
 	if d.Store.Shared != nil {
-		d.Wrapped = unwedge.NewStore(store, d.Store.Shared)
+		d.Wrapped = unwedge.NewStore(store, d.Store.Shared, d.Store.History)
 		store = d.Wrapped
 	}
 	log := d.Log.With().Stringer("device_id", d.DeviceID).Logger()

@@ -1,4 +1,4 @@
--- v0 -> v6: Latest revision of unwedge's tables
+-- v0 -> v7: Latest revision of unwedge's tables
 -- One row per (user, device, identity key) that unwedge has acted on: the MSC1719 rate limit
 -- ("one new session per device per hour") is decided on this row in one statement.
 CREATE TABLE unwedge_device (
@@ -116,3 +116,31 @@ CREATE TABLE unwedge_generation (
 	identity_key TEXT   NOT NULL,
 	generation   BIGINT NOT NULL
 );
+
+-- One row each time a session's ratchet moved (a new sending chain, a new receiving chain) or a
+-- session began: the session pickled as the crypto store pickles it (encryption.pickle_key).
+-- Rows older than unwedge.olm_history are pruned.
+CREATE TABLE unwedge_olm_history (
+	bridge_id  TEXT   NOT NULL,
+	sender_key TEXT   NOT NULL,
+	session_id TEXT   NOT NULL,
+	-- Unix ms.
+	taken_at   BIGINT NOT NULL,
+	pickle     TEXT   NOT NULL
+);
+
+CREATE INDEX unwedge_olm_history_key_idx ON unwedge_olm_history (bridge_id, sender_key, taken_at);
+CREATE INDEX unwedge_olm_history_at_idx ON unwedge_olm_history (bridge_id, taken_at);
+
+-- The hashes of the Olm messages the bridge decrypted within unwedge.olm_history, so that the
+-- history never decrypts one of them again (the crypto store keeps its own for minutes only).
+CREATE TABLE unwedge_olm_seen (
+	bridge_id TEXT   NOT NULL,
+	hash      TEXT   NOT NULL,
+	-- Unix ms.
+	seen_at   BIGINT NOT NULL,
+
+	PRIMARY KEY (bridge_id, hash)
+);
+
+CREATE INDEX unwedge_olm_seen_at_idx ON unwedge_olm_seen (bridge_id, seen_at);
