@@ -69,6 +69,23 @@ type LedgerResult struct {
 	PruneMS   float64 `json:"prune_ms"`
 }
 
+// OlmHistoryResult is what the Olm history (unwedge.olm_history) costs on Postgres for Sessions
+// sessions over a week: StatesPerSessionWeek states each (measured on a real session under a
+// modeled week of traffic), of PickleBytes each; the table's size on disk with its indexes, a
+// lookup of one device's states (what a failed Olm message costs) and the hourly prune.
+type OlmHistoryResult struct {
+	Sessions             int     `json:"sessions"`
+	StatesPerSessionWeek int     `json:"states_per_session_week"`
+	States               int     `json:"states"`
+	PickleBytes          int     `json:"pickle_bytes"`
+	TableBytes           int64   `json:"table_bytes"`
+	BytesPerSessionWeek  float64 `json:"bytes_per_session_week"`
+	FillSeconds          float64 `json:"fill_seconds"`
+	LookupP50us          float64 `json:"lookup_p50_us"`
+	PrunedStates         int64   `json:"pruned_states"`
+	PruneMS              float64 `json:"prune_ms"`
+}
+
 // ProactiveResult is one proactive storm's figures (cmd/bench's "proactive" list): the bridge
 // heals all D devices at startup, in a mode ("batch": HealBatch; "one-by-one": Heal per device).
 type ProactiveResult struct {

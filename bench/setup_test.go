@@ -44,7 +44,10 @@ func newBridgeDevice(t testing.TB, hs *cryptotest.Homeserver, db *dbutil.Databas
 func newBridgeDeviceAs(t testing.TB, hs *cryptotest.Homeserver, db *dbutil.Database, userID id.UserID, deviceID id.DeviceID, stock bool) *cryptotest.Device {
 	store := cryptotest.Store{DB: db}
 	if !stock {
-		store.Shared = cryptotest.UnwedgeDB(t, db).Shared
+		// unwedge's store as the bridge has it by default: with the Olm history on.
+		udb := cryptotest.UnwedgeDB(t, db)
+		store.Shared = udb.Shared
+		store.History = unwedge.NewHistory(udb.History, []byte(cryptotest.PickleKey), unwedge.DefaultConfig().OlmHistory)
 	}
 	return hs.NewDevice(userID, deviceID, store)
 }

@@ -66,6 +66,10 @@ type Report struct {
 	// ProactiveRatios one-by-one over batch per D.
 	Proactive       []bench.ProactiveResult `json:"proactive"`
 	ProactiveRatios []bench.ProactiveRatio  `json:"proactive_ratios"`
+
+	// OlmHistory is what the Olm history costs on Postgres per number of sessions, for a modeled
+	// week of traffic.
+	OlmHistory []bench.OlmHistoryResult `json:"olm_history"`
 }
 
 // DecryptRuns are one success path benchmark's ratios, run by run, to show their spread.
@@ -77,15 +81,16 @@ type DecryptRuns struct {
 type sizes struct {
 	benchRuns, benchOps, heals int
 	storm, ledger, proactive   string
+	history                    string
 }
 
 func main() {
 	quick := flag.Bool("quick", false, "small sizes (a minute instead of several)")
 	jsonPath := flag.String("json", "", "also write the figures as JSON to this path")
 	flag.Parse()
-	sz := sizes{benchRuns: 6, benchOps: 400, heals: 30, storm: "200,1000", ledger: "1000,100000,1000000", proactive: "1000,10000"}
+	sz := sizes{benchRuns: 6, benchOps: 400, heals: 30, storm: "200,1000", ledger: "1000,100000,1000000", proactive: "1000,10000", history: "1000,100000"}
 	if *quick {
-		sz = sizes{benchRuns: 3, benchOps: 200, heals: 10, storm: "100", ledger: "1000,100000", proactive: "200"}
+		sz = sizes{benchRuns: 3, benchOps: 200, heals: 10, storm: "100", ledger: "1000,100000", proactive: "200", history: "1000"}
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
@@ -140,19 +145,20 @@ func run(ctx context.Context, sz sizes) (*Report, error) {
 	report.SuccessPathRatio = min(report.MegolmRatio, report.OlmRatio)
 	report.SuccessPathPairedRatio = min(report.MegolmPairedRatio, report.OlmPairedRatio)
 
-	fmt.Fprintf(os.Stderr, "heal latency (%d heals per mode), storm (%s devices), ledger (%s rows), proactive storm (%s devices)...\n",
-		sz.heals, sz.storm, sz.ledger, sz.proactive)
+	fmt.Fprintf(os.Stderr, "heal latency (%d heals per mode), storm (%s devices), ledger (%s rows), proactive storm (%s devices), Olm history (%s sessions)...\n",
+		sz.heals, sz.storm, sz.ledger, sz.proactive, sz.history)
 	env := []string{
 		"UNWEDGE_BENCH_OUT=" + out,
 		"UNWEDGE_BENCH_HEALS=" + strconv.Itoa(sz.heals),
 		"UNWEDGE_BENCH_STORM=" + sz.storm,
 		"UNWEDGE_BENCH_LEDGER=" + sz.ledger,
 		"UNWEDGE_BENCH_PROACTIVE=" + sz.proactive,
+		"UNWEDGE_BENCH_HISTORY=" + sz.history,
 	}
-	if _, err = goTest(ctx, root, env, "-run", "^(TestHealLatency|TestStorm|TestLedgerScale|TestProactiveStorm)$", "-v"); err != nil {
+	if _, err = goTest(ctx, root, env, "-run", "^(TestHealLatency|TestStorm|TestLedgerScale|TestProactiveStorm|TestOlmHistoryStorage)$", "-v"); err != nil {
 		return nil, err
 	}
-	for name, into := range map[string]any{"heal": &report.Heal, "storm": &report.Storm, "ledger": &report.Ledger, "proactive": &report.Proactive} {
+	for name, into := range map[string]any{"heal": &report.Heal, "storm": &report.Storm, "ledger": &report.Ledger, "proactive": &report.Proactive, "olm_history": &report.OlmHistory} {
 		data, err := os.ReadFile(filepath.Join(out, name+".json"))
 		if err != nil {
 			return nil, fmt.Errorf("no %s figures: %w", name, err)
@@ -306,6 +312,14 @@ func printReport(w io.Writer, r *Report) {
 	fmt.Fprintln(tw, "ledger\trows\tdecision p50\tp99\tpruned\tprune time")
 	for _, l := range r.Ledger {
 		fmt.Fprintf(tw, "%s\t%d\t%.0f µs\t%.0f µs\t%d\t%.0f ms\n", l.DB, l.Rows, l.P50us, l.P99us, l.Pruned, l.PruneMS)
+	}
+	_ = tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "Olm history (a week)	sessions	states each	pickle bytes	on disk	per session	lookup p50	hourly prune")
+	for _, h := range r.OlmHistory {
+		fmt.Fprintf(tw, "postgres\t%d\t%d\t%d\t%.1f MB\t%.1f kB\t%.0f µs\t%d states, %.0f ms\n", h.Sessions, h.StatesPerSessionWeek, h.PickleBytes,
+			float64(h.TableBytes)/1e6, h.BytesPerSessionWeek/1e3, h.LookupP50us, h.PrunedStates, h.PruneMS)
 	}
 	_ = tw.Flush()
 }
