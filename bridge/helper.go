@@ -111,8 +111,8 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 	}
 	h.unwedger.Start()
 	if h.cfg.Recovery.Enabled {
-		h.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
-			h.recovery.SessionReceived(roomID, sessionID)
+		h.mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, firstKnownIndex uint32) {
+			h.recovery.SessionReceived(roomID, sessionID, firstKnownIndex)
 		}
 		h.recovery.Start()
 	}

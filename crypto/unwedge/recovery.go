@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -93,7 +94,11 @@ type Recovery struct {
 	arrival int64
 	// received holds Megolm sessions that arrived, until their events were handed over.
 	received map[receivedSession]time.Time
-	counts   map[RecoveryCount]int64
+	// tooLate holds the sessions whose pending events are earlier than the first index the
+	// bridge holds them from (that index): tried again only when a copy from an earlier index
+	// arrives (SessionReceived), not every round.
+	tooLate lockedMap[receivedSession, uint32]
+	counts  map[RecoveryCount]int64
 
 	// live and waits are what bridgev2's own wait for a session is about (waits.go).
 	live  liveEvents
@@ -227,10 +232,19 @@ func (r *Recovery) Decrypted(ctx context.Context, eventID id.EventID) {
 	}
 }
 
-// SessionReceived is told that a Megolm session arrived (OlmMachine.SessionReceived).
-func (r *Recovery) SessionReceived(roomID id.RoomID, sessionID id.SessionID) {
+// SessionReceived is told that a Megolm session arrived, known from firstKnownIndex
+// (OlmMachine.SessionReceived). A session whose events wait for an earlier index than the bridge
+// holds (tooLate) is handed over again only when this copy starts earlier.
+func (r *Recovery) SessionReceived(roomID id.RoomID, sessionID id.SessionID, firstKnownIndex uint32) {
+	s := receivedSession{roomID, sessionID}
+	if held, ok := r.tooLate.get(s); ok {
+		if firstKnownIndex >= held {
+			return
+		}
+		r.tooLate.delete(s)
+	}
 	r.lock.Lock()
-	r.received[receivedSession{roomID, sessionID}] = r.now()
+	r.received[s] = r.now()
 	r.lock.Unlock()
 	r.poke()
 }
@@ -374,7 +388,7 @@ func (r *Recovery) pass(ctx context.Context, sweep bool) {
 			log.Err(err).Msg("Failed to list sessions that pending events wait for")
 		}
 		for _, s := range waiting {
-			if r.hasSession(ctx, s.RoomID, s.SessionID) {
+			if !r.waitsForEarlier(s.RoomID, s.SessionID) && r.hasSession(ctx, s.RoomID, s.SessionID) {
 				r.deliverSession(ctx, s.RoomID, s.SessionID, now, handover)
 			}
 		}
@@ -396,6 +410,9 @@ func (r *Recovery) hasSession(ctx context.Context, roomID id.RoomID, sessionID i
 // deliverSession decrypts the handed-over events of a session that arrived and gives them to the
 // bridge in the order they arrived, batchLimit at a time; it returns how many it bridged.
 func (r *Recovery) deliverSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID, now, handover time.Time) int {
+	if r.waitsForEarlier(roomID, sessionID) {
+		return 0
+	}
 	log := zerolog.Ctx(ctx).With().Stringer("room_id", roomID).Stringer("session_id", sessionID).Logger()
 	delivered, handled, requested := 0, 0, 0
 	var last *Pending
@@ -468,7 +485,11 @@ func (r *Recovery) deliverEvent(ctx context.Context, log zerolog.Logger, p *Pend
 		return eventDropped
 	}
 	if err != nil {
-		elog.Warn().Err(err).Msg("Pending event still cannot be bridged")
+		if errors.Is(err, olm.ErrUnknownMessageIndex) {
+			r.waitForEarlier(ctx, log, p)
+		} else {
+			elog.Warn().Err(err).Msg("Pending event still cannot be bridged")
+		}
 		if err = r.store.Release(ctx, p.EventID, r.owner, err.Error()); err != nil {
 			elog.Err(err).Msg("Failed to release pending event")
 		}
@@ -484,6 +505,29 @@ func (r *Recovery) deliverEvent(ctx context.Context, log zerolog.Logger, p *Pend
 	return eventDelivered
 }
 
+// waitsForEarlier reports whether the session's pending events wait for a copy from an earlier
+// index than the bridge holds (waitForEarlier).
+func (r *Recovery) waitsForEarlier(roomID id.RoomID, sessionID id.SessionID) bool {
+	_, ok := r.tooLate.get(receivedSession{roomID, sessionID})
+	return ok
+}
+
+// waitForEarlier notes that the bridge holds p's session only from a later index than p's: its
+// events wait, without being tried again, until a copy from an earlier index arrives (a forwarded
+// key answering a request, or the sender sharing it again). Logged once per session.
+func (r *Recovery) waitForEarlier(ctx context.Context, log zerolog.Logger, p *Pending) {
+	var first uint32
+	if igs, err := r.mach.CryptoStore.GetGroupSession(ctx, p.RoomID, p.SessionID); err == nil && igs != nil {
+		first = igs.Internal.FirstKnownIndex()
+	}
+	if _, known := r.tooLate.get(receivedSession{p.RoomID, p.SessionID}); known {
+		return
+	}
+	r.tooLate.update(receivedSession{p.RoomID, p.SessionID}, func(uint32, bool) (uint32, bool) { return first, true })
+	log.Info().Stringer("user_id", p.Sender).Stringer("identity_key", p.SenderKey).Uint32("first_known_index", first).
+		Msg("Pending events wait for an earlier copy of their room key: the bridge holds it only from a later index")
+}
+
 // requestKeys sends the key requests that are due, one per session, and schedules the next.
 func (r *Recovery) requestKeys(ctx context.Context, now, handover time.Time) {
 	log := zerolog.Ctx(ctx)
@@ -496,7 +540,9 @@ func (r *Recovery) requestKeys(ctx context.Context, now, handover time.Time) {
 	}
 	for _, s := range due {
 		slog := log.With().Stringer("room_id", s.RoomID).Stringer("session_id", s.SessionID).Stringer("user_id", s.Sender).Stringer("identity_key", s.SenderKey).Logger()
-		if r.hasSession(ctx, s.RoomID, s.SessionID) {
+		if r.waitsForEarlier(s.RoomID, s.SessionID) {
+			// Its key requests go on: a forwarded copy from an earlier index is what it waits for.
+		} else if r.hasSession(ctx, s.RoomID, s.SessionID) {
 			r.deliverSession(ctx, s.RoomID, s.SessionID, now, handover)
 			continue
 		}

@@ -7,9 +7,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -88,8 +90,8 @@ func newRecoveryFixture(t *testing.T, mutate func(*unwedge.RecoveryConfig)) *rec
 func (f *recoveryFixture) startRecovery(cfg unwedge.RecoveryConfig, sink unwedge.Sink) {
 	f.rec = unwedge.NewRecovery(cfg, f.bridge.Mach, f.pending, sink, func(id.UserID, id.SenderKey) bool { return f.healing }, "owner-"+f.t.Name(), cryptotest.Logger(f.t))
 	unwedge.SetClock(f.rec, func() time.Time { return f.clock })
-	f.bridge.Mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, _ uint32) {
-		f.rec.SessionReceived(roomID, sessionID)
+	f.bridge.Mach.SessionReceived = func(_ context.Context, roomID id.RoomID, sessionID id.SessionID, firstKnownIndex uint32) {
+		f.rec.SessionReceived(roomID, sessionID, firstKnownIndex)
 	}
 }
 
@@ -425,4 +427,81 @@ func TestRecoveryLimit(t *testing.T) {
 	if err = f.rec.Record(f.ctx, &event.Event{ID: "$plain", RoomID: testRoom, Sender: "@bob:example.org", Content: event.Content{Parsed: &event.MessageEventContent{}}}); err == nil {
 		t.Fatal("a plaintext event was recorded")
 	}
+}
+
+// TestRecoveryWaitsForEarlierIndex: after a heal, clients share their current Megolm session again
+// from its current index, which cannot decrypt a pending event sent before it. Such an event is
+// tried once and logged once, and then waits, without being tried every round, until a copy of
+// the session from an earlier index arrives; a copy from no earlier an index changes nothing.
+func TestRecoveryWaitsForEarlierIndex(t *testing.T) {
+	f := newRecoveryFixture(t, nil)
+	// The bridge's store counts its reads of the session: each try of the event reads it.
+	reads := &sessionReads{}
+	f.bridge.Store.Wrap = func(inner crypto.Store) crypto.Store { reads.Store = inner; return reads }
+	f.restartBridge()
+	f.startRecovery(f.cfg.Recovery, f.sink)
+	f.undecryptable("first", f.clock)
+	var logs strings.Builder
+	ctx := zerolog.New(&logs).WithContext(f.ctx)
+	round := func() {
+		f.clock = f.clock.Add(unwedge.StockWait + time.Second)
+		unwedge.Pass(ctx, f.rec, true)
+	}
+	// The peer shares its session again from its current index (1), as after a new Olm session.
+	share := func() {
+		ogs, err := f.peer.Mach.CryptoStore.GetOutboundGroupSession(f.ctx, testRoom)
+		if err != nil || ogs == nil {
+			t.Fatalf("peer's outbound session: %v", err)
+		}
+		if err = f.peer.Mach.SendEncryptedToDevice(f.ctx, f.peer.Fetch(bridgeUser, bridgeDevice), event.ToDeviceRoomKey, ogs.ShareContent()); err != nil {
+			t.Fatal(err)
+		}
+		f.deliverToBridge()
+	}
+	share()
+	round()
+	before := reads.n.Load()
+	for range 5 {
+		round()
+	}
+	if n := reads.n.Load() - before; n != 0 {
+		t.Errorf("the event was tried %d more times in 5 rounds with no new copy of its key, want none", n)
+	}
+	share() // again from the current index: no earlier copy (importing it reads the session once)
+	before = reads.n.Load()
+	round()
+	if n := reads.n.Load() - before; n != 0 {
+		t.Errorf("a copy from no earlier an index made the event be tried (%d reads)", n)
+	}
+	if n := strings.Count(logs.String(), "Pending events wait for an earlier copy of their room key"); n != 1 {
+		t.Errorf("logged %d times that the event waits for an earlier index, want once:\n%s", n, logs.String())
+	}
+	if n := strings.Count(logs.String(), "Pending event still cannot be bridged"); n != 0 {
+		t.Errorf("warned %d times that the event cannot be bridged, want never", n)
+	}
+	if f.pendingCount() != 1 || len(f.sink.bodies()) != 0 {
+		t.Fatalf("pending %d, bridged %v; want the event waiting", f.pendingCount(), f.sink.bodies())
+	}
+	// A copy from index 0 (the peer forwards it) ends the wait.
+	if err := f.peer.Mach.SendEncryptedToDevice(f.ctx, f.peer.Fetch(bridgeUser, bridgeDevice), event.ToDeviceForwardedRoomKey, f.forwardedKey()); err != nil {
+		t.Fatal(err)
+	}
+	f.awaitForwardedKey()
+	round()
+	if got := f.sink.bodies(); len(got) != 1 || got[0] != "first" {
+		t.Fatalf("bridged %v after a copy from index 0, want the event", got)
+	}
+}
+
+// sessionReads counts the reads of Megolm sessions of testRoom from the crypto store.
+type sessionReads struct {
+	crypto.Store
+	n atomic.Int64
+}
+
+func (s *sessionReads) GetGroupSession(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (*crypto.InboundGroupSession, error) {
+	if roomID == testRoom {
+		s.n.Add(1)
+	}
+	return s.Store.GetGroupSession(ctx, roomID, sessionID)
 }
