@@ -47,15 +47,20 @@ func startFaulty(t *testing.T, ctx context.Context, chat string) (*faultSetup, i
 }
 
 // restartWedged restarts the bridge without its Olm sessions with the user's device (a lost
-// session row), with fault injection armed as spec says (or none); it returns the log offset
+// session row, and its Olm history), with fault injection armed as spec says (or none); it returns the log offset
 // from which the new process writes.
 func (f *faultSetup) restartWedged(t *testing.T, ctx context.Context, spec string) int {
 	t.Helper()
 	if err := f.bridge.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := f.db.ExecContext(ctx, "DELETE FROM crypto_olm_session WHERE sender_key = $1", f.user.IdentityKey()); err != nil {
-		t.Fatal(err)
+	// The session's earlier states go too: from them the Olm history would decrypt the device's
+	// next message (its room key would not wait for a heal and a key request, which these tests
+	// hold and break).
+	for _, table := range []string{"crypto_olm_session", "unwedge_olm_history"} {
+		if _, err := f.db.ExecContext(ctx, "DELETE FROM "+table+" WHERE sender_key = $1", f.user.IdentityKey()); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return f.restart(t, ctx, spec)
 }
