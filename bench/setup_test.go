@@ -47,7 +47,7 @@ func newBridgeDeviceAs(t testing.TB, hs *cryptotest.Homeserver, db *dbutil.Datab
 		// unwedge's store as the bridge has it by default: with the Olm history on.
 		udb := cryptotest.UnwedgeDB(t, db)
 		store.Shared = udb.Shared
-		store.History = unwedge.NewHistory(udb.History, []byte(cryptotest.PickleKey), unwedge.DefaultConfig().OlmHistory)
+		store.History = unwedge.NewHistory(udb.History, string(deviceID), []byte(cryptotest.PickleKey), unwedge.DefaultConfig().OlmHistory)
 	}
 	return hs.NewDevice(userID, deviceID, store)
 }

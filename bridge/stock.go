@@ -70,7 +70,7 @@ func (h *Helper) Init(ctx context.Context) error {
 	}
 	// unwedge: earlier states of the Olm sessions, pickled as the crypto store pickles them (with
 	// unwedge.olm_history 0, none, and those kept before are pruned).
-	history := unwedge.NewHistory(h.db.History, []byte(enc.PickleKey), h.cfg.OlmHistory)
+	history := unwedge.NewHistory(h.db.History, string(br.ID), []byte(enc.PickleKey), h.cfg.OlmHistory)
 	h.wrapped = unwedge.NewStore(h.store, h.db.Shared, history)
 	h.mach = crypto.NewOlmMachine(h.client, &h.log, h.wrapped, h.conn.StateStore)
 	h.configureMachine()

@@ -18,8 +18,11 @@ const (
 	olmStatesQuery = `
 		SELECT session_id, taken_at, pickle FROM unwedge_olm_history
 		WHERE bridge_id = $1 AND sender_key = $2 AND taken_at >= $3 ORDER BY taken_at DESC LIMIT $4`
-	markSeenQuery = `
-		INSERT INTO unwedge_olm_seen (bridge_id, hash, seen_at) VALUES ($1, $2, $3)
+	// mautrix-go's hashes of the account's decrypted Olm messages from before $3, kept before it
+	// deletes them (its message_hash is the SHA-256 of the ciphertext, as unwedge's).
+	keepHashesQuery = `
+		INSERT INTO unwedge_olm_seen (bridge_id, hash, seen_at)
+		SELECT $1, %s, received_at FROM crypto_olm_message_hash WHERE account_id = $2 AND received_at < $3
 		ON CONFLICT (bridge_id, hash) DO NOTHING`
 	seenQuery              = `SELECT COUNT(*) FROM unwedge_olm_seen WHERE bridge_id = $1 AND hash = $2 AND seen_at >= $3`
 	pruneOlmHistoryQuery   = `DELETE FROM unwedge_olm_history WHERE bridge_id = $1 AND taken_at < $2`
@@ -70,12 +73,19 @@ func (hq *OlmHistoryQuery) States(ctx context.Context, key id.SenderKey, since t
 	return states, nil
 }
 
-// MarkSeen records the hash of an Olm message the bridge decrypted.
-func (hq *OlmHistoryQuery) MarkSeen(ctx context.Context, hash [32]byte, at time.Time) error {
-	if _, err := hq.db.Exec(ctx, markSeenQuery, hq.BridgeID, hex.EncodeToString(hash[:]), at.UnixMilli()); err != nil {
-		return fmt.Errorf("failed to record a decrypted Olm message: %w", err)
+// KeepHashes copies the hashes of the Olm messages that mautrix-go's crypto store (account
+// accountID) recorded before before into the history, as the store is about to delete them.
+func (hq *OlmHistoryQuery) KeepHashes(ctx context.Context, accountID string, before time.Time) (int64, error) {
+	hexHash := "lower(hex(message_hash))"
+	if hq.db.Dialect == dbutil.Postgres {
+		hexHash = "encode(message_hash, 'hex')"
 	}
-	return nil
+	res, err := hq.db.Exec(ctx, fmt.Sprintf(keepHashesQuery, hexHash), hq.BridgeID, accountID, before.UnixMilli())
+	if err != nil {
+		return 0, fmt.Errorf("failed to keep the hashes of decrypted Olm messages: %w", err)
+	}
+	n, _ := res.RowsAffected()
+	return n, nil
 }
 
 // Seen reports whether the bridge decrypted the Olm message with the hash at or after since.

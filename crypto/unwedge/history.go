@@ -18,8 +18,8 @@ package unwedge
 // throw-away copies; one that decrypts it is handed to the machine for that one message (so the
 // message is handled as usual: its room key is imported), and is never written back. The heal
 // still follows, since the sender's state went back. The hashes of the Olm messages the bridge
-// decrypted are kept as long: a message decrypted once is never decrypted again from the
-// history.
+// decrypted are kept as long: mautrix-go deletes its own after minutes, and the Store copies them
+// first, so a message decrypted once is never decrypted again from the history.
 
 import (
 	"context"
@@ -43,7 +43,9 @@ type OlmHistory interface {
 	// States returns at most limit states of the sessions with key taken at or after since, the
 	// newest first.
 	States(ctx context.Context, key id.SenderKey, since time.Time, limit int) ([]OlmState, error)
-	MarkSeen(ctx context.Context, hash [32]byte, at time.Time) error
+	// KeepHashes copies the hashes of decrypted Olm messages that mautrix-go's SQL crypto store
+	// (account accountID, in the same database) recorded before before.
+	KeepHashes(ctx context.Context, accountID string, before time.Time) (int64, error)
 	Seen(ctx context.Context, hash [32]byte, since time.Time) (bool, error)
 	Prune(ctx context.Context, before time.Time) (states, hashes int64, err error)
 }
@@ -57,7 +59,9 @@ type OlmState struct {
 
 // History is what the Store keeps of its Olm sessions' past (NewStore takes it; nil keeps none).
 type History struct {
-	db        OlmHistory
+	db OlmHistory
+	// accountID is the crypto store's account, whose message hashes are kept.
+	accountID string
 	pickleKey []byte
 	retention time.Duration
 	// received holds, per session, a hash of the ratchet key of the last message decrypted with
@@ -66,10 +70,11 @@ type History struct {
 }
 
 // NewHistory keeps states in db for retention (unwedge.olm_history), pickled with pickleKey (the
-// crypto store's: encryption.pickle_key). With a retention of 0 it keeps nothing, and its pruning
-// deletes what an earlier configuration kept.
-func NewHistory(db OlmHistory, pickleKey []byte, retention time.Duration) *History {
-	return &History{db: db, pickleKey: pickleKey, retention: retention}
+// crypto store's: encryption.pickle_key), and the message hashes of the crypto store's account
+// accountID. With a retention of 0 it keeps nothing, and its pruning deletes what an earlier
+// configuration kept.
+func NewHistory(db OlmHistory, accountID string, pickleKey []byte, retention time.Duration) *History {
+	return &History{db: db, accountID: accountID, pickleKey: pickleKey, retention: retention}
 }
 
 // on reports whether the history keeps states (a nil History keeps none).

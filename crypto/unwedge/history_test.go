@@ -35,7 +35,7 @@ func TestOlmHistory(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFixture(t)
 			if tc.history {
-				f.bridge.Store.History = unwedge.NewHistory(f.udb.History, []byte(cryptotest.PickleKey), time.Hour)
+				f.bridge.Store.History = unwedge.NewHistory(f.udb.History, string(bridgeDevice), []byte(cryptotest.PickleKey), time.Hour)
 				f.restartBridge()
 			}
 			f.establish()
@@ -87,9 +87,14 @@ func TestOlmHistory(t *testing.T) {
 				return
 			}
 
-			// The same bytes again, after the crypto store forgot their hash (mautrix-go keeps
-			// them for minutes) and the room key was lost: never decrypted from the history.
-			f.exec("DELETE FROM crypto_olm_message_hash WHERE account_id=$1", string(bridgeDevice))
+			// The same bytes again, after the crypto store forgot their hash (mautrix-go deletes
+			// them after minutes) and the room key was lost: never decrypted from the history.
+			if err = f.bridge.Mach.CryptoStore.DeleteOldOlmHashes(f.ctx, time.Now().Add(time.Second)); err != nil {
+				t.Fatal(err)
+			}
+			if n := f.count("SELECT COUNT(*) FROM crypto_olm_message_hash WHERE account_id=$1", string(bridgeDevice)); n != 0 {
+				t.Fatalf("%d Olm message hashes left in the crypto store", n)
+			}
 			f.exec("DELETE FROM crypto_megolm_inbound_session WHERE account_id=$1", string(bridgeDevice))
 			f.restartBridge()
 			f.bridge.Handle(sent[0])
@@ -111,4 +116,14 @@ func (f *fixture) hasGroupSession(sessionID id.SessionID) bool {
 		f.t.Fatal(err)
 	}
 	return igs != nil
+}
+
+// count runs a COUNT query on the fixture's database.
+func (f *fixture) count(query string, args ...any) int {
+	f.t.Helper()
+	var n int
+	if err := f.db.QueryRow(f.ctx, query, args...).Scan(&n); err != nil {
+		f.t.Fatal(err)
+	}
+	return n
 }

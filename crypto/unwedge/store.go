@@ -9,7 +9,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/id"
@@ -316,19 +315,26 @@ func (s *Store) GetOlmHash(ctx context.Context, hash [32]byte) (time.Time, error
 	return at, err
 }
 
-// PutOlmHash is called once an Olm message decrypted; the history keeps its hash as long as its
-// states, so that none of them decrypts the message again (the crypto store keeps its own hashes
-// for minutes).
 func (s *Store) PutOlmHash(ctx context.Context, hash [32]byte, at time.Time) error {
 	if obs := observationFrom(ctx); obs != nil && obs.hash == hash {
 		obs.decrypted = true
 	}
+	return s.Store.PutOlmHash(ctx, hash, at)
+}
+
+// DeleteOldOlmHashes first keeps the hashes in the Olm history, as long as its states, so that
+// none of them decrypts those messages again (mautrix-go deletes its own after minutes). Hashes
+// that could not be kept are not deleted.
+//
+// Relies on crypto/machine.go MarkOlmHashSavePoint deleting hashes only through this call (pinned
+// in internal/upstream).
+func (s *Store) DeleteOldOlmHashes(ctx context.Context, before time.Time) error {
 	if s.history.on() {
-		if err := s.history.db.MarkSeen(ctx, hash, at); err != nil {
-			zerolog.Ctx(ctx).Warn().Err(err).Msg("Failed to record a decrypted Olm message in the Olm history")
+		if _, err := s.history.db.KeepHashes(ctx, s.history.accountID, before); err != nil {
+			return fmt.Errorf("not deleting old Olm message hashes: %w", err)
 		}
 	}
-	return s.Store.PutOlmHash(ctx, hash, at)
+	return s.Store.DeleteOldOlmHashes(ctx, before)
 }
 
 type contextKey int

@@ -14,8 +14,9 @@ CREATE TABLE unwedge_olm_history (
 CREATE INDEX unwedge_olm_history_key_idx ON unwedge_olm_history (bridge_id, sender_key, taken_at);
 CREATE INDEX unwedge_olm_history_at_idx ON unwedge_olm_history (bridge_id, taken_at);
 
--- The hashes of the Olm messages the bridge decrypted within unwedge.olm_history, so that the
--- history never decrypts one of them again (the crypto store keeps its own for minutes only).
+-- The hashes of the Olm messages the bridge decrypted within unwedge.olm_history, copied from
+-- crypto_olm_message_hash before mautrix-go deletes them (after minutes), so that the history
+-- never decrypts one of them again.
 CREATE TABLE unwedge_olm_seen (
 	bridge_id TEXT   NOT NULL,
 	hash      TEXT   NOT NULL,
