@@ -98,7 +98,7 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 		}
 	}
 	// Traffic after the backup moves the Olm ratchets on in both directions.
-	for i := range 2 {
+	for i := range churnExchanges {
 		if err = w.Exchange(stepCtx, fmt.Sprintf("churn%d", i)); err != nil {
 			return fmt.Errorf("churn: %w", err)
 		}
@@ -156,6 +156,10 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 	}
 	return nil
 }
+
+// churnExchanges is how many Exchanges follow the scenario's Prepare: each moves both Olm
+// ratchets one step (the client-restored-reused-index scenarios count on it, TestReusedIndexRounds).
+const churnExchanges = 2
 
 // sendMatrix sends the phase's K messages from the wedged device, named "<phase>-<i>"; in a
 // management room each is the phase's bot command. The scenario's BeforeEach runs before each.
