@@ -134,6 +134,22 @@ type Result struct {
 	// bridge that was down, and nobody sent it again (see lostBeforeHeal and docs/baseline.md).
 	// Lost minus LostBeforeHeal is what the bridge lost although a key came after the heal.
 	LostBeforeHeal int `json:"lost_before_heal"`
+	// SentInWindow counts the device's messages (Matrix -> remote, both phases) sent in the
+	// window between the wedge and the heal as the device sees it: after the wedge, and before
+	// the device received the bridge's replacement Olm session (the first Olm session the
+	// bridge's device started with it since the wedge, when the device decrypted its pre-key
+	// message; the moment lostBeforeHeal also uses). Every message if no replacement came. A
+	// room key the device sends in the window can go only over the broken session; after it,
+	// the device re-shares or sends keys over the new one. When the bridge's crypto state went
+	// back to a backup, the message keys of the broken session were random and made after the
+	// backup: no bridge can decrypt what went over it, so a message in the window is lost
+	// unless its key is sent again (docs/baseline.md, "The window after a bridge restore").
+	SentInWindow int `json:"sent_in_window"`
+	// WindowMS is the window's length as the bridge makes it: from the first start of the
+	// bridge process after the wedge (its "Starting bridge" log line; every scenario restarts
+	// the bridge after its wedge) to the device's receipt of the replacement session. -1 when no
+	// replacement came.
+	WindowMS int64 `json:"window_ms"`
 	// SentWhileDown counts the device's messages sent while the lab had the bridge stopped.
 	SentWhileDown int `json:"sent_while_down"`
 	// DurationMS is the scenario's wall time.

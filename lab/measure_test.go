@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -69,5 +70,93 @@ func TestSynapseHoldsDown(t *testing.T) {
 	}
 	if _, err := synapseHoldsDown(filepath.Join(t.TempDir(), "missing.log"), 0, "unwedge-2"); err == nil || !strings.Contains(err.Error(), "missing.log") {
 		t.Errorf("a missing log: err = %v", err)
+	}
+}
+
+func TestSentInWindow(t *testing.T) {
+	wedged := time.Date(2026, 12, 6, 7, 0, 0, 0, time.UTC)
+	at := func(ms int) time.Time { return wedged.Add(time.Duration(ms) * time.Millisecond) }
+	sendTimes := map[string]time.Time{"wedged-0": at(50), "wedged-1": at(150), "wedged-2": at(250), "after-0": at(5000)}
+	cases := []struct {
+		name     string
+		healedAt time.Time
+		want     int
+	}{
+		{"no heal: every message", time.Time{}, 4},
+		{"healed before the first", at(10), 0},
+		{"healed between", at(200), 2},
+		{"a message sent as the heal arrived is after it", at(150), 1},
+		{"healed after the last", at(6000), 4},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := sentInWindow(sendTimes, wedged, tc.healedAt); got != tc.want {
+				t.Errorf("sentInWindow = %d, want %d", got, tc.want)
+			}
+		})
+	}
+	if got := sentInWindow(map[string]time.Time{"before": at(-1)}, wedged, time.Time{}); got != 0 {
+		t.Errorf("a message sent before the wedge counted: %d", got)
+	}
+}
+
+func TestWindowMS(t *testing.T) {
+	start := time.Date(2026, 12, 6, 7, 0, 0, 0, time.UTC)
+	entry := func(msg string, ms int) logEntry {
+		return logEntry{"message": msg, "time": start.Add(time.Duration(ms) * time.Millisecond).Format(time.RFC3339Nano)}
+	}
+	healed := start.Add(160 * time.Millisecond)
+	cases := []struct {
+		name     string
+		entries  []logEntry
+		healedAt time.Time
+		want     int64
+	}{
+		{"no heal", []logEntry{entry(bridgeStarted, 0)}, time.Time{}, -1},
+		{"no start", []logEntry{entry("Failed to decrypt to-device event", 100)}, healed, -1},
+		{"from the start", []logEntry{entry("Stopping bridge", -500), entry(bridgeStarted, 0), entry("Failed to decrypt to-device event", 100)}, healed, 160},
+		{"the first start counts", []logEntry{entry(bridgeStarted, 0), entry(bridgeStarted, 100)}, healed, 160},
+		{"healed before the bridge started again", []logEntry{entry(bridgeStarted, 200)}, healed, -1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := windowMS(tc.entries, tc.healedAt); got != tc.want {
+				t.Errorf("windowMS = %d, want %d", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestResultJSONKeys: other checks read the lab's JSON, so a result keeps every key it had
+// (added ones are listed here too, so that none is renamed later either).
+func TestResultJSONKeys(t *testing.T) {
+	keys := []string{
+		"name", "mode", "rules", "sent", "bridged", "lost", "remote_sent", "remote_decrypted", "remote_lost",
+		"healed", "replacement_sessions", "time_to_first_bridged_ms", "olm_failures", "failure_to_first_bridged_ms",
+		"bridged_wedged", "bridged_after", "remote_healed", "other_devices_remote_lost", "settled", "waited_ms",
+		"wedged_bridged_p50_ms", "wedged_bridged_max_ms", "lost_before_heal", "sent_while_down", "duration_ms",
+		"sent_in_window", "window_ms",
+	}
+	data, err := json.Marshal(&Result{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]any
+	if err = json.Unmarshal(data, &got); err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range keys {
+		if _, ok := got[key]; !ok {
+			t.Errorf("a result has no %q", key)
+		}
+	}
+}
+
+// TestScenarioNames: each scenario is found by its name, which --scenario and -run take.
+func TestScenarioNames(t *testing.T) {
+	for _, sc := range Scenarios {
+		if found, ok := ScenarioByName(sc.Name); !ok || found != sc {
+			t.Errorf("ScenarioByName(%q) finds another scenario or none: names must be unique", sc.Name)
+		}
 	}
 }

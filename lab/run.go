@@ -71,7 +71,7 @@ func Run(ctx context.Context, env *testenv.Env, cfg Config, scenarios []*Scenari
 // RunScenario runs one scenario under one rule set in one mode from an empty bridge database to
 // its result.
 func RunScenario(ctx context.Context, env *testenv.Env, cfg Config, sc *Scenario, rules testclient.Rules, mode Mode) *Result {
-	res := &Result{Name: sc.Name, Mode: mode, Rules: rules, TimeToFirstBridgedMS: -1, WedgedBridgedP50MS: -1, WedgedBridgedMaxMS: -1}
+	res := &Result{Name: sc.Name, Mode: mode, Rules: rules, TimeToFirstBridgedMS: -1, WedgedBridgedP50MS: -1, WedgedBridgedMaxMS: -1, WindowMS: -1}
 	started := time.Now()
 	if err := runScenario(ctx, env, &cfg, sc, res); err != nil {
 		res.Error = err.Error()
@@ -98,7 +98,7 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 		}
 	}
 	// Traffic after the backup moves the Olm ratchets on in both directions.
-	for i := range 2 {
+	for i := range churnExchanges {
 		if err = w.Exchange(stepCtx, fmt.Sprintf("churn%d", i)); err != nil {
 			return fmt.Errorf("churn: %w", err)
 		}
@@ -156,6 +156,10 @@ func runScenario(ctx context.Context, env *testenv.Env, cfg *Config, sc *Scenari
 	}
 	return nil
 }
+
+// churnExchanges is how many Exchanges follow the scenario's Prepare: each moves both Olm
+// ratchets one step (the client-restored-reused-index scenarios count on it, TestReusedIndexRounds).
+const churnExchanges = 2
 
 // sendMatrix sends the phase's K messages from the wedged device, named "<phase>-<i>"; in a
 // management room each is the phase's bot command. The scenario's BeforeEach runs before each.
@@ -416,14 +420,20 @@ func (w *World) measure(ctx context.Context, res *Result, k int, sendTimes map[s
 	}
 	res.WedgedBridgedP50MS, res.WedgedBridgedMaxMS = wedgedLatencies(bridged, sendTimes)
 	res.SentWhileDown = w.sentWhileDown(sendTimes)
-	if res.LostBeforeHeal, err = w.lostBeforeHeal(ctx, bridged, wedgedAt); err != nil {
+	healedAt, err := w.healedAt(ctx, wedgedAt)
+	if err != nil {
+		return err
+	}
+	if res.LostBeforeHeal, err = w.lostBeforeHeal(ctx, bridged, healedAt); err != nil {
 		return fmt.Errorf("failed to tell which messages were lost before the heal: %w", err)
 	}
+	res.SentInWindow = sentInWindow(sendTimes, wedgedAt, healedAt)
 
 	entries, err := w.BridgeLog(wedgedAt)
 	if err != nil {
 		return fmt.Errorf("failed to read bridge log: %w", err)
 	}
+	res.WindowMS = windowMS(entries, healedAt)
 	device := string(w.Wedged().DeviceID())
 	var firstFailure time.Time
 	for _, entry := range entries {
@@ -490,7 +500,7 @@ func wedgedLatencies(bridged, sendTimes map[string]time.Time) (p50, longest int6
 // Synapse could not reach, whose to-device messages its catch-up transactions drop). A lost
 // message whose key the bridge holds, or whose key was sent again after the heal, is lost by the
 // bridge: it counts in Lost only.
-func (w *World) lostBeforeHeal(ctx context.Context, bridged map[string]time.Time, wedgedAt time.Time) (int, error) {
+func (w *World) lostBeforeHeal(ctx context.Context, bridged map[string]time.Time, healedAt time.Time) (int, error) {
 	dev := w.Wedged()
 	bridgeDevice, err := w.BridgeDevice(ctx)
 	if err != nil {
@@ -499,13 +509,6 @@ func (w *World) lostBeforeHeal(ctx context.Context, bridged map[string]time.Time
 	held, err := w.bridgeRoomKeys(ctx, dev.IdentityKey())
 	if err != nil {
 		return 0, err
-	}
-	var healedAt time.Time
-	for _, s := range dev.NewOlmSessions() {
-		if s.SenderKey == bridgeDevice.IdentityKey && !s.At.Before(wedgedAt) {
-			healedAt = s.At
-			break
-		}
 	}
 	copies := dev.RoomKeysSent()
 	lost := 0
@@ -529,6 +532,51 @@ func (w *World) lostBeforeHeal(ctx context.Context, bridged map[string]time.Time
 		}
 	}
 	return lost, nil
+}
+
+// healedAt is when the wedged device got the bridge's replacement Olm session: the first Olm
+// session the bridge's device started with it since the wedge (the heal as the device sees it).
+// Zero when none came.
+func (w *World) healedAt(ctx context.Context, wedgedAt time.Time) (time.Time, error) {
+	bridgeDevice, err := w.BridgeDevice(ctx)
+	if err != nil {
+		return time.Time{}, err
+	}
+	for _, s := range w.Wedged().NewOlmSessions() {
+		if s.SenderKey == bridgeDevice.IdentityKey && !s.At.Before(wedgedAt) {
+			return s.At, nil
+		}
+	}
+	return time.Time{}, nil
+}
+
+// sentInWindow counts the messages sent after the wedge and before the heal (healedAt), or after
+// the wedge at all when there was no heal (zero healedAt): Result.SentInWindow.
+func sentInWindow(sendTimes map[string]time.Time, wedgedAt, healedAt time.Time) int {
+	n := 0
+	for _, at := range sendTimes {
+		if !at.Before(wedgedAt) && (healedAt.IsZero() || at.Before(healedAt)) {
+			n++
+		}
+	}
+	return n
+}
+
+// windowMS is Result.WindowMS: from the first start of the bridge in entries (the bridge's log
+// since the wedge) to healedAt, in milliseconds; -1 without a heal or a start before it.
+func windowMS(entries []logEntry, healedAt time.Time) int64 {
+	if healedAt.IsZero() {
+		return -1
+	}
+	for _, entry := range entries {
+		if entry.str("message") == bridgeStarted {
+			if started := entry.time(); !started.After(healedAt) {
+				return healedAt.Sub(started).Milliseconds()
+			}
+			break
+		}
+	}
+	return -1
 }
 
 func sleep(ctx context.Context, d time.Duration) {

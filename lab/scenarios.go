@@ -61,6 +61,40 @@ var Scenarios = []*Scenario{
 		},
 	},
 	{
+		Name: "client-restored-reused-index",
+		Description: "the client restores its whole crypto state from a backup taken right after it decrypted " +
+			"an Olm message from the bridge; both sides' ratchets moved on four times since (MSC1719)",
+		Prepare: func(ctx context.Context, w *World) error {
+			return w.backupAfter(ctx, w.bridgeSpeaks)
+		},
+		Wedge: func(ctx context.Context, w *World) error {
+			// The bridge speaks last: its ratchet is its fourth since the backup, and it holds
+			// a sending chain, so the restored client's new chain is one it tries to derive
+			// (without a sending chain goolm would refuse the message as a protocol violation).
+			if err := w.bridgeSpeaks(ctx); err != nil {
+				return err
+			}
+			return w.restoreBackup(ctx)
+		},
+	},
+	{
+		Name: "client-restored-reused-index-own",
+		Description: "the client restores its whole crypto state from a backup taken right after its own Olm " +
+			"message to the bridge; it goes on with that chain at an index the bridge has consumed (MSC1719)",
+		Prepare: func(ctx context.Context, w *World) error {
+			return w.backupAfter(ctx, func(ctx context.Context) error { return w.deviceSpeaks(ctx, "backup") })
+		},
+		Wedge: func(ctx context.Context, w *World) error {
+			if err := w.bridgeSpeaks(ctx); err != nil {
+				return err
+			}
+			if err := w.deviceSpeaks(ctx, "before-restore"); err != nil {
+				return err
+			}
+			return w.restoreBackup(ctx)
+		},
+	},
+	{
 		Name:        "expired-one-time-key",
 		Description: "the client opens a new session with a one-time key the bridge no longer has (riot-web#3309)",
 		Wedge:       expireOneTimeKeys,
@@ -167,6 +201,52 @@ func startIfStopped(ctx context.Context, w *World) error {
 		return err
 	}
 	return w.waitForTried(ctx, stopped)
+}
+
+// The client-restored-reused-index scenarios restore a client's whole crypto state after both
+// Olm ratchets moved on, as a client restored from a real backup does (MSC1719's first example),
+// unlike client-restored-from-backup, whose traffic after the backup leaves the restored client's
+// next message decryptable. Each round after the backup is one Olm message each way (bridgeSpeaks,
+// deviceSpeaks), four in all with the runner's two churn exchanges. goolm's ratchet
+// (crypto/goolm/ratchet/olm.go) then fails the restored client's first Olm message:
+//
+//   - backup after the bridge's message (client-restored-reused-index): the restored client starts
+//     a new sending chain from its root key and the bridge's ratchet key as they were at the
+//     backup. The bridge derives the chain from its current root key and ratchet private key, the
+//     fourth since; the earlier ones are gone, so the chain is wrong: "decrypt from existing
+//     chain: ... (bad mac)".
+//   - backup after the client's own message (client-restored-reused-index-own): the client sends
+//     once more on the same chain after the backup, so the bridge consumes the index the restored
+//     client reuses. The bridge still keeps that receiving chain (goolm keeps five; this is the
+//     fifth newest) but not the used key: "decrypt: message key not found".
+//
+// Under Element X's rules (no answer to key requests; the current session shared again from its
+// current index after a new Olm session) the room key that went over the failed Olm message is
+// lost unless the bridge can decrypt that message.
+
+// backupAfter runs speak, which ends with one side's Olm message, takes the client's backup right
+// after it, then one round each way so that both ratchets move on before the runner's churn.
+func (w *World) backupAfter(ctx context.Context, speak func(context.Context) error) error {
+	if err := speak(ctx); err != nil {
+		return err
+	}
+	if err := w.Wedged().Snapshot(ctx, filepath.Join(w.Dir, "client-backup.db")); err != nil {
+		return err
+	}
+	// The client's first Olm message after the backup. After the client's own message it goes
+	// on the same chain, at the index the restored client will use again.
+	if err := w.deviceSpeaks(ctx, "after-backup-0"); err != nil {
+		return err
+	}
+	if err := w.bridgeSpeaks(ctx); err != nil {
+		return err
+	}
+	return w.deviceSpeaks(ctx, "after-backup-1")
+}
+
+// restoreBackup restores the client's whole crypto state from backupAfter's backup.
+func (w *World) restoreBackup(ctx context.Context) error {
+	return w.Wedged().Restore(ctx, filepath.Join(w.Dir, "client-backup.db"))
 }
 
 // managementCommands are what a Management scenario's user sends in each phase, and how the bot's

@@ -420,6 +420,46 @@ func (w *World) Exchange(ctx context.Context, tag string) error {
 	return nil
 }
 
+// bridgeSpeaks makes the bridge's device send the wedged device exactly one Olm message, and
+// waits until the device has decrypted it. The lab's user is a bridge admin: bridgev2's
+// discard-megolm-session command drops the room's outbound Megolm session
+// (CryptoHelper.ResetSession) and answers in the room. The answer is the first event the bridge
+// encrypts since, so the bridge starts a new Megolm session and shares its key with every member
+// device over Olm before it sends the answer; the device can read the answer only once it has
+// decrypted that Olm message, so seeing the answer is the proof, with no timing involved. The
+// command itself goes in the device's current Megolm session, which the bridge holds: it sends
+// no Olm message the other way.
+//
+// Other ways were weighed: deleting the bridge's outbound session row works only with the bridge
+// stopped (a restart per round, and a restart is itself something unwedge reacts to); a key
+// request for the bridge's session is answered only by unwedge (AnswerOwnSession), and Element X
+// sends none. An admin's command is what a real bridge's admin can do, and both modes answer it.
+func (w *World) bridgeSpeaks(ctx context.Context) error {
+	if _, err := w.Command(ctx, "discard-megolm-session", "Successfully reset"); err != nil {
+		return fmt.Errorf("bridge to device over Olm: %w", err)
+	}
+	return nil
+}
+
+// deviceSpeaks makes the wedged device send the bridge's device exactly one Olm message, as a
+// client does when it rotates its Megolm session: it starts a new one and sends a message, whose
+// key goes over Olm to every member device first. It waits until the message is bridged, which
+// proves the bridge decrypted the Olm message. The message ("matrix-<tag>") is not one the lab
+// measures.
+func (w *World) deviceSpeaks(ctx context.Context, tag string) error {
+	if err := w.Wedged().RotateRoomKey(ctx, w.Room); err != nil {
+		return err
+	}
+	text := "matrix-" + tag
+	if _, err := w.Wedged().SendText(ctx, w.Room, text); err != nil {
+		return err
+	}
+	if _, err := w.receiver.wait(ctx, text); err != nil {
+		return fmt.Errorf("device to bridge over Olm: %s not bridged: %w", text, err)
+	}
+	return nil
+}
+
 // rotateBridgeKey makes the bridge discard its outbound Megolm session, so that its next message
 // shares a new room key with the user's devices over Olm.
 func (w *World) rotateBridgeKey(ctx context.Context) error {

@@ -104,16 +104,9 @@ func run(ctx context.Context, opts options) error {
 	if cfg.Rules, err = parseRules(opts.rules); err != nil {
 		return err
 	}
-	scenarios := lab.Scenarios
-	if opts.only != "" {
-		scenarios = nil
-		for _, name := range strings.Split(opts.only, ",") {
-			sc, ok := lab.ScenarioByName(strings.TrimSpace(name))
-			if !ok {
-				return fmt.Errorf("unknown scenario %q", name)
-			}
-			scenarios = append(scenarios, sc)
-		}
+	scenarios, err := parseScenarios(opts.only)
+	if err != nil {
+		return err
 	}
 	env, err := testenv.Load()
 	if err != nil {
@@ -150,6 +143,9 @@ func run(ctx context.Context, opts options) error {
 	return nil
 }
 
+// columns is how many columns the table has per mode: resultColumns's, and the header's.
+const columns = 11
+
 // resultColumns are a result's columns in the table, tab-separated.
 func resultColumns(res *lab.Result) string {
 	ms := func(v int64, none string) string {
@@ -162,9 +158,25 @@ func resultColumns(res *lab.Result) string {
 	if res.WedgedBridgedMaxMS >= 0 {
 		latency = fmt.Sprintf("%d/%d ms", res.WedgedBridgedP50MS, res.WedgedBridgedMaxMS)
 	}
-	return fmt.Sprintf("%d/%d\t%d\t%d\t%d/%d\t%d\t%t\t%d\t%s\t%s\t%s", res.Bridged, res.Sent, res.Lost, res.LostBeforeHeal,
-		res.RemoteDecrypted, res.RemoteSent, res.RemoteLost, res.Healed, res.ReplacementSessions,
+	return fmt.Sprintf("%d/%d\t%d\t%d\t%d\t%d/%d\t%d\t%t\t%d\t%s\t%s\t%s", res.Bridged, res.Sent, res.Lost, res.LostBeforeHeal,
+		res.SentInWindow, res.RemoteDecrypted, res.RemoteSent, res.RemoteLost, res.Healed, res.ReplacementSessions,
 		ms(res.TimeToFirstBridgedMS, "never"), ms(res.FailureToFirstBridgedMS, "-"), latency)
+}
+
+// parseScenarios reads --scenario: scenario names separated by commas, or empty for all.
+func parseScenarios(s string) ([]*lab.Scenario, error) {
+	if strings.TrimSpace(s) == "" {
+		return lab.Scenarios, nil
+	}
+	var out []*lab.Scenario
+	for _, name := range strings.Split(s, ",") {
+		sc, ok := lab.ScenarioByName(strings.TrimSpace(name))
+		if !ok {
+			return nil, fmt.Errorf("unknown scenario %q", name)
+		}
+		out = append(out, sc)
+	}
+	return out, nil
 }
 
 func parseModes(s string) ([]lab.Mode, error) {
@@ -195,17 +207,22 @@ func parseRules(s string) ([]testclient.Rules, error) {
 	return out, nil
 }
 
+// modeHeader is the table's header over one mode's columns.
+func modeHeader(mode lab.Mode) string {
+	return string(mode) + ": bridged\tlost\tlost before heal\tsent in window\tremote decrypted\tremote lost\thealed\t" +
+		"new sessions\tfirst bridged\tfrom failure\twedged p50/max"
+}
+
 // printTable prints one row per scenario and rule set, with the modes side by side.
 func printTable(out io.Writer, report *lab.Report, scenarios []*lab.Scenario, modes []lab.Mode) {
 	byKey := map[string]*lab.Result{}
 	for _, res := range report.Scenarios {
 		byKey[res.Name+"/"+string(res.Rules)+"/"+string(res.Mode)] = res
 	}
-	const columns = 10
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	header := "scenario\trules"
 	for _, mode := range modes {
-		header += fmt.Sprintf("\t%s: bridged\tlost\tlost before heal\tremote decrypted\tremote lost\thealed\tnew sessions\tfirst bridged\tfrom failure\twedged p50/max", mode)
+		header += "\t" + modeHeader(mode)
 	}
 	fmt.Fprintln(tw, header)
 	for _, sc := range scenarios {
