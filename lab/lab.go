@@ -145,6 +145,12 @@ type Result struct {
 	// backup: no bridge can decrypt what went over it, so a message in the window is lost
 	// unless its key is sent again (docs/baseline.md, "The window after a bridge restore").
 	SentInWindow int `json:"sent_in_window"`
+	// OlmHistoryStates, OlmHistorySessions and OlmHistoryBytes are what the bridge's Olm history
+	// (unwedge.olm_history) holds at the scenario's end: states, of how many Olm sessions, and
+	// the bytes of their pickles (unwedge mode only; 0 in stock mode).
+	OlmHistoryStates   int   `json:"olm_history_states"`
+	OlmHistorySessions int   `json:"olm_history_sessions"`
+	OlmHistoryBytes    int64 `json:"olm_history_bytes"`
 	// WindowMS is the window's length as the bridge makes it: from the first start of the
 	// bridge process after the wedge (its "Starting bridge" log line; every scenario restarts
 	// the bridge after its wedge) to the device's receipt of the replacement session. -1 when no

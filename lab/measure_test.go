@@ -135,7 +135,7 @@ func TestResultJSONKeys(t *testing.T) {
 		"healed", "replacement_sessions", "time_to_first_bridged_ms", "olm_failures", "failure_to_first_bridged_ms",
 		"bridged_wedged", "bridged_after", "remote_healed", "other_devices_remote_lost", "settled", "waited_ms",
 		"wedged_bridged_p50_ms", "wedged_bridged_max_ms", "lost_before_heal", "sent_while_down", "duration_ms",
-		"sent_in_window", "window_ms",
+		"sent_in_window", "window_ms", "olm_history_states", "olm_history_sessions", "olm_history_bytes",
 	}
 	data, err := json.Marshal(&Result{})
 	if err != nil {

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"slices"
 	"strings"
@@ -428,6 +429,11 @@ func (w *World) measure(ctx context.Context, res *Result, k int, sendTimes map[s
 		return fmt.Errorf("failed to tell which messages were lost before the heal: %w", err)
 	}
 	res.SentInWindow = sentInWindow(sendTimes, wedgedAt, healedAt)
+	if res.Mode == ModeUnwedge {
+		if res.OlmHistoryStates, res.OlmHistorySessions, res.OlmHistoryBytes, err = w.olmHistorySize(ctx); err != nil {
+			return fmt.Errorf("failed to measure the Olm history: %w", err)
+		}
+	}
 
 	entries, err := w.BridgeLog(wedgedAt)
 	if err != nil {
@@ -548,6 +554,19 @@ func (w *World) healedAt(ctx context.Context, wedgedAt time.Time) (time.Time, er
 		}
 	}
 	return time.Time{}, nil
+}
+
+// olmHistorySize is what the bridge's Olm history holds at the end of the scenario: states, the
+// sessions they are of, and the bytes of their pickles.
+func (w *World) olmHistorySize(ctx context.Context) (states, sessions int, bytes int64, err error) {
+	db, err := sql.Open("postgres", w.DBURI)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	defer db.Close()
+	err = db.QueryRowContext(ctx, "SELECT COUNT(*), COUNT(DISTINCT session_id), COALESCE(SUM(LENGTH(pickle)), 0) FROM unwedge_olm_history").
+		Scan(&states, &sessions, &bytes)
+	return states, sessions, bytes, err
 }
 
 // sentInWindow counts the messages sent after the wedge and before the heal (healedAt), or after
