@@ -241,12 +241,18 @@ func (u *Unwedger) admit(ctx context.Context, members []*member) []*member {
 // min_interval starts and the peer cannot make the bridge repeat them every lease.
 func (u *Unwedger) healGroup(ctx context.Context, members []*member) {
 	started := time.Now()
-	var granted []*member
-	defer func() {
-		for _, m := range granted {
-			m.doneReplacing()
-			m.release()
+	// Every heal granted so far lets go of its device (release and doneReplacing may be called
+	// more than once).
+	releaseAll := func() {
+		for _, m := range members {
+			if m.release != nil {
+				m.doneReplacing()
+				m.release()
+			}
 		}
+	}
+	defer func() {
+		releaseAll()
 		if r := recover(); r != nil {
 			err := u.panicked(ctx, PanicHeal, r)
 			var left []*member
@@ -259,7 +265,7 @@ func (u *Unwedger) healGroup(ctx context.Context, members []*member) {
 			u.record(ctx, left, started)
 		}
 	}()
-	granted = u.acquire(ctx, members, started)
+	granted := u.acquire(ctx, members, started)
 	// One HTTP request per attempt: the client's own retries (bridgev2 sets
 	// homeserver.retry_limit) would claim again after a claim whose answer was lost, and this loop
 	// retries a claim only when its failure proves that no key was handed out.
@@ -288,13 +294,8 @@ func (u *Unwedger) healGroup(ctx context.Context, members []*member) {
 		case <-time.After(wait):
 		}
 	}
-	for _, m := range granted {
-		m.doneReplacing()
-		m.release()
-	}
-	done := granted
-	granted = nil
-	u.record(ctx, done, started)
+	releaseAll()
+	u.record(ctx, granted, started)
 }
 
 // acquire asks the ledger for the new heals (one call per class and forcing admin: in practice
