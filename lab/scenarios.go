@@ -102,7 +102,7 @@ var Scenarios = []*Scenario{
 	{
 		Name:        "bridge-session-lost",
 		Description: "the bridge's Olm session row for the device is gone; the client keeps using its side",
-		Wedge:       deleteBridgeSessions,
+		Wedge:       func(ctx context.Context, w *World) error { return deleteBridgeSessions(ctx, w, false) },
 	},
 	{
 		Name:        "corrupt-session",
@@ -111,11 +111,14 @@ var Scenarios = []*Scenario{
 	},
 	{
 		Name: "restart-before-key-arrives",
-		Description: "the bridge's session with the device is lost while the device is offline; the bridge " +
-			"restarts before the device comes back and answers with the room keys",
+		Description: "the bridge's session with the device is lost, with its Olm history, while the device is " +
+			"offline; the bridge restarts before the device comes back and answers with the room keys",
 		Wedge: func(ctx context.Context, w *World) error {
 			w.Wedged().GoOffline()
-			return deleteBridgeSessions(ctx, w)
+			// The session's earlier states go too: from them the Olm history would decrypt the
+			// device's room keys at once, and no key would wait for the device to come back,
+			// which is what this scenario measures.
+			return deleteBridgeSessions(ctx, w, true)
 		},
 		WhileWedged: func(ctx context.Context, w *World) error {
 			// The bridge fails to decrypt, heals and asks for the keys; all of it waits on the
@@ -154,7 +157,7 @@ var Scenarios = []*Scenario{
 		Name:        "many-devices",
 		Description: "the user has three devices; only the first one's session is lost",
 		Devices:     3,
-		Wedge:       deleteBridgeSessions,
+		Wedge:       func(ctx context.Context, w *World) error { return deleteBridgeSessions(ctx, w, false) },
 	},
 }
 
@@ -332,10 +335,15 @@ func restoreBridgeCrypto(ctx context.Context, w *World) error {
 	})
 }
 
-func deleteBridgeSessions(ctx context.Context, w *World) error {
-	return w.WithBridgeStopped(ctx, func() error {
-		return w.SQL(ctx, fmt.Sprintf("DELETE FROM crypto_olm_session WHERE sender_key = %s", pq.QuoteLiteral(string(w.Wedged().IdentityKey()))))
-	})
+// deleteBridgeSessions deletes the bridge's Olm sessions with the wedged device, and with
+// history, unwedge's Olm history of them too (a stock bridge has none).
+func deleteBridgeSessions(ctx context.Context, w *World, history bool) error {
+	key := pq.QuoteLiteral(string(w.Wedged().IdentityKey()))
+	stmts := []string{fmt.Sprintf("DELETE FROM crypto_olm_session WHERE sender_key = %s", key)}
+	if history && !w.Stock {
+		stmts = append(stmts, fmt.Sprintf("DELETE FROM unwedge_olm_history WHERE sender_key = %s", key))
+	}
+	return w.WithBridgeStopped(ctx, func() error { return w.SQL(ctx, stmts...) })
 }
 
 func corruptBridgeSessions(ctx context.Context, w *World) error {
