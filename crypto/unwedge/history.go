@@ -103,9 +103,7 @@ func (h *History) decrypted(ctx context.Context, key id.SenderKey, sess *crypto.
 	if !pos.ok {
 		return
 	}
-	sum := sha256.Sum256(pos.key)
-	var chain [8]byte
-	copy(chain[:], sum[:])
+	chain := chainOf(pos)
 	if last, ok := h.received.get(sess.ID()); ok && last == chain {
 		return
 	}
@@ -196,14 +194,14 @@ func (u *Unwedger) fromHistory(ctx context.Context, evt *event.Event, msg *olmMe
 	now := time.Now()
 	since := now.Add(-h.retention)
 	log := zerolog.Ctx(ctx).With().Stringer("user_id", evt.Sender).Stringer("identity_key", msg.senderKey).Logger()
+	chain := senderChain{peer{evt.Sender, msg.senderKey}, chainOf(msg.ratchet)}
 	outcome := func() HistoryOutcome {
-		if seen, err := h.db.Seen(ctx, msg.hash, since); err != nil {
-			log.Warn().Err(err).Msg("Failed to look up an Olm message in the Olm history")
-			return HistoryFailed
-		} else if seen {
-			return HistoryReplay
+		if at, ok := u.historyMisses.get(chain); ok && msg.ratchet.ok && now.Sub(at) < historyWindow {
+			// An earlier message of this very chain was tried: no kept state derives the chain,
+			// and none derives it for this message either.
+			return HistoryNoState
 		}
-		if !u.historyBudget(peer{evt.Sender, msg.senderKey}, now) {
+		if !u.historyBudget(chain.peer, now) {
 			return HistoryLimited
 		}
 		states, err := h.db.States(ctx, msg.senderKey, since, maxHistoryStates)
@@ -214,6 +212,14 @@ func (u *Unwedger) fromHistory(ctx context.Context, evt *event.Event, msg *olmMe
 		for _, st := range states {
 			if !h.decrypts(st, msg) {
 				continue
+			}
+			// Only now (a kept state decrypts it) is it asked whether the bridge decrypted these
+			// very bytes before: most failures end above without a second query.
+			if seen, err := h.db.Seen(ctx, msg.hash, since); err != nil {
+				log.Warn().Err(err).Msg("Failed to look up an Olm message in the Olm history")
+				return HistoryFailed
+			} else if seen {
+				return HistoryReplay
 			}
 			replay, err := h.unpickle(st)
 			if err != nil {
@@ -230,10 +236,28 @@ func (u *Unwedger) fromHistory(ctx context.Context, evt *event.Event, msg *olmMe
 				Msg("Decrypted an Olm message with an earlier state of its session: the sender went back in time")
 			return HistoryRecovered
 		}
+		if msg.ratchet.ok {
+			u.historyMisses.prune(4096, func(_ senderChain, at time.Time) bool { return now.Sub(at) >= historyWindow })
+			u.historyMisses.update(chain, func(time.Time, bool) (time.Time, bool) { return now, true })
+		}
 		return HistoryNoState
 	}()
 	u.historyCounts.update(outcome, func(n int64, _ bool) (int64, bool) { return n + 1, true })
 	return outcome
+}
+
+// senderChain is one sending chain of a device: its ratchet key (a hash of it).
+type senderChain struct {
+	peer
+	chain [8]byte
+}
+
+// chainOf hashes the ratchet key of a message's position.
+func chainOf(pos ratchetPosition) [8]byte {
+	var chain [8]byte
+	sum := sha256.Sum256(pos.key)
+	copy(chain[:], sum[:])
+	return chain
 }
 
 // decrypts reports whether a throw-away copy of the state decrypts the message (a prekey message

@@ -98,6 +98,9 @@ type Unwedger struct {
 	// historyCounts what the tries came to.
 	historyTries  lockedMap[peer, historyBudget]
 	historyCounts lockedMap[HistoryOutcome, int64]
+	// historyMisses remembers, per sending chain of a device, when no kept state decrypted a
+	// message of it: the chain's later messages are not tried again within historyWindow.
+	historyMisses lockedMap[senderChain, time.Time]
 
 	// panicGuard recovers and counts panics (panics.go).
 	panicGuard
