@@ -152,11 +152,12 @@ type member struct {
 	recorded, checked bool
 	attempts          int
 	// done: the heal ended (outcome); err is the last failure, claimLost says the answer to the
-	// device's key claim was lost. ended: the ledger has the heal's end (or postponement).
-	done, ended bool
-	outcome     HealOutcome
-	err         error
-	claimLost   bool
+	// device's key claim was lost. ended: the ledger has the heal's end (or postponement), and
+	// deferred says it was postponed (deferrable, decided once in record).
+	done, ended, deferred bool
+	outcome               HealOutcome
+	err                   error
+	claimLost             bool
 }
 
 // end ends the member's heal with an outcome.
@@ -283,11 +284,7 @@ func (u *Unwedger) healGroup(ctx context.Context, members []*member) {
 			break
 		}
 		wait := u.cfg.backoff(attempt)
-		log := zerolog.Ctx(ctx).Warn()
-		if len(granted) == 1 {
-			log = granted[0].log.Warn()
-		}
-		log.Err(firstErr(granted)).Int("attempt", attempt).Int("devices", left).Dur("retry_in", wait).
+		groupLogger(ctx, granted).Warn().Err(firstErr(granted)).Int("attempt", attempt).Int("devices", left).Dur("retry_in", wait).
 			Msg("Transient failure while replacing Olm sessions")
 		select {
 		case <-ctx.Done():
@@ -417,15 +414,20 @@ func (u *Unwedger) prepareAttempt(ctx context.Context, members []*member) []*mem
 			}
 			m.hc.setStored()
 		}
-		if sess != nil && !m.recorded {
-			// The ledger was unreachable when the session was made: try again.
-			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), m.ref, sess.ID(), time.Now()); err == nil {
-				m.recorded = true
-			}
-		}
+		u.recordLate(ctx, m, sess)
 		going = append(going, m)
 	}
 	return going
+}
+
+// recordLate records the member's replacement session in the ledger if the ledger was unreachable
+// when the session was made (sessionCreated): tried again before and after each attempt.
+func (u *Unwedger) recordLate(ctx context.Context, m *member, sess *crypto.OlmSession) {
+	if sess != nil && !m.recorded {
+		if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), m.ref, sess.ID(), time.Now()); err == nil {
+			m.recorded = true
+		}
+	}
 }
 
 // findResumed looks up the session of a resumed heal in the crypto store. The heal ends for good
@@ -576,11 +578,7 @@ func (u *Unwedger) attempt(ctx context.Context, healCtx context.Context, going [
 	for _, m := range going {
 		claimed := m.hc.takeClaimed()
 		sess, _ := m.hc.replacement()
-		if sess != nil && !m.recorded {
-			if err := u.ledger.SessionCreated(context.WithoutCancel(ctx), m.ref, sess.ID(), time.Now()); err == nil {
-				m.recorded = true
-			}
-		}
+		u.recordLate(ctx, m, sess)
 		switch {
 		case claimed && sess == nil && answered:
 			// The homeserver gave no key of the device, or one without a valid signature: this
@@ -684,7 +682,7 @@ func (u *Unwedger) record(ctx context.Context, members []*member, started time.T
 		if m.resumed != nil {
 			attempts += m.resumed.Attempts
 		}
-		if u.deferrable(ctx, m) {
+		if m.deferred = u.deferrable(ctx, m); m.deferred {
 			if err := u.ledger.Postpone(finishCtx, m.ref, attempts, errText); err != nil {
 				m.log.Err(err).Msg("Failed to postpone heal in the ledger")
 			}
@@ -699,11 +697,7 @@ func (u *Unwedger) record(ctx context.Context, members []*member, started time.T
 	}
 	if len(refs) > 0 {
 		if err := u.ledger.Finish(finishCtx, refs, ends); err != nil {
-			log := zerolog.Ctx(ctx).Err(err)
-			if len(finished) == 1 {
-				log = finished[0].log.Err(err)
-			}
-			log.Int("devices", len(refs)).Msg("Failed to record heal outcomes in the ledger")
+			groupLogger(ctx, finished).Err(err).Int("devices", len(refs)).Msg("Failed to record heal outcomes in the ledger")
 		}
 	}
 	for _, m := range members {
@@ -717,7 +711,7 @@ func (u *Unwedger) record(ctx context.Context, members []*member, started time.T
 func (u *Unwedger) decideMember(ctx context.Context, m *member, started time.Time) {
 	d := m.decision
 	d.Duration = time.Since(started)
-	d.Action, d.Detail, d.Err = outcomeOf(m, u.deferrable(ctx, m), ctx.Err() != nil, u.cfg.Lease)
+	d.Action, d.Detail, d.Err = outcomeOf(m, m.deferred, ctx.Err() != nil, u.cfg.Lease)
 	if d.Action == ActionDeferred && m.resumed != nil && m.resumed.Postponed() {
 		m.log.Debug().Err(m.err).Msg("Heal still deferred")
 		return
@@ -788,6 +782,15 @@ func (h *HealRecord) Decision() Decision {
 		d.Detail = fmt.Sprintf("%s after %d attempt(s): %s", h.Outcome, h.Attempts, h.Error)
 	}
 	return d
+}
+
+// groupLogger is the logger of a line about the members: the member's own, with its device's
+// fields, when there is one.
+func groupLogger(ctx context.Context, members []*member) *zerolog.Logger {
+	if len(members) == 1 {
+		return &members[0].log
+	}
+	return zerolog.Ctx(ctx)
 }
 
 // pendingMembers counts the members whose heal has not ended.

@@ -516,12 +516,12 @@ func (r *Recovery) waitsForEarlier(roomID id.RoomID, sessionID id.SessionID) boo
 // events wait, without being tried again, until a copy from an earlier index arrives (a forwarded
 // key answering a request, or the sender sharing it again). Logged once per session.
 func (r *Recovery) waitForEarlier(ctx context.Context, log zerolog.Logger, p *Pending) {
+	if r.waitsForEarlier(p.RoomID, p.SessionID) {
+		return
+	}
 	var first uint32
 	if igs, err := r.mach.CryptoStore.GetGroupSession(ctx, p.RoomID, p.SessionID); err == nil && igs != nil {
 		first = igs.Internal.FirstKnownIndex()
-	}
-	if _, known := r.tooLate.get(receivedSession{p.RoomID, p.SessionID}); known {
-		return
 	}
 	r.tooLate.update(receivedSession{p.RoomID, p.SessionID}, func(uint32, bool) (uint32, bool) { return first, true })
 	log.Info().Stringer("user_id", p.Sender).Stringer("identity_key", p.SenderKey).Uint32("first_known_index", first).
