@@ -184,7 +184,12 @@ func (u *Unwedger) heal(ctx context.Context, members []*member) {
 		go func() {
 			defer wg.Done()
 			for group := range next {
-				u.healGroup(ctx, group)
+				// healGroup recovers what panics in a heal; this catches a panic in that recovery
+				// too, since no caller's recover reaches this goroutine.
+				_ = u.catch(ctx, PanicHeal, func() error {
+					u.healGroup(ctx, group)
+					return nil
+				})
 			}
 		}()
 	}
