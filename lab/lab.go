@@ -127,6 +127,15 @@ type Result struct {
 	// bridged; -1 when none was.
 	WedgedBridgedP50MS int64 `json:"wedged_bridged_p50_ms"`
 	WedgedBridgedMaxMS int64 `json:"wedged_bridged_max_ms"`
+	// KeyToBridgedP50MS and KeyToBridgedMaxMS are the median (the lower middle one of an even
+	// count) and the longest time from the moment the bridge held a bridged message's room key
+	// (from the message's index or earlier; or, for a key it held before the message was sent,
+	// from the sending) to the remote side having the message, over the messages of both phases;
+	// Element Web's grace period is 4000 ms. The key's arrival is read from the bridge's log
+	// (Recovery's "Megolm session received"), so a stock bridge, which writes no such line, has
+	// -1 and -1, as has a result with no bridged message.
+	KeyToBridgedP50MS int64 `json:"key_to_bridged_p50_ms"`
+	KeyToBridgedMaxMS int64 `json:"key_to_bridged_max_ms"`
 	// LostBeforeHeal counts the lost messages (Matrix -> remote, both phases) that were lost
 	// before the bridge could heal: the bridge never got their room key, and no copy of it that
 	// could decrypt them left the device after the device got the bridge's replacement Olm

@@ -7,6 +7,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/internal/testclient"
 )
 
 func TestWedgedLatencies(t *testing.T) {
@@ -136,6 +140,7 @@ func TestResultJSONKeys(t *testing.T) {
 		"bridged_wedged", "bridged_after", "remote_healed", "other_devices_remote_lost", "settled", "waited_ms",
 		"wedged_bridged_p50_ms", "wedged_bridged_max_ms", "lost_before_heal", "sent_while_down", "duration_ms",
 		"sent_in_window", "window_ms", "olm_history_states", "olm_history_sessions", "olm_history_bytes",
+		"key_to_bridged_p50_ms", "key_to_bridged_max_ms",
 	}
 	data, err := json.Marshal(&Result{})
 	if err != nil {
@@ -158,5 +163,50 @@ func TestScenarioNames(t *testing.T) {
 		if found, ok := ScenarioByName(sc.Name); !ok || found != sc {
 			t.Errorf("ScenarioByName(%q) finds another scenario or none: names must be unique", sc.Name)
 		}
+	}
+}
+
+// TestKeyToBridged: from the key's arrival (or the sending, if later) to bridged, over the
+// bridged messages whose key arrival the log shows.
+func TestKeyToBridged(t *testing.T) {
+	start := time.Date(2026, 12, 6, 9, 0, 0, 0, time.UTC)
+	at := func(ms int) time.Time { return start.Add(time.Duration(ms) * time.Millisecond) }
+	received := func(session string, first float64, ms int) logEntry {
+		return logEntry{"message": sessionReceived, "session_id": session, "first_known_index": first, "time": at(ms).Format(time.RFC3339Nano)}
+	}
+	sent := map[id.EventID]string{"$a": "wedged-0", "$b": "wedged-1", "$c": "after-0"}
+	sentAt := map[id.EventID]time.Time{"$a": at(0), "$b": at(100), "$c": at(20000)}
+	encryption := func(evtID id.EventID) (testclient.SentEncryption, bool) {
+		enc, ok := map[id.EventID]testclient.SentEncryption{
+			"$a": {SessionID: "s1", Index: 0}, "$b": {SessionID: "s1", Index: 1}, "$c": {SessionID: "s2", Index: 0},
+		}[evtID]
+		return enc, ok
+	}
+	cases := []struct {
+		name         string
+		entries      []logEntry
+		bridged      map[string]time.Time
+		p50, longest int64
+	}{
+		{"no arrival logged (stock)", nil, map[string]time.Time{"wedged-0": at(500)}, -1, -1},
+		{"nothing bridged", []logEntry{received("s1", 0, 50)}, map[string]time.Time{}, -1, -1},
+		{"key after the sending", []logEntry{received("s1", 0, 36000)},
+			map[string]time.Time{"wedged-0": at(36400), "wedged-1": at(36900)}, 400, 900},
+		{"key before the sending counts from the sending", []logEntry{received("s2", 0, 0)},
+			map[string]time.Time{"after-0": at(20300)}, 300, 300},
+		{"a copy from a later index does not hold an earlier message", []logEntry{received("s1", 1, 1000), received("s1", 0, 9000)},
+			map[string]time.Time{"wedged-0": at(9200), "wedged-1": at(1500)}, 200, 500},
+		{"another session's key is not the message's", []logEntry{received("s2", 0, 10)},
+			map[string]time.Time{"wedged-0": at(700)}, -1, -1},
+		{"a line without an index is skipped", []logEntry{{"message": sessionReceived, "session_id": "s1", "time": at(5).Format(time.RFC3339Nano)}},
+			map[string]time.Time{"wedged-0": at(700)}, -1, -1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p50, longest := keyToBridged(tc.entries, tc.bridged, sent, sentAt, encryption)
+			if p50 != tc.p50 || longest != tc.longest {
+				t.Errorf("key to bridged p50/max = %d/%d ms, want %d/%d", p50, longest, tc.p50, tc.longest)
+			}
+		})
 	}
 }

@@ -72,7 +72,7 @@ func Run(ctx context.Context, env *testenv.Env, cfg Config, scenarios []*Scenari
 // RunScenario runs one scenario under one rule set in one mode from an empty bridge database to
 // its result.
 func RunScenario(ctx context.Context, env *testenv.Env, cfg Config, sc *Scenario, rules testclient.Rules, mode Mode) *Result {
-	res := &Result{Name: sc.Name, Mode: mode, Rules: rules, TimeToFirstBridgedMS: -1, WedgedBridgedP50MS: -1, WedgedBridgedMaxMS: -1, WindowMS: -1}
+	res := &Result{Name: sc.Name, Mode: mode, Rules: rules, TimeToFirstBridgedMS: -1, WedgedBridgedP50MS: -1, WedgedBridgedMaxMS: -1, KeyToBridgedP50MS: -1, KeyToBridgedMaxMS: -1, WindowMS: -1}
 	started := time.Now()
 	if err := runScenario(ctx, env, &cfg, sc, res); err != nil {
 		res.Error = err.Error()
@@ -440,6 +440,11 @@ func (w *World) measure(ctx context.Context, res *Result, k int, sendTimes map[s
 		return fmt.Errorf("failed to read bridge log: %w", err)
 	}
 	res.WindowMS = windowMS(entries, healedAt)
+	all, err := w.BridgeLog(time.Time{})
+	if err != nil {
+		return fmt.Errorf("failed to read bridge log: %w", err)
+	}
+	res.KeyToBridgedP50MS, res.KeyToBridgedMaxMS = w.keyToBridged(all, bridged)
 	device := string(w.Wedged().DeviceID())
 	var firstFailure time.Time
 	for _, entry := range entries {
@@ -486,11 +491,75 @@ func wedgedLatencies(bridged, sendTimes map[string]time.Time) (p50, longest int6
 			took = append(took, at.Sub(sendTimes[text]).Milliseconds())
 		}
 	}
+	return median(took)
+}
+
+// median returns the median (the lower middle one of an even count) and the largest of
+// durations in milliseconds; -1 and -1 for none.
+func median(took []int64) (p50, longest int64) {
 	if len(took) == 0 {
 		return -1, -1
 	}
 	slices.Sort(took)
 	return took[(len(took)-1)/2], took[len(took)-1]
+}
+
+// sessionReceived is the line Recovery logs when the bridge's machine stores a Megolm session
+// (crypto/unwedge Recovery.SessionReceived).
+const sessionReceived = "Megolm session received"
+
+// keyToBridged returns Result.KeyToBridgedP50MS and KeyToBridgedMaxMS: for each message of the
+// device that was bridged, from when the bridge held its room key (the first "Megolm session
+// received" line of its session from its index or earlier; the message's sending if that came
+// later) to when the remote side had it. Messages whose key arrival the log does not show are
+// left out.
+func (w *World) keyToBridged(entries []logEntry, bridged map[string]time.Time) (p50, longest int64) {
+	return keyToBridged(entries, bridged, w.sent, w.sentAt, w.Wedged().Sent)
+}
+
+func keyToBridged(entries []logEntry, bridged map[string]time.Time, sent map[id.EventID]string, sentAt map[id.EventID]time.Time,
+	encryption func(id.EventID) (testclient.SentEncryption, bool)) (p50, longest int64) {
+	type received struct {
+		at    time.Time
+		first uint32
+	}
+	arrivals := map[id.SessionID][]received{}
+	for _, entry := range entries {
+		if entry.str("message") != sessionReceived {
+			continue
+		}
+		first, ok := entry["first_known_index"].(float64)
+		if !ok {
+			continue
+		}
+		sessionID := id.SessionID(entry.str("session_id"))
+		arrivals[sessionID] = append(arrivals[sessionID], received{entry.time(), uint32(first)})
+	}
+	var took []int64
+	for evtID, text := range sent {
+		at, ok := bridged[text]
+		if !ok {
+			continue
+		}
+		enc, ok := encryption(evtID)
+		if !ok {
+			continue
+		}
+		var held time.Time
+		for _, r := range arrivals[enc.SessionID] {
+			if r.first <= enc.Index && (held.IsZero() || r.at.Before(held)) {
+				held = r.at
+			}
+		}
+		if held.IsZero() {
+			continue
+		}
+		if sentAt[evtID].After(held) {
+			held = sentAt[evtID]
+		}
+		took = append(took, max(at.Sub(held).Milliseconds(), 0))
+	}
+	return median(took)
 }
 
 // lostBeforeHeal counts the device's messages that were not bridged because their room key was

@@ -5,8 +5,9 @@ import (
 	"time"
 )
 
-// SetClock replaces a Recovery's clock (tests move time past the hand-over and the retention).
-func SetClock(r *Recovery, now func() time.Time) { r.now = now }
+// SetClock replaces a Recovery's clock (tests move time past the hand-over and the retention);
+// the Recovery's process started at the clock's now.
+func SetClock(r *Recovery, now func() time.Time) { r.now, r.started = now, now() }
 
 // Pass runs one recovery round synchronously, as the loop does.
 func Pass(ctx context.Context, r *Recovery, sweep bool) { r.pass(ctx, sweep) }

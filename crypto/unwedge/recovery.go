@@ -106,6 +106,9 @@ type Recovery struct {
 
 	// now is the clock (tests move it).
 	now func() time.Time
+	// started is when Start ran: bridgev2's waits for events recorded before it died with the
+	// process that recorded them.
+	started time.Time
 
 	// Lease is how long a process holds the pending events it is handing over; after a crash,
 	// another process (or the restarted one) takes them over when it runs out. Set it before
@@ -160,7 +163,7 @@ func NewRecovery(cfg RecoveryConfig, mach *crypto.OlmMachine, store PendingStore
 		cfg: cfg, mach: mach, store: store, sink: sink, healing: healing, owner: owner, log: log,
 		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
 		recorded: newRecentSet[id.EventID](maxRecorded), decrypted: newRecentSet[id.EventID](maxDecrypted), received: make(map[receivedSession]time.Time), counts: make(map[RecoveryCount]int64),
-		now: time.Now, Lease: defaultLease,
+		now: time.Now, started: time.Now(), Lease: defaultLease,
 	}
 }
 
@@ -243,6 +246,8 @@ func (r *Recovery) SessionReceived(roomID id.RoomID, sessionID id.SessionID, fir
 		}
 		r.tooLate.delete(s)
 	}
+	r.log.Debug().Stringer("room_id", roomID).Stringer("session_id", sessionID).Uint32("first_known_index", firstKnownIndex).
+		Msg("Megolm session received")
 	r.lock.Lock()
 	r.received[s] = r.now()
 	r.lock.Unlock()
@@ -313,6 +318,9 @@ func (r *Recovery) poke() {
 
 // Start runs the recovery loop until Stop.
 func (r *Recovery) Start() {
+	r.lock.Lock()
+	r.started = r.now()
+	r.lock.Unlock()
 	r.done.Add(1)
 	go func() {
 		defer r.done.Done()
@@ -361,22 +369,36 @@ func (r *Recovery) count(name RecoveryCount) {
 func (r *Recovery) pass(ctx context.Context, sweep bool) {
 	log := zerolog.Ctx(ctx)
 	now := r.now()
-	handover := now.Add(-StockWait)
-
+	// Events recorded by this process are bridgev2's for StockWait (it waits for their key
+	// itself); events recorded before this process started had their wait in a process that is
+	// gone, and are Recovery's at once.
 	r.lock.Lock()
+	handover := now.Add(-StockWait)
+	// The store keeps milliseconds, and an event first seen at the hand-over time counts: one
+	// recorded in the millisecond this process started is this process's.
+	if before := r.started.Add(-time.Millisecond); handover.Before(before) {
+		handover = before
+	}
 	arrived := make([]receivedSession, 0, len(r.received))
 	for s, at := range r.received {
 		arrived = append(arrived, s)
-		// bridgev2 handles events of a session that arrives during its own wait; those rows
-		// are gone after it. Anything else is handed over once its hand-over time passed.
 		if now.Sub(at) > 2*StockWait {
 			delete(r.received, s)
 		}
 	}
 	r.lock.Unlock()
 	for _, s := range arrived {
+		// A session that arrives while bridgev2 waits for it is bridgev2's: its wait decrypts
+		// and bridges the events, and their rows go (Decrypted). Any other arrived session's
+		// events are bridged at once, whoever recorded them and whenever.
+		if busy, until := r.waits.busy(s.sessionID, now); busy {
+			if !until.IsZero() {
+				time.AfterFunc(until.Sub(now), r.poke)
+			}
+			continue
+		}
 		// Most sessions arrive with nothing waiting for them: they are forgotten at once.
-		if r.deliverSession(ctx, s.roomID, s.sessionID, now, handover) > 0 || !r.waiting(ctx, s.roomID, s.sessionID) {
+		if r.deliverSession(ctx, s.roomID, s.sessionID, now, now) > 0 || !r.waiting(ctx, s.roomID, s.sessionID) {
 			r.lock.Lock()
 			delete(r.received, s)
 			r.lock.Unlock()

@@ -118,8 +118,18 @@ func (f *recoveryFixture) newPeerMegolm() *crypto.OutboundGroupSession {
 }
 
 // undecryptable makes the peer send a room message the bridge cannot decrypt, and records it as
-// the bridge's Decrypt does.
+// bridgev2's wait for its session does.
 func (f *recoveryFixture) undecryptable(body string, sentAt time.Time) *event.Event {
+	f.t.Helper()
+	evt := f.undecryptableEvent(body, sentAt)
+	if err := f.rec.Record(f.ctx, evt); err != nil {
+		f.t.Fatal(err)
+	}
+	return evt
+}
+
+// undecryptableEvent makes the peer send a room message the bridge cannot decrypt.
+func (f *recoveryFixture) undecryptableEvent(body string, sentAt time.Time) *event.Event {
 	f.t.Helper()
 	content, err := f.peer.Mach.EncryptMegolmEvent(f.ctx, testRoom, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: body})
 	if err != nil {
@@ -131,9 +141,6 @@ func (f *recoveryFixture) undecryptable(body string, sentAt time.Time) *event.Ev
 	}
 	if _, err = f.bridge.Mach.DecryptMegolmEvent(f.ctx, evt); err == nil || !strings.Contains(err.Error(), "no session with given ID") {
 		f.t.Fatalf("bridge decrypt of %s: %v, want no session", body, err)
-	}
-	if err = f.rec.Record(f.ctx, evt); err != nil {
-		f.t.Fatal(err)
 	}
 	return evt
 }
@@ -322,6 +329,114 @@ func TestRecoveryRestart(t *testing.T) {
 	f.pass(time.Second)
 	if got := f.sink.bodies(); strings.Join(got, ",") != "before-restart-1,before-restart-2" {
 		t.Fatalf("bridged %v after restart", got)
+	}
+}
+
+// TestRecoveryKeyAtOnce: an event is bridgev2's only while bridgev2's own wait for its session
+// runs in this process. A key that arrives at any other time (after a restart, whose waits died
+// with the old process, or after bridgev2's wait ran out) has its events bridged by the round the
+// key starts, seconds after it, not after the hand-over time (StockWait); after a restart the key
+// is requested at once too. A key that arrives while bridgev2 waits is left to bridgev2.
+func TestRecoveryKeyAtOnce(t *testing.T) {
+	cases := []struct {
+		name string
+		// wedge makes the events pending and returns them; the clock has moved less than
+		// StockWait when the key arrives.
+		wedge func(f *recoveryFixture) []*event.Event
+		// requested: the key is requested (and the peer answers); otherwise the peer sends it
+		// unasked.
+		requested bool
+		want      string
+	}{
+		{"after a restart", func(f *recoveryFixture) []*event.Event {
+			evts := []*event.Event{f.undecryptable("one", f.clock), f.undecryptable("two", f.clock)}
+			f.clock = f.clock.Add(time.Second)
+			f.restartBridge()
+			f.startRecovery(f.cfg.Recovery, f.sink)
+			return evts
+		}, true, "one,two"},
+		{"after bridgev2's wait ran out", func(f *recoveryFixture) []*event.Event {
+			evt := f.undecryptableEvent("late", f.clock)
+			f.waitForSession(evt, 50*time.Millisecond, false)
+			f.clock = f.clock.Add(2 * time.Second)
+			return []*event.Event{evt}
+		}, false, "late"},
+		{"while bridgev2 waits", func(f *recoveryFixture) []*event.Event {
+			evt := f.undecryptableEvent("waited", f.clock)
+			f.waitForSession(evt, 10*time.Second, true)
+			return []*event.Event{evt}
+		}, false, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newRecoveryFixture(t, nil)
+			start := f.clock
+			evts := tc.wedge(f)
+			f.clock = f.clock.Add(time.Second)
+			unwedge.Pass(f.ctx, f.rec, false)
+			if reqs := f.keyRequests(); (len(reqs) == 1) != tc.requested {
+				t.Fatalf("%d key requests %s after the events were recorded, want requested: %v", len(reqs), f.clock.Sub(start), tc.requested)
+			}
+			if tc.requested {
+				f.awaitForwardedKey()
+			} else {
+				if err := f.peer.Mach.SendEncryptedToDevice(f.ctx, f.peer.Fetch(bridgeUser, bridgeDevice), event.ToDeviceForwardedRoomKey, f.forwardedKey()); err != nil {
+					t.Fatal(err)
+				}
+				f.awaitForwardedKey()
+			}
+			// The round the key starts (SessionReceived pokes the loop), without the sweep.
+			unwedge.Pass(f.ctx, f.rec, false)
+			if tc.want == "" {
+				// bridgev2's wait got the key: its decrypt bridges the event, and the row goes.
+				for _, evt := range evts {
+					f.rec.Decrypted(f.ctx, evt.ID)
+				}
+				f.clock = f.clock.Add(2 * time.Second)
+				unwedge.Pass(f.ctx, f.rec, true)
+			}
+			if got := strings.Join(f.sink.bodies(), ","); got != tc.want {
+				t.Fatalf("recovery bridged %q %s after the events were recorded, want %q", got, f.clock.Sub(start), tc.want)
+			}
+			if n := f.pendingCount(); n != 0 {
+				t.Fatalf("%d events still pending", n)
+			}
+		})
+	}
+}
+
+// waitForSession runs bridgev2's wait for evt's session, as bridgev2 does after a failed
+// decrypt: with background, in the background until the key arrives (it returns once the wait has
+// recorded the event); without, until timeout runs out.
+func (f *recoveryFixture) waitForSession(evt *event.Event, timeout time.Duration, background bool) {
+	f.t.Helper()
+	content := evt.Content.AsEncrypted()
+	f.rec.Undecryptable(evt)
+	wait := func() bool { return f.rec.WaitForSession(f.ctx, evt.RoomID, content.SenderKey, content.SessionID, timeout) }
+	if !background {
+		if wait() {
+			f.t.Fatal("bridgev2's wait got a key nobody sent")
+		}
+		return
+	}
+	got := make(chan bool, 1)
+	go func() { got <- wait() }()
+	f.t.Cleanup(func() {
+		select {
+		case ok := <-got:
+			if !ok {
+				f.t.Error("bridgev2's wait did not see the key arrive")
+			}
+		case <-time.After(timeout + time.Second):
+			f.t.Error("bridgev2's wait did not end")
+		}
+	})
+	deadline := time.Now().Add(5 * time.Second)
+	for f.pendingCount() == 0 {
+		if time.Now().After(deadline) {
+			f.t.Fatal("bridgev2's wait did not record the event")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

@@ -28,6 +28,10 @@ func (r *Recovery) Undecryptable(evt *event.Event) {
 // when the events' sender had the device healed lately, the key is requested at once.
 func (r *Recovery) WaitForSession(ctx context.Context, roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, timeout time.Duration) bool {
 	fresh, senders := r.live.take(roomID, senderKey, sessionID, r.now())
+	// The wait is registered before its events are recorded: Recovery hands a session's recorded
+	// events to the bridge at once when its key arrives, unless bridgev2 waits for it (busy).
+	healed := r.waits.start(roomID, senderKey, sessionID, senders, r.now())
+	defer func() { r.waits.end(senderKey, sessionID, r.now()) }()
 	if r.cfg.Enabled {
 		for _, evt := range fresh {
 			if err := r.Record(ctx, evt); err != nil {
@@ -35,10 +39,9 @@ func (r *Recovery) WaitForSession(ctx context.Context, roomID id.RoomID, senderK
 			}
 		}
 	}
-	if healed := r.waits.start(roomID, senderKey, sessionID, senders, r.now()); healed != nil {
+	if healed != nil {
 		go r.RequestSession(context.WithoutCancel(ctx), roomID, senderKey, sessionID, healed.UserID, healed.DeviceID)
 	}
-	defer r.waits.end(senderKey, sessionID)
 	return r.mach.WaitForSession(ctx, roomID, senderKey, sessionID, timeout)
 }
 
@@ -192,6 +195,10 @@ type waitTable struct {
 	lock    sync.Mutex
 	waiting map[id.SenderKey]map[id.SessionID]waitingSession
 	healed  map[id.SenderKey]healedDevice
+	// sessions counts the running waits by session ID alone (the sender key is the sender's
+	// word), and ended holds when the last wait for a session ended, for waitGrace.
+	sessions map[id.SessionID]int
+	ended    map[id.SessionID]time.Time
 }
 
 // waitingSession is a session bridgev2 waits for, and the senders of its events. The sender key
@@ -212,6 +219,13 @@ type healedDevice struct {
 // recentHeal is how long after a heal a missing key of the device is requested at once.
 const recentHeal = 2 * time.Minute
 
+// waitGrace is how long after bridgev2's last wait for a session ended the session is still
+// left to bridgev2: a wait that returned because the key arrived is followed by bridgev2's own
+// decrypt (and Recovery.Decrypted), and a first wait that ran out by its second one (a key request
+// in between, mautrix-go v0.33.0).
+// Relies on bridgev2/matrix/matrix.go handleEncryptedEvent and waitLongerForSession (pinned in internal/upstream).
+const waitGrace = time.Second
+
 // start registers a wait (one of maybe several for the session) and returns the device healed lately whose user sent one of the events,
 // if any; end unregisters it.
 func (w *waitTable) start(roomID id.RoomID, senderKey id.SenderKey, sessionID id.SessionID, senders []id.UserID, now time.Time) *id.Device {
@@ -231,15 +245,33 @@ func (w *waitTable) start(roomID id.RoomID, senderKey id.SenderKey, sessionID id
 		}
 	}
 	w.waiting[senderKey][sessionID] = waiting
+	if w.sessions == nil {
+		w.sessions = make(map[id.SessionID]int)
+	}
+	w.sessions[sessionID]++
 	if healed, ok := w.healed[senderKey]; ok && now.Sub(healed.at) < recentHeal && slices.Contains(senders, healed.device.UserID) {
 		return healed.device
 	}
 	return nil
 }
 
-func (w *waitTable) end(senderKey id.SenderKey, sessionID id.SessionID) {
+func (w *waitTable) end(senderKey id.SenderKey, sessionID id.SessionID, now time.Time) {
 	w.lock.Lock()
 	defer w.lock.Unlock()
+	if w.sessions[sessionID] > 1 {
+		w.sessions[sessionID]--
+	} else {
+		delete(w.sessions, sessionID)
+		if w.ended == nil {
+			w.ended = make(map[id.SessionID]time.Time)
+		}
+		for s, at := range w.ended {
+			if now.Sub(at) > waitGrace {
+				delete(w.ended, s)
+			}
+		}
+		w.ended[sessionID] = now
+	}
 	if waiting := w.waiting[senderKey][sessionID]; waiting.waits > 1 {
 		waiting.waits--
 		w.waiting[senderKey][sessionID] = waiting
@@ -249,6 +281,20 @@ func (w *waitTable) end(senderKey id.SenderKey, sessionID id.SessionID) {
 	if len(w.waiting[senderKey]) == 0 {
 		delete(w.waiting, senderKey)
 	}
+}
+
+// busy reports whether bridgev2 waits for the session now, or did within waitGrace; and when
+// the grace runs out, if it is not waiting now.
+func (w *waitTable) busy(sessionID id.SessionID, now time.Time) (busy bool, until time.Time) {
+	w.lock.Lock()
+	defer w.lock.Unlock()
+	if w.sessions[sessionID] > 0 {
+		return true, time.Time{}
+	}
+	if at, ok := w.ended[sessionID]; ok && now.Sub(at) <= waitGrace {
+		return true, at.Add(waitGrace)
+	}
+	return false, time.Time{}
 }
 
 // healedNow remembers a heal of the device and returns the sessions bridgev2 waits for that its
