@@ -412,7 +412,9 @@ func (f *recoveryFixture) waitForSession(evt *event.Event, timeout time.Duration
 	f.t.Helper()
 	content := evt.Content.AsEncrypted()
 	f.rec.Undecryptable(evt)
-	wait := func() bool { return f.rec.WaitForSession(f.ctx, evt.RoomID, content.SenderKey, content.SessionID, timeout) }
+	wait := func() bool {
+		return f.rec.WaitForSession(f.ctx, evt.RoomID, content.SenderKey, content.SessionID, timeout)
+	}
 	if !background {
 		if wait() {
 			f.t.Fatal("bridgev2's wait got a key nobody sent")
