@@ -10,12 +10,14 @@ package unwedge
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/rs/zerolog"
@@ -86,6 +88,9 @@ func (g *answerGuard) RoundTrip(req *http.Request) (*http.Response, error) {
 	_ = resp.Body.Close()
 	if err != nil {
 		return nil, fmt.Errorf("failed to read the %s answer: %w", endpoint, err)
+	}
+	if endpoint == EndpointClaim {
+		noteClaimFailures(req.Context(), answer)
 	}
 	filtered, dropped := filterAnswer(endpoint, asked, answer)
 	if len(dropped) > 0 {
@@ -296,4 +301,62 @@ func isObject(raw json.RawMessage) bool {
 
 func firstN(list []string, n int) []string {
 	return list[:min(n, len(list))]
+}
+
+// claimFailures collects the servers that a /keys/claim answer's failures name: the homeserver
+// could not reach them, so their users' devices got no key, and it is no fault of the devices.
+// mautrix-go's EncryptToDevices (crypto/encryptolm.go createOutboundSessions, pinned in
+// internal/upstream) reads the answer's one_time_keys only, so the heal engine learns of failures
+// here, where the answer passes, through the request's context (withClaimFailures).
+type claimFailures struct {
+	lock    sync.Mutex
+	servers map[string]bool
+}
+
+type claimFailuresKey struct{}
+
+func withClaimFailures(ctx context.Context, f *claimFailures) context.Context {
+	return context.WithValue(ctx, claimFailuresKey{}, f)
+}
+
+// maxClaimFailures bounds the servers noted of one answer (a hostile homeserver can name any).
+const maxClaimFailures = 1000
+
+// noteClaimFailures notes the servers a claim answer's failures name, for the claim's heals.
+func noteClaimFailures(ctx context.Context, answer []byte) {
+	f, ok := ctx.Value(claimFailuresKey{}).(*claimFailures)
+	if !ok {
+		return
+	}
+	var parsed struct {
+		Failures map[string]json.RawMessage `json:"failures"`
+	}
+	if json.Unmarshal(answer, &parsed) != nil || len(parsed.Failures) == 0 {
+		return
+	}
+	f.lock.Lock()
+	defer f.lock.Unlock()
+	if f.servers == nil {
+		f.servers = make(map[string]bool)
+	}
+	for server := range parsed.Failures {
+		if len(f.servers) >= maxClaimFailures {
+			break
+		}
+		f.servers[server] = true
+	}
+}
+
+// failed reports whether the latest claim answer named the server among its failures.
+func (f *claimFailures) failed(server string) bool {
+	f.lock.Lock()
+	defer f.lock.Unlock()
+	return f.servers[server]
+}
+
+// reset forgets the servers noted, before the next claim.
+func (f *claimFailures) reset() {
+	f.lock.Lock()
+	defer f.lock.Unlock()
+	f.servers = nil
 }

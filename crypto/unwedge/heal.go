@@ -11,8 +11,9 @@ package unwedge
 //     group; a resumed heal was taken over in the ledger already;
 //   - attempt: one /keys/claim for the devices without a replacement session, the sessions made
 //     and recorded in the ledger the moment they exist, m.dummy encrypted over each and sent in
-//     one /sendToDevice; transient failures are retried with backoff, and one device's failure
-//     stays with that device;
+//     one /sendToDevice; transient failures are retried with backoff (a device whose server the
+//     claim answer's failures name too: answers.go notes them), and one device's failure stays
+//     with that device;
 //   - record: each heal ends in the ledger (finished, or postponed for ResumeHeals when its
 //     session exists but m.dummy could not be sent), in one call for a group, and each device
 //     gets its decision.
@@ -279,10 +280,11 @@ func (u *Unwedger) healGroup(ctx context.Context, members []*member) {
 	for _, m := range granted {
 		set[m.device.IdentityKey] = m.hc
 	}
-	healCtx := withHeals(mautrix.WithMaxRetries(ctx, 0), set)
+	failures := &claimFailures{}
+	healCtx := withClaimFailures(withHeals(mautrix.WithMaxRetries(ctx, 0), set), failures)
 	for attempt := 1; len(granted) > 0 && ctx.Err() == nil; attempt++ {
 		if going := u.prepareAttempt(ctx, granted); len(going) > 0 {
-			u.attemptGroup(ctx, healCtx, going)
+			u.attemptGroup(ctx, healCtx, failures, going)
 		}
 		left := pendingMembers(granted)
 		if left == 0 || attempt >= u.cfg.MaxRetries || ctx.Err() != nil {
@@ -537,14 +539,14 @@ func (m *member) checkKey(stored *id.Device) {
 // it looked the devices up, a panic on what one member's server answered), the halves are tried
 // again at once, down to single members: the member at fault fails alone, and the others heal in
 // this attempt, for a few more requests than one.
-func (u *Unwedger) attemptGroup(ctx context.Context, healCtx context.Context, going []*member) {
-	if !u.attempt(ctx, healCtx, going) || len(going) < 2 || ctx.Err() != nil {
+func (u *Unwedger) attemptGroup(ctx context.Context, healCtx context.Context, failures *claimFailures, going []*member) {
+	if !u.attempt(ctx, healCtx, failures, going) || len(going) < 2 || ctx.Err() != nil {
 		return
 	}
 	half := len(going) / 2
 	for _, part := range [][]*member{going[:half], going[half:]} {
 		if part = slices.DeleteFunc(slices.Clone(part), func(m *member) bool { return m.done }); len(part) > 0 {
-			u.attemptGroup(ctx, healCtx, part)
+			u.attemptGroup(ctx, healCtx, failures, part)
 		}
 	}
 }
@@ -559,7 +561,7 @@ func (u *Unwedger) attemptGroup(ctx context.Context, healCtx context.Context, go
 // It relies on the order in which mautrix-go's EncryptToDevices (crypto/encryptolm.go) calls the
 // store: HasSession per device, one ClaimKeys, AddSession per new session, then GetLatestSession
 // per device before encrypting (Store and healContext answer them; pinned in internal/upstream).
-func (u *Unwedger) attempt(ctx context.Context, healCtx context.Context, going []*member) (split bool) {
+func (u *Unwedger) attempt(ctx context.Context, healCtx context.Context, failures *claimFailures, going []*member) (split bool) {
 	req := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
 	for _, m := range going {
 		m.attempts++
@@ -569,6 +571,7 @@ func (u *Unwedger) attempt(ctx context.Context, healCtx context.Context, going [
 		req.Messages[m.device.UserID][m.device.DeviceID] = &event.Content{}
 	}
 	var encrypted *mautrix.ReqSendToDevice
+	failures.reset()
 	err := u.catch(ctx, PanicEncryptDummies, func() (err error) {
 		encrypted, err = u.mach.EncryptToDevices(healCtx, event.ToDeviceDummy, req)
 		return err
@@ -585,6 +588,11 @@ func (u *Unwedger) attempt(ctx context.Context, healCtx context.Context, going [
 		sess, _ := m.hc.replacement()
 		u.recordLate(ctx, m, sess)
 		switch {
+		case claimed && sess == nil && answered && failures.failed(m.device.UserID.Homeserver()):
+			// The homeserver could not reach the device's server (the answer's failures): no
+			// key was handed out, and it is no fault of the device. Tried again with backoff,
+			// and, if it never answers, failed_transient (min_interval does not start).
+			m.err = fmt.Errorf("%w: %s", errServerFailed, m.device.UserID.Homeserver())
 		case claimed && sess == nil && answered:
 			// The homeserver gave no key of the device, or one without a valid signature: this
 			// device fails, the others of the group go on.
@@ -652,6 +660,10 @@ func (u *Unwedger) attempt(ctx context.Context, healCtx context.Context, going [
 
 // errNoOneTimeKey: the claim was answered, but without a usable one-time key of the device.
 var errNoOneTimeKey = errors.New("the homeserver gave no one-time key of the device with a valid signature")
+
+// errServerFailed: the claim was answered, but the homeserver could not reach the device's server
+// (named in the answer's failures).
+var errServerFailed = errors.New("the homeserver could not claim a one-time key from the device's server")
 
 // errCryptoStore marks a heal's failure to store the new session.
 var errCryptoStore = errors.New("the crypto store could not keep the new session")

@@ -412,3 +412,64 @@ func TestNewSessionOutOfScope(t *testing.T) {
 		t.Errorf("room keys again %d more times", len(reshared))
 	}
 }
+
+// TestClaimServerFailure: a /keys/claim answer whose failures name the device's server (the
+// homeserver could not reach it: a federated server briefly down) gave no key through no fault of
+// the device. The heal is tried again with backoff; when the server answers by the last attempt
+// it heals, and when it never does the heal ends failed_transient, so min_interval does not start
+// and the device's next wedge heals. A device with no key and no failure still fails for good.
+func TestClaimServerFailure(t *testing.T) {
+	cases := []struct {
+		name string
+		// failing is how many claim answers (from the first) lose the device's key.
+		failing int
+		// failure names the device's server in those answers' failures.
+		failure bool
+		want    unwedge.Action
+		outcome unwedge.HealOutcome
+		// nextLimited: the device's next wedge within min_interval is limited.
+		nextLimited bool
+	}{
+		{"the server answers at the second attempt", 1, true, unwedge.ActionHealed, unwedge.HealHealed, true},
+		{"the server never answers", 1000, true, unwedge.ActionFailed, unwedge.HealFailedTransient, false},
+		{"no key and no failure", 1000, false, unwedge.ActionFailed, unwedge.HealFailedPermanent, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			f.establish()
+			h := f.hostile()
+			answers := 0
+			h.set("/keys/claim", editJSON(t, func(answer map[string]any) {
+				if answers++; answers > tc.failing {
+					return
+				}
+				delete(answer["one_time_keys"].(map[string]any), string(peerUser))
+				if tc.failure {
+					answer["failures"] = map[string]any{peerUser.Homeserver(): map[string]any{"status": 503, "message": "Not ready for retry"}}
+				}
+			}))
+			f.unwedger.HandleToDevice(f.ctx, f.garbageFrom(peerUser))
+			d := f.decision()
+			if d.Action != tc.want {
+				t.Fatalf("heal: %+v, want %s", d, tc.want)
+			}
+			heals, err := f.ledger.Heals(f.ctx, peerUser, peerDevice, 1)
+			if err != nil || len(heals) != 1 {
+				t.Fatalf("heals: %+v, %v", heals, err)
+			}
+			wantAttempts := min(tc.failing+1, f.cfg.MaxRetries)
+			if !tc.failure {
+				wantAttempts = 1
+			}
+			if heals[0].Outcome != tc.outcome || heals[0].Attempts != wantAttempts {
+				t.Errorf("the ledger has the heal as %s after %d attempts, want %s after %d", heals[0].Outcome, heals[0].Attempts, tc.outcome, wantAttempts)
+			}
+			h.set("/keys/claim", nil)
+			f.unwedger.HandleToDevice(f.ctx, f.garbageFrom(peerUser))
+			if d := f.decision(); (d.Action == unwedge.ActionLimited) != tc.nextLimited {
+				t.Errorf("the next wedge: %+v, want limited: %v", d, tc.nextLimited)
+			}
+		})
+	}
+}
