@@ -1,9 +1,7 @@
 package bridge
 
 import (
-	"bufio"
 	"bytes"
-	"context"
 	"os"
 	"reflect"
 	"regexp"
@@ -61,17 +59,7 @@ func tableNames(guide, prefix string) []string {
 }
 
 func TestGuideMetrics(t *testing.T) {
-	var buf bytes.Buffer
-	out := bufio.NewWriter(&buf)
-	newMetrics(&Helper{}).write(context.Background(), out)
-	_ = out.Flush()
-	var served []string
-	for _, line := range strings.Split(buf.String(), "\n") {
-		if fields := strings.Fields(line); len(fields) == 4 && fields[1] == "TYPE" {
-			served = append(served, fields[2])
-		}
-	}
-	slices.Sort(served)
+	served := sortedSet(servedMetrics())
 	documented := tableNames(section(t, readGuide(t), "## Metrics"), "unwedge_")
 	if len(served) < 8 {
 		t.Fatalf("only %d metric families served", len(served))

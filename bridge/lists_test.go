@@ -1,9 +1,7 @@
 package bridge
 
 import (
-	"bufio"
 	"bytes"
-	"context"
 	"go/ast"
 	"go/build"
 	"go/parser"
@@ -191,17 +189,44 @@ func unwedgeTables(t *testing.T) map[string]bool {
 
 // servedMetrics returns the metric families the metrics endpoint serves.
 func servedMetrics() map[string]bool {
-	var buf bytes.Buffer
-	out := bufio.NewWriter(&buf)
-	newMetrics(&Helper{}).write(context.Background(), out)
-	_ = out.Flush()
 	served := map[string]bool{}
-	for _, line := range strings.Split(buf.String(), "\n") {
-		if fields := strings.Fields(line); len(fields) == 4 && fields[1] == "TYPE" {
-			served[fields[2]] = true
-		}
+	for name := range servedFamilies() {
+		served[name] = true
 	}
 	return served
+}
+
+// metricFamily is what the metrics endpoint serves of one family: its type, and the values that
+// each label of its series takes.
+type metricFamily struct {
+	kind   string
+	labels map[string]map[string]bool
+}
+
+// servedFamilies returns the families the metrics endpoint serves with no Unwedger, recovery or
+// database behind it: every family, its labelled series with zeros (write makes them appear so
+// that dashboards and alerts do not see series vanish). unwedge_olm_failures_total has no series
+// then: its classes are those the detector found.
+func servedFamilies() map[string]*metricFamily {
+	families := map[string]*metricFamily{}
+	var current *metricFamily
+	label := regexp.MustCompile(`([a-z_]+)="([^"]*)"`)
+	for _, line := range strings.Split(writeMetrics(newMetrics(&Helper{})), "\n") {
+		fields := strings.Fields(line)
+		switch {
+		case len(fields) == 4 && fields[1] == "TYPE":
+			current = &metricFamily{kind: fields[3], labels: map[string]map[string]bool{}}
+			families[fields[2]] = current
+		case len(fields) > 0 && fields[0] != "#" && current != nil:
+			for _, m := range label.FindAllStringSubmatch(line, -1) {
+				if current.labels[m[1]] == nil {
+					current.labels[m[1]] = map[string]bool{}
+				}
+				current.labels[m[1]][m[2]] = true
+			}
+		}
+	}
+	return families
 }
 
 // The admin guide's table list, the database package's comment and the README name exactly the

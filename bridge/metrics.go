@@ -15,17 +15,18 @@ import (
 )
 
 // Metrics serves unwedge's counters in the Prometheus text exposition format (version 0.0.4),
-// computed from the Unwedger's and Recovery's counters at scrape time, plus a histogram of heal
-// durations that it collects itself.
+// computed from the Unwedger's and Recovery's counters at scrape time, plus the histograms of heal
+// durations and of how long recovered events waited, which it collects itself.
 type Metrics struct {
 	h *Helper
 
-	lock     sync.Mutex
-	buckets  []float64 // upper bounds in seconds
-	counts   []uint64  // per bucket, not cumulative
-	sum      float64
-	observed uint64
+	// heals holds the durations of heals that ended healed (observe).
+	heals *histogram
+	// recovered holds how long events that waited for their keys took from their sending to
+	// being bridged (observeRecovered).
+	recovered *histogram
 
+	lock   sync.Mutex
 	server *http.Server
 	// retry is how often a listener that could not listen tries again (metricsRetry).
 	retry time.Duration
@@ -33,8 +34,14 @@ type Metrics struct {
 
 var healBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300}
 
+// recoveredBuckets span a recovered event's wait: bridgev2's own 25 s wait and unwedge's 30 s
+// hand-over come first, then a key that arrives minutes later (a heal, a key request answered),
+// hours later (the sender's device was offline) or up to the default 7 days of
+// unwedge.recovery.retention.
+var recoveredBuckets = []float64{10, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400}
+
 func newMetrics(h *Helper) *Metrics {
-	return &Metrics{h: h, buckets: healBuckets, counts: make([]uint64, len(healBuckets)+1), retry: metricsRetry}
+	return &Metrics{h: h, heals: newHistogram(healBuckets), recovered: newHistogram(recoveredBuckets), retry: metricsRetry}
 }
 
 // observe records a heal's duration (Unwedger.OnDecision).
@@ -42,13 +49,53 @@ func (m *Metrics) observe(d unwedge.Decision) {
 	if d.Action != unwedge.ActionHealed {
 		return
 	}
-	seconds := d.Duration.Seconds()
-	m.lock.Lock()
-	defer m.lock.Unlock()
-	i := sort.SearchFloat64s(m.buckets, seconds)
-	m.counts[i]++
-	m.sum += seconds
-	m.observed++
+	m.heals.observe(d.Duration.Seconds())
+}
+
+// observeRecovered records how long a recovered event took from its sending (origin_server_ts,
+// the sender's homeserver's clock: a negative wait counts as 0) to being bridged. A nil Metrics
+// (a sink in a test) records nothing.
+func (m *Metrics) observeRecovered(sent, bridged time.Time) {
+	if m == nil {
+		return
+	}
+	m.recovered.observe(max(bridged.Sub(sent), 0).Seconds())
+}
+
+// histogram is a Prometheus histogram of seconds: the count per bucket (not cumulative; write
+// adds them up), their sum and how many there were.
+type histogram struct {
+	lock     sync.Mutex
+	buckets  []float64 // upper bounds in seconds, ascending
+	counts   []uint64  // per bucket, the last for +Inf
+	sum      float64
+	observed uint64
+}
+
+func newHistogram(buckets []float64) *histogram {
+	return &histogram{buckets: buckets, counts: make([]uint64, len(buckets)+1)}
+}
+
+func (h *histogram) observe(seconds float64) {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	h.counts[sort.SearchFloat64s(h.buckets, seconds)]++
+	h.sum += seconds
+	h.observed++
+}
+
+// write writes the histogram's family: its cumulative buckets, sum and count.
+func (h *histogram) write(out *bufio.Writer, name, help string) {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	family(out, name, "histogram", help)
+	var cumulative uint64
+	for i, bound := range h.buckets {
+		cumulative += h.counts[i]
+		fmt.Fprintf(out, "%s_bucket{le=\"%g\"} %d\n", name, bound, cumulative)
+	}
+	fmt.Fprintf(out, "%s_bucket{le=\"+Inf\"} %d\n", name, h.observed)
+	fmt.Fprintf(out, "%s_sum %g\n%s_count %d\n", name, h.sum, name, h.observed)
 }
 
 // metricsRetry is how often a metrics listener that could not listen tries again.
@@ -175,16 +222,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	family(out, "unwedge_unknown_device_total", "counter", "Wedges claimed by identity keys that are no device of the sender (not healed, no key claimed).")
 	fmt.Fprintf(out, "unwedge_unknown_device_total %d\n", unknownDevice)
 
-	m.lock.Lock()
-	family(out, "unwedge_heal_duration_seconds", "histogram", "Time from the heal engine taking a device up (a group of devices healed together shares its start; a resumed heal counts from its resumption) to m.dummy sent over the replacement session, for heals that ended healed.")
-	var cumulative uint64
-	for i, bound := range m.buckets {
-		cumulative += m.counts[i]
-		fmt.Fprintf(out, "unwedge_heal_duration_seconds_bucket{le=\"%g\"} %d\n", bound, cumulative)
-	}
-	fmt.Fprintf(out, "unwedge_heal_duration_seconds_bucket{le=\"+Inf\"} %d\n", m.observed)
-	fmt.Fprintf(out, "unwedge_heal_duration_seconds_sum %g\nunwedge_heal_duration_seconds_count %d\n", m.sum, m.observed)
-	m.lock.Unlock()
+	m.heals.write(out, "unwedge_heal_duration_seconds", "Time from the heal engine taking a device up (a group of devices healed together shares its start; a resumed heal counts from its resumption) to m.dummy sent over the replacement session, for heals that ended healed.")
 
 	recovery := map[unwedge.RecoveryCount]int64{}
 	if m.h.recovery != nil {
@@ -201,6 +239,7 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 	}
 	family(out, "unwedge_undecryptable_events_total", "counter", "Room events without their Megolm session: recorded, recovered (bridged late), given_up (after the retention), dropped (not bridged: the sender left or was removed from the room, the event was redacted, or the device is not trusted enough), decrypted_by_bridge (bridgev2's own wait got the key), not_recorded (over a cap: max_pending_per_user, max_pending_per_room or max_pending).")
 	labelled(out, "unwedge_undecryptable_events_total", "result", events)
+	m.recovered.write(out, "unwedge_recovered_event_delay_seconds", "Time from a recovered room event's sending (its origin_server_ts) to its hand-over to the portal, for events bridged late by recovery (undecryptable_events_total{result=\"recovered\"}).")
 	refused := map[string]int64{
 		"sender": recovery[unwedge.CountFullSender],
 		"room":   recovery[unwedge.CountFullRoom],
@@ -218,6 +257,17 @@ func (m *Metrics) write(ctx context.Context, out *bufio.Writer) {
 		}
 	}
 	fmt.Fprintf(out, "unwedge_pending_events %d\n", pending)
+	family(out, "unwedge_pending_oldest_seconds", "gauge", "Seconds since the bridge first failed to decrypt the oldest room event that still waits for its Megolm session (all replicas); 0 when none waits, -1 when the database could not be read.")
+	oldest := -1.0
+	if m.h.db != nil {
+		if first, ok, err := m.h.db.Pending.Oldest(ctx); err == nil {
+			oldest = 0
+			if ok {
+				oldest = max(time.Since(first), 0).Seconds()
+			}
+		}
+	}
+	fmt.Fprintf(out, "unwedge_pending_oldest_seconds %g\n", oldest)
 
 	startup := map[string]int64{string(unwedge.ClassRolledBack): 0, string(unwedge.ClassSessionLost): 0}
 	for c, n := range decisions {

@@ -29,11 +29,9 @@ func TestMetricsHistogram(t *testing.T) {
 	} {
 		m.observe(d)
 	}
-	var buf bytes.Buffer
-	out := bufio.NewWriter(&buf)
-	m.write(context.Background(), out)
-	_ = out.Flush()
-	text := buf.String()
+	m.observeRecovered(time.Now(), time.Now().Add(-time.Second)) // the sender's clock ahead: 0 s
+	m.observeRecovered(time.Now().Add(-2*time.Hour), time.Now())
+	text := writeMetrics(m)
 	for _, want := range []string{
 		`unwedge_heal_duration_seconds_bucket{le="0.05"} 1`,
 		`unwedge_heal_duration_seconds_bucket{le="0.25"} 1`,
@@ -45,11 +43,26 @@ func TestMetricsHistogram(t *testing.T) {
 		`unwedge_heals_total{result="rate_limited"} 0`, // no Unwedger: every family still appears
 		`unwedge_heals_total{result="throttled"} 0`,
 		`unwedge_pending_events -1`, // no database: unknown
+		`unwedge_pending_oldest_seconds -1`,
+		`unwedge_recovered_event_delay_seconds_bucket{le="10"} 1`,
+		`unwedge_recovered_event_delay_seconds_bucket{le="3600"} 1`,
+		`unwedge_recovered_event_delay_seconds_bucket{le="10800"} 2`,
+		`unwedge_recovered_event_delay_seconds_bucket{le="+Inf"} 2`,
+		`unwedge_recovered_event_delay_seconds_count 2`,
 	} {
 		if !strings.Contains(text, want+"\n") {
 			t.Errorf("metrics lack %q:\n%s", want, text)
 		}
 	}
+}
+
+// writeMetrics returns what the metrics endpoint serves.
+func writeMetrics(m *Metrics) string {
+	var buf bytes.Buffer
+	out := bufio.NewWriter(&buf)
+	m.write(context.Background(), out)
+	_ = out.Flush()
+	return buf.String()
 }
 
 // TestMetricsPortTaken: two bridges on one host with the same metrics address. The second one's

@@ -86,6 +86,7 @@ func (s *recoverySink) Deliver(ctx context.Context, original, decrypted *event.E
 		// handled it, so a crash in between hands it over again instead of losing it.
 		s.waitBridged(ctx, decrypted)
 	}
+	s.h.metrics.observeRecovered(time.UnixMilli(original.Timestamp), time.Now())
 	s.redactNotices(ctx, original)
 	return nil
 }

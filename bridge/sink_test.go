@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
@@ -126,6 +127,11 @@ func TestDeliverVerificationLevel(t *testing.T) {
 		t.Fatal(err)
 	}
 	br, _ := newTestBridge(t, "test", cryptotest.Database(t))
+	// Every event was sent 90 s before its hand-over: the bridged ones are in the recovered-delay
+	// histogram, the dropped ones are not.
+	metrics := newMetrics(&Helper{})
+	sent := time.Now().Add(-90 * time.Second)
+	bridged := 0
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			var dispatched []id.EventID
@@ -136,11 +142,11 @@ func TestDeliverVerificationLevel(t *testing.T) {
 			cfg.Encryption.VerificationLevels.Send, cfg.Encryption.VerificationLevels.Receive = tc.send, tc.receive
 			sink := &recoverySink{h: &Helper{conn: &matrix.Connector{
 				Config: cfg, Bot: &appservice.IntentAPI{Client: client}, Bridge: br, EventProcessor: processor,
-			}}}
+			}, metrics: metrics}}
 
 			eventID := id.EventID(fmt.Sprintf("$late%d", i))
 			original := &event.Event{ID: eventID, RoomID: cmdPortal, Sender: cmdAlice, Type: event.EventEncrypted,
-				Content: event.Content{Raw: map[string]any{}}}
+				Timestamp: sent.UnixMilli(), Content: event.Content{Raw: map[string]any{}}}
 			decrypted := &event.Event{ID: eventID, RoomID: cmdPortal, Sender: cmdAlice, Type: event.EventMessage,
 				Content: event.Content{Parsed: &event.MessageEventContent{MsgType: event.MsgText, Body: "hello"}},
 				Mautrix: event.MautrixInfo{TrustState: tc.trust}}
@@ -148,6 +154,7 @@ func TestDeliverVerificationLevel(t *testing.T) {
 
 			var dropped *unwedge.DroppedError
 			if tc.bridged {
+				bridged++
 				if err != nil || len(dispatched) != 1 || dispatched[0] != eventID {
 					t.Errorf("trust %s with send %s: Deliver = %v, dispatched %v; want it bridged", tc.trust, tc.send, err, dispatched)
 				}
@@ -155,5 +162,15 @@ func TestDeliverVerificationLevel(t *testing.T) {
 				t.Errorf("trust %s with send %s: Deliver = %v, dispatched %v; want it dropped for its verification level", tc.trust, tc.send, err, dispatched)
 			}
 		})
+	}
+	text := writeMetrics(metrics)
+	for _, want := range []string{
+		`unwedge_recovered_event_delay_seconds_bucket{le="60"} 0`,
+		fmt.Sprintf(`unwedge_recovered_event_delay_seconds_bucket{le="120"} %d`, bridged),
+		fmt.Sprintf(`unwedge_recovered_event_delay_seconds_count %d`, bridged),
+	} {
+		if !strings.Contains(text, want+"\n") {
+			t.Errorf("metrics lack %q:\n%s", want, text)
+		}
 	}
 }

@@ -40,6 +40,7 @@ const (
 			COALESCE((SELECT MAX(next_request) FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $3 AND session_id = $4 AND sender_key = $5 AND sender = $6), $12))
 		ON CONFLICT (bridge_id, event_id) DO NOTHING`
 	countPendingQuery   = `SELECT COUNT(*) FROM unwedge_pending WHERE bridge_id = $1`
+	oldestPendingQuery  = `SELECT MIN(first_seen) FROM unwedge_pending WHERE bridge_id = $1`
 	deletePendingQuery  = `DELETE FROM unwedge_pending WHERE bridge_id = $1 AND event_id = $2`
 	sessionPendingQuery = `SELECT EXISTS (SELECT 1 FROM unwedge_pending WHERE bridge_id = $1 AND room_id = $2 AND session_id = $3)`
 	// Sessions whose events passed the hand-over time and whose next key request is due.
@@ -146,6 +147,17 @@ func (pq *PendingQuery) Add(ctx context.Context, p *unwedge.Pending, limits unwe
 func (pq *PendingQuery) Count(ctx context.Context) (n int, err error) {
 	err = pq.db.QueryRow(ctx, countPendingQuery, pq.BridgeID).Scan(&n)
 	return
+}
+
+// Oldest returns when the bridge first failed on the pending event that has waited longest
+// (first_seen, the bridge's clock, not the sender-controlled origin_server_ts); ok is false when
+// no event is pending.
+func (pq *PendingQuery) Oldest(ctx context.Context) (firstSeen time.Time, ok bool, err error) {
+	var oldest sql.NullInt64
+	if err = pq.db.QueryRow(ctx, oldestPendingQuery, pq.BridgeID).Scan(&oldest); err != nil || !oldest.Valid {
+		return time.Time{}, false, err
+	}
+	return time.UnixMilli(oldest.Int64), true, nil
 }
 
 // Delete removes an event (the bridge decrypted it itself); it reports whether it was pending.

@@ -244,6 +244,50 @@ func TestUnwedgeUpgrades(t *testing.T) {
 	}
 }
 
+// TestPendingOldest: the oldest pending event is the one the bridge first failed on earliest
+// (first_seen), not the one whose sender wrote the earliest origin_server_ts; another bridge's
+// events in the same database do not count, and with none pending there is no oldest.
+func TestPendingOldest(t *testing.T) {
+	t0 := time.UnixMilli(1_800_000_000_000)
+	for dialect, db := range openPending(t) {
+		t.Run(dialect, func(t *testing.T) {
+			ctx := context.Background()
+			pq := db.Pending
+			if _, ok, err := pq.Oldest(ctx); err != nil || ok {
+				t.Fatalf("oldest of none: ok=%v err=%v, want none", ok, err)
+			}
+			// Another bridge's event, seen an hour before any of this bridge's.
+			if _, err := db.Exec(ctx, `INSERT INTO unwedge_pending (bridge_id, event_id, room_id, session_id, sender_key, sender, device_id, event, origin_ts, first_seen, next_request)
+				VALUES ('other-bridge', '$other', '!room:localhost', 'A', 'curve-key-a', '@alice:localhost', 'PHONE', '{}', $1, $1, $1)`, t0.Add(-time.Hour).UnixMilli()); err != nil {
+				t.Fatal(err)
+			}
+			later := pendingEvent(1, "A", t0.Add(time.Minute))
+			// Backdated by its sender: seen later all the same.
+			later.OriginTS = t0.Add(-24 * time.Hour)
+			later.Event.Timestamp = later.OriginTS.UnixMilli()
+			earlier := pendingEvent(2, "B", t0)
+			for _, p := range []*unwedge.Pending{later, earlier} {
+				if _, err := pq.Add(ctx, p, roomy); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, step := range []struct {
+				deleted id.EventID
+				want    time.Time
+			}{{"", t0}, {earlier.EventID, t0.Add(time.Minute)}} {
+				if step.deleted != "" {
+					if deleted, err := pq.Delete(ctx, step.deleted); err != nil || !deleted {
+						t.Fatalf("delete %s: %v, %v", step.deleted, deleted, err)
+					}
+				}
+				if oldest, ok, err := pq.Oldest(ctx); err != nil || !ok || !oldest.Equal(step.want) {
+					t.Errorf("after deleting %q: oldest %v (ok=%v, %v), want %v", step.deleted, oldest, ok, err, step.want)
+				}
+			}
+		})
+	}
+}
+
 // TestPendingSenders: events of another room member that name the same session and sender key
 // as a victim's are kept apart from the victim's (security finding 4). They neither join nor use
 // up the victim's key requests, a heal of the victim's device hurries only the victim's, and

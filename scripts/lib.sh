@@ -44,6 +44,33 @@ apt_install() {
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+install_promtool() (
+	# install_promtool: installs Debian's prometheus package for its promtool, which test.sh runs
+	# on deploy/prometheus/. The package's postinst starts the Prometheus server (invoke-rc.d, or
+	# deb-systemd-invoke under systemd) and enables it at boot; the tests want neither. For the
+	# install a policy-rc.d that refuses every start (exit 101, policy-rc.d(8): both helpers ask
+	# it) stands in for the machine's own, which is put back after; then the boot start is turned
+	# off. A machine with the package, or with promtool from elsewhere, is left as it is.
+	if command -v promtool >/dev/null ||
+		dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q "install ok installed"; then
+		exit 0
+	fi
+	policy=/usr/sbin/policy-rc.d
+	saved=
+	if [ -e "$policy" ]; then
+		saved=$(mktemp)
+		cp -p "$policy" "$saved"
+	fi
+	trap 'if [ -n "$saved" ]; then mv -f "$saved" "$policy"; else rm -f "$policy"; fi' EXIT
+	printf '#!/bin/sh\n# scripts/lib.sh install_promtool: no service starts while prometheus is installed.\nexit 101\n' >"$policy"
+	chmod 0755 "$policy"
+	apt_install prometheus
+	if command -v deb-systemd-helper >/dev/null; then
+		deb-systemd-helper disable prometheus.service >/dev/null 2>&1 || true
+	fi
+	update-rc.d prometheus disable >/dev/null 2>&1 || true
+)
+
 debian_mirror() {
 	# The Debian mirror this machine's apt uses, so the sid chroot comes from the same place.
 	local m

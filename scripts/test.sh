@@ -26,6 +26,16 @@ staticcheck=$(go env GOPATH)/bin/staticcheck
 "$staticcheck" -tags goolm ./...
 "$staticcheck" -tags goolm,unwedgefault ./...
 
+# The Prometheus alerts (deploy/prometheus/): promtool's check and their unit tests. That they name
+# only metrics the bridge serves is bridge's TestDashboardMetrics.
+install_promtool
+if command -v promtool >/dev/null; then
+	promtool check rules deploy/prometheus/unwedge-alerts.yml
+	promtool test rules deploy/prometheus/unwedge-alerts_test.yml
+else
+	log "no promtool: the Prometheus alerts are not checked"
+fi
+
 gotest=(go test -tags goolm -count=1 -timeout 40m)
 
 # The tests of the fault points themselves exist only in the test build.
