@@ -28,7 +28,7 @@ staticcheck=$(go env GOPATH)/bin/staticcheck
 
 # The Prometheus alerts (deploy/prometheus/): promtool's check and their unit tests. That they name
 # only metrics the bridge serves is bridge's TestDashboardMetrics.
-install_promtool
+install_promtool || log "failed to install promtool (Debian's prometheus package)"
 if command -v promtool >/dev/null; then
 	promtool check rules deploy/prometheus/unwedge-alerts.yml
 	promtool test rules deploy/prometheus/unwedge-alerts_test.yml
