@@ -144,7 +144,7 @@ func run(ctx context.Context, opts options) error {
 }
 
 // columns is how many columns the table has per mode: resultColumns's, and the header's.
-const columns = 11
+const columns = 12
 
 // resultColumns are a result's columns in the table, tab-separated.
 func resultColumns(res *lab.Result) string {
@@ -154,13 +154,16 @@ func resultColumns(res *lab.Result) string {
 		}
 		return fmt.Sprintf("%d ms", v)
 	}
-	latency := "-"
-	if res.WedgedBridgedMaxMS >= 0 {
-		latency = fmt.Sprintf("%d/%d ms", res.WedgedBridgedP50MS, res.WedgedBridgedMaxMS)
+	pair := func(p50, longest int64) string {
+		if longest < 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%d/%d ms", p50, longest)
 	}
-	return fmt.Sprintf("%d/%d\t%d\t%d\t%d\t%d/%d\t%d\t%t\t%d\t%s\t%s\t%s", res.Bridged, res.Sent, res.Lost, res.LostBeforeHeal,
+	return fmt.Sprintf("%d/%d\t%d\t%d\t%d\t%d/%d\t%d\t%t\t%d\t%s\t%s\t%s\t%s", res.Bridged, res.Sent, res.Lost, res.LostBeforeHeal,
 		res.SentInWindow, res.RemoteDecrypted, res.RemoteSent, res.RemoteLost, res.Healed, res.ReplacementSessions,
-		ms(res.TimeToFirstBridgedMS, "never"), ms(res.FailureToFirstBridgedMS, "-"), latency)
+		ms(res.TimeToFirstBridgedMS, "never"), ms(res.FailureToFirstBridgedMS, "-"), pair(res.WedgedBridgedP50MS, res.WedgedBridgedMaxMS),
+		pair(res.KeyToBridgedP50MS, res.KeyToBridgedMaxMS))
 }
 
 // parseScenarios reads --scenario: scenario names separated by commas, or empty for all.
@@ -210,7 +213,7 @@ func parseRules(s string) ([]testclient.Rules, error) {
 // modeHeader is the table's header over one mode's columns.
 func modeHeader(mode lab.Mode) string {
 	return string(mode) + ": bridged\tlost\tlost before heal\tsent in window\tremote decrypted\tremote lost\thealed\t" +
-		"new sessions\tfirst bridged\tfrom failure\twedged p50/max"
+		"new sessions\tfirst bridged\tfrom failure\twedged p50/max\tkey to bridged p50/max"
 }
 
 // printTable prints one row per scenario and rule set, with the modes side by side.
