@@ -108,8 +108,18 @@ func checkHealed(t *testing.T, sc *Scenario, res *Result) {
 	if sc.Wedge == nil && res.SentWhileDown == 0 {
 		t.Errorf("the device sent nothing while the bridge was stopped")
 	}
+	// A message whose key the bridge holds waits for no hand-over (recovery.StockWait, 30 s):
+	// Element Web's grace period is 4 s; the bound here leaves room for a loaded test machine.
+	if res.KeyToBridgedMaxMS < 0 || res.KeyToBridgedMaxMS > keyToBridgedBound.Milliseconds() {
+		t.Errorf("key to bridged: max %d ms (p50 %d ms), want 0 to %s", res.KeyToBridgedMaxMS, res.KeyToBridgedP50MS, keyToBridgedBound)
+	}
 	checkReplacements(t, res)
 }
+
+// keyToBridgedBound is the longest a message may take in the tests from the bridge holding its
+// key to the remote side having it: Element Web's 4 s grace period, doubled for a machine that
+// runs three test lanes at once.
+const keyToBridgedBound = 8 * time.Second
 
 // checkReplacements: every scenario breaks one device's session, on the bridge's side or the
 // device's, so unwedge makes at most one replacement session, and exactly one once an Olm message
