@@ -138,3 +138,25 @@ func ProactiveRatios(oneByOne, batch ProactiveResult) ProactiveRatio {
 		Alloc:        ratio(oneByOne.AllocMB, batch.AllocMB),
 	}
 }
+
+// StartupResult is one entry of the startup check at scale (cmd/bench's "startup" list): a bridge
+// with Sessions stored Olm sessions starts on DB, after a rollback (every device healed, at most
+// 100,000) or not, while a message arrives every 100 ms. Measured in a process of its own.
+type StartupResult struct {
+	DB       string `json:"db"`
+	Sessions int    `json:"sessions"`
+	Rollback bool   `json:"rollback"`
+	// SecondsToFirstEvent is from the start until events are handled; EventsBlockedMaxMS the
+	// longest a message that arrived meanwhile waited until it was handled.
+	SecondsToFirstEvent float64 `json:"seconds_to_first_event"`
+	EventsBlockedMaxMS  float64 `json:"events_blocked_max_ms"`
+	// CheckSeconds is the time the check spent reading the tables, HealSeconds in the heal
+	// engine, TotalSeconds from the start until both ended (in the background).
+	CheckSeconds float64 `json:"check_seconds"`
+	HealSeconds  float64 `json:"heal_seconds"`
+	TotalSeconds float64 `json:"total_seconds"`
+	PeakRSSMB    float64 `json:"peak_rss_mb"`
+	Heals        int     `json:"heals"`
+	Healed       int     `json:"healed"`
+	FillSeconds  float64 `json:"fill_seconds"`
+}

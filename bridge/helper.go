@@ -50,8 +50,10 @@ type Helper struct {
 	inboxHandled atomic.Int64
 	// inboxPanics counts the inbox rounds that panicked (inboxRound).
 	inboxPanics atomic.Int64
-	// startup is what the heals at startup found (nil before, or when they are off).
-	startup atomic.Pointer[unwedge.StartupReport]
+	// startup is what the heals at startup found (nil until they ended, or when they are off);
+	// startupDone is done once it is stored and logged.
+	startup     atomic.Pointer[unwedge.StartupReport]
+	startupDone sync.WaitGroup
 
 	streams *beeperstream.Helper
 
@@ -132,13 +134,29 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 		}()
 	}
 	if h.cfg.Startup.Enabled {
-		// Before Init returns, so before bridgev2 handles any event: heals of sessions the bridge
-		// can know are broken go out before anyone sends over them.
+		// Before Init returns, so before bridgev2 handles any event, but for at most
+		// unwedge.MaxStartupWait: the heals of the devices used most recently go out before they
+		// send again; the check of every other session and its heals go on in the background.
+		wait := h.cfg.Startup.Wait
+		if wait > unwedge.MaxStartupWait {
+			h.log.Warn().Dur("configured", wait).Dur("waited_at_most", unwedge.MaxStartupWait).
+				Msg("unwedge.startup.wait is above the longest events wait at startup; waiting that long at most")
+		}
 		h.generation = unwedge.NewGenerationKeeper(h.db.Generation, &unwedge.AccountDataMirror{Client: h.client}, h.wrapped, h.mach.OwnIdentity().IdentityKey, h.log)
-		report := h.unwedger.HealAtStartup(h.log.WithContext(ctx), h.generation, h.db.Shared, h.cfg.Startup.Wait)
-		h.startup.Store(report)
-		h.logStartup(report)
-		h.generation.Start()
+		started := time.Now()
+		run := h.unwedger.StartHealAtStartup(h.log.WithContext(ctx), h.generation, h.db.Shared)
+		h.generation.StartAfter(run.Checked())
+		if !run.WaitFirst(ctx, wait) {
+			h.log.Warn().Dur("waited", time.Since(started)).Msg("Heals at startup still running; handling events meanwhile")
+		}
+		h.startupDone.Add(1)
+		go func() {
+			defer h.startupDone.Done()
+			<-run.Done()
+			report := run.Report()
+			h.startup.Store(report)
+			h.logStartup(report)
+		}()
 	}
 	return nil
 }
@@ -166,6 +184,11 @@ func (h *Helper) logStartup(report *unwedge.StartupReport) {
 		Int("heals", len(report.Decisions)).
 		Int("healed", healed).
 		Bool("finished", report.Finished).
+		Int("sessions_checked", report.SessionsChecked).
+		Int("pages", report.Pages).
+		Dur("first_page", report.FirstPage).
+		Dur("check_duration", report.CheckDuration).
+		Dur("heal_duration", report.HealDuration).
 		Msg("Checked the Olm sessions at startup")
 }
 
@@ -175,14 +198,16 @@ func (h *Helper) stopUnwedge() {
 		h.stopInbox()
 		h.inboxDone.Wait()
 	}
-	if h.generation != nil {
-		h.generation.Stop(h.log.WithContext(context.Background()))
-	}
 	if h.recovery != nil {
 		h.recovery.Stop()
 	}
 	if h.unwedger != nil {
+		// Stops the check and heals at startup too; the generation moves on after them.
 		h.unwedger.Stop()
+		h.startupDone.Wait()
+	}
+	if h.generation != nil {
+		h.generation.Stop(h.log.WithContext(context.Background()))
 	}
 	if h.metrics != nil {
 		h.metrics.stop()

@@ -5,10 +5,13 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/crypto/unwedge"
 )
 
 const (
@@ -49,7 +52,22 @@ const (
 	sharedKeysQuery = `
 		SELECT identity_key FROM unwedge_megolm_shared WHERE bridge_id = $1 AND shared_at >= $2
 		GROUP BY identity_key ORDER BY MAX(shared_at) DESC LIMIT $3`
+	// The devices shared with since $2 that have no Olm session row (crypto_olm_session of
+	// account $3), the latest shared first, a page after the cursor ($4, $5). The database does the
+	// anti-join so that the bridge holds one page, whatever the number of sessions and shares.
+	// The cast lets Postgres use crypto_olm_session_sender_key_idx (sender_key is CHAR(43)).
+	// Relies on crypto/sql_store_upgrade/00-latest-revision.sql's crypto_olm_session (pinned in internal/upstream).
+	lostKeysQuery = `
+		SELECT identity_key, MAX(shared_at) FROM unwedge_megolm_shared s
+		WHERE bridge_id = $1 AND shared_at >= $2 AND NOT EXISTS (
+			SELECT 1 FROM crypto_olm_session o
+			WHERE o.account_id = $3 AND o.sender_key = CAST(s.identity_key AS CHAR(43))
+		)
+		GROUP BY identity_key HAVING (MAX(shared_at), identity_key) < ($4, $5)
+		ORDER BY MAX(shared_at) DESC, identity_key DESC LIMIT $6`
 )
+
+var _ unwedge.SharedPeers = (*SharedQuery)(nil)
 
 // SharedQuery records at which index the bridge first shared each of its own Megolm sessions
 // with a device (by identity key).
@@ -102,4 +120,30 @@ func (sq *SharedQuery) SharedKeys(ctx context.Context, since time.Time, limit in
 		return nil, fmt.Errorf("failed to list the devices the bridge shared room keys with: %w", err)
 	}
 	return keys, nil
+}
+
+// LostKeys returns a page of at most limit identity keys of devices the bridge shared one of its
+// Megolm sessions with since a time and holds no Olm session with (in the crypto store's account
+// accountID), the latest shared first, after the cursor, and the cursor of the next page; no keys:
+// the end.
+func (sq *SharedQuery) LostKeys(ctx context.Context, accountID string, since time.Time, after unwedge.SharedCursor, limit int) ([]id.IdentityKey, unwedge.SharedCursor, error) {
+	if after == (unwedge.SharedCursor{}) {
+		after.SharedAt = math.MaxInt64
+	}
+	rows, err := sq.db.Query(ctx, lostKeysQuery, sq.BridgeID, since.UnixMilli(), accountID, after.SharedAt, after.Key, limit)
+	if err != nil {
+		return nil, after, fmt.Errorf("failed to list the devices the bridge shared room keys with and holds no Olm session with: %w", err)
+	}
+	defer rows.Close()
+	keys := make([]id.IdentityKey, 0, limit)
+	for rows.Next() {
+		if err = rows.Scan(&after.Key, &after.SharedAt); err != nil {
+			return nil, after, fmt.Errorf("failed to list the devices the bridge shared room keys with and holds no Olm session with: %w", err)
+		}
+		keys = append(keys, after.Key)
+	}
+	if err = rows.Err(); err != nil {
+		return nil, after, fmt.Errorf("failed to list the devices the bridge shared room keys with and holds no Olm session with: %w", err)
+	}
+	return keys, after, nil
 }

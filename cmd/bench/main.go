@@ -70,6 +70,11 @@ type Report struct {
 	// OlmHistory is what the Olm history costs on Postgres per number of sessions, for a modeled
 	// week of traffic.
 	OlmHistory []bench.OlmHistoryResult `json:"olm_history"`
+
+	// Startup is the startup check at scale: per database and number of stored Olm sessions, with
+	// and without a rollback, how long events waited and what the check cost (each entry in a
+	// process of its own).
+	Startup []bench.StartupResult `json:"startup"`
 }
 
 // DecryptRuns are one success path benchmark's ratios, run by run, to show their spread.
@@ -82,15 +87,18 @@ type sizes struct {
 	benchRuns, benchOps, heals int
 	storm, ledger, proactive   string
 	history                    string
+	startup, startupSQLite     string
 }
 
 func main() {
 	quick := flag.Bool("quick", false, "small sizes (a minute instead of several)")
 	jsonPath := flag.String("json", "", "also write the figures as JSON to this path")
 	flag.Parse()
-	sz := sizes{benchRuns: 6, benchOps: 400, heals: 30, storm: "200,1000", ledger: "1000,100000,1000000", proactive: "1000,10000", history: "1000,100000"}
+	sz := sizes{benchRuns: 6, benchOps: 400, heals: 30, storm: "200,1000", ledger: "1000,100000,1000000", proactive: "1000,10000", history: "1000,100000",
+		startup: "10000,100000,1000000", startupSQLite: "10000,100000"}
 	if *quick {
-		sz = sizes{benchRuns: 3, benchOps: 200, heals: 10, storm: "100", ledger: "1000,100000", proactive: "200", history: "1000"}
+		sz = sizes{benchRuns: 3, benchOps: 200, heals: 10, storm: "100", ledger: "1000,100000", proactive: "200", history: "1000",
+			startup: "10000", startupSQLite: "10000"}
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
@@ -154,11 +162,13 @@ func run(ctx context.Context, sz sizes) (*Report, error) {
 		"UNWEDGE_BENCH_LEDGER=" + sz.ledger,
 		"UNWEDGE_BENCH_PROACTIVE=" + sz.proactive,
 		"UNWEDGE_BENCH_HISTORY=" + sz.history,
+		"UNWEDGE_BENCH_STARTUP=" + sz.startup,
+		"UNWEDGE_BENCH_STARTUP_SQLITE=" + sz.startupSQLite,
 	}
-	if _, err = goTest(ctx, root, env, "-run", "^(TestHealLatency|TestStorm|TestLedgerScale|TestProactiveStorm|TestOlmHistoryStorage)$", "-v"); err != nil {
+	if _, err = goTest(ctx, root, env, "-run", "^(TestHealLatency|TestStorm|TestLedgerScale|TestProactiveStorm|TestOlmHistoryStorage|TestStartupScale)$", "-v"); err != nil {
 		return nil, err
 	}
-	for name, into := range map[string]any{"heal": &report.Heal, "storm": &report.Storm, "ledger": &report.Ledger, "proactive": &report.Proactive, "olm_history": &report.OlmHistory} {
+	for name, into := range map[string]any{"heal": &report.Heal, "storm": &report.Storm, "ledger": &report.Ledger, "proactive": &report.Proactive, "olm_history": &report.OlmHistory, "startup": &report.Startup} {
 		data, err := os.ReadFile(filepath.Join(out, name+".json"))
 		if err != nil {
 			return nil, fmt.Errorf("no %s figures: %w", name, err)
@@ -223,7 +233,7 @@ func goTest(ctx context.Context, root string, env []string, args ...string) (str
 		buf.WriteString(line + "\n")
 		if strings.HasPrefix(line, "Benchmark") || strings.Contains(line, "--- ") || strings.HasPrefix(strings.TrimSpace(line), "storm_test.go") ||
 			strings.HasPrefix(strings.TrimSpace(line), "ledger_test.go") || strings.HasPrefix(strings.TrimSpace(line), "heal_test.go") ||
-			strings.HasPrefix(strings.TrimSpace(line), "proactive_test.go") {
+			strings.HasPrefix(strings.TrimSpace(line), "proactive_test.go") || strings.HasPrefix(strings.TrimSpace(line), "startup_test.go") {
 			fmt.Fprintln(os.Stderr, "  "+strings.TrimSpace(line))
 		}
 	}
@@ -320,6 +330,14 @@ func printReport(w io.Writer, r *Report) {
 	for _, h := range r.OlmHistory {
 		fmt.Fprintf(tw, "postgres\t%d\t%d\t%d\t%.1f MB\t%.1f kB\t%.0f µs\t%d states, %.0f ms\n", h.Sessions, h.StatesPerSessionWeek, h.PickleBytes,
 			float64(h.TableBytes)/1e6, h.BytesPerSessionWeek/1e3, h.LookupP50us, h.PrunedStates, h.PruneMS)
+	}
+	_ = tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "startup check	sessions	rollback	to first event	events blocked max	check	heal	heals	peak RSS MB")
+	for _, s := range r.Startup {
+		fmt.Fprintf(tw, "%s\t%d\t%v\t%.2f s\t%.0f ms\t%.1f s\t%.1f s\t%d\t%.0f\n", s.DB, s.Sessions, s.Rollback, s.SecondsToFirstEvent,
+			s.EventsBlockedMaxMS, s.CheckSeconds, s.HealSeconds, s.Heals, s.PeakRSSMB)
 	}
 	_ = tw.Flush()
 }

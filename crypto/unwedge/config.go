@@ -82,10 +82,16 @@ type StartupConfig struct {
 	// (restored from a backup), and sessions lost or unreadable with devices it shared room keys
 	// with.
 	Enabled bool `yaml:"enabled"`
-	// Wait is how long events wait at startup for those heals; heals still running then go on
-	// while events are handled.
+	// Wait is how long events wait at startup for the first heals (the most recently used
+	// devices); the check and the heals still running then go on while events are handled. At
+	// most MaxStartupWait: a longer value is capped (with a warning at startup).
 	Wait time.Duration `yaml:"wait"`
 }
+
+// MaxStartupWait is the longest events wait at startup, whatever startup.wait says: a bridge
+// with 10^6 Olm sessions takes minutes to check and heal them, and bridgev2 handles no event
+// meanwhile. The stock helper makes events wait for nothing of the kind.
+const MaxStartupWait = 5 * time.Second
 
 // RecoveryConfig is the `unwedge.recovery:` block: what happens to room events the bridge could
 // not decrypt for lack of their Megolm session, after bridgev2's own wait gave up on them.
@@ -123,7 +129,7 @@ func DefaultConfig() Config {
 		Lease:             2 * time.Minute,
 		HistoryRetention:  30 * 24 * time.Hour,
 		OlmHistory:        7 * 24 * time.Hour,
-		Startup:           StartupConfig{Enabled: true, Wait: time.Minute},
+		Startup:           StartupConfig{Enabled: true, Wait: MaxStartupWait},
 		AppserviceInbox:   true,
 		Recovery: RecoveryConfig{
 			Enabled:           true,

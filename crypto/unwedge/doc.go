@@ -23,7 +23,8 @@
 //     the bridge's own room keys, answered and shared again after a heal.
 //   - Before the first event, the same steps without a failed message: generation.go notices that
 //     the crypto store went back in time, startup.go finds lost or unreadable sessions and lost
-//     one-time keys and heals them all; tables.go reads mautrix-go's crypto tables for both.
+//     one-time keys and heals them, in the background a page at a time (events wait for the
+//     first page at most); tables.go reads mautrix-go's crypto tables for both, in pages.
 //   - Beside the flow: config.go, the `unwedge:` config block and its checks; lockedmap.go and
 //     recent.go, the containers of the steps' state in memory (a map with its own lock, a set that
 //     keeps the latest members); fault.go, the fault points that

@@ -184,10 +184,24 @@ func (k *GenerationKeeper) advance(ctx context.Context, always bool) error {
 
 // Start moves the generation on every generationInterval while the store changes, until Stop.
 func (k *GenerationKeeper) Start() {
+	ready := make(chan struct{})
+	close(ready)
+	k.StartAfter(ready)
+}
+
+// StartAfter is Start, the loop's first round waiting for ready to be closed: the startup check
+// (StartupRun.Checked) runs in the background, and moving the generation on before it compared
+// the two would hide a rollback.
+func (k *GenerationKeeper) StartAfter(ready <-chan struct{}) {
 	ctx, cancel := context.WithCancel(k.log.WithContext(context.Background()))
 	k.stop, k.done = cancel, make(chan struct{})
 	go func() {
 		defer close(k.done)
+		select {
+		case <-ctx.Done():
+			return
+		case <-ready:
+		}
 		for {
 			select {
 			case <-ctx.Done():

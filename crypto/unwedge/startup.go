@@ -2,7 +2,9 @@ package unwedge
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -16,13 +18,29 @@ import (
 // requests (Element X) or answer them only for their current session (Element Web). At startup,
 // the bridge can know some sessions are broken before anyone sends over them.
 
-// SharedPeers lists the devices the bridge shared its Megolm sessions with (SharedQuery).
+// SharedPeers lists, a page at a time, the devices the bridge shared its Megolm sessions with and
+// holds no Olm session with (SharedQuery).
 type SharedPeers interface {
-	SharedKeys(ctx context.Context, since time.Time, limit int) ([]id.IdentityKey, error)
+	LostKeys(ctx context.Context, accountID string, since time.Time, after SharedCursor, limit int) ([]id.IdentityKey, SharedCursor, error)
 }
 
-// maxStartupHeals bounds the devices one startup heals.
-const maxStartupHeals = 100_000
+// SharedCursor is where a page of SharedPeers.LostKeys ended: the last device's latest share (Unix
+// ms) and its key. The zero value starts at the first page.
+type SharedCursor struct {
+	SharedAt int64
+	Key      id.IdentityKey
+}
+
+const (
+	// maxStartupHeals bounds the devices one startup heals.
+	maxStartupHeals = 100_000
+	// startupPage is how many devices the check reads and the engine heals at a time: the check's
+	// memory is one page, whatever the number of sessions (10^5 to 10^6 on a large bridge).
+	startupPage = 1000
+	// firstStartupPage is the first page, the one events wait for: the most recently used
+	// devices, as many as the engine heals in one round (batchesInFlight groups at once).
+	firstStartupPage = BatchDevices * batchesInFlight
+)
 
 // StartupReport is what HealAtStartup found and did.
 type StartupReport struct {
@@ -42,63 +60,127 @@ type StartupReport struct {
 	KeysReplaced                bool
 	// Decisions are the heals, one per device in scope.
 	Decisions []Decision
-	// Finished: every heal ended within the wait.
+	// Finished: the check read every page and every heal ended (the process did not stop first).
 	Finished bool
+	// SessionsChecked counts the Olm session rows read for unreadable ones (none after a
+	// rollback: every device is healed then); Pages the pages of devices handed to the engine.
+	SessionsChecked, Pages int
+	// CheckDuration is the time spent reading the tables (and unpickling), HealDuration the
+	// time spent in the engine, and FirstPage the time from the start until the first page's
+	// heals ended (what events wait for, up to MaxStartupWait).
+	CheckDuration, HealDuration, FirstPage time.Duration
 }
 
 // RolledBack reports whether the crypto store was found to have gone back in time.
 func (r *StartupReport) RolledBack() bool { return r.Generation.RolledBack }
 
-// HealAtStartup heals, before the bridge handles events, the sessions it can know are broken:
+// StartupRun is the check and the heals at startup, going on in the background
+// (StartHealAtStartup).
+type StartupRun struct {
+	// checked is closed after the generation check, first after the first page's heals (or when
+	// there was nothing to heal), done when all ended; report is complete then.
+	checked, first, done chan struct{}
+	firstOnce            sync.Once
+	report               *StartupReport
+}
+
+// Checked is closed once the crypto store's generation was checked (GenerationKeeper.StartAfter).
+func (r *StartupRun) Checked() <-chan struct{} { return r.checked }
+
+// Done is closed when the check and all its heals ended.
+func (r *StartupRun) Done() <-chan struct{} { return r.done }
+
+// Report is what the check found and did; nil until Done is closed.
+func (r *StartupRun) Report() *StartupReport {
+	select {
+	case <-r.done:
+		return r.report
+	default:
+		return nil
+	}
+}
+
+// WaitFirst waits until the heals of the first page (the devices used most recently) ended, at
+// most wait and never more than MaxStartupWait. It reports whether they ended.
+func (r *StartupRun) WaitFirst(ctx context.Context, wait time.Duration) bool {
+	timer := time.NewTimer(min(wait, MaxStartupWait))
+	defer timer.Stop()
+	select {
+	case <-r.first:
+		return true
+	case <-timer.C:
+	case <-ctx.Done():
+	}
+	return false
+}
+
+func (r *StartupRun) firstDone() { r.firstOnce.Do(func() { close(r.first) }) }
+
+// StartHealAtStartup starts healing, in the background, the sessions the bridge can know are
+// broken; the bridge waits for the first page's heals (StartupRun.WaitFirst) before it handles
+// events:
 //   - after the crypto store went back in time (keeper's check), every session: with each device
-//     the bridge holds a session with or shared room keys with since history_retention. The
-//     one-time keys on the homeserver are replaced first (a key published after the backup is
-//     one the restored account lacks), and the outbound Megolm sessions are discarded;
-//   - otherwise, devices the bridge shared room keys with but holds no readable session with (a
-//     lost or corrupt row; corrupt rows are deleted first), and devices with a corrupt row; and
-//     the one-time keys on the homeserver are replaced when it holds more than the account
-//     published (countOneTimeKeys).
+//     the bridge holds a session with or shared room keys with since history_retention, the most
+//     recently used first. The one-time keys on the homeserver are replaced first (a key
+//     published after the backup is one the restored account lacks), and the outbound Megolm
+//     sessions are discarded;
+//   - otherwise, devices the bridge shared room keys with but holds no session with (a lost row;
+//     the latest shared first), then devices with a corrupt row (deleted first); and the one-time
+//     keys on the homeserver are replaced when it holds more than the account published
+//     (countOneTimeKeys).
 //
-// Only devices of users in scope are healed, each as the ledger allows (class rolled_back or
-// session_lost; the caps for peers' heals do not apply). It waits for the heals up to wait; heals
-// still running then go on in the background. keeper may be nil (no generation is kept).
-func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, shared SharedPeers, wait time.Duration) *StartupReport {
+// The tables are read a page at a time and each page goes to the engine (HealBatch) before the
+// next is read, so memory stays one page, whatever the number of sessions. Only devices of users
+// in scope are healed, each as the ledger allows (class rolled_back or session_lost; the caps for
+// peers' heals do not apply), at most maxStartupHeals. The run stops with the Unwedger (Stop).
+// keeper may be nil (no generation is kept).
+func (u *Unwedger) StartHealAtStartup(ctx context.Context, keeper *GenerationKeeper, shared SharedPeers) *StartupRun {
+	run := &StartupRun{checked: make(chan struct{}), first: make(chan struct{}), done: make(chan struct{}), report: &StartupReport{}}
 	log := zerolog.Ctx(ctx).With().Str("action", "unwedge startup").Logger()
-	ctx = log.WithContext(ctx)
-	report := &StartupReport{}
+	u.spawn(log.WithContext(u.ctx), PanicStartupHeals, func() {
+		defer close(run.done)
+		defer run.firstDone()
+		u.healAtStartup(log.WithContext(u.ctx), run, keeper, shared)
+	})
+	return run
+}
+
+// healAtStartup is the run of StartHealAtStartup.
+func (u *Unwedger) healAtStartup(ctx context.Context, run *StartupRun, keeper *GenerationKeeper, shared SharedPeers) {
+	log := zerolog.Ctx(ctx)
+	started := time.Now()
+	report := run.report
 	if keeper == nil {
 		report.GenerationErr = fmt.Errorf("no generation is kept")
 	} else {
 		report.Generation, report.GenerationErr = keeper.Check(ctx)
 	}
+	close(run.checked)
 	if report.GenerationErr != nil {
 		log.Warn().Err(report.GenerationErr).Msg("Could not tell whether the crypto store went back in time; looking for lost sessions only")
 	}
 	tables := u.tables
 	if tables == nil {
 		log.Error().Msg("The crypto store's tables are not known (not mautrix-go's SQL store); no heals at startup")
-		return report
+		return
 	}
-	readable, unreadable, err := tables.OlmPeers(ctx)
-	if err != nil {
-		log.Err(err).Msg("Failed to list the Olm sessions; no heals at startup")
-		return report
-	}
-	sharedKeys, err := shared.SharedKeys(ctx, time.Now().Add(-u.cfg.HistoryRetention), maxStartupHeals)
-	if err != nil {
-		log.Err(err).Msg("Failed to list the devices the bridge shared room keys with; no heals at startup")
-		return report
-	}
-	class := ClassSessionLost
-	var keys []id.IdentityKey
+	s := &startupStream{u: u, run: run, tables: tables, started: started, left: maxStartupHeals, class: ClassSessionLost}
+	since := started.Add(-u.cfg.HistoryRetention)
+	var err error
 	if report.RolledBack() {
-		class = ClassRolledBack
-		log.Warn().Str("generation", report.Generation.String()).Msg("The crypto store went back in time: healing every Olm session before handling events")
+		s.class = ClassRolledBack
+		log.Warn().Str("generation", report.Generation.String()).Msg("The crypto store went back in time: healing every Olm session, the most recently used first")
 		u.replaceOneTimeKeys(ctx, report)
 		if report.OutboundDiscarded, err = tables.DiscardOutboundSessions(ctx); err != nil {
 			log.Err(err).Msg("Failed to discard the outbound Megolm sessions")
 		}
-		keys = union(readable, unreadable, sharedKeys)
+		err = s.recentPeers(ctx)
+		if err == nil {
+			_, err = s.lostPeers(ctx, shared, since)
+		}
+		if err == nil {
+			err = s.usedSincePeers(ctx)
+		}
 	} else {
 		log.Debug().Str("generation", report.Generation.String()).Msg("The crypto store did not go back in time")
 		if err = u.countOneTimeKeys(ctx, report); err != nil {
@@ -108,51 +190,190 @@ func (u *Unwedger) HealAtStartup(ctx context.Context, keeper *GenerationKeeper, 
 				Msg("The homeserver holds one-time keys the account does not have: replacing them")
 			u.replaceOneTimeKeys(ctx, report)
 		}
-		have := make(map[id.IdentityKey]bool, len(readable))
-		for _, key := range readable {
-			have[key] = true
+		// Lost first: the anti-join sees a corrupt row as a session, which is deleted (and its
+		// device healed) only after.
+		report.Lost, err = s.lostPeers(ctx, shared, since)
+		if err == nil {
+			// Events wait for no more: the scan for corrupt rows reads every session.
+			s.firstEnded()
+			err = s.unreadablePeers(ctx)
 		}
-		var lost []id.IdentityKey
-		for _, key := range sharedKeys {
-			if !have[key] {
-				lost = append(lost, key)
+	}
+	switch {
+	case errors.Is(err, errStartupCap):
+		log.Warn().Int("healed_at_most", maxStartupHeals).
+			Msg("More devices to heal at startup than one startup heals; the others heal when they next send")
+		report.Finished = ctx.Err() == nil
+	case err != nil && ctx.Err() == nil:
+		log.Err(err).Msg("Failed to list the Olm sessions to heal at startup; the heals at startup stop here")
+	case err == nil:
+		report.Finished = ctx.Err() == nil
+	}
+}
+
+// errStartupCap ends the check when maxStartupHeals devices were handed to the engine.
+var errStartupCap = errors.New("the heals of one startup are at their cap")
+
+// startupStream hands the pages of devices to heal to the engine, one at a time.
+type startupStream struct {
+	u       *Unwedger
+	run     *StartupRun
+	tables  Tables
+	started time.Time
+	class   Class
+	// left is how many more devices this startup may hand to the engine.
+	left int
+}
+
+// pageSize is the size of the next page: the first is the one events wait for.
+func (s *startupStream) pageSize() int {
+	if s.run.report.Pages == 0 {
+		return min(firstStartupPage, s.left)
+	}
+	return min(startupPage, s.left)
+}
+
+// read times a read of the tables.
+func (s *startupStream) read(f func() error) error {
+	began := time.Now()
+	err := f()
+	s.run.report.CheckDuration += time.Since(began)
+	return err
+}
+
+// heal hands a page of devices to the engine and waits for their heals; it returns errStartupCap
+// once the cap is reached.
+func (s *startupStream) heal(ctx context.Context, keys []id.IdentityKey) error {
+	report := s.run.report
+	keys = keys[:min(len(keys), s.left)]
+	s.left -= len(keys)
+	var devices []*id.Device
+	err := s.read(func() (err error) {
+		devices, err = s.tables.DevicesByKey(ctx, keys)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("failed to look up the devices to heal: %w", err)
+	}
+	devices = s.u.inScope(ctx, devices)
+	report.Pages++
+	if len(devices) > 0 {
+		zerolog.Ctx(ctx).Debug().Int("devices", len(devices)).Int("pages", report.Pages).Str("class", string(s.class)).Msg("Healing a page of Olm sessions at startup")
+		began := time.Now()
+		report.Decisions = append(report.Decisions, s.u.HealBatch(ctx, devices, s.class)...)
+		report.HealDuration += time.Since(began)
+	}
+	if report.Pages == 1 {
+		s.firstEnded()
+	}
+	if s.left == 0 {
+		return errStartupCap
+	}
+	return ctx.Err()
+}
+
+// firstEnded lets events go on: the first page's heals ended, or the check found nothing more
+// recent to heal.
+func (s *startupStream) firstEnded() {
+	if s.run.report.FirstPage == 0 {
+		s.run.report.FirstPage = time.Since(s.started)
+	}
+	s.run.firstDone()
+}
+
+// recentPeers heals the devices the bridge held a session with before the check, the most
+// recently used first.
+func (s *startupStream) recentPeers(ctx context.Context) error {
+	var cursor RecentCursor
+	for {
+		var keys []id.SenderKey
+		err := s.read(func() (err error) {
+			keys, cursor, err = s.tables.RecentPeers(ctx, s.started, cursor, s.pageSize())
+			return err
+		})
+		if err != nil || len(keys) == 0 {
+			return err
+		}
+		if err = s.heal(ctx, keys); err != nil {
+			return err
+		}
+	}
+}
+
+// usedSincePeers heals the devices recentPeers passed over: their session older than the check
+// was used during it, which moved them ahead of its cursor.
+func (s *startupStream) usedSincePeers(ctx context.Context) error {
+	var after id.SenderKey
+	for {
+		var keys []id.SenderKey
+		err := s.read(func() (err error) {
+			keys, err = s.tables.UsedSincePeers(ctx, s.started, after, s.pageSize())
+			return err
+		})
+		if err != nil || len(keys) == 0 {
+			return err
+		}
+		after = keys[len(keys)-1]
+		if err = s.heal(ctx, keys); err != nil {
+			return err
+		}
+	}
+}
+
+// lostPeers heals the devices the bridge shared room keys with since then and holds no session
+// with, the latest shared first; it returns how many there were.
+func (s *startupStream) lostPeers(ctx context.Context, shared SharedPeers, since time.Time) (int, error) {
+	var cursor SharedCursor
+	found := 0
+	for {
+		var keys []id.IdentityKey
+		err := s.read(func() (err error) {
+			keys, cursor, err = shared.LostKeys(ctx, s.tables.Account(), since, cursor, s.pageSize())
+			return err
+		})
+		if err != nil {
+			return found, fmt.Errorf("failed to list the devices the bridge shared room keys with: %w", err)
+		} else if len(keys) == 0 {
+			return found, nil
+		}
+		found += len(keys)
+		if err = s.heal(ctx, keys); err != nil {
+			return found, err
+		}
+	}
+}
+
+// unreadablePeers reads every stored session in pages and heals the devices with one that cannot
+// be unpickled, after deleting those rows: one corrupt row makes the store's GetSessions fail
+// for the whole sender key, the replacement session included.
+func (s *startupStream) unreadablePeers(ctx context.Context) error {
+	report := s.run.report
+	log := zerolog.Ctx(ctx)
+	var cursor SessionsCursor
+	for {
+		var keys []id.SenderKey
+		var rows int
+		err := s.read(func() (err error) {
+			keys, rows, cursor, err = s.tables.UnreadablePeers(ctx, cursor, startupPage)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		report.SessionsChecked += rows
+		for _, key := range keys {
+			deleteUnreadable(ctx, s.tables, log.With().Stringer("identity_key", key).Logger(), key)
+		}
+		report.Unreadable += len(keys)
+		if len(keys) > 0 {
+			if err = s.heal(ctx, keys); err != nil {
+				return err
 			}
 		}
-		for _, key := range unreadable {
-			deleteUnreadable(ctx, tables, log.With().Stringer("identity_key", key).Logger(), key)
+		if rows == 0 {
+			return nil
 		}
-		report.Unreadable = len(unreadable)
-		keys = union(unreadable, lost)
-		report.Lost = len(keys) - len(unreadable)
 	}
-	if len(keys) > maxStartupHeals {
-		log.Warn().Int("devices", len(keys)).Int("healed_at_most", maxStartupHeals).
-			Msg("More devices to heal at startup than one startup heals; the others heal when they next send")
-		keys = keys[:maxStartupHeals]
-	}
-	devices, err := tables.DevicesByKey(ctx, keys)
-	if err != nil {
-		log.Err(err).Msg("Failed to look up the devices to heal; no heals at startup")
-		return report
-	}
-	devices = u.inScope(ctx, devices)
-	if len(devices) == 0 {
-		report.Finished = true
-		return report
-	}
-	log.Info().Int("devices", len(devices)).Str("class", string(class)).Msg("Healing Olm sessions at startup, before handling events")
-	done := make(chan []Decision, 1)
-	u.spawn(u.log.WithContext(u.ctx), PanicStartupHeals, func() {
-		done <- u.HealBatch(u.log.WithContext(u.ctx), devices, class)
-	})
-	select {
-	case report.Decisions = <-done:
-		report.Finished = true
-	case <-time.After(wait):
-		log.Warn().Dur("waited", wait).Msg("Heals at startup still running; handling events meanwhile")
-	case <-ctx.Done():
-	}
-	return report
 }
 
 // countOneTimeKeys reads how many one-time keys the homeserver holds for the bot device, and how
@@ -211,19 +432,4 @@ func (u *Unwedger) inScope(ctx context.Context, devices []*id.Device) []*id.Devi
 		}
 	}
 	return kept
-}
-
-// union returns the keys of all lists, each once, in the order first seen.
-func union(lists ...[]id.IdentityKey) []id.IdentityKey {
-	seen := map[id.IdentityKey]bool{}
-	var out []id.IdentityKey
-	for _, list := range lists {
-		for _, key := range list {
-			if !seen[key] {
-				seen[key] = true
-				out = append(out, key)
-			}
-		}
-	}
-	return out
 }

@@ -23,7 +23,13 @@ func (f *fixture) keeper() *unwedge.GenerationKeeper {
 func (f *fixture) healAtStartup() *unwedge.StartupReport {
 	f.t.Helper()
 	f.restartBridge()
-	return f.unwedger.HealAtStartup(f.ctx, f.keeper(), f.udb.Shared, 10*time.Second)
+	run := f.unwedger.StartHealAtStartup(f.ctx, f.keeper(), f.udb.Shared)
+	select {
+	case <-run.Done():
+	case <-time.After(10 * time.Second):
+		f.t.Fatal("the check and heals at startup did not end within 10s")
+	}
+	return run.Report()
 }
 
 // mirrored is the generation in the bot's account data.

@@ -33,12 +33,16 @@ type KeyOwners interface {
 }
 
 // Tables is what the Unwedger reads and repairs in the crypto store's tables (CryptoTables): the
-// heals delete unreadable sessions and check identity keys for a second owner, and startup lists
-// the Olm peers and discards the outbound Megolm sessions after a rollback.
+// heals delete unreadable sessions and check identity keys for a second owner, and startup reads
+// the Olm peers a page at a time and discards the outbound Megolm sessions after a rollback.
 type Tables interface {
 	Repairer
 	KeyOwners
-	OlmPeers(ctx context.Context) (readable, unreadable []id.SenderKey, err error)
+	// Account is the crypto store's account the sessions belong to.
+	Account() string
+	RecentPeers(ctx context.Context, since time.Time, after RecentCursor, limit int) ([]id.SenderKey, RecentCursor, error)
+	UsedSincePeers(ctx context.Context, since time.Time, after id.SenderKey, limit int) ([]id.SenderKey, error)
+	UnreadablePeers(ctx context.Context, after SessionsCursor, limit int) (unreadable []id.SenderKey, rows int, next SessionsCursor, err error)
 	DiscardOutboundSessions(ctx context.Context) (int64, error)
 }
 

@@ -18,6 +18,7 @@ import (
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
@@ -98,4 +99,43 @@ func Logger(t testing.TB) zerolog.Logger {
 		return zerolog.Nop()
 	}
 	return zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
+}
+
+// SessionPickle is a real Olm session, pickled with PickleKey as the devices' SQL stores pickle
+// theirs: rows of crypto_olm_session that load, made without a homeserver (the startup check's
+// tests and the bench fill the table with it under distinct session IDs and sender keys).
+func SessionPickle(t testing.TB) []byte {
+	t.Helper()
+	ours, err := olm.NewAccount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs, err := olm.NewAccount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err = theirs.GenOneTimeKeys(1); err != nil {
+		t.Fatal(err)
+	}
+	keys, err := theirs.OneTimeKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, identity, err := theirs.IdentityKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range keys {
+		session, err := ours.NewOutboundSession(identity, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pickled, err := session.Pickle([]byte(PickleKey))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pickled
+	}
+	t.Fatal("no one-time key generated")
+	return nil
 }

@@ -2,7 +2,11 @@ package cryptotest
 
 import (
 	"bytes"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -44,6 +48,8 @@ type Homeserver struct {
 	failQueries int
 	failSends   map[string]int // access token -> sends to fail
 	keyRequests []KeyRequest
+	// discardToDevice: to-device messages are counted, not kept (DiscardToDevice).
+	discardToDevice atomic.Bool
 }
 
 // KeyRequest is an m.room_key_request a client sent through the homeserver: to which device, for
@@ -105,6 +111,11 @@ func (hs *Homeserver) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		hs.countToDevice(r)
+		if hs.discardToDevice.Load() {
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = w.Write([]byte("{}"))
+			return
+		}
 	}
 	hs.lock.Lock()
 	defer hs.lock.Unlock()
@@ -387,4 +398,40 @@ func (hs *Homeserver) ClaimAllKeys(d *Device) {
 			hs.t.Fatal(err)
 		}
 	}
+}
+
+// DiscardToDevice makes the homeserver count to-device messages and keep none: for measurements
+// of many devices that never read their inbox, whose messages would be the process's memory.
+func (hs *Homeserver) DiscardToDevice() { hs.discardToDevice.Store(true) }
+
+// AddPeer puts a device on the homeserver without an OlmMachine: an ed25519 key pair, a
+// curve25519 identity key and one signed one-time key, enough for another device to claim the key
+// and open an Olm session with it (which only a real device could read). It returns the device as
+// the crypto store lists it.
+func (hs *Homeserver) AddPeer(userID id.UserID, deviceID id.DeviceID) *id.Device {
+	hs.t.Helper()
+	public, private, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		hs.t.Fatal(err)
+	}
+	random := func() string {
+		b := make([]byte, 32)
+		_, _ = rand.Read(b)
+		return base64.RawStdEncoding.EncodeToString(b)
+	}
+	otk := random()
+	signature := base64.RawStdEncoding.EncodeToString(ed25519.Sign(private, []byte(`{"key":"`+otk+`"}`)))
+	raw := fmt.Sprintf(`{"key":%q,"signatures":{%q:{"ed25519:%s":%q}}}`, otk, userID, deviceID, signature)
+	var key mautrix.OneTimeKey
+	if err = json.Unmarshal([]byte(raw), &key); err != nil {
+		hs.t.Fatal(err)
+	}
+	hs.lock.Lock()
+	if hs.ms.OneTimeKeys[userID] == nil {
+		hs.ms.OneTimeKeys[userID] = map[id.DeviceID]map[id.KeyID]mautrix.OneTimeKey{}
+	}
+	hs.ms.OneTimeKeys[userID][deviceID] = map[id.KeyID]mautrix.OneTimeKey{id.NewKeyID(id.KeyAlgorithmSignedCurve25519, "AAAAAQ"): key}
+	hs.lock.Unlock()
+	return &id.Device{UserID: userID, DeviceID: deviceID, IdentityKey: id.Curve25519(random()),
+		SigningKey: id.Ed25519(base64.RawStdEncoding.EncodeToString(public))}
 }
