@@ -6,7 +6,8 @@ import (
 	"testing"
 
 	"maunium.net/go/mautrix/crypto/olm"
-	"maunium.net/go/mautrix/id"
+
+	"github.com/unwedge/unwedge/internal/cryptotest"
 )
 
 // olmPair is the Olm session between the user's device and the bridge's device, both ends in
@@ -18,44 +19,9 @@ type olmPair struct {
 
 func newOlmPair(t *testing.T) *olmPair {
 	t.Helper()
-	clientAcc, err := olm.NewAccount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bridgeAcc, err := olm.NewAccount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err = bridgeAcc.GenOneTimeKeys(1); err != nil {
-		t.Fatal(err)
-	}
-	keys, err := bridgeAcc.OneTimeKeys()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var otk id.Curve25519
-	for _, key := range keys {
-		otk = key
-	}
-	_, bridgeIdentity, err := bridgeAcc.IdentityKeys()
-	if err != nil {
-		t.Fatal(err)
-	}
 	// The device opens the session: its first room key for the bridge (the warm-up's command).
 	p := &olmPair{t: t}
-	if p.client, err = clientAcc.NewOutboundSession(bridgeIdentity, otk); err != nil {
-		t.Fatal(err)
-	}
-	msgType, msg, err := p.client.Encrypt([]byte("room key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if p.bridge, err = bridgeAcc.NewInboundSession(string(msg)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err = p.bridge.Decrypt(string(msg), msgType); err != nil {
-		t.Fatal(err)
-	}
+	p.client, p.bridge, _ = cryptotest.OlmPair(t)
 	return p
 }
 

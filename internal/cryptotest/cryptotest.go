@@ -106,6 +106,19 @@ func Logger(t testing.TB) zerolog.Logger {
 // tests and the bench fill the table with it under distinct session IDs and sender keys).
 func SessionPickle(t testing.TB) []byte {
 	t.Helper()
+	outbound, _, _ := OlmPair(t)
+	pickled, err := outbound.Pickle([]byte(PickleKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pickled
+}
+
+// OlmPair makes two Olm accounts and a session between them, without a homeserver: outbound,
+// opened by the first account with the second's one-time key, and inbound, the second's, made
+// from outbound's first message, which it decrypted (that message is first).
+func OlmPair(t testing.TB) (outbound, inbound olm.Session, first []byte) {
+	t.Helper()
 	ours, err := olm.NewAccount()
 	if err != nil {
 		t.Fatal(err)
@@ -118,24 +131,28 @@ func SessionPickle(t testing.TB) []byte {
 		t.Fatal(err)
 	}
 	keys, err := theirs.OneTimeKeys()
-	if err != nil {
-		t.Fatal(err)
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("one-time keys: %v, %v", keys, err)
 	}
 	_, identity, err := theirs.IdentityKeys()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, key := range keys {
-		session, err := ours.NewOutboundSession(identity, key)
-		if err != nil {
+		if outbound, err = ours.NewOutboundSession(identity, key); err != nil {
 			t.Fatal(err)
 		}
-		pickled, err := session.Pickle([]byte(PickleKey))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return pickled
 	}
-	t.Fatal("no one-time key generated")
-	return nil
+	first = []byte("room key")
+	msgType, msg, err := outbound.Encrypt(first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if inbound, err = theirs.NewInboundSession(string(msg)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err = inbound.Decrypt(string(msg), msgType); err != nil {
+		t.Fatal(err)
+	}
+	return outbound, inbound, first
 }
