@@ -10,6 +10,8 @@ import (
 type lockedMap[K comparable, V any] struct {
 	lock sync.Mutex
 	m    map[K]V
+	// pruneAt is the size at which prune scans next (prune).
+	pruneAt int
 }
 
 func (l *lockedMap[K, V]) get(k K) (V, bool) {
@@ -50,11 +52,14 @@ func (l *lockedMap[K, V]) update(k K, f func(old V, ok bool) (v V, keep bool)) V
 }
 
 // prune deletes the entries that drop returns true for, once the map has at least atLeast of
-// them (so a map that stays small is never scanned).
+// them (so a map that stays small is never scanned), and then again only once the map has grown
+// to twice what a scan left: when nothing is old enough to drop (a storm of heals within
+// min_interval), scanning on every call would cost the whole map per entry added, quadratic in
+// the storm. The map holds at most twice its live entries, or atLeast.
 func (l *lockedMap[K, V]) prune(atLeast int, drop func(K, V) bool) {
 	l.lock.Lock()
 	defer l.lock.Unlock()
-	if len(l.m) < atLeast {
+	if len(l.m) < max(atLeast, l.pruneAt) {
 		return
 	}
 	for k, v := range l.m {
@@ -62,6 +67,7 @@ func (l *lockedMap[K, V]) prune(atLeast int, drop func(K, V) bool) {
 			delete(l.m, k)
 		}
 	}
+	l.pruneAt = 2 * len(l.m)
 }
 
 // snapshot returns a copy of the map.
