@@ -173,24 +173,29 @@ func run(ctx context.Context, sz sizes) (*Report, error) {
 	return report, nil
 }
 
-// proactiveRatios pairs the proactive storm's one-by-one and batch figures of each D, in the
-// order of the sizes.
+// proactiveRatios pairs the proactive storm's one-by-one and batch figures of each homeserver and
+// D, in the order of the figures.
 func proactiveRatios(results []bench.ProactiveResult) []bench.ProactiveRatio {
-	byMode := map[string]map[int]bench.ProactiveResult{}
-	var sizes []int
+	type run struct {
+		homeserver string
+		devices    int
+	}
+	byMode := map[string]map[run]bench.ProactiveResult{}
+	var runs []run
 	for _, r := range results {
 		if byMode[r.Mode] == nil {
-			byMode[r.Mode] = map[int]bench.ProactiveResult{}
+			byMode[r.Mode] = map[run]bench.ProactiveResult{}
 		}
-		byMode[r.Mode][r.Devices] = r
-		if !slices.Contains(sizes, r.Devices) {
-			sizes = append(sizes, r.Devices)
+		key := run{r.Homeserver, r.Devices}
+		byMode[r.Mode][key] = r
+		if !slices.Contains(runs, key) {
+			runs = append(runs, key)
 		}
 	}
 	var out []bench.ProactiveRatio
-	for _, d := range sizes {
-		oneByOne, ok1 := byMode["one-by-one"][d]
-		batch, ok2 := byMode["batch"][d]
+	for _, key := range runs {
+		oneByOne, ok1 := byMode["one-by-one"][key]
+		batch, ok2 := byMode["batch"][key]
 		if ok1 && ok2 {
 			out = append(out, bench.ProactiveRatios(oneByOne, batch))
 		}
