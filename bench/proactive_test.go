@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 	"sync"
 	"testing"
@@ -35,8 +37,9 @@ const (
 // (a key claim and a send per device) and with HealBatch (one claim and one send per
 // unwedge.BatchDevices devices), in the same process on the same devices, one after the other.
 // Each must create exactly D replacement sessions with D claimed keys; the batch with at most
-// D/50 claim requests. Sizes: UNWEDGE_BENCH_PROACTIVE (default 100). The database is Postgres;
-// without the stack, SQLite checks the counts.
+// D/50 claim requests. Sizes: UNWEDGE_BENCH_PROACTIVE (default 100); UNWEDGE_BENCH_PROACTIVE_PROFILE
+// names a directory for CPU profiles of the heals. The database is Postgres; without the stack,
+// SQLite checks the counts.
 func TestProactiveStorm(t *testing.T) {
 	requireStackForFigures(t)
 	var results []ProactiveResult
@@ -188,6 +191,7 @@ func (l *proactiveLab) run(t *testing.T, mode string) ProactiveResult {
 	l.hs.settle(t)
 	before := l.hs.requests()
 	peak := startPhasePeak(t)
+	stopProfile := startProfile(t, fmt.Sprintf("proactive-%s-%s-%d", l.hs.name(), mode, len(l.devices)))
 	started := time.Now()
 	var decisions []unwedge.Decision
 	if mode == modeBatch {
@@ -196,6 +200,7 @@ func (l *proactiveLab) run(t *testing.T, mode string) ProactiveResult {
 		decisions = healOneByOne(l.ctx, u, l.devices)
 	}
 	seconds := time.Since(started).Seconds()
+	stopProfile()
 	res := ProactiveResult{Homeserver: l.hs.name(), Mode: mode, Devices: len(l.devices), Seconds: seconds,
 		MSPerDevice: float64(int(seconds*1e6/float64(len(l.devices))+0.5)) / 1000}
 	res.PeakRSSMB, res.PeakHeapMB, res.BaseHeapMB, res.AllocMB = peak.stop()
@@ -208,6 +213,32 @@ func (l *proactiveLab) run(t *testing.T, mode string) ProactiveResult {
 		}
 	}
 	return res
+}
+
+// varProfile names a directory for CPU profiles of the proactive storm's heals alone (not of its
+// setup, which go test's -cpuprofile would include): one file per homeserver, mode and D.
+const varProfile = "UNWEDGE_BENCH_PROACTIVE_PROFILE"
+
+// startProfile starts a CPU profile named name in the directory varProfile names, if any, and
+// returns what stops it.
+func startProfile(t testing.TB, name string) func() {
+	dir := os.Getenv(varProfile)
+	if dir == "" {
+		return func() {}
+	}
+	f, err := os.Create(filepath.Join(dir, name+".cpu"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err = pprof.StartCPUProfile(f); err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			t.Error(err)
+		}
+	}
 }
 
 // healOneByOne heals each device with Heal, oneByOneWorkers at once: a key claim and a send per
