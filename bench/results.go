@@ -87,8 +87,10 @@ type OlmHistoryResult struct {
 }
 
 // ProactiveResult is one proactive storm's figures (cmd/bench's "proactive" list): the bridge
-// heals all D devices at startup, in a mode ("batch": HealBatch; "one-by-one": Heal per device).
+// heals all D devices at startup, in a mode ("batch": HealBatch; "one-by-one": Heal per device),
+// through a homeserver (HomeserverMemory or HomeserverSynapse).
 type ProactiveResult struct {
+	Homeserver          string `json:"homeserver"`
 	Mode                string `json:"mode"`
 	Devices             int    `json:"devices"`
 	Healed              int    `json:"healed"`
@@ -100,6 +102,8 @@ type ProactiveResult struct {
 	SendRequests int64   `json:"send_to_device_requests"`
 	ToDeviceSent int64   `json:"to_device_sent"`
 	Seconds      float64 `json:"seconds"`
+	// MSPerDevice is Seconds over Devices, in milliseconds.
+	MSPerDevice float64 `json:"ms_per_device"`
 	// Peaks of the process while it heals (its RSS peak reset before), its heap before (mostly
 	// the simulated devices), and what the heals allocated in all.
 	PeakRSSMB  float64 `json:"peak_rss_mb"`
@@ -108,9 +112,17 @@ type ProactiveResult struct {
 	AllocMB    float64 `json:"alloc_mb"`
 }
 
-// ProactiveRatio is one-by-one over batch for one D: how many times the seconds, the requests
-// and the peak memory of the one-by-one heals are those of the batch.
+// The homeservers of the proactive storm: the crypto test kit's, in the same process, and the
+// local Synapse.
+const (
+	HomeserverMemory  = "memory"
+	HomeserverSynapse = "synapse"
+)
+
+// ProactiveRatio is one-by-one over batch for one homeserver and D: how many times the seconds,
+// the requests and the peak memory of the one-by-one heals are those of the batch.
 type ProactiveRatio struct {
+	Homeserver   string  `json:"homeserver"`
 	Devices      int     `json:"devices"`
 	Seconds      float64 `json:"seconds_ratio"`
 	KeyClaims    float64 `json:"key_claims_ratio"`
@@ -120,7 +132,8 @@ type ProactiveRatio struct {
 	Alloc        float64 `json:"alloc_ratio"`
 }
 
-// ProactiveRatios compares the one-by-one heals of D devices with the batch of the same D.
+// ProactiveRatios compares the one-by-one heals of D devices with the batch of the same D, on the
+// same homeserver.
 func ProactiveRatios(oneByOne, batch ProactiveResult) ProactiveRatio {
 	ratio := func(a, b float64) float64 {
 		if b == 0 {
@@ -129,6 +142,7 @@ func ProactiveRatios(oneByOne, batch ProactiveResult) ProactiveRatio {
 		return float64(int(a/b*1000+0.5)) / 1000
 	}
 	return ProactiveRatio{
+		Homeserver:   batch.Homeserver,
 		Devices:      batch.Devices,
 		Seconds:      ratio(oneByOne.Seconds, batch.Seconds),
 		KeyClaims:    ratio(float64(oneByOne.KeyClaims), float64(batch.KeyClaims)),

@@ -42,6 +42,12 @@ func newBridgeDevice(t testing.TB, hs *cryptotest.Homeserver, db *dbutil.Databas
 // newBridgeDeviceAs is newBridgeDevice with other IDs, for two bridges in one database: the
 // store's account is named after the device.
 func newBridgeDeviceAs(t testing.TB, hs *cryptotest.Homeserver, db *dbutil.Database, userID id.UserID, deviceID id.DeviceID, stock bool) *cryptotest.Device {
+	return hs.NewDevice(userID, deviceID, bridgeStore(t, db, deviceID, stock))
+}
+
+// bridgeStore is the bridge device's store in db: mautrix-go's SQL store, wrapped by unwedge's
+// unless stock.
+func bridgeStore(t testing.TB, db *dbutil.Database, deviceID id.DeviceID, stock bool) cryptotest.Store {
 	store := cryptotest.Store{DB: db}
 	if !stock {
 		// unwedge's store as the bridge has it by default: with the Olm history on.
@@ -49,7 +55,7 @@ func newBridgeDeviceAs(t testing.TB, hs *cryptotest.Homeserver, db *dbutil.Datab
 		store.Shared = udb.Shared
 		store.History = unwedge.NewHistory(udb.History, string(deviceID), []byte(cryptotest.PickleKey), unwedge.DefaultConfig().OlmHistory)
 	}
-	return hs.NewDevice(userID, deviceID, store)
+	return store
 }
 
 // unwedgeBridge puts an Unwedger healing everyone's devices on the bridge's machine, with its

@@ -1,6 +1,7 @@
 // Command bench measures unwedge side by side with stock mautrix-go on this machine: the success
 // path's decrypt throughput, heal latency on the local Synapse against its floor, a wedge storm
-// of simulated devices, and the ledger's decision at scale. It runs the Go benchmarks and tests
+// of simulated devices, the heals at startup of many devices (simulated, and real devices of the
+// local Synapse), and the ledger's decision at scale. It runs the Go benchmarks and tests
 // of package bench and collects their figures into one table (and --json).
 //
 // Run it through scripts/bench.sh, which brings up Postgres and Synapse first.
@@ -62,8 +63,9 @@ type Report struct {
 	Storm  []bench.StormResult  `json:"storm"`
 	Ledger []bench.LedgerResult `json:"ledger"`
 
-	// Proactive is the startup heal of D devices, one by one and batched (HealBatch), and
-	// ProactiveRatios one-by-one over batch per D.
+	// Proactive is the startup heal of D devices, one by one and batched (HealBatch), on the
+	// in-memory homeserver ("homeserver": "memory") and on the local Synapse ("synapse"), and
+	// ProactiveRatios one-by-one over batch per homeserver and D.
 	Proactive       []bench.ProactiveResult `json:"proactive"`
 	ProactiveRatios []bench.ProactiveRatio  `json:"proactive_ratios"`
 
@@ -86,7 +88,7 @@ type DecryptRuns struct {
 type sizes struct {
 	benchRuns, benchOps, heals int
 	storm, ledger, proactive   string
-	history                    string
+	proactiveSynapse, history  string
 	startup, startupSQLite     string
 }
 
@@ -94,10 +96,10 @@ func main() {
 	quick := flag.Bool("quick", false, "small sizes (a minute instead of several)")
 	jsonPath := flag.String("json", "", "also write the figures as JSON to this path")
 	flag.Parse()
-	sz := sizes{benchRuns: 6, benchOps: 400, heals: 30, storm: "200,1000", ledger: "1000,100000,1000000", proactive: "1000,10000", history: "1000,100000",
+	sz := sizes{benchRuns: 6, benchOps: 400, heals: 30, storm: "200,1000", ledger: "1000,100000,1000000", proactive: "1000,10000", proactiveSynapse: "1000", history: "1000,100000",
 		startup: "10000,100000,1000000", startupSQLite: "10000,100000"}
 	if *quick {
-		sz = sizes{benchRuns: 3, benchOps: 200, heals: 10, storm: "100", ledger: "1000,100000", proactive: "200", history: "1000",
+		sz = sizes{benchRuns: 3, benchOps: 200, heals: 10, storm: "100", ledger: "1000,100000", proactive: "200", proactiveSynapse: "20", history: "1000",
 			startup: "10000", startupSQLite: "10000"}
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -153,22 +155,25 @@ func run(ctx context.Context, sz sizes) (*Report, error) {
 	report.SuccessPathRatio = min(report.MegolmRatio, report.OlmRatio)
 	report.SuccessPathPairedRatio = min(report.MegolmPairedRatio, report.OlmPairedRatio)
 
-	fmt.Fprintf(os.Stderr, "heal latency (%d heals per mode), storm (%s devices), ledger (%s rows), proactive storm (%s devices), Olm history (%s sessions)...\n",
-		sz.heals, sz.storm, sz.ledger, sz.proactive, sz.history)
+	fmt.Fprintf(os.Stderr, "heal latency (%d heals per mode), storm (%s devices), ledger (%s rows), proactive storm (%s devices; on Synapse %s), Olm history (%s sessions)...\n",
+		sz.heals, sz.storm, sz.ledger, sz.proactive, sz.proactiveSynapse, sz.history)
 	env := []string{
 		"UNWEDGE_BENCH_OUT=" + out,
 		"UNWEDGE_BENCH_HEALS=" + strconv.Itoa(sz.heals),
 		"UNWEDGE_BENCH_STORM=" + sz.storm,
 		"UNWEDGE_BENCH_LEDGER=" + sz.ledger,
 		"UNWEDGE_BENCH_PROACTIVE=" + sz.proactive,
+		"UNWEDGE_BENCH_PROACTIVE_SYNAPSE=" + sz.proactiveSynapse,
 		"UNWEDGE_BENCH_HISTORY=" + sz.history,
 		"UNWEDGE_BENCH_STARTUP=" + sz.startup,
 		"UNWEDGE_BENCH_STARTUP_SQLITE=" + sz.startupSQLite,
 	}
-	if _, err = goTest(ctx, root, env, "-run", "^(TestHealLatency|TestStorm|TestLedgerScale|TestProactiveStorm|TestOlmHistoryStorage|TestStartupScale)$", "-v"); err != nil {
+	if _, err = goTest(ctx, root, env, "-run", "^(TestHealLatency|TestStorm|TestLedgerScale|TestProactiveStorm|TestProactiveStormSynapse|TestOlmHistoryStorage|TestStartupScale)$", "-v"); err != nil {
 		return nil, err
 	}
-	for name, into := range map[string]any{"heal": &report.Heal, "storm": &report.Storm, "ledger": &report.Ledger, "proactive": &report.Proactive, "olm_history": &report.OlmHistory, "startup": &report.Startup} {
+	var proactiveSynapse []bench.ProactiveResult
+	for name, into := range map[string]any{"heal": &report.Heal, "storm": &report.Storm, "ledger": &report.Ledger, "proactive": &report.Proactive,
+		"proactive_synapse": &proactiveSynapse, "olm_history": &report.OlmHistory, "startup": &report.Startup} {
 		data, err := os.ReadFile(filepath.Join(out, name+".json"))
 		if err != nil {
 			return nil, fmt.Errorf("no %s figures: %w", name, err)
@@ -179,28 +184,34 @@ func run(ctx context.Context, sz sizes) (*Report, error) {
 	}
 	report.HealP50ms, report.HealP95ms, report.FloorP50ms = report.Heal.HealP50ms, report.Heal.HealP95ms, report.Heal.FloorP50ms
 	report.StockHealRatio = round(report.Heal.StockHealP50ms / report.Heal.HealP50ms)
+	report.Proactive = append(report.Proactive, proactiveSynapse...)
 	report.ProactiveRatios = proactiveRatios(report.Proactive)
 	return report, nil
 }
 
-// proactiveRatios pairs the proactive storm's one-by-one and batch figures of each D, in the
-// order of the sizes.
+// proactiveRatios pairs the proactive storm's one-by-one and batch figures of each homeserver and
+// D, in the order of the figures.
 func proactiveRatios(results []bench.ProactiveResult) []bench.ProactiveRatio {
-	byMode := map[string]map[int]bench.ProactiveResult{}
-	var sizes []int
+	type run struct {
+		homeserver string
+		devices    int
+	}
+	byMode := map[string]map[run]bench.ProactiveResult{}
+	var runs []run
 	for _, r := range results {
 		if byMode[r.Mode] == nil {
-			byMode[r.Mode] = map[int]bench.ProactiveResult{}
+			byMode[r.Mode] = map[run]bench.ProactiveResult{}
 		}
-		byMode[r.Mode][r.Devices] = r
-		if !slices.Contains(sizes, r.Devices) {
-			sizes = append(sizes, r.Devices)
+		key := run{r.Homeserver, r.Devices}
+		byMode[r.Mode][key] = r
+		if !slices.Contains(runs, key) {
+			runs = append(runs, key)
 		}
 	}
 	var out []bench.ProactiveRatio
-	for _, d := range sizes {
-		oneByOne, ok1 := byMode["one-by-one"][d]
-		batch, ok2 := byMode["batch"][d]
+	for _, key := range runs {
+		oneByOne, ok1 := byMode["one-by-one"][key]
+		batch, ok2 := byMode["batch"][key]
 		if ok1 && ok2 {
 			out = append(out, bench.ProactiveRatios(oneByOne, batch))
 		}
@@ -233,7 +244,8 @@ func goTest(ctx context.Context, root string, env []string, args ...string) (str
 		buf.WriteString(line + "\n")
 		if strings.HasPrefix(line, "Benchmark") || strings.Contains(line, "--- ") || strings.HasPrefix(strings.TrimSpace(line), "storm_test.go") ||
 			strings.HasPrefix(strings.TrimSpace(line), "ledger_test.go") || strings.HasPrefix(strings.TrimSpace(line), "heal_test.go") ||
-			strings.HasPrefix(strings.TrimSpace(line), "proactive_test.go") || strings.HasPrefix(strings.TrimSpace(line), "startup_test.go") {
+			strings.HasPrefix(strings.TrimSpace(line), "proactive_test.go") || strings.HasPrefix(strings.TrimSpace(line), "proactive_synapse_test.go") ||
+			strings.HasPrefix(strings.TrimSpace(line), "startup_test.go") {
 			fmt.Fprintln(os.Stderr, "  "+strings.TrimSpace(line))
 		}
 	}
@@ -356,16 +368,17 @@ func printDecrypt(w io.Writer, name string, d decrypt) {
 	fmt.Fprintf(w, "  allocations per event; runs\t%.1f\t%.1f\t%s\n", d.stockAllocs, d.unwedgeAllocs, strings.Join(perRun, ", "))
 }
 
-// printProactive prints the proactive storm: each D one by one and batched, and the ratios.
+// printProactive prints the proactive storm: each homeserver and D one by one and batched, and the
+// ratios.
 func printProactive(w io.Writer, r *Report) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "proactive storm (startup heal)\tdevices\thealed\tnew sessions\tclaim requests\tclaimed keys\tsendToDevice requests\tseconds\tpeak RSS MB\tpeak heap MB\tallocated MB")
+	fmt.Fprintln(tw, "proactive storm (startup heal)\thomeserver\tdevices\thealed\tnew sessions\tclaim requests\tclaimed keys\tsendToDevice requests\tseconds\tms per device\tpeak RSS MB\tpeak heap MB\tallocated MB")
 	for _, p := range r.Proactive {
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%.1f\t%.0f\t%.0f\t%.0f\n", p.Mode, p.Devices, p.Healed, p.ReplacementSessions,
-			p.KeyClaims, p.ClaimedKeys, p.SendRequests, p.Seconds, p.PeakRSSMB, p.PeakHeapMB, p.AllocMB)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%.1f\t%.2f\t%.0f\t%.0f\t%.0f\n", p.Mode, p.Homeserver, p.Devices, p.Healed, p.ReplacementSessions,
+			p.KeyClaims, p.ClaimedKeys, p.SendRequests, p.Seconds, p.MSPerDevice, p.PeakRSSMB, p.PeakHeapMB, p.AllocMB)
 	}
 	for _, q := range r.ProactiveRatios {
-		fmt.Fprintf(tw, "one-by-one / batch\t%d\t\t\t%.1f\t\t%.1f\t%.2f\t%.2f\t%.2f\t%.2f\n", q.Devices, q.KeyClaims, q.SendRequests, q.Seconds, q.PeakRSS, q.PeakHeap, q.Alloc)
+		fmt.Fprintf(tw, "one-by-one / batch\t%s\t%d\t\t\t%.1f\t\t%.1f\t%.2f\t\t%.2f\t%.2f\t%.2f\n", q.Homeserver, q.Devices, q.KeyClaims, q.SendRequests, q.Seconds, q.PeakRSS, q.PeakHeap, q.Alloc)
 	}
 	_ = tw.Flush()
 }

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"encoding/json"
+	"maps"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -72,41 +75,52 @@ func TestMedian(t *testing.T) {
 	}
 }
 
-// TestProactiveRatios: the proactive storm's figures are paired by D, one-by-one over batch.
+// TestProactiveRatios: the proactive storm's figures are paired by homeserver and D, one-by-one
+// over batch.
 func TestProactiveRatios(t *testing.T) {
+	const memory, synapse = bench.HomeserverMemory, bench.HomeserverSynapse
 	results := []bench.ProactiveResult{
-		{Mode: "one-by-one", Devices: 1000, KeyClaims: 1000, SendRequests: 1000, Seconds: 6, PeakRSSMB: 300, PeakHeapMB: 200, AllocMB: 90},
-		{Mode: "batch", Devices: 1000, KeyClaims: 20, SendRequests: 20, Seconds: 4, PeakRSSMB: 300, PeakHeapMB: 250, AllocMB: 60},
-		{Mode: "one-by-one", Devices: 10, KeyClaims: 10, SendRequests: 10, Seconds: 1, PeakRSSMB: 30, PeakHeapMB: 20},
-		{Mode: "batch", Devices: 10, KeyClaims: 1, SendRequests: 1, Seconds: 0.5, PeakRSSMB: 30, PeakHeapMB: 20},
-		{Mode: "batch", Devices: 7, KeyClaims: 1, SendRequests: 1, Seconds: 1}, // no one-by-one run: no ratio
+		{Homeserver: memory, Mode: "one-by-one", Devices: 1000, KeyClaims: 1000, SendRequests: 1000, Seconds: 6, PeakRSSMB: 300, PeakHeapMB: 200, AllocMB: 90},
+		{Homeserver: memory, Mode: "batch", Devices: 1000, KeyClaims: 20, SendRequests: 20, Seconds: 4, PeakRSSMB: 300, PeakHeapMB: 250, AllocMB: 60},
+		{Homeserver: memory, Mode: "one-by-one", Devices: 10, KeyClaims: 10, SendRequests: 10, Seconds: 1, PeakRSSMB: 30, PeakHeapMB: 20},
+		{Homeserver: memory, Mode: "batch", Devices: 10, KeyClaims: 1, SendRequests: 1, Seconds: 0.5, PeakRSSMB: 30, PeakHeapMB: 20},
+		{Homeserver: memory, Mode: "batch", Devices: 7, KeyClaims: 1, SendRequests: 1, Seconds: 1}, // no one-by-one run: no ratio
+		// The same D on Synapse is a pair of its own.
+		{Homeserver: synapse, Mode: "one-by-one", Devices: 1000, KeyClaims: 1000, SendRequests: 1000, Seconds: 30, PeakRSSMB: 100, PeakHeapMB: 50},
+		{Homeserver: synapse, Mode: "batch", Devices: 1000, KeyClaims: 20, SendRequests: 20, Seconds: 3, PeakRSSMB: 100, PeakHeapMB: 50},
 	}
 	want := []bench.ProactiveRatio{
-		{Devices: 1000, Seconds: 1.5, KeyClaims: 50, SendRequests: 50, PeakRSS: 1, PeakHeap: 0.8, Alloc: 1.5},
-		{Devices: 10, Seconds: 2, KeyClaims: 10, SendRequests: 10, PeakRSS: 1, PeakHeap: 1},
+		{Homeserver: memory, Devices: 1000, Seconds: 1.5, KeyClaims: 50, SendRequests: 50, PeakRSS: 1, PeakHeap: 0.8, Alloc: 1.5},
+		{Homeserver: memory, Devices: 10, Seconds: 2, KeyClaims: 10, SendRequests: 10, PeakRSS: 1, PeakHeap: 1},
+		{Homeserver: synapse, Devices: 1000, Seconds: 10, KeyClaims: 50, SendRequests: 50, PeakRSS: 1, PeakHeap: 1},
 	}
 	if got := proactiveRatios(results); !reflect.DeepEqual(got, want) {
 		t.Errorf("ratios = %+v, want %+v", got, want)
 	}
 }
 
-// TestPrintProactive: the table has a row per mode and D, and the ratios of each D.
+// TestPrintProactive: the table has a row per homeserver, mode and D, and the ratios of each.
 func TestPrintProactive(t *testing.T) {
 	r := &Report{Proactive: []bench.ProactiveResult{
-		{Mode: "one-by-one", Devices: 1000, Healed: 1000, ReplacementSessions: 1000, KeyClaims: 1000, ClaimedKeys: 1000, SendRequests: 1000, Seconds: 6, PeakRSSMB: 300, PeakHeapMB: 200},
-		{Mode: "batch", Devices: 1000, Healed: 1000, ReplacementSessions: 1000, KeyClaims: 20, ClaimedKeys: 1000, SendRequests: 20, Seconds: 4, PeakRSSMB: 300, PeakHeapMB: 250},
+		{Homeserver: "memory", Mode: "one-by-one", Devices: 1000, Healed: 1000, ReplacementSessions: 1000, KeyClaims: 1000, ClaimedKeys: 1000, SendRequests: 1000, Seconds: 6, MSPerDevice: 6, PeakRSSMB: 300, PeakHeapMB: 200},
+		{Homeserver: "memory", Mode: "batch", Devices: 1000, Healed: 1000, ReplacementSessions: 1000, KeyClaims: 20, ClaimedKeys: 1000, SendRequests: 20, Seconds: 4, MSPerDevice: 4, PeakRSSMB: 300, PeakHeapMB: 250},
+		{Homeserver: "synapse", Mode: "one-by-one", Devices: 1000, Healed: 1000, ReplacementSessions: 1000, KeyClaims: 1000, ClaimedKeys: 1000, SendRequests: 1000, Seconds: 12.5, MSPerDevice: 12.5, PeakRSSMB: 90, PeakHeapMB: 40},
+		{Homeserver: "synapse", Mode: "batch", Devices: 1000, Healed: 1000, ReplacementSessions: 1000, KeyClaims: 20, ClaimedKeys: 1000, SendRequests: 20, Seconds: 2.5, MSPerDevice: 2.5, PeakRSSMB: 90, PeakHeapMB: 40},
 	}}
 	r.ProactiveRatios = proactiveRatios(r.Proactive)
 	var out strings.Builder
 	printProactive(&out, r)
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
-	if len(lines) != 4 {
-		t.Fatalf("%d lines, want a header, two modes and the ratios:\n%s", len(lines), out.String())
+	if len(lines) != 7 {
+		t.Fatalf("%d lines, want a header, four runs and two ratios:\n%s", len(lines), out.String())
 	}
 	for i, want := range [][]string{
-		{"one-by-one", "1000", "6.0", "300", "200"},
-		{"batch", "1000", "20", "4.0", "250"},
-		{"one-by-one / batch", "1000", "50.0", "1.50", "1.00", "0.80"},
+		{"one-by-one", "memory", "1000", "6.0", "6.00", "300", "200"},
+		{"batch", "memory", "1000", "20", "4.0", "4.00", "250"},
+		{"one-by-one", "synapse", "1000", "12.5", "12.50", "90", "40"},
+		{"batch", "synapse", "1000", "20", "2.5", "2.50"},
+		{"one-by-one / batch", "memory", "1000", "50.0", "1.50", "1.00", "0.80"},
+		{"one-by-one / batch", "synapse", "1000", "50.0", "5.00"},
 	} {
 		if fields := strings.Join(strings.Fields(lines[i+1]), " "); !containsAll(fields, want) {
 			t.Errorf("line %d = %q, want %q in it", i+1, fields, want)
@@ -121,4 +135,32 @@ func containsAll(s string, parts []string) bool {
 		}
 	}
 	return true
+}
+
+// TestProactiveKeys: the keys of the proactive storm's JSON entries, which docs/performance.md
+// and other checks read; keys are added, never renamed.
+func TestProactiveKeys(t *testing.T) {
+	tests := []struct {
+		value any
+		want  []string
+	}{
+		{bench.ProactiveResult{}, []string{"homeserver", "mode", "devices", "healed", "replacement_sessions", "key_claims", "claimed_keys",
+			"send_to_device_requests", "to_device_sent", "seconds", "ms_per_device", "peak_rss_mb", "peak_heap_mb", "base_heap_mb", "alloc_mb"}},
+		{bench.ProactiveRatio{}, []string{"homeserver", "devices", "seconds_ratio", "key_claims_ratio", "send_to_device_requests_ratio",
+			"peak_rss_ratio", "peak_heap_ratio", "alloc_ratio"}},
+	}
+	for _, tt := range tests {
+		data, err := json.Marshal(tt.value)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var fields map[string]any
+		if err = json.Unmarshal(data, &fields); err != nil {
+			t.Fatal(err)
+		}
+		got := slices.Sorted(maps.Keys(fields))
+		if want := slices.Sorted(slices.Values(tt.want)); !slices.Equal(got, want) {
+			t.Errorf("%T keys = %v, want %v", tt.value, got, want)
+		}
+	}
 }
