@@ -128,9 +128,7 @@ const setupChunk = 500
 func newProactiveLab(t *testing.T, devices int) *proactiveLab {
 	hs := newHomeserver(t)
 	l := &proactiveLab{ctx: t.Context(), db: cryptotest.Database(t)}
-	if l.db.Dialect == dbutil.Postgres {
-		l.db.RawDB.SetMaxOpenConns(maxConns)
-	}
+	sizePool(l.db)
 	l.bridge = newBridgeDevice(t, hs, l.db, false)
 	memory := memoryHomeserver{hs: hs}
 	peers := make([]id.Device, devices)

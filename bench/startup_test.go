@@ -123,9 +123,7 @@ func measureStartup(t *testing.T, dialect string, sessions int, rollback bool) S
 		t.Fatalf("no %s database", dialect)
 	}
 	db := testenv.OpenDatabase(t, dialect, uri)
-	if db.Dialect == dbutil.Postgres {
-		db.RawDB.SetMaxOpenConns(maxConns)
-	}
+	sizePool(db)
 	hs := newHomeserver(t)
 	hs.DiscardToDevice()
 	bridge := newBridgeDevice(t, hs, db, false)

@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -56,9 +55,7 @@ func runStorm(t *testing.T, mode string, devices, messages int) StormResult {
 	stock := mode == "stock"
 	hs := newHomeserver(t)
 	db := cryptotest.Database(t)
-	if db.Dialect == dbutil.Postgres {
-		db.RawDB.SetMaxOpenConns(maxConns)
-	}
+	sizePool(db)
 	bridge := newBridgeDevice(t, hs, db, stock)
 	if !stock {
 		unwedgeBridge(t, bridge, db, "storm-1")
