@@ -148,7 +148,7 @@ func measureStartup(t *testing.T, dialect string, sessions int, rollback bool) S
 	peak := startPhasePeak(t)
 	started := time.Now()
 	events := startEvents(ctx, db, string(bridge.DeviceID))
-	run := u.StartHealAtStartup(zerolog.Nop().WithContext(ctx), keeper, udb.Shared)
+	run := u.StartHealAtStartup(zerolog.Nop().WithContext(ctx), keeper, udb.Shared, nil)
 	run.WaitFirst(ctx, unwedge.MaxStartupWait)
 	res.SecondsToFirstEvent = time.Since(started).Seconds()
 	events.open()

@@ -50,10 +50,8 @@ type Helper struct {
 	inboxHandled atomic.Int64
 	// inboxPanics counts the inbox rounds that panicked (inboxRound).
 	inboxPanics atomic.Int64
-	// startup is what the heals at startup found (nil until they ended, or when they are off);
-	// startupDone is done once it is stored and logged.
-	startup     atomic.Pointer[unwedge.StartupReport]
-	startupDone sync.WaitGroup
+	// startup is what the heals at startup found (nil until they ended, or when they are off).
+	startup atomic.Pointer[unwedge.StartupReport]
 
 	streams *beeperstream.Helper
 
@@ -144,19 +142,14 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 		}
 		h.generation = unwedge.NewGenerationKeeper(h.db.Generation, &unwedge.AccountDataMirror{Client: h.client}, h.wrapped, h.mach.OwnIdentity().IdentityKey, h.log)
 		started := time.Now()
-		run := h.unwedger.StartHealAtStartup(h.log.WithContext(ctx), h.generation, h.db.Shared)
+		run := h.unwedger.StartHealAtStartup(h.log.WithContext(ctx), h.generation, h.db.Shared, func(report *unwedge.StartupReport) {
+			h.startup.Store(report)
+			h.logStartup(report)
+		})
 		h.generation.StartAfter(run.Checked())
 		if !run.WaitFirst(ctx, wait) {
 			h.log.Warn().Dur("waited", time.Since(started)).Msg("Heals at startup still running; handling events meanwhile")
 		}
-		h.startupDone.Add(1)
-		go func() {
-			defer h.startupDone.Done()
-			<-run.Done()
-			report := run.Report()
-			h.startup.Store(report)
-			h.logStartup(report)
-		}()
 	}
 	return nil
 }
@@ -204,7 +197,6 @@ func (h *Helper) stopUnwedge() {
 	if h.unwedger != nil {
 		// Stops the check and heals at startup too; the generation moves on after them.
 		h.unwedger.Stop()
-		h.startupDone.Wait()
 	}
 	if h.generation != nil {
 		h.generation.Stop(h.log.WithContext(context.Background()))

@@ -133,14 +133,19 @@ func (r *StartupRun) firstDone() { r.firstOnce.Do(func() { close(r.first) }) }
 // next is read, so memory stays one page, whatever the number of sessions. Only devices of users
 // in scope are healed, each as the ledger allows (class rolled_back or session_lost; the caps for
 // peers' heals do not apply), at most maxStartupHeals. The run stops with the Unwedger (Stop).
-// keeper may be nil (no generation is kept).
-func (u *Unwedger) StartHealAtStartup(ctx context.Context, keeper *GenerationKeeper, shared SharedPeers) *StartupRun {
+// keeper may be nil (no generation is kept). ended, if not nil, is given the report when the run
+// ended, in the run's goroutine (a panic in it is recovered and counted as the run's), before
+// Done is closed and before Stop returns.
+func (u *Unwedger) StartHealAtStartup(ctx context.Context, keeper *GenerationKeeper, shared SharedPeers, ended func(*StartupReport)) *StartupRun {
 	run := &StartupRun{checked: make(chan struct{}), first: make(chan struct{}), done: make(chan struct{}), report: &StartupReport{}}
 	log := zerolog.Ctx(ctx).With().Str("action", "unwedge startup").Logger()
 	u.spawn(log.WithContext(u.ctx), PanicStartupHeals, func() {
 		defer close(run.done)
 		defer run.firstDone()
 		u.healAtStartup(log.WithContext(u.ctx), run, keeper, shared)
+		if ended != nil {
+			ended(run.report)
+		}
 	})
 	return run
 }

@@ -23,7 +23,7 @@ func (f *fixture) keeper() *unwedge.GenerationKeeper {
 func (f *fixture) healAtStartup() *unwedge.StartupReport {
 	f.t.Helper()
 	f.restartBridge()
-	run := f.unwedger.StartHealAtStartup(f.ctx, f.keeper(), f.udb.Shared)
+	run := f.unwedger.StartHealAtStartup(f.ctx, f.keeper(), f.udb.Shared, nil)
 	select {
 	case <-run.Done():
 	case <-time.After(10 * time.Second):
