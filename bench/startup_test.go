@@ -156,7 +156,7 @@ func measureStartup(t *testing.T, dialect string, sessions int, rollback bool) S
 	res.TotalSeconds = time.Since(started).Seconds()
 	res.EventsBlockedMaxMS = events.stop()
 	// VmHWM, reset when the phase started: the fill is no part of it.
-	res.PeakRSSMB, _, _, _ = peak.stop()
+	res.PeakRSSMB, res.PeakHeapMB, res.BaseHeapMB, _ = peak.stop()
 	report := run.Report()
 	res.CheckSeconds, res.HealSeconds = report.CheckDuration.Seconds(), report.HealDuration.Seconds()
 	res.Heals = len(report.Decisions)

@@ -137,8 +137,8 @@ func containsAll(s string, parts []string) bool {
 	return true
 }
 
-// TestProactiveKeys: the keys of the proactive storm's JSON entries, which docs/performance.md
-// and other checks read; keys are added, never renamed.
+// TestProactiveKeys: the keys of the proactive storm's and the startup's JSON entries, which
+// docs/performance.md and other checks read; keys are added, never renamed.
 func TestProactiveKeys(t *testing.T) {
 	tests := []struct {
 		value any
@@ -148,6 +148,8 @@ func TestProactiveKeys(t *testing.T) {
 			"send_to_device_requests", "to_device_sent", "seconds", "ms_per_device", "peak_rss_mb", "peak_heap_mb", "base_heap_mb", "alloc_mb"}},
 		{bench.ProactiveRatio{}, []string{"homeserver", "devices", "seconds_ratio", "key_claims_ratio", "send_to_device_requests_ratio",
 			"peak_rss_ratio", "peak_heap_ratio", "alloc_ratio"}},
+		{bench.StartupResult{}, []string{"db", "sessions", "rollback", "seconds_to_first_event", "events_blocked_max_ms", "check_seconds",
+			"heal_seconds", "total_seconds", "peak_rss_mb", "heals", "healed", "fill_seconds", "base_heap_mb", "peak_heap_mb"}},
 	}
 	for _, tt := range tests {
 		data, err := json.Marshal(tt.value)
