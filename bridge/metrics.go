@@ -34,11 +34,11 @@ type Metrics struct {
 
 var healBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300}
 
-// recoveredBuckets span a recovered event's wait: bridgev2's own 25 s wait and unwedge's 30 s
-// hand-over come first, then a key that arrives minutes later (a heal, a key request answered),
-// hours later (the sender's device was offline) or up to the default 7 days of
-// unwedge.recovery.retention.
-var recoveredBuckets = []float64{10, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400}
+// recoveredBuckets span a recovered event's wait: seconds (a key that arrives after a restart or
+// after bridgev2's own 25 s wait gave up is bridged at once; Element Web's grace period is 4 s),
+// then a key that arrives minutes later (a heal, a key request answered), hours later (the
+// sender's device was offline) or up to the default 7 days of unwedge.recovery.retention.
+var recoveredBuckets = []float64{1, 4, 10, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400}
 
 func newMetrics(h *Helper) *Metrics {
 	return &Metrics{h: h, heals: newHistogram(healBuckets), recovered: newHistogram(recoveredBuckets), retry: metricsRetry}
