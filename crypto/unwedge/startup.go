@@ -286,66 +286,59 @@ func (s *startupStream) firstEnded() {
 	s.run.firstDone()
 }
 
-// recentPeers heals the devices the bridge held a session with before the check, the most
-// recently used first.
-func (s *startupStream) recentPeers(ctx context.Context) error {
-	var cursor RecentCursor
-	for {
-		var keys []id.SenderKey
-		err := s.read(func() (err error) {
-			keys, cursor, err = s.tables.RecentPeers(ctx, s.started, cursor, s.pageSize())
-			return err
-		})
-		if err != nil || len(keys) == 0 {
-			return err
-		}
-		if err = s.heal(ctx, keys); err != nil {
-			return err
-		}
-	}
-}
-
-// usedSincePeers heals the devices recentPeers passed over: their session older than the check
-// was used during it, which moved them ahead of its cursor.
-func (s *startupStream) usedSincePeers(ctx context.Context) error {
-	var after id.SenderKey
-	for {
-		var keys []id.SenderKey
-		err := s.read(func() (err error) {
-			keys, err = s.tables.UsedSincePeers(ctx, s.started, after, s.pageSize())
-			return err
-		})
-		if err != nil || len(keys) == 0 {
-			return err
-		}
-		after = keys[len(keys)-1]
-		if err = s.heal(ctx, keys); err != nil {
-			return err
-		}
-	}
-}
-
-// lostPeers heals the devices the bridge shared room keys with since then and holds no session
-// with, the latest shared first; it returns how many there were.
-func (s *startupStream) lostPeers(ctx context.Context, shared SharedPeers, since time.Time) (int, error) {
-	var cursor SharedCursor
-	found := 0
+// healPages reads pages of identity keys with next (given the page's size) and hands each to the
+// engine before reading the next, until a page is empty; it returns how many keys it read.
+func (s *startupStream) healPages(ctx context.Context, next func(limit int) ([]id.IdentityKey, error)) (found int, err error) {
 	for {
 		var keys []id.IdentityKey
-		err := s.read(func() (err error) {
-			keys, cursor, err = shared.LostKeys(ctx, s.tables.Account(), since, cursor, s.pageSize())
+		if err = s.read(func() (err error) {
+			keys, err = next(s.pageSize())
 			return err
-		})
-		if err != nil {
-			return found, fmt.Errorf("failed to list the devices the bridge shared room keys with: %w", err)
-		} else if len(keys) == 0 {
-			return found, nil
+		}); err != nil || len(keys) == 0 {
+			return found, err
 		}
 		found += len(keys)
 		if err = s.heal(ctx, keys); err != nil {
 			return found, err
 		}
 	}
+}
+
+// recentPeers heals the devices the bridge held a session with before the check, the most
+// recently used first.
+func (s *startupStream) recentPeers(ctx context.Context) error {
+	var cursor RecentCursor
+	_, err := s.healPages(ctx, func(limit int) (keys []id.IdentityKey, err error) {
+		keys, cursor, err = s.tables.RecentPeers(ctx, s.started, cursor, limit)
+		return keys, err
+	})
+	return err
+}
+
+// usedSincePeers heals the devices recentPeers passed over: their session older than the check
+// was used during it, which moved them ahead of its cursor.
+func (s *startupStream) usedSincePeers(ctx context.Context) error {
+	var after id.SenderKey
+	_, err := s.healPages(ctx, func(limit int) ([]id.IdentityKey, error) {
+		keys, err := s.tables.UsedSincePeers(ctx, s.started, after, limit)
+		if len(keys) > 0 {
+			after = keys[len(keys)-1]
+		}
+		return keys, err
+	})
+	return err
+}
+
+// lostPeers heals the devices the bridge shared room keys with since then and holds no session
+// with, the latest shared first; it returns how many there were.
+func (s *startupStream) lostPeers(ctx context.Context, shared SharedPeers, since time.Time) (int, error) {
+	var cursor SharedCursor
+	return s.healPages(ctx, func(limit int) (keys []id.IdentityKey, err error) {
+		if keys, cursor, err = shared.LostKeys(ctx, s.tables.Account(), since, cursor, limit); err != nil {
+			err = fmt.Errorf("failed to list the devices the bridge shared room keys with: %w", err)
+		}
+		return keys, err
+	})
 }
 
 // unreadablePeers reads every stored session in pages and heals the devices with one that cannot
