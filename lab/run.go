@@ -435,16 +435,15 @@ func (w *World) measure(ctx context.Context, res *Result, k int, sendTimes map[s
 		}
 	}
 
-	entries, err := w.BridgeLog(wedgedAt)
-	if err != nil {
-		return fmt.Errorf("failed to read bridge log: %w", err)
-	}
-	res.WindowMS = windowMS(entries, healedAt)
+	// The whole log for the keys' arrivals (a key may have come before the wedge), read once; the
+	// rest reads what came since the wedge.
 	all, err := w.BridgeLog(time.Time{})
 	if err != nil {
 		return fmt.Errorf("failed to read bridge log: %w", err)
 	}
 	res.KeyToBridgedP50MS, res.KeyToBridgedMaxMS = w.keyToBridged(all, bridged)
+	entries := slices.DeleteFunc(slices.Clone(all), func(e logEntry) bool { return e.time().Before(wedgedAt) })
+	res.WindowMS = windowMS(entries, healedAt)
 	device := string(w.Wedged().DeviceID())
 	var firstFailure time.Time
 	for _, entry := range entries {
