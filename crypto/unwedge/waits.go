@@ -195,10 +195,8 @@ type waitTable struct {
 	lock    sync.Mutex
 	waiting map[id.SenderKey]map[id.SessionID]waitingSession
 	healed  map[id.SenderKey]healedDevice
-	// sessions counts the running waits by session ID alone (the sender key is the sender's
-	// word), and ended holds when the last wait for a session ended, for waitGrace.
-	sessions map[id.SessionID]int
-	ended    map[id.SessionID]time.Time
+	// ended holds when the last wait for a session (under any sender key) ended, for waitGrace.
+	ended map[id.SessionID]time.Time
 }
 
 // waitingSession is a session bridgev2 waits for, and the senders of its events. The sender key
@@ -245,10 +243,6 @@ func (w *waitTable) start(roomID id.RoomID, senderKey id.SenderKey, sessionID id
 		}
 	}
 	w.waiting[senderKey][sessionID] = waiting
-	if w.sessions == nil {
-		w.sessions = make(map[id.SessionID]int)
-	}
-	w.sessions[sessionID]++
 	if healed, ok := w.healed[senderKey]; ok && now.Sub(healed.at) < recentHeal && slices.Contains(senders, healed.device.UserID) {
 		return healed.device
 	}
@@ -258,20 +252,6 @@ func (w *waitTable) start(roomID id.RoomID, senderKey id.SenderKey, sessionID id
 func (w *waitTable) end(senderKey id.SenderKey, sessionID id.SessionID, now time.Time) {
 	w.lock.Lock()
 	defer w.lock.Unlock()
-	if w.sessions[sessionID] > 1 {
-		w.sessions[sessionID]--
-	} else {
-		delete(w.sessions, sessionID)
-		if w.ended == nil {
-			w.ended = make(map[id.SessionID]time.Time)
-		}
-		for s, at := range w.ended {
-			if now.Sub(at) > waitGrace {
-				delete(w.ended, s)
-			}
-		}
-		w.ended[sessionID] = now
-	}
 	if waiting := w.waiting[senderKey][sessionID]; waiting.waits > 1 {
 		waiting.waits--
 		w.waiting[senderKey][sessionID] = waiting
@@ -281,6 +261,29 @@ func (w *waitTable) end(senderKey id.SenderKey, sessionID id.SessionID, now time
 	if len(w.waiting[senderKey]) == 0 {
 		delete(w.waiting, senderKey)
 	}
+	if w.waitingFor(sessionID) {
+		return
+	}
+	if w.ended == nil {
+		w.ended = make(map[id.SessionID]time.Time)
+	}
+	for s, at := range w.ended {
+		if now.Sub(at) > waitGrace {
+			delete(w.ended, s)
+		}
+	}
+	w.ended[sessionID] = now
+}
+
+// waitingFor reports whether a wait for the session runs under any sender key (an event's sender
+// key is its sender's word). The lock must be held.
+func (w *waitTable) waitingFor(sessionID id.SessionID) bool {
+	for _, sessions := range w.waiting {
+		if _, ok := sessions[sessionID]; ok {
+			return true
+		}
+	}
+	return false
 }
 
 // busy reports whether bridgev2 waits for the session now, or did within waitGrace; and when
@@ -288,7 +291,7 @@ func (w *waitTable) end(senderKey id.SenderKey, sessionID id.SessionID, now time
 func (w *waitTable) busy(sessionID id.SessionID, now time.Time) (busy bool, until time.Time) {
 	w.lock.Lock()
 	defer w.lock.Unlock()
-	if w.sessions[sessionID] > 0 {
+	if w.waitingFor(sessionID) {
 		return true, time.Time{}
 	}
 	if at, ok := w.ended[sessionID]; ok && now.Sub(at) <= waitGrace {
