@@ -36,8 +36,14 @@ func newMemoryDevice(hs *cryptotest.Homeserver, userID id.UserID, deviceID id.De
 // newBridgeDevice is the bridge's device: an OlmMachine on mautrix-go's SQL store in db,
 // wrapped by unwedge's store unless stock.
 func newBridgeDevice(t testing.TB, hs *cryptotest.Homeserver, db *dbutil.Database, stock bool) *cryptotest.Device {
-	return newBridgeDeviceAs(t, hs, db, "@bridgebot:example.org", "BRIDGE", stock)
+	return newBridgeDeviceAs(t, hs, db, bridgeUser, bridgeDevice, stock)
 }
+
+// The bridge's bot and its device.
+const (
+	bridgeUser   id.UserID   = "@bridgebot:example.org"
+	bridgeDevice id.DeviceID = "BRIDGE"
+)
 
 // newBridgeDeviceAs is newBridgeDevice with other IDs, for two bridges in one database: the
 // store's account is named after the device.

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -14,6 +17,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
@@ -23,13 +27,23 @@ import (
 
 // The startup check at scale: a bridge whose crypto store holds N Olm sessions starts, with and
 // without a rollback (the generation behind the homeserver's: every device healed, at most
-// 100,000), while a message arrives every 100 ms. Each entry runs in a child process (this test
-// binary again, for that entry alone), so that its peak RSS is its own.
+// 100,000), while a message arrives every 100 ms. The test fills the store and runs the
+// in-memory homeserver; the start runs in a child process (this test binary again, for that entry
+// alone) against them, so that its peak RSS is the bridge's alone, as in production, where the
+// homeserver is another machine.
 const (
 	varStartupPostgres = "UNWEDGE_BENCH_STARTUP"        // Postgres sizes
 	varStartupSQLite   = "UNWEDGE_BENCH_STARTUP_SQLITE" // SQLite sizes
-	varStartupEntry    = "UNWEDGE_BENCH_STARTUP_ENTRY"  // set in the child: dialect/sessions/rollback
-	varStartupResult   = "UNWEDGE_BENCH_STARTUP_RESULT" // set in the child: where it writes its figures
+	// Set in the child: which entry (dialect/sessions/rollback), the database and the homeserver
+	// it starts on (URI, URL, the bridge's access token), and where it writes its figures.
+	varStartupEntry  = "UNWEDGE_BENCH_STARTUP_ENTRY"
+	varStartupDB     = "UNWEDGE_BENCH_STARTUP_DB"
+	varStartupHS     = "UNWEDGE_BENCH_STARTUP_HS"
+	varStartupToken  = "UNWEDGE_BENCH_STARTUP_TOKEN"
+	varStartupResult = "UNWEDGE_BENCH_STARTUP_RESULT"
+	// varStartupHeapProfile, if set, is a directory where each child writes its heap profile
+	// (pprof, named after its entry) when the heals ended, before it lets go of anything.
+	varStartupHeapProfile = "UNWEDGE_BENCH_STARTUP_HEAPPROFILE"
 	// startupHealCap is unwedge's maxStartupHeals.
 	startupHealCap = 100_000
 	// eventEvery is how often a message arrives during the start.
@@ -46,55 +60,86 @@ func TestStartupScale(t *testing.T) {
 		return
 	}
 	requireStackForFigures(t)
-	dbs := testenv.Databases(t)
-	var entries []string
+	type entry struct {
+		dialect  string
+		sessions int
+		rollback bool
+	}
+	var entries []entry
+	_, postgres := testenv.Databases(t)[testenv.Postgres]
 	for _, size := range envInts(t, varStartupPostgres, 300) {
-		if _, ok := dbs[testenv.Postgres]; ok {
-			entries = append(entries, fmt.Sprintf("%s/%d/false", testenv.Postgres, size), fmt.Sprintf("%s/%d/true", testenv.Postgres, size))
+		if postgres {
+			entries = append(entries, entry{testenv.Postgres, size, false}, entry{testenv.Postgres, size, true})
 		}
 	}
 	for _, size := range envInts(t, varStartupSQLite, 300) {
-		entries = append(entries, fmt.Sprintf("%s/%d/false", testenv.SQLite, size), fmt.Sprintf("%s/%d/true", testenv.SQLite, size))
+		entries = append(entries, entry{testenv.SQLite, size, false}, entry{testenv.SQLite, size, true})
 	}
 	var results []StartupResult
-	for _, entry := range entries {
-		res := runStartupEntry(t, entry)
+	for _, e := range entries {
+		name := fmt.Sprintf("%s/%d/%v", e.dialect, e.sessions, e.rollback)
+		res := runStartupEntry(t, name, e.dialect, e.sessions, e.rollback)
 		t.Logf("%+v", res)
 		want := 0
 		if res.Rollback {
 			want = min(res.Sessions, startupHealCap)
 		}
 		if res.Heals != want || res.Healed != want {
-			t.Errorf("%s: %d heals, %d healed, want %d each", entry, res.Heals, res.Healed, want)
+			t.Errorf("%s: %d heals, %d healed, want %d each", name, res.Heals, res.Healed, want)
 		}
 		if res.EventsBlockedMaxMS > float64(unwedge.MaxStartupWait.Milliseconds()) {
-			t.Errorf("%s: an event waited %.0f ms, want at most %s", entry, res.EventsBlockedMaxMS, unwedge.MaxStartupWait)
+			t.Errorf("%s: an event waited %.0f ms, want at most %s", name, res.EventsBlockedMaxMS, unwedge.MaxStartupWait)
 		}
 		results = append(results, res)
 	}
 	benchOut(t, "startup", results)
 }
 
-// runStartupEntry runs one entry in a child process and reads its figures.
-func runStartupEntry(t *testing.T, entry string) StartupResult {
+// runStartupEntry fills a bridge's crypto store with sessions Olm sessions on a fresh database
+// of dialect, behind the homeserver's generation if rollback, and runs its start in a child
+// process.
+func runStartupEntry(t *testing.T, name, dialect string, sessions int, rollback bool) StartupResult {
+	ctx := t.Context()
+	uri := testenv.Databases(t)[dialect]
+	db := testenv.OpenDatabase(t, dialect, uri)
+	sizePool(db)
+	hs := newHomeserver(t)
+	hs.DiscardToDevice()
+	bridge := newBridgeDevice(t, hs, db, false)
+	began := time.Now()
+	healable := 0
+	if rollback {
+		healable = min(sessions, startupHealCap)
+	}
+	fillSessions(t, ctx, hs, db, string(bridge.DeviceID), sessions, healable)
+	fill := time.Since(began).Seconds()
+	if rollback {
+		// The homeserver's generation is ahead of the database's (none): a restore.
+		if err := bridge.Client.SetAccountData(ctx, unwedge.GenerationEventType, unwedge.Generation{IdentityKey: bridge.IdentityKey(), Value: 5}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
 	out := t.TempDir() + "/startup.json"
-	cmd := exec.CommandContext(t.Context(), os.Args[0], "-test.run", "^TestStartupScale$", "-test.count=1", "-test.timeout=120m", "-test.v")
-	cmd.Env = append(os.Environ(), varStartupEntry+"="+entry, varStartupResult+"="+out)
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run", "^TestStartupScale$", "-test.count=1", "-test.timeout=120m", "-test.v")
+	cmd.Env = append(os.Environ(), varStartupEntry+"="+name, varStartupDB+"="+uri, varStartupHS+"="+bridge.Client.HomeserverURL.String(),
+		varStartupToken+"="+bridge.Client.AccessToken, varStartupResult+"="+out)
 	if output, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", entry, err, output)
+		t.Fatalf("%s: %v\n%s", name, err, output)
 	}
 	data, err := os.ReadFile(out)
 	if err != nil {
-		t.Fatalf("%s: no figures: %v", entry, err)
+		t.Fatalf("%s: no figures: %v", name, err)
 	}
 	var res StartupResult
 	if err = json.Unmarshal(data, &res); err != nil {
 		t.Fatal(err)
 	}
+	res.FillSeconds = fill
 	return res
 }
 
-// runStartupChild is the child process of one entry.
+// runStartupChild is the child process of one entry: the bridge's start, measured.
 func runStartupChild(t *testing.T, entry string) {
 	parts := strings.Split(entry, "/")
 	if len(parts) != 3 {
@@ -114,37 +159,22 @@ func runStartupChild(t *testing.T, entry string) {
 	}
 }
 
-// measureStartup fills a bridge's crypto store with sessions Olm sessions, restarts it and
-// measures its startup check while messages arrive.
+// measureStartup starts the bridge whose store the parent filled, against the parent's
+// homeserver, and measures its startup check while messages arrive.
 func measureStartup(t *testing.T, dialect string, sessions int, rollback bool) StartupResult {
 	ctx := t.Context()
-	uri, ok := testenv.Databases(t)[dialect]
-	if !ok {
-		t.Fatalf("no %s database", dialect)
-	}
-	db := testenv.OpenDatabase(t, dialect, uri)
+	db := testenv.OpenDatabase(t, dialect, os.Getenv(varStartupDB))
 	sizePool(db)
-	hs := newHomeserver(t)
-	hs.DiscardToDevice()
-	bridge := newBridgeDevice(t, hs, db, false)
-	res := StartupResult{DB: dialect, Sessions: sessions, Rollback: rollback}
-	began := time.Now()
-	healable := 0
-	if rollback {
-		healable = min(sessions, startupHealCap)
+	client, err := mautrix.NewClient(os.Getenv(varStartupHS), bridgeUser, os.Getenv(varStartupToken))
+	if err != nil {
+		t.Fatal(err)
 	}
-	fillSessions(t, ctx, hs, db, string(bridge.DeviceID), sessions, healable)
-	res.FillSeconds = time.Since(began).Seconds()
-	if rollback {
-		// The homeserver's generation is ahead of the database's (none): a restore.
-		if err := bridge.Client.SetAccountData(ctx, unwedge.GenerationEventType, unwedge.Generation{IdentityKey: bridge.IdentityKey(), Value: 5}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	bridge.Restart()
+	client.DeviceID = bridgeDevice
+	bridge := cryptotest.Open(t, client, bridgeStore(t, db, bridgeDevice, false), zerolog.Nop())
 	u, udb := unwedgeBridge(t, bridge, db, "startup")
 	keeper := unwedge.NewGenerationKeeper(udb.Generation, &unwedge.AccountDataMirror{Client: bridge.Client}, bridge.Wrapped, bridge.IdentityKey(), zerolog.Nop())
 
+	res := StartupResult{DB: dialect, Sessions: sessions, Rollback: rollback}
 	peak := startPhasePeak(t)
 	started := time.Now()
 	events := startEvents(ctx, db, string(bridge.DeviceID))
@@ -153,22 +183,36 @@ func measureStartup(t *testing.T, dialect string, sessions int, rollback bool) S
 	res.SecondsToFirstEvent = time.Since(started).Seconds()
 	events.open()
 	<-run.Done()
+	if dir := os.Getenv(varStartupHeapProfile); dir != "" {
+		writeHeapProfile(t, filepath.Join(dir, fmt.Sprintf("heap-%s-%d-%v.pprof", dialect, sessions, rollback)))
+	}
 	res.TotalSeconds = time.Since(started).Seconds()
 	res.EventsBlockedMaxMS = events.stop()
-	// VmHWM, reset when the phase started: the fill is no part of it.
+	// VmHWM, reset when the phase started: the loading of the machine is no part of it.
 	res.PeakRSSMB, res.PeakHeapMB, res.BaseHeapMB, _ = peak.stop()
 	report := run.Report()
 	res.CheckSeconds, res.HealSeconds = report.CheckDuration.Seconds(), report.HealDuration.Seconds()
-	res.Heals = len(report.Decisions)
-	for _, d := range report.Decisions {
-		if d.Action == unwedge.ActionHealed {
-			res.Healed++
-		}
-	}
+	res.Heals, res.Healed = report.Heals, report.Outcomes[unwedge.ActionHealed]
 	if !report.Finished {
 		t.Errorf("the check did not finish: %+v", report)
 	}
+	// The bridge lives on after its start: what its machine and Unwedger hold counts.
+	runtime.KeepAlive(bridge)
+	runtime.KeepAlive(u)
 	return res
+}
+
+// writeHeapProfile writes the heap in use to path (pprof), after a collection.
+func writeHeapProfile(t *testing.T, path string) {
+	runtime.GC()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err = pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // fillSessions writes n Olm sessions of the bridge's account, one per device, with a real pickle

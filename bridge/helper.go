@@ -159,12 +159,6 @@ func (h *Helper) startupReport() *unwedge.StartupReport { return h.startup.Load(
 
 // logStartup writes the one line that says what the heals at startup found and did.
 func (h *Helper) logStartup(report *unwedge.StartupReport) {
-	healed := 0
-	for _, d := range report.Decisions {
-		if d.Action == unwedge.ActionHealed {
-			healed++
-		}
-	}
 	h.log.Info().
 		Bool("rolled_back", report.RolledBack()).
 		Str("generation", report.Generation.String()).
@@ -174,8 +168,8 @@ func (h *Helper) logStartup(report *unwedge.StartupReport) {
 		Int("keys_on_server", report.KeysOnServer).
 		Int("keys_published", report.KeysPublished).
 		Bool("keys_replaced", report.KeysReplaced).
-		Int("heals", len(report.Decisions)).
-		Int("healed", healed).
+		Int("heals", report.Heals).
+		Int("healed", report.Outcomes[unwedge.ActionHealed]).
 		Bool("finished", report.Finished).
 		Int("sessions_checked", report.SessionsChecked).
 		Int("pages", report.Pages).

@@ -58,8 +58,11 @@ type StartupReport struct {
 	// rollback, or when it held more than the account has: keys the account lost).
 	KeysOnServer, KeysPublished int
 	KeysReplaced                bool
-	// Decisions are the heals, one per device in scope.
-	Decisions []Decision
+	// Heals counts the devices in scope handed to the engine, Outcomes their heals by how they
+	// ended. Only counts are kept: a rollback heals up to 100,000 devices, and each heal's
+	// decision went to the log, the Observer (metrics) and Recent as it was made.
+	Heals    int
+	Outcomes map[Action]int
 	// Finished: the check read every page and every heal ended (the process did not stop first).
 	Finished bool
 	// SessionsChecked counts the Olm session rows read for unreadable ones (none after a
@@ -137,7 +140,7 @@ func (r *StartupRun) firstDone() { r.firstOnce.Do(func() { close(r.first) }) }
 // ended, in the run's goroutine (a panic in it is recovered and counted as the run's), before
 // Done is closed and before Stop returns.
 func (u *Unwedger) StartHealAtStartup(ctx context.Context, keeper *GenerationKeeper, shared SharedPeers, ended func(*StartupReport)) *StartupRun {
-	run := &StartupRun{checked: make(chan struct{}), first: make(chan struct{}), done: make(chan struct{}), report: &StartupReport{}}
+	run := &StartupRun{checked: make(chan struct{}), first: make(chan struct{}), done: make(chan struct{}), report: &StartupReport{Outcomes: map[Action]int{}}}
 	log := zerolog.Ctx(ctx).With().Str("action", "unwedge startup").Logger()
 	u.spawn(log.WithContext(u.ctx), PanicStartupHeals, func() {
 		defer close(run.done)
@@ -265,7 +268,10 @@ func (s *startupStream) heal(ctx context.Context, keys []id.IdentityKey) error {
 	if len(devices) > 0 {
 		zerolog.Ctx(ctx).Debug().Int("devices", len(devices)).Int("pages", report.Pages).Str("class", string(s.class)).Msg("Healing a page of Olm sessions at startup")
 		began := time.Now()
-		report.Decisions = append(report.Decisions, s.u.HealBatch(ctx, devices, s.class)...)
+		for _, d := range s.u.HealBatch(ctx, devices, s.class) {
+			report.Heals++
+			report.Outcomes[d.Action]++
+		}
 		report.HealDuration += time.Since(began)
 	}
 	if report.Pages == 1 {

@@ -170,8 +170,8 @@ func TestHealAtStartup(t *testing.T) {
 			f.hs.Exchange(bystander, f.bridge)
 			f.noDecision()
 			f.establish()
-			if r := f.healAtStartup(); r.RolledBack() || len(r.Decisions) != 0 {
-				t.Fatalf("first start: rolled back %v, %d heals", r.RolledBack(), len(r.Decisions))
+			if r := f.healAtStartup(); r.RolledBack() || r.Heals != 0 {
+				t.Fatalf("first start: rolled back %v, %d heals", r.RolledBack(), r.Heals)
 			}
 			backup := f.backupSessions(f.bridge)
 			if err := f.bridge.Mach.StateStore.(mautrix.StateStore).SetMembership(f.ctx, room, peerUser, event.MembershipJoin); err != nil {
@@ -200,22 +200,21 @@ func TestHealAtStartup(t *testing.T) {
 			if tc.rolledBack && r.OutboundDiscarded != 1 {
 				t.Errorf("%d outbound Megolm sessions discarded after the rollback, want 1", r.OutboundDiscarded)
 			}
+			if r.Heals != len(tc.healed) || r.Outcomes[unwedge.ActionHealed] != len(tc.healed) {
+				t.Errorf("%d heals, outcomes %v; want %d healed", r.Heals, r.Outcomes, len(tc.healed))
+			}
 			var healed []id.DeviceID
-			for _, d := range r.Decisions {
+			for range tc.healed {
+				d := f.decision()
 				if d.Action != unwedge.ActionHealed || d.Class != tc.class {
-					t.Errorf("heal %+v, want healed %s", d, tc.class)
+					t.Errorf("decision %+v, want healed %s", d, tc.class)
 				}
 				healed = append(healed, d.DeviceID)
 			}
+			f.noDecision()
 			if !sameDevices(healed, tc.healed) {
 				t.Fatalf("healed %v, want %v", healed, tc.healed)
 			}
-			for range tc.healed {
-				if d := f.decision(); d.Action != unwedge.ActionHealed || d.Class != tc.class {
-					t.Errorf("decision %+v, want healed %s", d, tc.class)
-				}
-			}
-			f.noDecision()
 			if len(tc.healed) > 0 {
 				f.healedBothWays()
 			}
