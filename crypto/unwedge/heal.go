@@ -256,6 +256,9 @@ func (u *Unwedger) healGroup(ctx context.Context, members []*member) {
 				m.doneReplacing()
 				m.release()
 			}
+			if m.hc != nil {
+				u.store.forget(m.hc)
+			}
 		}
 	}
 	defer func() {
@@ -415,7 +418,7 @@ func (u *Unwedger) prepareAttempt(ctx context.Context, members []*member) []*mem
 			sess, stored = m.hc.replacement()
 		}
 		if sess != nil && !stored {
-			if err := u.store.keep(ctx, m.device.IdentityKey, sess); err != nil {
+			if err := u.store.keep(ctx, m.hc, m.device.IdentityKey, sess); err != nil {
 				m.err = fmt.Errorf("%w: %w", errCryptoStore, err)
 				continue
 			}
@@ -584,7 +587,7 @@ func (u *Unwedger) attempt(ctx context.Context, healCtx context.Context, failure
 	send := &mautrix.ReqSendToDevice{Messages: make(map[id.UserID]map[id.DeviceID]*event.Content)}
 	var sending []*member
 	for _, m := range going {
-		claimed := m.hc.takeClaimed()
+		claimed, unsaved := m.hc.takeClaimed(), m.hc.takeUnsaved()
 		sess, _ := m.hc.replacement()
 		u.recordLate(ctx, m, sess)
 		switch {
@@ -624,6 +627,10 @@ func (u *Unwedger) attempt(ctx context.Context, healCtx context.Context, failure
 			m.err = errors.New("the machine created no replacement session")
 		case encrypted.Messages[m.device.UserID][m.device.DeviceID] == nil:
 			m.err = fmt.Errorf("the machine encrypted no m.dummy over session %s", sess.ID())
+		case unsaved:
+			// The session's state after this m.dummy is not in the store: sent, it would be one
+			// the machine may load behind the peer's. Tried again over the session.
+			m.err = fmt.Errorf("%w: session %s was not written back after encrypting m.dummy", errCryptoStore, sess.ID())
 		default:
 			if send.Messages[m.device.UserID] == nil {
 				send.Messages[m.device.UserID] = make(map[id.DeviceID]*event.Content)

@@ -50,6 +50,12 @@ type Store struct {
 	// writes counts the changes to the state a restore from a backup takes back: the account, Olm
 	// sessions, and Megolm sessions in and out (GenerationKeeper).
 	writes atomic.Uint64
+
+	// tables, when the wrapped store is mautrix-go's SQL store, writes the heals' replacement
+	// sessions to its table without its session cache, and uncached holds those of the running
+	// heals, by session ID (storeReplacement).
+	tables   *CryptoTables
+	uncached lockedMap[id.SessionID, *healContext]
 }
 
 // SharedIndex keeps the index at which the bridge first shared each of its own Megolm sessions
@@ -63,8 +69,76 @@ type SharedIndex interface {
 // bridge's Megolm sessions at; history, if not nil, keeps earlier states of the Olm sessions
 // (unwedge.olm_history).
 func NewStore(inner crypto.Store, shared SharedIndex, history *History) *Store {
-	return &Store{Store: inner, shared: shared, history: history,
+	s := &Store{Store: inner, shared: shared, history: history,
 		outbound: make(map[id.SessionID]*crypto.OutboundGroupSession), outboundRoom: make(map[id.RoomID]id.SessionID)}
+	if sql, ok := inner.(*crypto.SQLCryptoStore); ok {
+		s.tables = &CryptoTables{DB: sql.DB, AccountID: sql.AccountID, PickleKey: sql.PickleKey}
+	}
+	return s
+}
+
+// A heal's replacement session is written to the SQL store's table but not to its session cache.
+// mautrix-go's SQLCryptoStore keeps every Olm session it adds or loads in memory for the life of
+// the process (about 1 kB each): a start after a rollback heals up to 100,000 devices, most of
+// which may not talk for a long time, and the cache would hold all their sessions. The heal holds
+// the one object of its session until it ends; the machine loads the session from the table (into
+// its cache) when it next needs it.
+//
+// The cache is how the machine keeps one object per session: two objects of one session would
+// each move the ratchet, and the one written last would undo the other. So:
+//   - the machine loads and uses sessions only under its olmLock, and the heal uses its object
+//     only there too, in EncryptToDevices, which writes it back (UpdateSession) before it lets
+//     go: whenever the machine loads the session, the table holds the heal's state;
+//   - when the machine loads the session while the heal runs, the heal adopts the machine's
+//     object (adopt) and uses that one from then on;
+//   - if writing it back failed, the heal does not send what it encrypted (unsaved), so the
+//     table's older state is still one the peer can follow;
+//   - the Unwedger's own reads outside olmLock are copies (peekSessions), never the cache's.
+//
+// Relies on crypto/sql_store.go's session cache and crypto/encryptolm.go, decryptolm.go,
+// encryptmegolm.go and machine.go loading sessions under olmLock (pinned in internal/upstream).
+
+// storeReplacement writes a heal's new session: to the SQL store's table only, or, in another
+// store, with its AddSession.
+func (s *Store) storeReplacement(ctx context.Context, h *healContext, key id.SenderKey, sess *crypto.OlmSession) error {
+	if s.tables == nil {
+		return s.Store.AddSession(ctx, key, sess)
+	}
+	// Held before the write: an insert that reports an error may still have been committed.
+	s.uncached.update(sess.ID(), func(*healContext, bool) (*healContext, bool) { return h, true })
+	return s.tables.InsertSession(ctx, key, sess)
+}
+
+// adopt gives the running heals whose sessions the machine just loaded the machine's objects.
+func (s *Store) adopt(sessions ...*crypto.OlmSession) {
+	if s.uncached.len() == 0 {
+		return
+	}
+	for _, sess := range sessions {
+		if sess == nil {
+			continue
+		}
+		if h, ok := s.uncached.get(sess.ID()); ok {
+			s.uncached.delete(sess.ID())
+			h.adopt(sess)
+		}
+	}
+}
+
+// forget lets go of a heal that ended: the machine loads its session from the table from now on.
+func (s *Store) forget(h *healContext) {
+	if sess, _ := h.replacement(); sess != nil {
+		s.uncached.update(sess.ID(), func(held *healContext, ok bool) (*healContext, bool) { return held, ok && held != h })
+	}
+}
+
+// peekSessions reads the sessions with the key for reading only, outside the machine's olmLock:
+// copies, which the SQL store's cache does not get.
+func (s *Store) peekSessions(ctx context.Context, key id.SenderKey) (crypto.OlmSessionList, error) {
+	if s.tables == nil {
+		return s.Store.GetSessions(ctx, key)
+	}
+	return s.tables.PeekSessions(ctx, key)
 }
 
 // keepOutbound remembers the room's current outbound session.
@@ -174,13 +248,15 @@ func (s *Store) GetLatestSession(ctx context.Context, key id.SenderKey) (*crypto
 		if sess == nil || stored {
 			return sess, nil
 		}
-		if err := s.keep(ctx, key, sess); err != nil {
+		if err := s.keep(ctx, h, key, sess); err != nil {
 			return nil, fmt.Errorf("%w: %w", errCryptoStore, err)
 		}
 		h.setStored()
+		sess, _ = h.replacement()
 		return sess, nil
 	}
 	sess, err := s.Store.GetLatestSession(ctx, key)
+	s.adopt(sess)
 	return sess, storeErr(err)
 }
 
@@ -219,15 +295,18 @@ func (s *Store) PutDevices(ctx context.Context, userID id.UserID, devices map[id
 	return storeErr(s.Store.PutDevices(ctx, userID, devices))
 }
 
-// keep stores a replacement session that the store failed to keep when it was made. The first
-// insert may have been written although it reported an error (a connection that broke after the
-// commit), so a session the store already holds counts as kept.
-func (s *Store) keep(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
-	err := s.Store.AddSession(ctx, key, sess)
+// keep stores a heal's replacement session that the store failed to keep when it was made. The
+// first insert may have been written although it reported an error (a connection that broke
+// after the commit), so a session the store already holds counts as kept (and the heal adopts
+// the store's object of it).
+func (s *Store) keep(ctx context.Context, h *healContext, key id.SenderKey, sess *crypto.OlmSession) error {
+	err := s.storeReplacement(ctx, h, key, sess)
 	if err == nil {
 		return nil
 	}
-	if sessions, listErr := s.Store.GetSessions(ctx, key); listErr == nil && slices.ContainsFunc(sessions, func(stored *crypto.OlmSession) bool {
+	sessions, listErr := s.Store.GetSessions(ctx, key)
+	s.adopt(sessions...)
+	if listErr == nil && slices.ContainsFunc(sessions, func(stored *crypto.OlmSession) bool {
 		return stored.ID() == sess.ID()
 	}) {
 		return nil
@@ -246,11 +325,17 @@ func (s *Store) AddSession(ctx context.Context, key id.SenderKey, session *crypt
 		return errReplayOnly
 	}
 	s.writes.Add(1)
-	err := s.Store.AddSession(ctx, key, session)
+	h := healFrom(ctx, key)
+	var err error
+	if h != nil {
+		err = s.storeReplacement(ctx, h, key, session)
+	} else {
+		err = s.Store.AddSession(ctx, key, session)
+	}
 	if err == nil && s.history.on() {
 		s.history.keep(ctx, key, session, "new session")
 	}
-	if h := healFrom(ctx, key); h != nil {
+	if h != nil {
 		// The machine only logs a failure here and would forget the session, whose one-time key
 		// is spent: the heal keeps it, and its next attempt stores it instead of claiming again.
 		h.created(session, err == nil)
@@ -281,6 +366,9 @@ func (s *Store) UpdateSession(ctx context.Context, key id.SenderKey, session *cr
 	}
 	s.writes.Add(1)
 	if err := s.Store.UpdateSession(ctx, key, session); err != nil {
+		if h := healFrom(ctx, key); h != nil {
+			h.setUnsaved()
+		}
 		return err
 	}
 	switch {
@@ -299,6 +387,7 @@ func (s *Store) GetSessions(ctx context.Context, key id.SenderKey) (crypto.OlmSe
 		return crypto.OlmSessionList{obs.replay}, nil
 	}
 	sessions, err := s.Store.GetSessions(ctx, key)
+	s.adopt(sessions...)
 	if obs != nil {
 		obs.sessionsRead = true
 		obs.sessionCount = len(sessions)
@@ -385,6 +474,9 @@ type healContext struct {
 	claimed bool
 	// onCreated is called once the new session exists, stored or not: its key is spent.
 	onCreated func(*crypto.OlmSession)
+	// unsaved is set when the session could not be written back after the machine encrypted
+	// over it, until takeUnsaved.
+	unsaved bool
 }
 
 // claiming reports whether the machine must claim a key (the heal has no replacement session
@@ -422,6 +514,30 @@ func (h *healContext) created(sess *crypto.OlmSession, stored bool) {
 	h.lock.Lock()
 	h.session, h.stored = sess, stored
 	h.lock.Unlock()
+}
+
+// adopt makes the machine's object of the replacement session the heal's (Store.adopt).
+func (h *healContext) adopt(sess *crypto.OlmSession) {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	if h.session != nil && h.session.ID() == sess.ID() {
+		h.session = sess
+	}
+}
+
+func (h *healContext) setUnsaved() {
+	h.lock.Lock()
+	h.unsaved = true
+	h.lock.Unlock()
+}
+
+// takeUnsaved reports whether the session could not be written back since the last call.
+func (h *healContext) takeUnsaved() bool {
+	h.lock.Lock()
+	defer h.lock.Unlock()
+	unsaved := h.unsaved
+	h.unsaved = false
+	return unsaved
 }
 
 func (h *healContext) setStored() {

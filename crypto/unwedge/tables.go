@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/id"
 )
@@ -237,4 +238,42 @@ func (r *CryptoTables) DiscardOutboundSessions(ctx context.Context) (int64, erro
 		return 0, fmt.Errorf("failed to discard outbound Megolm sessions: %w", err)
 	}
 	return res.RowsAffected()
+}
+
+// InsertSession writes a new Olm session with the key to crypto_olm_session as the SQL store's
+// AddSession does, but not to the store's session cache (Store.storeReplacement).
+func (r *CryptoTables) InsertSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
+	pickled, err := sess.Internal.Pickle(r.PickleKey)
+	if err != nil {
+		return fmt.Errorf("failed to pickle Olm session %s: %w", sess.ID(), err)
+	}
+	_, err = r.DB.Exec(ctx, "INSERT INTO crypto_olm_session (session_id, sender_key, session, created_at, last_encrypted, last_decrypted, account_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+		sess.ID(), key, pickled, sess.CreationTime, sess.LastEncryptedTime, sess.LastDecryptedTime, r.AccountID)
+	if err != nil {
+		return fmt.Errorf("failed to store Olm session %s: %w", sess.ID(), err)
+	}
+	return nil
+}
+
+// PeekSessions reads the Olm sessions with the key, the latest decrypted first, as the SQL store's
+// GetSessions does, but as copies the store's session cache does not get: for reading only.
+func (r *CryptoTables) PeekSessions(ctx context.Context, key id.SenderKey) (crypto.OlmSessionList, error) {
+	rows, err := r.DB.Query(ctx, "SELECT session, created_at, last_encrypted, last_decrypted FROM crypto_olm_session WHERE sender_key=$1 AND account_id=$2 ORDER BY last_decrypted DESC", key, r.AccountID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var list crypto.OlmSessionList
+	for rows.Next() {
+		sess := &crypto.OlmSession{Internal: olm.NewBlankSession()}
+		var pickled []byte
+		if err = rows.Scan(&pickled, &sess.CreationTime, &sess.LastEncryptedTime, &sess.LastDecryptedTime); err != nil {
+			return nil, err
+		}
+		if err = sess.Internal.Unpickle(pickled, r.PickleKey); err != nil {
+			return nil, err
+		}
+		list = append(list, sess)
+	}
+	return list, rows.Err()
 }

@@ -350,7 +350,7 @@ func (u *Unwedger) HandleToDevice(ctx context.Context, evt *event.Event) {
 	}
 	var sessions crypto.OlmSessionList
 	if msg.msgType == id.OlmMsgTypePreKey && obs.sessionsErr == nil {
-		sessions, _ = u.mach.CryptoStore.GetSessions(ctx, msg.senderKey)
+		sessions, _ = u.store.peekSessions(ctx, msg.senderKey)
 	}
 	class = classifyFailure(obs, msg, sessions)
 	// Either side suffices: the machine knows its own failure points (and any it adds later);
