@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
@@ -20,10 +22,20 @@ type flakyStore struct {
 	crypto.Store
 	fail       *atomic.Int32
 	afterWrite bool
+	// update: UpdateSession fails instead of AddSession.
+	update bool
+}
+
+func (s *flakyStore) UpdateSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
+	if !s.update || s.fail.Load() <= 0 {
+		return s.Store.UpdateSession(ctx, key, sess)
+	}
+	s.fail.Add(-1)
+	return errors.New("database is down")
 }
 
 func (s *flakyStore) AddSession(ctx context.Context, key id.SenderKey, sess *crypto.OlmSession) error {
-	if s.fail.Load() <= 0 {
+	if s.update || s.fail.Load() <= 0 {
 		return s.Store.AddSession(ctx, key, sess)
 	}
 	s.fail.Add(-1)
@@ -242,4 +254,34 @@ func TestHealsPerMinute(t *testing.T) {
 	if n := f.unwedger.Counts()[unwedge.Count{Class: unwedge.ClassForced, Action: unwedge.ActionThrottled}]; n != 1 {
 		t.Errorf("throttled admin heals counted %d times, want 1", n)
 	}
+}
+
+// TestHealUnsavedSession: the crypto store fails to write the replacement session back after the
+// machine encrypted m.dummy over it. That m.dummy is not sent (the stored state would be one
+// message behind what the peer has); the next attempt encrypts and sends another, and the peer
+// decrypts it.
+func TestHealUnsavedSession(t *testing.T) {
+	f := newFixture(t)
+	f.establish()
+	fail := &atomic.Int32{}
+	f.bridge.Store.Wrap = func(inner crypto.Store) crypto.Store { return &flakyStore{Store: inner, fail: fail, update: true} }
+	f.exec("DELETE FROM crypto_olm_session WHERE account_id=$1", string(bridgeDevice))
+	f.restartBridge()
+	fail.Store(1)
+	f.peerSends()
+	sends := f.hs.ToDeviceRequests(event.ToDeviceEncrypted.Type)
+	f.deliverToBridge()
+	d := f.decision()
+	if d.Action != unwedge.ActionHealed || !strings.HasSuffix(d.Detail, "after 2 attempt(s)") {
+		t.Fatalf("decision %+v, want healed after 2 attempts", d)
+	}
+	if n := f.hs.ToDeviceRequests(event.ToDeviceEncrypted.Type) - sends; n != 1 {
+		t.Errorf("%d sends, want the second attempt's only", n)
+	}
+	f.peerDecryptsAll(1)
+	f.restartBridge() // the stored state is the one the peer has
+	f.hs.Exchange(f.peer, f.bridge)
+	f.noDecision()
+	f.bridgeSends()
+	f.peerDecryptsAll(1)
 }

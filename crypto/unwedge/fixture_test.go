@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -175,6 +176,24 @@ func (f *fixture) sessions(p *cryptotest.Device, key id.SenderKey) int {
 
 func (f *fixture) peerKey() id.SenderKey   { return f.peer.IdentityKey() }
 func (f *fixture) bridgeKey() id.SenderKey { return f.bridge.IdentityKey() }
+
+// peerDecryptsAll hands the peer's queued to-device events to its machine and checks that there
+// are n and that it decrypts each (its machine logs no error).
+func (f *fixture) peerDecryptsAll(n int) {
+	f.t.Helper()
+	events := f.hs.Inbox(f.peer)
+	if len(events) != n {
+		f.t.Fatalf("%d events for the peer, want %d", len(events), n)
+	}
+	for i, evt := range events {
+		var errs strings.Builder
+		log := zerolog.New(&errs).Level(zerolog.ErrorLevel)
+		f.peer.Mach.HandleEncryptedEvent(log.WithContext(f.ctx), evt)
+		if errs.Len() > 0 {
+			f.t.Errorf("the peer could not decrypt event %d of %d: %s", i+1, n, errs.String())
+		}
+	}
+}
 
 // healedBothWays checks the end of a heal: the peer got m.dummy on a new session and its next
 // message decrypts at the bridge.

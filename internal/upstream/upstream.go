@@ -91,6 +91,13 @@ var Files = []File{{
 	Users:  "bridge/helper.go (Decrypt), crypto/unwedge/recovery.go (retrying pending events)",
 	Relies: "DecryptMegolmEvent looks the session up by the event's room and session ID (ErrNoSessionFound when missing) and refuses a payload whose room_id is not the event's room",
 }, {
+	Path:   "crypto/sql_store.go",
+	SHA256: "f3956c8294d8fc4ff656ac20d1e57ecbf427b69ab5ed2858cfbb25968ae6a893",
+	Users:  "crypto/unwedge/store.go (storeReplacement, adopt, peekSessions), tables.go (InsertSession, PeekSessions)",
+	Relies: "SQLCryptoStore's olmSessionCache: AddSession caches the session it inserts; GetSessions and GetLatestSession read the rows, then return the cached object " +
+		"for a session ID already cached, else unpickle and cache it; UpdateSession writes by session_id and leaves the cache alone; nothing evicts; " +
+		"the INSERT of AddSession and the SELECT of GetSessions, which tables.go writes again; DB, AccountID and PickleKey are exported",
+}, {
 	Path:   "crypto/sql_store_upgrade/00-latest-revision.sql",
 	SHA256: "009672d1cdce40420c9bc14cc8db427e5f7774f09e79e22cc86d88d7be3623a4",
 	Users:  "crypto/unwedge/tables.go (CryptoTables), database/shared.go (pruneShared), bridge/sink.go and stock.go, lab/scenarios.go",
