@@ -38,9 +38,13 @@ fi
 
 gotest=(go test -tags goolm -count=1 -timeout 40m)
 
-# The tests of the fault points themselves exist only in the test build.
+# The tests that exist only in the test build (the fault points' own, and those that act at a
+# fault point): every test function in a file built with unwedgefault, in its package.
+mapfile -t tagged < <(grep -rl --include='*_test.go' '^//go:build unwedgefault' . | grep -v '^./.git/')
+tagged_names=$(awk '/^func Test[A-Za-z0-9_]*\(/ { name = $2; sub(/\(.*/, "", name); print name }' "${tagged[@]}" | sort -u | paste -sd'|' -)
+mapfile -t tagged_pkgs < <(printf '%s\n' "${tagged[@]}" | xargs -n1 dirname | sort -u)
 fault_points() {
-	go test -tags goolm,unwedgefault -count=1 "$@" -run '^TestFault' ./internal/fault/... ./crypto/unwedge/
+	go test -tags goolm,unwedgefault -count=1 "$@" -run "^($tagged_names)\$" "${tagged_pkgs[@]}"
 }
 
 # Every fuzz target runs for a bounded number of inputs (its seed corpus already ran as a test),
