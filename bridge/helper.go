@@ -118,7 +118,7 @@ func (h *Helper) initUnwedge(ctx context.Context) error {
 	}
 	if h.cfg.AppserviceInbox && h.conn.Config.Encryption.Appservice {
 		// Room keys that failed transactions lost come first, before the heals and the events.
-		if report, err := h.readInbox(ctx, inboxStartupPages); err != nil {
+		if report, err := h.readInbox(ctx, inboxStartupPages, 0); err != nil {
 			h.log.Warn().Err(err).Msg("Failed to read the bot device's to-device inbox at startup")
 		} else {
 			h.log.Info().Int("handled", report.Handled).Int("pages", report.Pages).Bool("more", report.More).Msg("Read the bot device's to-device inbox at startup")

@@ -21,7 +21,8 @@ import (
 // are never decrypted. Synapse keeps every to-device message in the device's inbox until the device
 // syncs past it, which an appservice's device never does. So the bridge reads that inbox itself,
 // with /sync as the bot device (MSC3202 device masquerading, or the device's own token): at
-// startup before it handles any event, and every inboxInterval. Each page's encrypted messages go
+// startup before it handles any event, and every inboxInterval (long-polling while room events
+// wait for their keys: followInbox). Each page's encrypted messages go
 // through the Unwedger (HandleCopy), which hands a message it already had from a transaction to the
 // machine no second time; then the sync token is saved (the crypto store's, which appservice mode does not
 // use otherwise), and the homeserver deletes what the token passed.
@@ -43,6 +44,9 @@ const (
 	// inboxStartupPages bounds the pages read at startup before events are handled (Synapse
 	// returns at most 100 to-device messages a page); the rest is read while events are handled.
 	inboxStartupPages = 50
+	// inboxLongPoll is how long a reading waits on the homeserver for new to-device messages
+	// while room events wait for their keys (followInbox).
+	inboxLongPoll = 25 * time.Second
 )
 
 // inboxReport is what one reading of the inbox did.
@@ -55,8 +59,9 @@ type inboxReport struct {
 }
 
 // readInbox handles the bot device's inbox from the saved token on, at most pages pages. With
-// no token saved it does nothing (drainInbox does the first reading).
-func (h *Helper) readInbox(ctx context.Context, pages int) (inboxReport, error) {
+// no token saved it does nothing (drainInbox does the first reading). With wait, the first page
+// waits up to that long on the homeserver for a message when there is none.
+func (h *Helper) readInbox(ctx context.Context, pages int, wait time.Duration) (inboxReport, error) {
 	var report inboxReport
 	token, err := h.store.LoadNextBatch(ctx, h.client.UserID)
 	if err != nil {
@@ -65,10 +70,11 @@ func (h *Helper) readInbox(ctx context.Context, pages int) (inboxReport, error) 
 		return report, nil
 	}
 	for report.Pages < pages {
-		resp, err := h.syncInbox(ctx, token)
+		resp, err := h.syncInbox(ctx, token, wait)
 		if err != nil {
 			return report, err
 		}
+		wait = 0
 		report.Pages++
 		report.Messages += len(resp.ToDevice.Events)
 		for _, evt := range resp.ToDevice.Events {
@@ -103,7 +109,7 @@ func (h *Helper) drainInbox(ctx context.Context) (inboxReport, error) {
 	report := inboxReport{Skipped: true}
 	token := ""
 	for {
-		resp, err := h.syncInbox(ctx, token)
+		resp, err := h.syncInbox(ctx, token, 0)
 		if err != nil {
 			return report, err
 		}
@@ -119,9 +125,10 @@ func (h *Helper) drainInbox(ctx context.Context) (inboxReport, error) {
 	}
 }
 
-// syncInbox is one /sync as the bot device, for its to-device messages only.
-func (h *Helper) syncInbox(ctx context.Context, since string) (*mautrix.RespSync, error) {
-	resp, err := h.client.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: inboxFilter, SetPresence: event.PresenceOffline})
+// syncInbox is one /sync as the bot device, for its to-device messages only, waiting up to wait
+// on the homeserver for one when there is none.
+func (h *Helper) syncInbox(ctx context.Context, since string, wait time.Duration) (*mautrix.RespSync, error) {
+	resp, err := h.client.FullSyncRequest(ctx, mautrix.ReqSync{Since: since, FilterID: inboxFilter, SetPresence: event.PresenceOffline, Timeout: int(wait.Milliseconds())})
 	if err != nil {
 		return nil, fmt.Errorf("failed to read the bot device's to-device inbox: %w", err)
 	}
@@ -138,11 +145,15 @@ func (h *Helper) pokeInbox() {
 }
 
 // followInbox reads the inbox every inboxInterval, and when poked, until ctx ends; first it
-// drains it, if it was never read.
+// drains it, if it was never read. While room events wait for their keys, each reading waits on
+// the homeserver for new messages (inboxLongPoll) instead: a key that a failed transaction did not
+// deliver (an answer to the bridge's key request that came while it restarted, say) is read when
+// it arrives, not up to inboxInterval later.
 func (h *Helper) followInbox(ctx context.Context) {
 	// The loop goes on after a round that panicked (inboxRound).
+	var wait time.Duration
 	for {
-		report, err := h.inboxRound(ctx)
+		report, err := h.inboxRound(ctx, wait)
 		switch {
 		case err != nil && ctx.Err() == nil:
 			h.log.Warn().Err(err).Msg("Failed to read the bot device's to-device inbox; tried again later")
@@ -159,6 +170,10 @@ func (h *Helper) followInbox(ctx context.Context) {
 			return
 		case <-time.After(inboxMinInterval):
 		}
+		if wait = 0; h.eventsWaiting(ctx) {
+			wait = inboxLongPoll
+			continue
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -168,10 +183,19 @@ func (h *Helper) followInbox(ctx context.Context) {
 	}
 }
 
+// eventsWaiting reports whether room events wait for their keys (any replica's).
+func (h *Helper) eventsWaiting(ctx context.Context) bool {
+	if h.db == nil {
+		return false
+	}
+	n, err := h.db.Pending.Count(ctx)
+	return err == nil && n > 0
+}
+
 // inboxRound reads the inbox once (all of it the first time). What a peer sent may reach a bug:
 // a panic ends the round with an error, logged with its stack and counted
 // (unwedge_panics_total{where="appservice_inbox"}), and the next round comes as usual.
-func (h *Helper) inboxRound(ctx context.Context) (report inboxReport, err error) {
+func (h *Helper) inboxRound(ctx context.Context, wait time.Duration) (report inboxReport, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			h.inboxPanics.Add(1)
@@ -184,7 +208,7 @@ func (h *Helper) inboxRound(ctx context.Context) (report inboxReport, err error)
 	if err == nil && token == "" {
 		return h.drainInbox(ctx)
 	} else if err == nil {
-		return h.readInbox(mautrix.WithMaxRetries(ctx, 0), inboxStartupPages)
+		return h.readInbox(mautrix.WithMaxRetries(ctx, 0), inboxStartupPages, wait)
 	}
 	return report, err
 }
