@@ -170,7 +170,8 @@ func (h *Helper) followInbox(ctx context.Context) {
 			return
 		case <-time.After(inboxMinInterval):
 		}
-		if wait = 0; h.eventsWaiting(ctx) {
+		// After a failed reading (the homeserver down, say), the next comes on the usual schedule.
+		if wait = 0; err == nil && h.eventsWaiting(ctx) {
 			wait = inboxLongPoll
 			continue
 		}
