@@ -204,24 +204,8 @@ func newSynapseDevices(t *testing.T, env *testenv.Env, slot *harness.Slot, devic
 // deviceKeys is what a client uploads for a new device: its identity and signing keys and
 // synapseOneTimeKeys signed one-time keys, each signed with the account's Ed25519 key.
 func deviceKeys(account *crypto.OlmAccount, device id.Device) (*mautrix.ReqUploadKeys, error) {
-	sign := func(obj any) (signatures.Signatures, error) {
-		signature, err := account.SignJSON(obj)
-		if err != nil {
-			return nil, fmt.Errorf("failed to sign keys: %w", err)
-		}
-		return signatures.NewSingleSignature(device.UserID, id.KeyAlgorithmEd25519, device.DeviceID.String(), signature), nil
-	}
-	keys := &mautrix.DeviceKeys{
-		UserID:     device.UserID,
-		DeviceID:   device.DeviceID,
-		Algorithms: []id.Algorithm{id.AlgorithmMegolmV1, id.AlgorithmOlmV1},
-		Keys: map[id.DeviceKeyID]string{
-			id.NewDeviceKeyID(id.KeyAlgorithmCurve25519, device.DeviceID): string(account.IdentityKey()),
-			id.NewDeviceKeyID(id.KeyAlgorithmEd25519, device.DeviceID):    string(account.SigningKey()),
-		},
-	}
-	var err error
-	if keys.Signatures, err = sign(keys); err != nil {
+	keys, err := cryptotest.SignedDeviceKeys(account, device, account.IdentityKey())
+	if err != nil {
 		return nil, err
 	}
 	if err = account.Internal.GenOneTimeKeys(synapseOneTimeKeys); err != nil {
@@ -234,9 +218,11 @@ func deviceKeys(account *crypto.OlmAccount, device id.Device) (*mautrix.ReqUploa
 	req := &mautrix.ReqUploadKeys{DeviceKeys: keys, OneTimeKeys: map[id.KeyID]mautrix.OneTimeKey{}}
 	for keyID, key := range generated {
 		otk := mautrix.OneTimeKey{Key: key, IsSigned: true}
-		if otk.Signatures, err = sign(&otk); err != nil {
-			return nil, err
+		signature, err := account.SignJSON(&otk)
+		if err != nil {
+			return nil, fmt.Errorf("failed to sign a one-time key: %w", err)
 		}
+		otk.Signatures = signatures.NewSingleSignature(device.UserID, id.KeyAlgorithmEd25519, device.DeviceID.String(), signature)
 		req.OneTimeKeys[id.NewKeyID(id.KeyAlgorithmSignedCurve25519, keyID)] = otk
 	}
 	return req, nil

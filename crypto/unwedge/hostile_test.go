@@ -19,7 +19,6 @@ import (
 
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
-	"maunium.net/go/mautrix/crypto/signatures"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -277,18 +276,10 @@ func forgeDevice(t *testing.T, d *cryptotest.Device, key id.IdentityKey) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	keys := &mautrix.DeviceKeys{
-		UserID: d.UserID, DeviceID: d.DeviceID, Algorithms: []id.Algorithm{id.AlgorithmMegolmV1, id.AlgorithmOlmV1},
-		Keys: map[id.DeviceKeyID]string{
-			id.NewDeviceKeyID(id.KeyAlgorithmCurve25519, d.DeviceID): string(key),
-			id.NewDeviceKeyID(id.KeyAlgorithmEd25519, d.DeviceID):    string(acc.SigningKey()),
-		},
-	}
-	sig, err := acc.SignJSON(keys)
+	keys, err := cryptotest.SignedDeviceKeys(acc, id.Device{UserID: d.UserID, DeviceID: d.DeviceID}, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	keys.Signatures = signatures.NewSingleSignature(d.UserID, id.KeyAlgorithmEd25519, d.DeviceID.String(), sig)
 	if _, err = d.Client.UploadKeys(t.Context(), &mautrix.ReqUploadKeys{DeviceKeys: keys}); err != nil {
 		t.Fatal(err)
 	}

@@ -11,14 +11,17 @@ package cryptotest
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
 	"github.com/lib/pq"
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/olm"
+	"maunium.net/go/mautrix/crypto/signatures"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/unwedge/unwedge/crypto/unwedge"
@@ -155,4 +158,24 @@ func OlmPair(t testing.TB) (outbound, inbound olm.Session, first []byte) {
 		t.Fatal(err)
 	}
 	return outbound, inbound, first
+}
+
+// SignedDeviceKeys is what a client uploads as a device's keys: identityKey (the account's own,
+// or another's to forge one) and the account's Ed25519 signing key, signed with the latter.
+func SignedDeviceKeys(account *crypto.OlmAccount, device id.Device, identityKey id.IdentityKey) (*mautrix.DeviceKeys, error) {
+	keys := &mautrix.DeviceKeys{
+		UserID:     device.UserID,
+		DeviceID:   device.DeviceID,
+		Algorithms: []id.Algorithm{id.AlgorithmMegolmV1, id.AlgorithmOlmV1},
+		Keys: map[id.DeviceKeyID]string{
+			id.NewDeviceKeyID(id.KeyAlgorithmCurve25519, device.DeviceID): string(identityKey),
+			id.NewDeviceKeyID(id.KeyAlgorithmEd25519, device.DeviceID):    string(account.SigningKey()),
+		},
+	}
+	signature, err := account.SignJSON(keys)
+	if err != nil {
+		return nil, fmt.Errorf("failed to sign device keys: %w", err)
+	}
+	keys.Signatures = signatures.NewSingleSignature(device.UserID, id.KeyAlgorithmEd25519, device.DeviceID.String(), signature)
+	return keys, nil
 }
