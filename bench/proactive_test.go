@@ -200,7 +200,7 @@ func (l *proactiveLab) run(t *testing.T, mode string) ProactiveResult {
 	seconds := time.Since(started).Seconds()
 	stopProfile()
 	res := ProactiveResult{Homeserver: l.hs.name(), Mode: mode, Devices: len(l.devices), Seconds: seconds,
-		MSPerDevice: float64(int(seconds*1e6/float64(len(l.devices))+0.5)) / 1000}
+		MSPerDevice: Round(seconds * 1000 / float64(len(l.devices)))}
 	res.PeakRSSMB, res.PeakHeapMB, res.BaseHeapMB, res.AllocMB = peak.stop()
 	sent := l.hs.requests().minus(before)
 	res.KeyClaims, res.ClaimedKeys, res.SendRequests, res.ToDeviceSent = sent.claims, sent.claimedKeys, sent.sends, sent.sent

@@ -139,7 +139,7 @@ func ProactiveRatios(oneByOne, batch ProactiveResult) ProactiveRatio {
 		if b == 0 {
 			return 0
 		}
-		return float64(int(a/b*1000+0.5)) / 1000
+		return Round(a / b)
 	}
 	return ProactiveRatio{
 		Homeserver:   batch.Homeserver,
@@ -179,3 +179,6 @@ type StartupResult struct {
 	BaseHeapMB float64 `json:"base_heap_mb"`
 	PeakHeapMB float64 `json:"peak_heap_mb"`
 }
+
+// Round rounds a figure to three decimals, as the bench's JSON gives ratios and per-device times.
+func Round(v float64) float64 { return float64(int(v*1000+0.5)) / 1000 }

@@ -183,7 +183,7 @@ func run(ctx context.Context, sz sizes) (*Report, error) {
 		}
 	}
 	report.HealP50ms, report.HealP95ms, report.FloorP50ms = report.Heal.HealP50ms, report.Heal.HealP95ms, report.Heal.FloorP50ms
-	report.StockHealRatio = round(report.Heal.StockHealP50ms / report.Heal.HealP50ms)
+	report.StockHealRatio = bench.Round(report.Heal.StockHealP50ms / report.Heal.HealP50ms)
 	report.Proactive = append(report.Proactive, proactiveSynapse...)
 	report.ProactiveRatios = proactiveRatios(report.Proactive)
 	return report, nil
@@ -219,6 +219,10 @@ func proactiveRatios(results []bench.ProactiveResult) []bench.ProactiveRatio {
 	return out
 }
 
+// figureFiles are the files of package bench whose test log lines (their figures as they come)
+// goTest shows.
+var figureFiles = []string{"storm_test.go", "ledger_test.go", "heal_test.go", "proactive_test.go", "proactive_synapse_test.go", "startup_test.go"}
+
 // goTest runs `go test` on package bench and returns its output; the output also goes to stderr
 // as it comes, so a long run shows progress.
 func goTest(ctx context.Context, root string, env []string, args ...string) (string, error) {
@@ -242,10 +246,9 @@ func goTest(ctx context.Context, root string, env []string, args ...string) (str
 	for scanner.Scan() {
 		line := scanner.Text()
 		buf.WriteString(line + "\n")
-		if strings.HasPrefix(line, "Benchmark") || strings.Contains(line, "--- ") || strings.HasPrefix(strings.TrimSpace(line), "storm_test.go") ||
-			strings.HasPrefix(strings.TrimSpace(line), "ledger_test.go") || strings.HasPrefix(strings.TrimSpace(line), "heal_test.go") ||
-			strings.HasPrefix(strings.TrimSpace(line), "proactive_test.go") || strings.HasPrefix(strings.TrimSpace(line), "proactive_synapse_test.go") ||
-			strings.HasPrefix(strings.TrimSpace(line), "startup_test.go") {
+		trimmed := strings.TrimSpace(line)
+		if strings.HasPrefix(line, "Benchmark") || strings.Contains(line, "--- ") ||
+			slices.ContainsFunc(figureFiles, func(file string) bool { return strings.HasPrefix(trimmed, file) }) {
 			fmt.Fprintln(os.Stderr, "  "+strings.TrimSpace(line))
 		}
 	}
@@ -299,13 +302,11 @@ func decryptFigures(results map[string]map[string][]float64, name string) (decry
 		unwedgeNS:     bench.Median(samples["unwedge-ns/event"]),
 		stockAllocs:   bench.Median(samples["stock-allocs/event"]),
 		unwedgeAllocs: bench.Median(samples["unwedge-allocs/event"]),
-		ratio:         round(bench.Median(samples["stock/unwedge"])),
-		pairedRatio:   round(bench.Median(samples["paired-stock/unwedge"])),
+		ratio:         bench.Round(bench.Median(samples["stock/unwedge"])),
+		pairedRatio:   bench.Round(bench.Median(samples["paired-stock/unwedge"])),
 		runs:          DecryptRuns{Ratio: samples["stock/unwedge"], PairedRatio: samples["paired-stock/unwedge"]},
 	}, nil
 }
-
-func round(v float64) float64 { return float64(int(v*1000+0.5)) / 1000 }
 
 func printReport(w io.Writer, r *Report) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)

@@ -3,6 +3,8 @@ package main
 import (
 	"encoding/json"
 	"maps"
+	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -163,6 +165,15 @@ func TestProactiveKeys(t *testing.T) {
 		got := slices.Sorted(maps.Keys(fields))
 		if want := slices.Sorted(slices.Values(tt.want)); !slices.Equal(got, want) {
 			t.Errorf("%T keys = %v, want %v", tt.value, got, want)
+		}
+	}
+}
+
+// TestFigureFiles: every file whose figures goTest shows is one of package bench's.
+func TestFigureFiles(t *testing.T) {
+	for _, file := range figureFiles {
+		if _, err := os.Stat(filepath.Join("..", "..", "bench", file)); err != nil {
+			t.Errorf("figureFiles names %s: %v", file, err)
 		}
 	}
 }
