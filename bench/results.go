@@ -173,9 +173,9 @@ type StartupResult struct {
 	Heals        int     `json:"heals"`
 	Healed       int     `json:"healed"`
 	FillSeconds  float64 `json:"fill_seconds"`
-	// BaseHeapMB is the Go heap in use when the start began (after the fill: the test's
-	// in-memory homeserver with the healable devices' keys, in the same process), PeakHeapMB the
-	// largest it was during the start: what the start itself held is the difference.
+	// BaseHeapMB is the Go heap in use when the start began (the bridge's process: the fill and
+	// the test's in-memory homeserver are in the parent), PeakHeapMB the largest it was during the
+	// start: what the start itself held is the difference.
 	BaseHeapMB float64 `json:"base_heap_mb"`
 	PeakHeapMB float64 `json:"peak_heap_mb"`
 }

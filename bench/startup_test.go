@@ -100,7 +100,10 @@ func TestStartupScale(t *testing.T) {
 // process.
 func runStartupEntry(t *testing.T, name, dialect string, sessions int, rollback bool) StartupResult {
 	ctx := t.Context()
-	uri := testenv.Databases(t)[dialect]
+	uri := testenv.SQLiteURI(t)
+	if dialect != testenv.SQLite {
+		uri = testenv.Databases(t)[dialect] // a fresh Postgres database
+	}
 	db := testenv.OpenDatabase(t, dialect, uri)
 	sizePool(db)
 	hs := newHomeserver(t)
@@ -233,7 +236,7 @@ func fillSessions(t *testing.T, ctx context.Context, hs *cryptotest.Homeserver, 
 			if i < healable {
 				dev = hs.AddPeer(userID, "PHONE")
 			} else {
-				dev = &id.Device{UserID: userID, DeviceID: "PHONE", IdentityKey: id.Curve25519(fmt.Sprintf("k%042d", i)), SigningKey: id.Ed25519(fmt.Sprintf("s%042d", i))}
+				dev = &id.Device{UserID: userID, DeviceID: "PHONE", IdentityKey: tableOnlyKey(i), SigningKey: id.Ed25519(fmt.Sprintf("s%042d", i))}
 			}
 			used := now.Add(-time.Duration(i) * time.Millisecond)
 			p := len(sessionArgs)
@@ -254,6 +257,11 @@ func fillSessions(t *testing.T, ctx context.Context, hs *cryptotest.Homeserver, 
 		}
 	}
 }
+
+// tableOnlyKey is the identity key of device i when it exists only in the tables (not on the
+// homeserver): the fill writes its session under it, and the i-th message during the start reads
+// that session.
+func tableOnlyKey(i int) id.IdentityKey { return id.IdentityKey(fmt.Sprintf("k%042d", i)) }
 
 // startupEvents are the messages that arrive while the bridge starts: one every eventEvery, each
 // handled once the bridge handles events (open), with a read of the sender's latest session as a
@@ -286,7 +294,7 @@ func startEvents(ctx context.Context, db *dbutil.Database, account string) *star
 				}
 				var pickled []byte
 				_ = db.QueryRow(ctx, "SELECT session FROM crypto_olm_session WHERE account_id=$1 AND sender_key=$2 ORDER BY last_decrypted DESC LIMIT 1",
-					account, fmt.Sprintf("k%042d", i)).Scan(&pickled)
+					account, tableOnlyKey(i)).Scan(&pickled)
 				waited := time.Since(arrived)
 				e.lock.Lock()
 				e.blocked = max(e.blocked, waited)
