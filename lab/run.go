@@ -442,7 +442,7 @@ func (w *World) measure(ctx context.Context, res *Result, k int, sendTimes map[s
 		return fmt.Errorf("failed to read bridge log: %w", err)
 	}
 	res.KeyToBridgedP50MS, res.KeyToBridgedMaxMS = w.keyToBridged(all, bridged)
-	entries := slices.DeleteFunc(slices.Clone(all), func(e logEntry) bool { return e.time().Before(wedgedAt) })
+	entries := entriesSince(slices.Clone(all), wedgedAt)
 	res.WindowMS = windowMS(entries, healedAt)
 	device := string(w.Wedged().DeviceID())
 	var firstFailure time.Time

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -530,11 +531,14 @@ func (w *World) BridgeLog(since time.Time) ([]logEntry, error) {
 		if json.Unmarshal(scanner.Bytes(), &entry) != nil {
 			continue
 		}
-		if !entry.time().Before(since) {
-			entries = append(entries, entry)
-		}
+		entries = append(entries, entry)
 	}
-	return entries, scanner.Err()
+	return entriesSince(entries, since), scanner.Err()
+}
+
+// entriesSince keeps the log entries written at since or later.
+func entriesSince(entries []logEntry, since time.Time) []logEntry {
+	return slices.DeleteFunc(entries, func(e logEntry) bool { return e.time().Before(since) })
 }
 
 // waitForDecryptAttempts waits until the bridge has tried to decrypt n different room events
